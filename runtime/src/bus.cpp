@@ -1,0 +1,1142 @@
+#include "unimsg/bus.hpp"
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <limits>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "unimsg/config.hpp"
+#include "unimsg/error.hpp"
+#include "unimsg/log.hpp"
+#include "unimsg/mpi.hpp"
+
+namespace unimsg {
+namespace detail {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// A message whose header and payload fit in this many bytes travels as one MPI message (one
+// copy into a packed buffer); a larger one travels as a header message followed by the payload
+// sent from where it lies, so bulk data is never copied on the sending side.
+constexpr std::size_t kPackedLimit = 16 * 1024;
+constexpr int kTagPacked = 101;
+constexpr int kTagHeader = 102;
+constexpr int kTagPayload = 103;
+// The last message every rank sends to every other during shutdown.
+constexpr Topic kTopicGoodbye = kReservedTopicBase + 1;
+// Bounds on the work one progress round does, so that no caller is held up for long.
+constexpr int kMaxProbesPerRound = 64;
+
+inline void cpu_relax() noexcept {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+std::uint64_t now_ns() {
+  return static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                        std::chrono::system_clock::now().time_since_epoch())
+                                        .count());
+}
+
+Clock::time_point deadline_after(std::chrono::nanoseconds timeout) {
+  const auto now = Clock::now();
+  if (timeout > Clock::time_point::max() - now) return Clock::time_point::max();
+  return now + std::chrono::duration_cast<Clock::duration>(timeout);
+}
+
+std::string describe(const Header& header) {
+  return std::string(to_string(header.kind)) + " topic " + std::to_string(header.topic);
+}
+
+}  // namespace
+
+struct ReplySlot {
+  int destination = 0;
+  Header request;
+  Clock::time_point deadline;
+  bool done = false;  // guarded by BusCore::mail_mutex
+  std::optional<Message> reply;
+  std::string error;
+  bool failed_by_shutdown = false;
+};
+
+// One message ready to leave this rank.
+struct Outgoing {
+  int destination = 0;
+  Priority priority = Priority::kNormal;
+  std::array<std::byte, kHeaderSize> header{};
+  Payload payload;                         // sent after the header when not packed
+  std::shared_ptr<const std::byte[]> packed;  // header + payload in one buffer, when small
+  std::size_t packed_size = 0;
+  bool counted = true;  // false for the bus's own messages, which stay out of the stats
+
+  std::uint64_t wire_bytes() const noexcept {
+    return packed ? packed_size : kHeaderSize + payload.size();
+  }
+};
+
+struct InFlight {
+  Outgoing message;
+  std::array<MPI_Request, 2> requests{MPI_REQUEST_NULL, MPI_REQUEST_NULL};
+  bool synchronous = false;
+  std::uint64_t sync_mark = 0;
+};
+
+// Flow control towards one peer: every window/2 messages one goes with MPI_Issend; its completion
+// proves the peer matched everything before it, so at most `window` messages are ever unmatched
+// at the peer, whatever the peer's MPI would otherwise buffer.
+struct PeerState {
+  std::uint64_t posted = 0;
+  std::uint64_t confirmed = 0;
+  std::uint64_t last_sync_mark = 0;
+};
+
+struct PendingReceive {
+  MPI_Request request = MPI_REQUEST_NULL;
+  std::shared_ptr<std::byte[]> buffer;
+  std::size_t size = 0;
+  bool packed = true;  // false: payload of a header already decoded into `header`
+  Header header;
+};
+
+struct SubscriptionEntry {
+  std::uint64_t id = 0;
+  Filter filter;
+  std::shared_ptr<Handler> handler;
+};
+
+struct BusCore : std::enable_shared_from_this<BusCore> {
+  BusCore(MPI_Comm parent, BusOptions opts);
+  ~BusCore();
+
+  // --- sending
+  void send(int destination, Message message, bool internal);
+  void broadcast(Message message);
+  Outgoing prepare(int destination, const Message& message);
+  void enqueue(std::vector<Outgoing> items, bool internal);
+  void wait_for_capacity(std::uint64_t bytes, std::uint64_t count);
+
+  // --- progress (progress_mutex held)
+  bool progress_once();
+  bool post_sends();
+  bool complete_sends();
+  bool receive_messages();
+  bool complete_receives();
+  void accept_packed(int source, std::shared_ptr<std::byte[]> buffer, std::size_t size);
+  void accept_split(int source, PendingReceive& receive);
+  void reject(int source, const std::string& reason);
+  void count_received(const Header& header, std::uint64_t wire_bytes);
+
+  // --- delivery
+  void deliver(Message message);
+  void run_handlers(Message message);
+  bool has_subscriber(const Header& header);
+
+  // Drives progress until ready() (called with mail_mutex held) or the deadline.
+  template <typename Ready>
+  bool drive_until(Ready&& ready, Clock::time_point deadline);
+  void progress_thread_main();
+
+  void unsubscribe(std::uint64_t id);
+  void shutdown();
+  void check_open(const char* operation) const;
+  void check_topic(Topic topic, const char* operation) const;
+  bool route_ok(int source, const Header& header);
+
+  MpiComm comm;
+  int rank = 0;
+  int size = 1;
+  BusOptions options;
+  std::shared_ptr<spdlog::logger> log;
+  DecodeLimits limits;
+
+  std::mutex progress_mutex;  // whoever holds it drives MPI for the bus
+  std::array<std::deque<Outgoing>, kPriorityLevels> send_queue;
+  std::vector<std::unique_ptr<InFlight>> in_flight;
+  std::vector<PeerState> peers;
+  std::vector<std::deque<PendingReceive>> pending_receives;  // per source, in match order
+  std::size_t pending_receive_count = 0;
+  std::vector<char> blocked_scratch;
+
+  std::atomic<std::uint64_t> queued_bytes{0};
+  std::atomic<std::uint64_t> queued_messages{0};
+
+  std::mutex mail_mutex;
+  std::condition_variable mail_cv;
+  std::deque<Message> mailbox;
+  std::deque<Message> dispatch_queue;
+  std::atomic<std::uint64_t> inbox_bytes{0};
+  std::atomic<std::uint64_t> inbox_messages{0};
+  std::unordered_map<std::uint64_t, std::shared_ptr<ReplySlot>> pending_requests;
+  std::vector<char> goodbye_from;
+  int goodbye_count = 0;
+  bool stop_progress = false;
+
+  std::mutex subs_mutex;
+  std::condition_variable subs_cv;
+  std::vector<SubscriptionEntry> subscriptions;
+  std::atomic<std::size_t> subscription_count{0};
+  std::uint64_t next_subscription_id = 1;
+  std::uint64_t running_subscription = 0;
+  std::thread::id dispatcher_id;
+
+  std::atomic<int> spinning_drivers{0};
+  std::atomic<bool> shutdown_started{false};
+  std::atomic<bool> goodbye_sent{false};
+  std::atomic<bool> shut_down{false};
+  std::atomic<std::uint64_t> next_sequence{1};
+  std::atomic<std::uint64_t> next_correlation{1};
+  std::thread progress_thread;
+
+  struct AtomicStats {
+    std::atomic<std::uint64_t> sent_messages{0}, sent_bytes{0}, received_messages{0},
+        received_bytes{0}, compressed_messages{0}, rejected_messages{0}, late_replies{0},
+        handler_errors{0};
+  } stats;
+};
+
+BusCore::BusCore(MPI_Comm parent, BusOptions opts) : comm(parent), options(std::move(opts)) {
+  rank = comm.rank();
+  size = comm.size();
+  log = options.logger ? options.logger : make_rank_logger(rank, size);
+  if (options.max_payload_bytes > static_cast<std::uint64_t>(std::numeric_limits<int>::max())) {
+    throw ConfigError(rank, "bus", "max_payload_bytes must be below 2 GiB (MPI counts are int)");
+  }
+  if (options.window_per_peer < 2) {
+    throw ConfigError(rank, "bus", "window_per_peer must be at least 2");
+  }
+  limits.max_payload_bytes = options.max_payload_bytes;
+  peers.resize(static_cast<std::size_t>(size));
+  pending_receives.resize(static_cast<std::size_t>(size));
+  goodbye_from.assign(static_cast<std::size_t>(size), 0);
+}
+
+BusCore::~BusCore() {
+  if (progress_thread.joinable()) {
+    {
+      std::lock_guard lock(mail_mutex);
+      stop_progress = true;
+    }
+    mail_cv.notify_all();
+    progress_thread.join();
+  }
+}
+
+void BusCore::check_open(const char* operation) const {
+  if (goodbye_sent.load(std::memory_order_acquire)) {
+    throw ShutdownError(rank, operation, "the bus has been shut down");
+  }
+}
+
+void BusCore::check_topic(Topic topic, const char* operation) const {
+  if (topic >= kReservedTopicBase) {
+    throw Error(rank, operation,
+                "topic " + std::to_string(topic) + " is reserved for the bus itself (topics from " +
+                    std::to_string(kReservedTopicBase) + " up)");
+  }
+}
+
+bool BusCore::route_ok(int source, const Header& header) {
+  if (header.source != source) {
+    reject(source, "header claims source rank " + std::to_string(header.source));
+    return false;
+  }
+  if (header.destination != rank && header.destination != kBroadcast) {
+    reject(source, "header names destination rank " + std::to_string(header.destination));
+    return false;
+  }
+  return true;
+}
+
+Outgoing BusCore::prepare(int destination, const Message& message) {
+  Outgoing out;
+  out.destination = destination;
+  out.priority = message.header.priority;
+  out.counted = message.header.topic < kReservedTopicBase;
+  out.header = encode_header(message.header, message.payload.bytes());
+  if (kHeaderSize + message.payload.size() <= kPackedLimit) {
+    out.packed_size = kHeaderSize + message.payload.size();
+    auto packed = std::make_shared_for_overwrite<std::byte[]>(out.packed_size);
+    std::memcpy(packed.get(), out.header.data(), kHeaderSize);
+    if (!message.payload.empty()) {
+      std::memcpy(packed.get() + kHeaderSize, message.payload.data(), message.payload.size());
+    }
+    out.packed = std::move(packed);
+  } else {
+    out.payload = message.payload;
+  }
+  return out;
+}
+
+void BusCore::send(int destination, Message message, bool internal) {
+  if (destination < 0 || destination >= size) {
+    throw Error(rank, "bus.send",
+                "destination rank " + std::to_string(destination) + " is outside 0.." +
+                    std::to_string(size - 1));
+  }
+  if (!internal) {
+    check_open("bus.send");
+    check_topic(message.header.topic, "bus.send");
+  }
+  message.header.source = rank;
+  message.header.destination = destination;
+  message.header.sequence = next_sequence.fetch_add(1, std::memory_order_relaxed);
+  message.header.timestamp_ns = now_ns();
+  if (destination == rank) {
+    message.header.payload_length = message.payload.size();
+    deliver(std::move(message));
+    return;
+  }
+  if (options.compress_threshold != 0 && message.payload.size() >= options.compress_threshold) {
+    message = compress(message);
+    if (message.header.is_compressed()) stats.compressed_messages.fetch_add(1);
+  }
+  std::vector<Outgoing> items;
+  items.push_back(prepare(destination, message));
+  enqueue(std::move(items), internal);
+}
+
+void BusCore::broadcast(Message message) {
+  check_open("bus.broadcast");
+  check_topic(message.header.topic, "bus.broadcast");
+  message.header.source = rank;
+  message.header.destination = kBroadcast;
+  message.header.sequence = next_sequence.fetch_add(1, std::memory_order_relaxed);
+  message.header.timestamp_ns = now_ns();
+  Message wire = message;
+  if (options.compress_threshold != 0 && wire.payload.size() >= options.compress_threshold) {
+    wire = compress(wire);
+    if (wire.header.is_compressed()) stats.compressed_messages.fetch_add(1);
+  }
+  std::vector<Outgoing> items;
+  if (size > 1) {
+    // One encoding shared by every destination: the header names no single destination.
+    const Outgoing first = prepare(0, wire);
+    for (int peer = 0; peer < size; ++peer) {
+      if (peer == rank) continue;
+      Outgoing copy = first;
+      copy.destination = peer;
+      items.push_back(std::move(copy));
+    }
+    enqueue(std::move(items), false);
+  }
+  message.header.payload_length = message.payload.size();
+  deliver(std::move(message));
+}
+
+void BusCore::wait_for_capacity(std::uint64_t bytes, std::uint64_t count) {
+  const auto fits = [&] {
+    const auto queued = queued_bytes.load(std::memory_order_acquire);
+    const auto messages = queued_messages.load(std::memory_order_acquire);
+    // A single message larger than the whole queue may go once the queue is empty.
+    return (queued == 0 || queued + bytes <= options.send_queue_bytes) &&
+           (messages == 0 || messages + count <= options.send_queue_messages);
+  };
+  if (fits()) return;
+  if (!drive_until(fits, deadline_after(options.send_timeout))) {
+    throw TimeoutError(rank, "bus.send",
+                       "the send queue stayed full (" + std::to_string(queued_messages.load()) +
+                           " messages, " + std::to_string(queued_bytes.load()) +
+                           " bytes queued or in flight) for " +
+                           std::to_string(options.send_timeout.count()) +
+                           " ms: a receiver is not consuming its messages");
+  }
+}
+
+void BusCore::enqueue(std::vector<Outgoing> items, bool internal) {
+  std::uint64_t bytes = 0;
+  for (const auto& item : items) bytes += item.wire_bytes();
+  wait_for_capacity(bytes, items.size());
+  std::lock_guard lock(progress_mutex);
+  if (!internal) check_open("bus.send");
+  for (auto& item : items) {
+    send_queue[static_cast<std::size_t>(item.priority)].push_back(std::move(item));
+  }
+  queued_bytes.fetch_add(bytes, std::memory_order_acq_rel);
+  queued_messages.fetch_add(items.size(), std::memory_order_acq_rel);
+  // Post right away: a message waits in the queue only while its peer's window is full.
+  progress_once();
+}
+
+bool BusCore::post_sends() {
+  bool posted = false;
+  bool any_blocked = false;
+  const std::uint64_t window = options.window_per_peer;
+  for (int level = kPriorityLevels - 1; level >= 0; --level) {
+    auto& queue = send_queue[static_cast<std::size_t>(level)];
+    for (auto it = queue.begin(); it != queue.end();) {
+      const int peer_rank = it->destination;
+      PeerState& peer = peers[static_cast<std::size_t>(peer_rank)];
+      const bool window_full = peer.posted - peer.confirmed >= window;
+      if (window_full || (any_blocked && blocked_scratch[static_cast<std::size_t>(peer_rank)])) {
+        // Later messages to this peer wait behind this one, so per-peer order holds.
+        if (!any_blocked) blocked_scratch.assign(static_cast<std::size_t>(size), 0);
+        any_blocked = true;
+        blocked_scratch[static_cast<std::size_t>(peer_rank)] = 1;
+        ++it;
+        continue;
+      }
+      auto flight = std::make_unique<InFlight>();
+      flight->message = std::move(*it);
+      it = queue.erase(it);
+      ++peer.posted;
+      if (peer.posted - peer.last_sync_mark >= window / 2) {
+        flight->synchronous = true;
+        flight->sync_mark = peer.posted;
+        peer.last_sync_mark = peer.posted;
+      }
+      Outgoing& out = flight->message;
+      auto* send_fn = flight->synchronous ? &MPI_Issend : &MPI_Isend;
+      if (out.packed) {
+        check_mpi(send_fn(out.packed.get(), static_cast<int>(out.packed_size), MPI_BYTE,
+                          out.destination, kTagPacked, comm.get(), &flight->requests[0]),
+                  rank, "bus: MPI_Isend");
+      } else {
+        check_mpi(send_fn(out.header.data(), static_cast<int>(kHeaderSize), MPI_BYTE,
+                          out.destination, kTagHeader, comm.get(), &flight->requests[0]),
+                  rank, "bus: MPI_Isend");
+        check_mpi(MPI_Isend(out.payload.data(), static_cast<int>(out.payload.size()), MPI_BYTE,
+                            out.destination, kTagPayload, comm.get(), &flight->requests[1]),
+                  rank, "bus: MPI_Isend");
+      }
+      if (out.counted) {
+        stats.sent_messages.fetch_add(1, std::memory_order_relaxed);
+        stats.sent_bytes.fetch_add(out.wire_bytes(), std::memory_order_relaxed);
+      }
+      in_flight.push_back(std::move(flight));
+      posted = true;
+    }
+  }
+  return posted;
+}
+
+bool BusCore::complete_sends() {
+  bool completed = false;
+  for (std::size_t i = 0; i < in_flight.size();) {
+    InFlight& flight = *in_flight[i];
+    int done = 0;
+    check_mpi(MPI_Testall(2, flight.requests.data(), &done, MPI_STATUSES_IGNORE), rank,
+              "bus: MPI_Testall");
+    if (!done) {
+      ++i;
+      continue;
+    }
+    if (flight.synchronous) {
+      PeerState& peer = peers[static_cast<std::size_t>(flight.message.destination)];
+      peer.confirmed = std::max(peer.confirmed, flight.sync_mark);
+    }
+    queued_bytes.fetch_sub(flight.message.wire_bytes(), std::memory_order_acq_rel);
+    queued_messages.fetch_sub(1, std::memory_order_acq_rel);
+    in_flight[i] = std::move(in_flight.back());
+    in_flight.pop_back();
+    completed = true;
+  }
+  return completed;
+}
+
+void BusCore::reject(int source, const std::string& reason) {
+  stats.rejected_messages.fetch_add(1, std::memory_order_relaxed);
+  log->warn("bus: rejected a message from rank {}: {}", source, reason);
+}
+
+void BusCore::count_received(const Header& header, std::uint64_t wire_bytes) {
+  if (header.topic >= kReservedTopicBase) return;
+  stats.received_messages.fetch_add(1, std::memory_order_relaxed);
+  stats.received_bytes.fetch_add(wire_bytes, std::memory_order_relaxed);
+}
+
+void BusCore::accept_packed(int source, std::shared_ptr<std::byte[]> buffer, std::size_t size) {
+  try {
+    const Payload wire(std::shared_ptr<const void>(buffer), {buffer.get(), size});
+    Message message = decode(wire, limits);
+    if (!route_ok(source, message.header)) return;
+    count_received(message.header, size);
+    deliver(std::move(message));
+  } catch (const DecodeError& error) {
+    reject(source, error.what());
+  }
+}
+
+void BusCore::accept_split(int source, PendingReceive& receive) {
+  try {
+    const std::span<const std::byte> payload{receive.buffer.get(), receive.size};
+    verify_payload(receive.header, payload);
+    Message message;
+    message.header = receive.header;
+    message.payload = Payload(std::shared_ptr<const void>(receive.buffer), payload);
+    if (message.header.is_compressed()) message = decompress(message, limits);
+    count_received(message.header, kHeaderSize + receive.size);
+    deliver(std::move(message));
+  } catch (const DecodeError& error) {
+    reject(source, error.what());
+  }
+}
+
+bool BusCore::receive_messages() {
+  bool received = false;
+  for (int probe = 0; probe < kMaxProbesPerRound; ++probe) {
+    // A full inbox stops receiving: senders then stall on their windows (back-pressure).
+    if (inbox_bytes.load(std::memory_order_acquire) >= options.inbox_bytes ||
+        inbox_messages.load(std::memory_order_acquire) >= options.inbox_messages) {
+      break;
+    }
+    int flag = 0;
+    MPI_Message handle = MPI_MESSAGE_NULL;
+    MPI_Status status;
+    check_mpi(MPI_Improbe(MPI_ANY_SOURCE, MPI_ANY_TAG, comm.get(), &flag, &handle, &status), rank,
+              "bus: MPI_Improbe");
+    if (!flag) break;
+    received = true;
+    int count = 0;
+    MPI_Get_count(&status, MPI_BYTE, &count);
+    const int source = status.MPI_SOURCE;
+    auto& source_queue = pending_receives[static_cast<std::size_t>(source)];
+    auto buffer = std::make_shared_for_overwrite<std::byte[]>(
+        static_cast<std::size_t>(std::max(count, 1)));
+    if (status.MPI_TAG == kTagPacked && !source_queue.empty()) {
+      // Earlier large messages from this source are still arriving: keep its order.
+      PendingReceive pending;
+      pending.buffer = std::move(buffer);
+      pending.size = static_cast<std::size_t>(count);
+      check_mpi(MPI_Imrecv(pending.buffer.get(), count, MPI_BYTE, &handle, &pending.request),
+                rank, "bus: MPI_Imrecv");
+      source_queue.push_back(std::move(pending));
+      ++pending_receive_count;
+      continue;
+    }
+    check_mpi(MPI_Mrecv(buffer.get(), count, MPI_BYTE, &handle, MPI_STATUS_IGNORE), rank,
+              "bus: MPI_Mrecv");
+    if (status.MPI_TAG == kTagPacked) {
+      accept_packed(source, std::move(buffer), static_cast<std::size_t>(count));
+    } else if (status.MPI_TAG == kTagHeader) {
+      PendingReceive pending;
+      pending.packed = false;
+      try {
+        pending.header = decode_header({buffer.get(), static_cast<std::size_t>(count)}, limits);
+        if (count != static_cast<int>(kHeaderSize)) {
+          throw DecodeError(DecodeErrorCode::kTrailingBytes,
+                            "a header message of " + std::to_string(count) + " bytes");
+        }
+      } catch (const DecodeError& error) {
+        // Its payload message then arrives without a header and is rejected as well.
+        reject(source, error.what());
+        continue;
+      }
+      if (!route_ok(source, pending.header)) continue;
+      pending.size = pending.header.payload_length;
+      pending.buffer = std::make_shared_for_overwrite<std::byte[]>(std::max<std::size_t>(pending.size, 1));
+      check_mpi(MPI_Irecv(pending.buffer.get(), static_cast<int>(pending.size), MPI_BYTE, source,
+                          kTagPayload, comm.get(), &pending.request),
+                rank, "bus: MPI_Irecv");
+      source_queue.push_back(std::move(pending));
+      ++pending_receive_count;
+    } else if (status.MPI_TAG == kTagPayload) {
+      reject(source, "a payload of " + std::to_string(count) + " bytes without a valid header");
+    } else {
+      reject(source, "unexpected MPI tag " + std::to_string(status.MPI_TAG));
+    }
+  }
+  return received;
+}
+
+bool BusCore::complete_receives() {
+  if (pending_receive_count == 0) return false;
+  bool completed = false;
+  for (int source = 0; source < size; ++source) {
+    auto& queue = pending_receives[static_cast<std::size_t>(source)];
+    while (!queue.empty()) {
+      int done = 0;
+      check_mpi(MPI_Test(&queue.front().request, &done, MPI_STATUS_IGNORE), rank,
+                "bus: MPI_Test");
+      if (!done) break;
+      PendingReceive pending = std::move(queue.front());
+      queue.pop_front();
+      --pending_receive_count;
+      completed = true;
+      if (pending.packed) {
+        accept_packed(source, std::move(pending.buffer), pending.size);
+      } else {
+        accept_split(source, pending);
+      }
+    }
+  }
+  return completed;
+}
+
+bool BusCore::progress_once() {
+  bool progressed = false;
+  if (!in_flight.empty()) progressed |= complete_sends();
+  if (queued_messages.load(std::memory_order_relaxed) > in_flight.size()) {
+    progressed |= post_sends();
+  }
+  progressed |= receive_messages();
+  progressed |= complete_receives();
+  return progressed;
+}
+
+bool BusCore::has_subscriber(const Header& header) {
+  if (subscription_count.load(std::memory_order_acquire) == 0) return false;
+  std::lock_guard lock(subs_mutex);
+  return std::any_of(subscriptions.begin(), subscriptions.end(),
+                     [&](const SubscriptionEntry& entry) { return entry.filter.matches(header); });
+}
+
+void BusCore::deliver(Message message) {
+  const Header& header = message.header;
+  if (header.kind == Kind::kControl && header.topic == kTopicGoodbye) {
+    std::lock_guard lock(mail_mutex);
+    auto& seen = goodbye_from[static_cast<std::size_t>(header.source)];
+    if (!seen) {
+      seen = 1;
+      ++goodbye_count;
+    }
+    mail_cv.notify_all();
+    return;
+  }
+  if (header.is_reply()) {
+    std::lock_guard lock(mail_mutex);
+    const auto it = pending_requests.find(header.correlation);
+    if (it == pending_requests.end()) {
+      stats.late_replies.fetch_add(1, std::memory_order_relaxed);
+      log->debug("bus: reply from rank {} to correlation {} came after its request ended",
+                 header.source, header.correlation);
+      return;
+    }
+    ReplySlot& slot = *it->second;
+    if ((header.flags & flags::kErrorReply) != 0) {
+      slot.error = "rank " + std::to_string(header.source) + " answered with an error: " +
+                   std::string(message.payload.as_string());
+    } else {
+      slot.reply = std::move(message);
+    }
+    slot.done = true;
+    pending_requests.erase(it);
+    mail_cv.notify_all();
+    return;
+  }
+  const bool subscribed = has_subscriber(header);
+  {
+    std::lock_guard lock(mail_mutex);
+    inbox_bytes.fetch_add(message.payload.size(), std::memory_order_acq_rel);
+    inbox_messages.fetch_add(1, std::memory_order_acq_rel);
+    (subscribed ? dispatch_queue : mailbox).push_back(std::move(message));
+  }
+  mail_cv.notify_all();
+}
+
+void BusCore::run_handlers(Message message) {
+  std::vector<SubscriptionEntry> matching;
+  {
+    std::lock_guard lock(subs_mutex);
+    for (const auto& entry : subscriptions) {
+      if (entry.filter.matches(message.header)) matching.push_back(entry);
+    }
+  }
+  if (matching.empty()) {
+    // Its subscription ended before it ran: keep it for receive().
+    {
+      std::lock_guard lock(mail_mutex);
+      inbox_bytes.fetch_add(message.payload.size(), std::memory_order_acq_rel);
+      inbox_messages.fetch_add(1, std::memory_order_acq_rel);
+      mailbox.push_back(std::move(message));
+    }
+    mail_cv.notify_all();
+    return;
+  }
+  for (const auto& entry : matching) {
+    {
+      std::lock_guard lock(subs_mutex);
+      const bool still_subscribed =
+          std::any_of(subscriptions.begin(), subscriptions.end(),
+                      [&](const SubscriptionEntry& e) { return e.id == entry.id; });
+      if (!still_subscribed) continue;
+      running_subscription = entry.id;
+    }
+    try {
+      (*entry.handler)(message);
+    } catch (const std::exception& error) {
+      stats.handler_errors.fetch_add(1, std::memory_order_relaxed);
+      log->error("bus: handler for {} from rank {} threw: {}", describe(message.header),
+                 message.header.source, error.what());
+    }
+    {
+      std::lock_guard lock(subs_mutex);
+      running_subscription = 0;
+    }
+    subs_cv.notify_all();
+  }
+}
+
+template <typename Ready>
+bool BusCore::drive_until(Ready&& ready, Clock::time_point deadline) {
+  // Spin while a reply is likely imminent, then yield, then sleep with growing intervals so a
+  // long wait costs almost no CPU; while this thread spins the progress thread stands down.
+  constexpr int kSpinRounds = 256;
+  constexpr int kYieldRounds = 512;
+  int idle_rounds = 0;
+  auto sleep = std::chrono::microseconds(20);
+  spinning_drivers.fetch_add(1, std::memory_order_acq_rel);
+  struct Stand {
+    std::atomic<int>& counter;
+    bool active = true;
+    ~Stand() {
+      if (active) counter.fetch_sub(1, std::memory_order_acq_rel);
+    }
+  } spinning{spinning_drivers};
+
+  while (true) {
+    {
+      std::lock_guard lock(mail_mutex);
+      if (ready()) return true;
+    }
+    if (Clock::now() >= deadline) return false;
+    bool progressed = false;
+    if (!shut_down.load(std::memory_order_acquire) && progress_mutex.try_lock()) {
+      std::lock_guard lock(progress_mutex, std::adopt_lock);
+      progressed = progress_once();
+    }
+    if (progressed) {
+      idle_rounds = 0;
+      sleep = std::chrono::microseconds(20);
+      continue;
+    }
+    ++idle_rounds;
+    if (idle_rounds < kSpinRounds) {
+      cpu_relax();
+      continue;
+    }
+    if (idle_rounds < kYieldRounds) {
+      std::this_thread::yield();
+      continue;
+    }
+    // Sleeping: hand progress back to the progress thread until woken or the interval ends.
+    spinning_drivers.fetch_sub(1, std::memory_order_acq_rel);
+    spinning.active = false;
+    mail_cv.notify_all();
+    {
+      std::unique_lock lock(mail_mutex);
+      const auto wake = std::min(deadline, Clock::now() + sleep);
+      if (mail_cv.wait_until(lock, wake, [&] { return ready(); })) return true;
+    }
+    spinning_drivers.fetch_add(1, std::memory_order_acq_rel);
+    spinning.active = true;
+    sleep = std::min<std::chrono::microseconds>(sleep * 2, options.idle_sleep_max);
+  }
+}
+
+void BusCore::progress_thread_main() {
+  {
+    std::lock_guard lock(subs_mutex);
+    dispatcher_id = std::this_thread::get_id();
+  }
+  int idle_rounds = 0;
+  auto sleep = std::chrono::microseconds(20);
+  while (true) {
+    std::optional<Message> job;
+    {
+      std::lock_guard lock(mail_mutex);
+      if (!dispatch_queue.empty()) {
+        job = std::move(dispatch_queue.front());
+        dispatch_queue.pop_front();
+        inbox_bytes.fetch_sub(job->payload.size(), std::memory_order_acq_rel);
+        inbox_messages.fetch_sub(1, std::memory_order_acq_rel);
+      } else if (stop_progress) {
+        return;
+      }
+    }
+    if (job) {
+      run_handlers(std::move(*job));
+      idle_rounds = 0;
+      continue;
+    }
+    bool progressed = false;
+    try {
+      if (spinning_drivers.load(std::memory_order_acquire) == 0 &&
+          !shut_down.load(std::memory_order_acquire) && progress_mutex.try_lock()) {
+        std::lock_guard lock(progress_mutex, std::adopt_lock);
+        progressed = progress_once();
+      }
+    } catch (const std::exception& error) {
+      log->error("bus: progress failed: {}", error.what());
+    }
+    if (progressed) {
+      idle_rounds = 0;
+      sleep = std::chrono::microseconds(20);
+      continue;
+    }
+    if (++idle_rounds < 8) {
+      std::this_thread::yield();
+      continue;
+    }
+    std::unique_lock lock(mail_mutex);
+    mail_cv.wait_for(lock, sleep, [&] { return !dispatch_queue.empty() || stop_progress; });
+    sleep = std::min<std::chrono::microseconds>(sleep * 2, options.idle_sleep_max);
+  }
+}
+
+void BusCore::unsubscribe(std::uint64_t id) {
+  std::unique_lock lock(subs_mutex);
+  const auto it = std::find_if(subscriptions.begin(), subscriptions.end(),
+                               [&](const SubscriptionEntry& entry) { return entry.id == id; });
+  if (it == subscriptions.end()) return;
+  subscriptions.erase(it);
+  subscription_count.fetch_sub(1, std::memory_order_acq_rel);
+  if (std::this_thread::get_id() != dispatcher_id) {
+    subs_cv.wait(lock, [&] { return running_subscription != id; });
+  }
+}
+
+void BusCore::shutdown() {
+  if (shutdown_started.exchange(true)) return;
+  const auto deadline = deadline_after(options.shutdown_timeout);
+  // 1. Everything this rank queued leaves, then the goodbye goes last to every peer: MPI keeps
+  //    per-peer order, so a peer that has our goodbye has everything we sent.
+  drive_until([&] { return queued_messages.load() == 0; }, deadline);
+  goodbye_sent.store(true, std::memory_order_release);
+  for (int peer = 0; peer < size; ++peer) {
+    if (peer == rank) continue;
+    send(peer, Message::make(Kind::kControl, kTopicGoodbye), true);
+  }
+  // 2. Keep receiving until every peer's goodbye is in and ours have left.
+  const bool clean = drive_until(
+      [&] { return goodbye_count == size - 1 && queued_messages.load() == 0; }, deadline);
+  if (!clean) {
+    std::string missing;
+    for (int peer = 0; peer < size; ++peer) {
+      if (peer != rank && !goodbye_from[static_cast<std::size_t>(peer)]) {
+        missing += (missing.empty() ? "" : ", ") + std::to_string(peer);
+      }
+    }
+    log->error(
+        "bus.shutdown: gave up after {} ms; no goodbye from rank(s) [{}], {} message(s) of "
+        "ours not delivered",
+        options.shutdown_timeout.count(), missing, queued_messages.load());
+  }
+  // 3. Let the progress thread run the handlers still queued, then stop it.
+  {
+    std::lock_guard lock(mail_mutex);
+    stop_progress = true;
+  }
+  mail_cv.notify_all();
+  if (progress_thread.joinable()) progress_thread.join();
+  shut_down.store(true, std::memory_order_release);
+  // 4. Nobody can answer any more.
+  {
+    std::lock_guard lock(mail_mutex);
+    for (auto& [correlation, slot] : pending_requests) {
+      slot->error = "the bus shut down before rank " + std::to_string(slot->destination) +
+                    " replied";
+      slot->failed_by_shutdown = true;
+      slot->done = true;
+    }
+    pending_requests.clear();
+  }
+  mail_cv.notify_all();
+  std::lock_guard lock(progress_mutex);
+  for (auto& queue : pending_receives) {
+    for (auto& pending : queue) {
+      MPI_Cancel(&pending.request);
+      MPI_Wait(&pending.request, MPI_STATUS_IGNORE);
+    }
+    queue.clear();
+  }
+  for (auto& flight : in_flight) {
+    for (auto& request : flight->requests) {
+      if (request != MPI_REQUEST_NULL) MPI_Request_free(&request);
+    }
+  }
+}
+
+}  // namespace detail
+
+using detail::BusCore;
+using detail::Clock;
+
+BusOptions BusOptions::from_env() {
+  BusOptions options;
+  constexpr std::uint64_t kMaxInt = static_cast<std::uint64_t>(std::numeric_limits<int>::max());
+  constexpr std::uint64_t kHuge = std::uint64_t{1} << 50;
+  if (auto v = env_size("UNIMSG_BUS_MAX_PAYLOAD", 0, kMaxInt - kHeaderSize)) {
+    options.max_payload_bytes = *v;
+  }
+  if (auto v = env_size("UNIMSG_BUS_SEND_QUEUE_BYTES", 1, kHuge)) options.send_queue_bytes = *v;
+  if (auto v = env_uint("UNIMSG_BUS_SEND_QUEUE_MESSAGES", 1, kHuge)) {
+    options.send_queue_messages = *v;
+  }
+  if (auto v = env_size("UNIMSG_BUS_INBOX_BYTES", 1, kHuge)) options.inbox_bytes = *v;
+  if (auto v = env_uint("UNIMSG_BUS_INBOX_MESSAGES", 1, kHuge)) options.inbox_messages = *v;
+  if (auto v = env_uint("UNIMSG_BUS_WINDOW", 2, 1u << 20)) {
+    options.window_per_peer = static_cast<std::uint32_t>(*v);
+  }
+  if (auto v = env_size("UNIMSG_BUS_COMPRESS_THRESHOLD", 0, kHuge)) {
+    options.compress_threshold = *v;
+  }
+  if (auto v = env_uint("UNIMSG_BUS_IDLE_SLEEP_US", 20, 1000000)) {
+    options.idle_sleep_max = std::chrono::microseconds(*v);
+  }
+  if (auto v = env_uint("UNIMSG_BUS_SEND_TIMEOUT_MS", 1, kHuge)) {
+    options.send_timeout = std::chrono::milliseconds(*v);
+  }
+  if (auto v = env_uint("UNIMSG_BUS_SHUTDOWN_TIMEOUT_MS", 1, kHuge)) {
+    options.shutdown_timeout = std::chrono::milliseconds(*v);
+  }
+  return options;
+}
+
+Bus::Bus(MPI_Comm parent, BusOptions options)
+    : core_(std::make_shared<BusCore>(parent, std::move(options))) {
+  core_->progress_thread = std::thread([core = core_.get()] { core->progress_thread_main(); });
+}
+
+Bus::~Bus() {
+  try {
+    core_->shutdown();
+  } catch (const std::exception& error) {
+    core_->log->error("bus: shutdown failed: {}", error.what());
+  }
+}
+
+int Bus::rank() const noexcept { return core_->rank; }
+int Bus::size() const noexcept { return core_->size; }
+const BusOptions& Bus::options() const noexcept { return core_->options; }
+
+void Bus::send(int destination, Message message) {
+  core_->send(destination, std::move(message), false);
+}
+
+void Bus::broadcast(Message message) { core_->broadcast(std::move(message)); }
+
+void Bus::publish(Topic topic, Message message) {
+  message.header.topic = topic;
+  core_->broadcast(std::move(message));
+}
+
+Subscription Bus::subscribe(Filter filter, Handler handler) {
+  if (!handler) throw Error(core_->rank, "bus.subscribe", "the handler is empty");
+  std::uint64_t id = 0;
+  {
+    std::lock_guard lock(core_->subs_mutex);
+    id = core_->next_subscription_id++;
+    core_->subscriptions.push_back(
+        {id, std::move(filter), std::make_shared<Handler>(std::move(handler))});
+    core_->subscription_count.fetch_add(1, std::memory_order_acq_rel);
+  }
+  // Messages that reached the mailbox before this subscription existed are its to handle.
+  {
+    std::lock_guard lock(core_->mail_mutex);
+    std::lock_guard subs_lock(core_->subs_mutex);
+    const auto& added = core_->subscriptions.back().filter;
+    for (auto it = core_->mailbox.begin(); it != core_->mailbox.end();) {
+      if (added.matches(it->header)) {
+        core_->dispatch_queue.push_back(std::move(*it));
+        it = core_->mailbox.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  core_->mail_cv.notify_all();
+  return Subscription(core_, id);
+}
+
+std::optional<Message> Bus::try_receive(const Filter& filter) {
+  std::lock_guard lock(core_->mail_mutex);
+  auto& mailbox = core_->mailbox;
+  const auto it = std::find_if(mailbox.begin(), mailbox.end(),
+                               [&](const Message& m) { return filter.matches(m.header); });
+  if (it == mailbox.end()) return std::nullopt;
+  Message message = std::move(*it);
+  mailbox.erase(it);
+  core_->inbox_bytes.fetch_sub(message.payload.size(), std::memory_order_acq_rel);
+  core_->inbox_messages.fetch_sub(1, std::memory_order_acq_rel);
+  return message;
+}
+
+Message Bus::receive(const Filter& filter, std::chrono::nanoseconds timeout) {
+  std::optional<Message> found;
+  auto& mailbox = core_->mailbox;
+  const auto take = [&] {
+    const auto it = std::find_if(mailbox.begin(), mailbox.end(),
+                                 [&](const Message& m) { return filter.matches(m.header); });
+    if (it == mailbox.end()) return false;
+    found = std::move(*it);
+    mailbox.erase(it);
+    core_->inbox_bytes.fetch_sub(found->payload.size(), std::memory_order_acq_rel);
+    core_->inbox_messages.fetch_sub(1, std::memory_order_acq_rel);
+    return true;
+  };
+  if (core_->shut_down.load()) {
+    std::lock_guard lock(core_->mail_mutex);
+    if (take()) return std::move(*found);
+    throw ShutdownError(core_->rank, "bus.receive", "the bus has been shut down");
+  }
+  if (!core_->drive_until(take, detail::deadline_after(timeout))) {
+    std::string what = "no message";
+    if (filter.kind) what += std::string(" of kind ") + to_string(*filter.kind);
+    if (filter.topic) what += " on topic " + std::to_string(*filter.topic);
+    if (filter.source) what += " from rank " + std::to_string(*filter.source);
+    throw TimeoutError(core_->rank, "bus.receive",
+                       what + " within " +
+                           std::to_string(
+                               std::chrono::duration_cast<std::chrono::milliseconds>(timeout)
+                                   .count()) +
+                           " ms");
+  }
+  return std::move(*found);
+}
+
+PendingReply Bus::request(int destination, Message message, std::chrono::nanoseconds timeout) {
+  auto slot = std::make_shared<detail::ReplySlot>();
+  const std::uint64_t correlation = core_->next_correlation.fetch_add(1);
+  message.header.correlation = correlation;
+  message.header.flags &= ~(flags::kReply | flags::kErrorReply);
+  slot->destination = destination;
+  slot->request = message.header;
+  slot->deadline = detail::deadline_after(timeout);
+  {
+    std::lock_guard lock(core_->mail_mutex);
+    core_->pending_requests.emplace(correlation, slot);
+  }
+  try {
+    core_->send(destination, std::move(message), false);
+  } catch (...) {
+    std::lock_guard lock(core_->mail_mutex);
+    core_->pending_requests.erase(correlation);
+    throw;
+  }
+  return PendingReply(core_, std::move(slot));
+}
+
+void Bus::reply(const Header& request, Message response) {
+  response.header.correlation = request.correlation;
+  response.header.flags |= flags::kReply;
+  core_->send(request.source, std::move(response), false);
+}
+
+void Bus::reply_error(const Header& request, std::string error_text) {
+  Message response = Message::make(request.kind, request.topic, Payload::from_string(error_text));
+  response.header.flags |= flags::kErrorReply;
+  reply(request, std::move(response));
+}
+
+void Bus::flush(std::chrono::nanoseconds timeout) {
+  if (!core_->drive_until([&] { return core_->queued_messages.load() == 0; },
+                          detail::deadline_after(timeout))) {
+    throw TimeoutError(core_->rank, "bus.flush",
+                       std::to_string(core_->queued_messages.load()) +
+                           " message(s) still queued or in flight");
+  }
+}
+
+void Bus::shutdown() { core_->shutdown(); }
+
+BusStats Bus::stats() const {
+  const auto& s = core_->stats;
+  BusStats out;
+  out.sent_messages = s.sent_messages.load();
+  out.sent_bytes = s.sent_bytes.load();
+  out.received_messages = s.received_messages.load();
+  out.received_bytes = s.received_bytes.load();
+  out.compressed_messages = s.compressed_messages.load();
+  out.rejected_messages = s.rejected_messages.load();
+  out.late_replies = s.late_replies.load();
+  out.handler_errors = s.handler_errors.load();
+  return out;
+}
+
+void Bus::send_raw_for_testing(int destination, std::span<const std::byte> bytes) {
+  detail::Outgoing out;
+  out.destination = destination;
+  out.priority = Priority::kNormal;
+  auto packed = std::make_shared_for_overwrite<std::byte[]>(std::max<std::size_t>(bytes.size(), 1));
+  if (!bytes.empty()) std::memcpy(packed.get(), bytes.data(), bytes.size());
+  out.packed = std::move(packed);
+  out.packed_size = bytes.size();
+  std::vector<detail::Outgoing> items;
+  items.push_back(std::move(out));
+  core_->enqueue(std::move(items), false);
+}
+
+// --- Subscription
+
+Subscription::Subscription(std::weak_ptr<detail::BusCore> core, std::uint64_t id)
+    : core_(std::move(core)), id_(id) {}
+
+Subscription::~Subscription() { reset(); }
+
+Subscription::Subscription(Subscription&& other) noexcept
+    : core_(std::move(other.core_)), id_(std::exchange(other.id_, 0)) {}
+
+Subscription& Subscription::operator=(Subscription&& other) noexcept {
+  if (this != &other) {
+    reset();
+    core_ = std::move(other.core_);
+    id_ = std::exchange(other.id_, 0);
+  }
+  return *this;
+}
+
+void Subscription::reset() {
+  if (id_ == 0) return;
+  if (auto core = core_.lock()) core->unsubscribe(id_);
+  id_ = 0;
+  core_.reset();
+}
+
+// --- PendingReply
+
+PendingReply::PendingReply(std::shared_ptr<detail::BusCore> core,
+                           std::shared_ptr<detail::ReplySlot> slot)
+    : core_(std::move(core)), slot_(std::move(slot)) {}
+
+std::uint64_t PendingReply::correlation() const noexcept {
+  return slot_ ? slot_->request.correlation : 0;
+}
+
+bool PendingReply::ready() const {
+  if (!slot_) return false;
+  std::lock_guard lock(core_->mail_mutex);
+  return slot_->done;
+}
+
+Message PendingReply::get() {
+  if (!slot_) throw Error(kNoRank, "bus.request", "get() on an empty PendingReply");
+  auto& slot = *slot_;
+  const bool arrived = core_->shut_down.load()
+                           ? [&] {
+                               std::lock_guard lock(core_->mail_mutex);
+                               return slot.done;
+                             }()
+                           : core_->drive_until([&] { return slot.done; }, slot.deadline);
+  const std::string what = std::string("request ") + detail::describe(slot.request) +
+                           " to rank " + std::to_string(slot.destination) + " (correlation " +
+                           std::to_string(slot.request.correlation) + ")";
+  if (!arrived) {
+    std::lock_guard lock(core_->mail_mutex);
+    core_->pending_requests.erase(slot.request.correlation);
+    if (!slot.done) {
+      throw TimeoutError(core_->rank, "bus.request", what + ": no reply before the deadline");
+    }
+  }
+  std::lock_guard lock(core_->mail_mutex);
+  if (slot.failed_by_shutdown) throw ShutdownError(core_->rank, "bus.request", what + ": " + slot.error);
+  if (!slot.error.empty()) throw Error(core_->rank, "bus.request", what + ": " + slot.error);
+  if (!slot.reply) throw Error(core_->rank, "bus.request", what + ": reply already taken");
+  Message reply = std::move(*slot.reply);
+  slot.reply.reset();
+  return reply;
+}
+
+}  // namespace unimsg
