@@ -7,6 +7,7 @@
 #include <cstring>
 #include <deque>
 #include <limits>
+#include <map>
 #include <mutex>
 #include <thread>
 #include <unordered_map>
@@ -35,6 +36,9 @@ constexpr int kTagPayload = 103;
 constexpr Topic kTopicGoodbye = kReservedTopicBase + 1;
 // Bounds on the work one progress round does, so that no caller is held up for long.
 constexpr int kMaxProbesPerRound = 64;
+// Bulk payloads being received at once: more would only split the memory bandwidth between them
+// and grow the buffer pool, without finishing any of them sooner.
+constexpr std::size_t kMaxPendingPayloadBytes = 1ull << 20;
 
 inline void cpu_relax() noexcept {
 #if defined(__x86_64__) || defined(__i386__)
@@ -61,6 +65,54 @@ std::string describe(const Header& header) {
 }
 
 }  // namespace
+
+// Reuses large receive buffers: a fresh multi-megabyte allocation costs page faults and zeroing
+// that would dominate a bulk transfer. Buffers return here when the last Message using them dies.
+class BufferPool : public std::enable_shared_from_this<BufferPool> {
+ public:
+  static constexpr std::size_t kMinPooled = 64 * 1024;
+  explicit BufferPool(std::size_t max_cached) : max_cached_(max_cached) {}
+
+  std::shared_ptr<std::byte[]> acquire(std::size_t size) {
+    if (size < kMinPooled) return std::make_shared_for_overwrite<std::byte[]>(std::max<std::size_t>(size, 1));
+    std::unique_ptr<std::byte[]> storage;
+    std::size_t capacity = size;
+    {
+      std::lock_guard lock(mutex_);
+      // A cached buffer up to twice the size will do; of equal ones the last returned, which is
+      // the most likely to be still in cache.
+      auto it = free_.lower_bound(size);
+      if (it != free_.end() && it->first <= 2 * size) {
+        it = std::prev(free_.upper_bound(it->first));
+        capacity = it->first;
+        storage = std::move(it->second);
+        cached_ -= capacity;
+        free_.erase(it);
+      }
+    }
+    if (!storage) storage = std::make_unique_for_overwrite<std::byte[]>(capacity);
+    std::byte* data = storage.get();
+    auto recycle = [pool = weak_from_this(), capacity](std::byte* released) {
+      std::unique_ptr<std::byte[]> owned(released);
+      if (auto alive = pool.lock()) alive->give_back(std::move(owned), capacity);
+    };
+    storage.release();  // owned by `recycle` from here on
+    return std::shared_ptr<std::byte[]>(data, std::move(recycle));
+  }
+
+ private:
+  void give_back(std::unique_ptr<std::byte[]> storage, std::size_t capacity) {
+    std::lock_guard lock(mutex_);
+    if (cached_ + capacity > max_cached_) return;  // frees it
+    cached_ += capacity;
+    free_.emplace(capacity, std::move(storage));
+  }
+
+  std::mutex mutex_;
+  std::multimap<std::size_t, std::unique_ptr<std::byte[]>> free_;
+  std::size_t cached_ = 0;
+  std::size_t max_cached_;
+};
 
 struct ReplySlot {
   int destination = 0;
@@ -165,18 +217,28 @@ struct BusCore : std::enable_shared_from_this<BusCore> {
   std::mutex progress_mutex;  // whoever holds it drives MPI for the bus
   std::array<std::deque<Outgoing>, kPriorityLevels> send_queue;
   std::vector<std::unique_ptr<InFlight>> in_flight;
+  std::vector<std::unique_ptr<InFlight>> spare_flights;  // reused: no allocation per message
   std::vector<PeerState> peers;
   std::vector<std::deque<PendingReceive>> pending_receives;  // per source, in match order
   std::size_t pending_receive_count = 0;
+  std::size_t pending_payload_bytes = 0;
   std::vector<char> blocked_scratch;
+  std::shared_ptr<BufferPool> buffers;
 
   std::atomic<std::uint64_t> queued_bytes{0};
   std::atomic<std::uint64_t> queued_messages{0};
 
   std::mutex mail_mutex;
-  std::condition_variable mail_cv;
+  // Waking a thread costs a system call, so each side is notified only while someone sleeps.
+  std::condition_variable mail_cv;      // drivers sleeping in drive_until
+  std::condition_variable progress_cv;  // the progress thread, idle
+  int sleeping_drivers = 0;             // guarded by mail_mutex
+  bool progress_sleeping = false;       // guarded by mail_mutex
   std::deque<Message> mailbox;
   std::deque<Message> dispatch_queue;
+  // Bumped on every delivery, so a waiting thread re-checks its condition (under the lock)
+  // only when something may have changed.
+  std::atomic<std::uint64_t> mail_generation{0};
   std::atomic<std::uint64_t> inbox_bytes{0};
   std::atomic<std::uint64_t> inbox_messages{0};
   std::unordered_map<std::uint64_t, std::shared_ptr<ReplySlot>> pending_requests;
@@ -221,6 +283,7 @@ BusCore::BusCore(MPI_Comm parent, BusOptions opts) : comm(parent), options(std::
   peers.resize(static_cast<std::size_t>(size));
   pending_receives.resize(static_cast<std::size_t>(size));
   goodbye_from.assign(static_cast<std::size_t>(size), 0);
+  buffers = std::make_shared<BufferPool>(options.buffer_pool_bytes);
 }
 
 BusCore::~BusCore() {
@@ -229,7 +292,7 @@ BusCore::~BusCore() {
       std::lock_guard lock(mail_mutex);
       stop_progress = true;
     }
-    mail_cv.notify_all();
+    progress_cv.notify_all();
     progress_thread.join();
   }
 }
@@ -367,7 +430,8 @@ void BusCore::enqueue(std::vector<Outgoing> items, bool internal) {
   queued_bytes.fetch_add(bytes, std::memory_order_acq_rel);
   queued_messages.fetch_add(items.size(), std::memory_order_acq_rel);
   // Post right away: a message waits in the queue only while its peer's window is full.
-  progress_once();
+  if (!in_flight.empty()) complete_sends();
+  post_sends();
 }
 
 bool BusCore::post_sends() {
@@ -388,8 +452,16 @@ bool BusCore::post_sends() {
         ++it;
         continue;
       }
-      auto flight = std::make_unique<InFlight>();
+      std::unique_ptr<InFlight> flight;
+      if (spare_flights.empty()) {
+        flight = std::make_unique<InFlight>();
+      } else {
+        flight = std::move(spare_flights.back());
+        spare_flights.pop_back();
+      }
       flight->message = std::move(*it);
+      flight->requests = {MPI_REQUEST_NULL, MPI_REQUEST_NULL};
+      flight->synchronous = false;
       it = queue.erase(it);
       ++peer.posted;
       if (peer.posted - peer.last_sync_mark >= window / 2) {
@@ -439,6 +511,8 @@ bool BusCore::complete_sends() {
     }
     queued_bytes.fetch_sub(flight.message.wire_bytes(), std::memory_order_acq_rel);
     queued_messages.fetch_sub(1, std::memory_order_acq_rel);
+    flight.message = Outgoing{};  // releases the payload now
+    if (spare_flights.size() < 64) spare_flights.push_back(std::move(in_flight[i]));
     in_flight[i] = std::move(in_flight.back());
     in_flight.pop_back();
     completed = true;
@@ -489,7 +563,8 @@ bool BusCore::receive_messages() {
   for (int probe = 0; probe < kMaxProbesPerRound; ++probe) {
     // A full inbox stops receiving: senders then stall on their windows (back-pressure).
     if (inbox_bytes.load(std::memory_order_acquire) >= options.inbox_bytes ||
-        inbox_messages.load(std::memory_order_acquire) >= options.inbox_messages) {
+        inbox_messages.load(std::memory_order_acquire) >= options.inbox_messages ||
+        pending_payload_bytes >= kMaxPendingPayloadBytes) {
       break;
     }
     int flag = 0;
@@ -503,8 +578,7 @@ bool BusCore::receive_messages() {
     MPI_Get_count(&status, MPI_BYTE, &count);
     const int source = status.MPI_SOURCE;
     auto& source_queue = pending_receives[static_cast<std::size_t>(source)];
-    auto buffer = std::make_shared_for_overwrite<std::byte[]>(
-        static_cast<std::size_t>(std::max(count, 1)));
+    auto buffer = buffers->acquire(static_cast<std::size_t>(count));
     if (status.MPI_TAG == kTagPacked && !source_queue.empty()) {
       // Earlier large messages from this source are still arriving: keep its order.
       PendingReceive pending;
@@ -536,7 +610,8 @@ bool BusCore::receive_messages() {
       }
       if (!route_ok(source, pending.header)) continue;
       pending.size = pending.header.payload_length;
-      pending.buffer = std::make_shared_for_overwrite<std::byte[]>(std::max<std::size_t>(pending.size, 1));
+      pending.buffer = buffers->acquire(pending.size);
+      pending_payload_bytes += pending.size;
       check_mpi(MPI_Irecv(pending.buffer.get(), static_cast<int>(pending.size), MPI_BYTE, source,
                           kTagPayload, comm.get(), &pending.request),
                 rank, "bus: MPI_Irecv");
@@ -564,6 +639,7 @@ bool BusCore::complete_receives() {
       PendingReceive pending = std::move(queue.front());
       queue.pop_front();
       --pending_receive_count;
+      if (!pending.packed) pending_payload_bytes -= pending.size;
       completed = true;
       if (pending.packed) {
         accept_packed(source, std::move(pending.buffer), pending.size);
@@ -602,7 +678,8 @@ void BusCore::deliver(Message message) {
       seen = 1;
       ++goodbye_count;
     }
-    mail_cv.notify_all();
+    mail_generation.fetch_add(1, std::memory_order_release);
+    if (sleeping_drivers > 0) mail_cv.notify_all();
     return;
   }
   if (header.is_reply()) {
@@ -623,17 +700,24 @@ void BusCore::deliver(Message message) {
     }
     slot.done = true;
     pending_requests.erase(it);
-    mail_cv.notify_all();
+    mail_generation.fetch_add(1, std::memory_order_release);
+    if (sleeping_drivers > 0) mail_cv.notify_all();
     return;
   }
   const bool subscribed = has_subscriber(header);
+  bool wake_drivers = false;
+  bool wake_progress = false;
   {
     std::lock_guard lock(mail_mutex);
     inbox_bytes.fetch_add(message.payload.size(), std::memory_order_acq_rel);
     inbox_messages.fetch_add(1, std::memory_order_acq_rel);
     (subscribed ? dispatch_queue : mailbox).push_back(std::move(message));
+    mail_generation.fetch_add(1, std::memory_order_release);
+    wake_drivers = !subscribed && sleeping_drivers > 0;
+    wake_progress = subscribed && progress_sleeping;
   }
-  mail_cv.notify_all();
+  if (wake_drivers) mail_cv.notify_all();
+  if (wake_progress) progress_cv.notify_one();
 }
 
 void BusCore::run_handlers(Message message) {
@@ -651,8 +735,9 @@ void BusCore::run_handlers(Message message) {
       inbox_bytes.fetch_add(message.payload.size(), std::memory_order_acq_rel);
       inbox_messages.fetch_add(1, std::memory_order_acq_rel);
       mailbox.push_back(std::move(message));
+      mail_generation.fetch_add(1, std::memory_order_release);
     }
-    mail_cv.notify_all();
+    mail_cv.notify_all();  // rare: the subscription ended while the message was queued
     return;
   }
   for (const auto& entry : matching) {
@@ -696,12 +781,18 @@ bool BusCore::drive_until(Ready&& ready, Clock::time_point deadline) {
     }
   } spinning{spinning_drivers};
 
+  std::uint64_t seen_generation = ~std::uint64_t{0};
   while (true) {
-    {
-      std::lock_guard lock(mail_mutex);
-      if (ready()) return true;
+    const std::uint64_t generation = mail_generation.load(std::memory_order_acquire);
+    if (generation != seen_generation || idle_rounds % 64 == 0 || idle_rounds >= kYieldRounds) {
+      // Waits on other threads' state (send queue, shutdown) are re-checked every 64 rounds.
+      seen_generation = generation;
+      {
+        std::lock_guard lock(mail_mutex);
+        if (ready()) return true;
+      }
+      if (Clock::now() >= deadline) return false;
     }
-    if (Clock::now() >= deadline) return false;
     bool progressed = false;
     if (!shut_down.load(std::memory_order_acquire) && progress_mutex.try_lock()) {
       std::lock_guard lock(progress_mutex, std::adopt_lock);
@@ -724,11 +815,14 @@ bool BusCore::drive_until(Ready&& ready, Clock::time_point deadline) {
     // Sleeping: hand progress back to the progress thread until woken or the interval ends.
     spinning_drivers.fetch_sub(1, std::memory_order_acq_rel);
     spinning.active = false;
-    mail_cv.notify_all();
     {
       std::unique_lock lock(mail_mutex);
+      if (progress_sleeping) progress_cv.notify_one();
+      ++sleeping_drivers;
       const auto wake = std::min(deadline, Clock::now() + sleep);
-      if (mail_cv.wait_until(lock, wake, [&] { return ready(); })) return true;
+      const bool ready_now = mail_cv.wait_until(lock, wake, [&] { return ready(); });
+      --sleeping_drivers;
+      if (ready_now) return true;
     }
     spinning_drivers.fetch_add(1, std::memory_order_acq_rel);
     spinning.active = true;
@@ -781,7 +875,9 @@ void BusCore::progress_thread_main() {
       continue;
     }
     std::unique_lock lock(mail_mutex);
-    mail_cv.wait_for(lock, sleep, [&] { return !dispatch_queue.empty() || stop_progress; });
+    progress_sleeping = true;
+    progress_cv.wait_for(lock, sleep, [&] { return !dispatch_queue.empty() || stop_progress; });
+    progress_sleeping = false;
     sleep = std::min<std::chrono::microseconds>(sleep * 2, options.idle_sleep_max);
   }
 }
@@ -829,7 +925,7 @@ void BusCore::shutdown() {
     std::lock_guard lock(mail_mutex);
     stop_progress = true;
   }
-  mail_cv.notify_all();
+  progress_cv.notify_all();
   if (progress_thread.joinable()) progress_thread.join();
   shut_down.store(true, std::memory_order_release);
   // 4. Nobody can answer any more.
@@ -877,6 +973,7 @@ BusOptions BusOptions::from_env() {
   }
   if (auto v = env_size("UNIMSG_BUS_INBOX_BYTES", 1, kHuge)) options.inbox_bytes = *v;
   if (auto v = env_uint("UNIMSG_BUS_INBOX_MESSAGES", 1, kHuge)) options.inbox_messages = *v;
+  if (auto v = env_size("UNIMSG_BUS_BUFFER_POOL_BYTES", 0, kHuge)) options.buffer_pool_bytes = *v;
   if (auto v = env_uint("UNIMSG_BUS_WINDOW", 2, 1u << 20)) {
     options.window_per_peer = static_cast<std::uint32_t>(*v);
   }
@@ -947,7 +1044,7 @@ Subscription Bus::subscribe(Filter filter, Handler handler) {
       }
     }
   }
-  core_->mail_cv.notify_all();
+  core_->progress_cv.notify_all();
   return Subscription(core_, id);
 }
 

@@ -39,6 +39,9 @@ struct BusOptions {
   // which stalls its senders (UNIMSG_BUS_INBOX_BYTES, UNIMSG_BUS_INBOX_MESSAGES).
   std::uint64_t inbox_bytes = 512ull << 20;
   std::uint64_t inbox_messages = 65536;
+  // Large receive buffers kept for reuse once their messages are gone
+  // (UNIMSG_BUS_BUFFER_POOL_BYTES); 0 disables the pool.
+  std::uint64_t buffer_pool_bytes = 256ull << 20;
   // Messages to one peer that may be outstanding before its receipt is confirmed
   // (UNIMSG_BUS_WINDOW). Bounds what a slow receiver buffers for each sender.
   std::uint32_t window_per_peer = 256;
