@@ -8,7 +8,10 @@
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 
+#include <sys/resource.h>
+
 #include <algorithm>
+#include <thread>
 #include <chrono>
 #include <cstdio>
 #include <string>
@@ -123,6 +126,26 @@ double bus_stream(unimsg::Bus& bus, MPI_Comm comm, const Payload& payload, int c
   return static_cast<double>(payload.size()) * count / elapsed / 1e9;
 }
 
+double process_cpu_seconds() {
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  const auto seconds = [](const timeval& t) { return t.tv_sec + t.tv_usec / 1e6; };
+  return seconds(usage.ru_utime) + seconds(usage.ru_stime);
+}
+
+// CPU used by this whole process (all its threads) while the bus sits idle: nobody waits on it,
+// only the progress thread polls. Percent of one core.
+double idle_cpu_percent(MPI_Comm comm, double seconds) {
+  MPI_Barrier(comm);
+  const double cpu_start = process_cpu_seconds();
+  const auto start = Clock::now();
+  std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
+  const double percent = 100.0 * (process_cpu_seconds() - cpu_start) / seconds_since(start);
+  double worst = 0;
+  MPI_Reduce(&percent, &worst, 1, MPI_DOUBLE, MPI_MAX, 0, comm);
+  return worst;
+}
+
 struct Row {
   std::string metric;
   std::size_t bytes;
@@ -142,7 +165,8 @@ int run(int argc, char** argv) {
       "max-latency-bytes", "largest ping-pong size", cxxopts::value<std::string>()->default_value("4M"))(
       "min-stream-bytes", "smallest streaming size", cxxopts::value<std::string>()->default_value("64K"))(
       "max-stream-bytes", "largest streaming size", cxxopts::value<std::string>()->default_value("64M"))(
-      "h,help", "show this help");
+      "idle-seconds", "measure the idle CPU use of every rank for this long (0: skip)",
+      cxxopts::value<double>()->default_value("5"))("h,help", "show this help");
   const auto args = cli.parse(argc, argv);
   if (args.count("help")) {
     std::printf("%s\n", cli.help().c_str());
@@ -218,6 +242,24 @@ int run(int argc, char** argv) {
       bus_rates.push_back(bus_stream(bus, raw_comm, payload, count));
     }
     report({"throughput_gbps", bytes, median(bus_rates), median(raw_rates)});
+  }
+  const double idle_seconds = quick ? std::min(1.0, args["idle-seconds"].as<double>())
+                                   : args["idle-seconds"].as<double>();
+  if (idle_seconds > 0) {
+    const double worst = idle_cpu_percent(raw_comm, idle_seconds);
+    if (rank == 0) {
+      if (json) {
+        std::printf("%s\n", nlohmann::json({{"metric", "idle_cpu_percent"},
+                                             {"ranks", runtime.size()},
+                                             {"seconds", idle_seconds},
+                                             {"unimsg", worst}})
+                                 .dump()
+                                 .c_str());
+      } else {
+        std::printf("idle CPU of the busiest rank over %.1f s: %.2f%% of one core (%d ranks)\n",
+                    idle_seconds, worst, runtime.size());
+      }
+    }
   }
   MPI_Comm_free(&raw_comm);
   return 0;

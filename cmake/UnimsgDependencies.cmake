@@ -4,6 +4,14 @@
 
 find_package(Threads REQUIRED)
 find_package(MPI REQUIRED COMPONENTS CXX)
+# mpirun flags that make multi-rank tests run anywhere: as root (containers, CI), with more ranks
+# than cores, unbound so that ranks and progress threads share the cores freely.
+execute_process(COMMAND ${MPIEXEC_EXECUTABLE} --version OUTPUT_VARIABLE _mpirun_version ERROR_QUIET)
+set(UNIMSG_MPIRUN_FLAGS "")
+if(_mpirun_version MATCHES "Open MPI|OpenRTE")
+  set(UNIMSG_MPIRUN_FLAGS --oversubscribe --bind-to none)
+endif()
+set(UNIMSG_MPIRUN_ENV OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1)
 find_package(PkgConfig REQUIRED)
 pkg_check_modules(XXHASH REQUIRED IMPORTED_TARGET libxxhash)
 pkg_check_modules(ZSTD REQUIRED IMPORTED_TARGET libzstd)
