@@ -297,6 +297,27 @@ TEST(BusTest, CorruptedEnvelopesAreRejectedAndCountedAndTheBusGoesOn) {
   EXPECT_EQ(bus.receive(Filter{Kind::kUser, 8, next}, kLongWait).payload.as_string(), "after");
 }
 
+TEST(BusTest, OversizedMessagesAreRefusedAndDropped) {
+  BusOptions options = quiet_options();
+  options.max_payload_bytes = 1024;
+  Bus bus(MPI_COMM_WORLD, options);
+  const int next = (bus.rank() + 1) % bus.size();
+  const int previous = (bus.rank() + bus.size() - 1) % bus.size();
+  const std::vector<std::byte> huge(100000, std::byte{0x55});
+  bus.send_raw_for_testing(next, huge);
+  // A payload over the maximum is refused at the sender already, naming the setting.
+  try {
+    bus.send(next, Message::make(Kind::kData, 6, Payload(std::vector<std::byte>(4096))));
+    ADD_FAILURE() << "sent a payload over the maximum";
+  } catch (const Error& error) {
+    EXPECT_NE(std::string(error.what()).find("UNIMSG_BUS_MAX_PAYLOAD"), std::string::npos);
+  }
+  bus.send(next, Message::make(Kind::kUser, 6, Payload::from_string("small")));
+  EXPECT_EQ(bus.receive(Filter{Kind::kUser, 6, previous}, kLongWait).payload.as_string(), "small");
+  EXPECT_TRUE(eventually([&] { return bus.stats().rejected_messages == 1; }))
+      << bus.stats().rejected_messages;
+}
+
 TEST(BusTest, LargePayloadsAreCompressedWhenAsked) {
   BusOptions options = quiet_options();
   options.compress_threshold = 4096;
@@ -400,6 +421,26 @@ TEST(BusTest, ShutdownDeliversEverythingSentBeforeIt) {
     }
   }
   EXPECT_THROW(bus.send(0, Message::make(Kind::kData, 12)), ShutdownError);
+}
+
+TEST(BusTest, ShutdownCompletesThroughAFullInbox) {
+  BusOptions options = quiet_options();
+  options.inbox_messages = 2;
+  options.shutdown_timeout = 120s;
+  Bus bus(MPI_COMM_WORLD, options);
+  const int next = (bus.rank() + 1) % bus.size();
+  const int previous = (bus.rank() + bus.size() - 1) % bus.size();
+  for (int i = 0; i < 10; ++i) {
+    bus.send(next, Message::make(Kind::kData, 13, u64_payload(static_cast<std::uint64_t>(i))));
+  }
+  const auto start = std::chrono::steady_clock::now();
+  bus.shutdown();  // nobody read anything: the inbox is full, yet the goodbyes get through
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 60s);
+  for (int i = 0; i < 10; ++i) {
+    const auto got = bus.try_receive(Filter{Kind::kData, 13, previous});
+    ASSERT_TRUE(got.has_value()) << "message " << i << " missing";
+    EXPECT_EQ(u64_at(*got, 0), static_cast<std::uint64_t>(i));
+  }
 }
 
 TEST(BusTest, ShutdownFailsPendingRequestsClearly) {

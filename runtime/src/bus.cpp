@@ -205,6 +205,7 @@ struct BusCore : std::enable_shared_from_this<BusCore> {
   void shutdown();
   void check_open(const char* operation) const;
   void check_topic(Topic topic, const char* operation) const;
+  void check_payload(const Message& message, const char* operation) const;
   bool route_ok(int source, const Header& header);
 
   MpiComm comm;
@@ -272,6 +273,10 @@ struct BusCore : std::enable_shared_from_this<BusCore> {
 BusCore::BusCore(MPI_Comm parent, BusOptions opts) : comm(parent), options(std::move(opts)) {
   rank = comm.rank();
   size = comm.size();
+  // Errors on the bus's own communicator become MpiError exceptions (and a truncated foreign
+  // message a rejection), not an abort of the whole job.
+  check_mpi(MPI_Comm_set_errhandler(comm.get(), MPI_ERRORS_RETURN), rank,
+            "MPI_Comm_set_errhandler");
   log = options.logger ? options.logger : make_rank_logger(rank, size);
   if (options.max_payload_bytes > static_cast<std::uint64_t>(std::numeric_limits<int>::max())) {
     throw ConfigError(rank, "bus", "max_payload_bytes must be below 2 GiB (MPI counts are int)");
@@ -300,6 +305,15 @@ BusCore::~BusCore() {
 void BusCore::check_open(const char* operation) const {
   if (goodbye_sent.load(std::memory_order_acquire)) {
     throw ShutdownError(rank, operation, "the bus has been shut down");
+  }
+}
+
+void BusCore::check_payload(const Message& message, const char* operation) const {
+  if (message.payload.size() > options.max_payload_bytes) {
+    throw Error(rank, operation,
+                "a payload of " + std::to_string(message.payload.size()) +
+                    " bytes exceeds the maximum of " + std::to_string(options.max_payload_bytes) +
+                    " (UNIMSG_BUS_MAX_PAYLOAD), which receivers would reject");
   }
 }
 
@@ -352,6 +366,7 @@ void BusCore::send(int destination, Message message, bool internal) {
   if (!internal) {
     check_open("bus.send");
     check_topic(message.header.topic, "bus.send");
+    check_payload(message, "bus.send");
   }
   message.header.source = rank;
   message.header.destination = destination;
@@ -374,6 +389,7 @@ void BusCore::send(int destination, Message message, bool internal) {
 void BusCore::broadcast(Message message) {
   check_open("bus.broadcast");
   check_topic(message.header.topic, "bus.broadcast");
+  check_payload(message, "bus.broadcast");
   message.header.source = rank;
   message.header.destination = kBroadcast;
   message.header.sequence = next_sequence.fetch_add(1, std::memory_order_relaxed);
@@ -561,9 +577,12 @@ void BusCore::accept_split(int source, PendingReceive& receive) {
 bool BusCore::receive_messages() {
   bool received = false;
   for (int probe = 0; probe < kMaxProbesPerRound; ++probe) {
-    // A full inbox stops receiving: senders then stall on their windows (back-pressure).
-    if (inbox_bytes.load(std::memory_order_acquire) >= options.inbox_bytes ||
-        inbox_messages.load(std::memory_order_acquire) >= options.inbox_messages ||
+    // A full inbox stops receiving: senders then stall on their windows (back-pressure). Not
+    // during shutdown, which must reach every peer's goodbye behind whatever nobody will read.
+    const bool inbox_full =
+        inbox_bytes.load(std::memory_order_acquire) >= options.inbox_bytes ||
+        inbox_messages.load(std::memory_order_acquire) >= options.inbox_messages;
+    if ((inbox_full && !goodbye_sent.load(std::memory_order_acquire)) ||
         pending_payload_bytes >= kMaxPendingPayloadBytes) {
       break;
     }
@@ -864,6 +883,7 @@ void BusCore::progress_thread_main() {
       }
     } catch (const std::exception& error) {
       log->error("bus: progress failed: {}", error.what());
+      std::this_thread::sleep_for(options.idle_sleep_max);  // no tight loop of the same error
     }
     if (progressed) {
       idle_rounds = 0;
