@@ -139,11 +139,20 @@ struct Outgoing {
   }
 };
 
+// Small messages sent straight from send() are encoded into the InFlight itself: no allocation.
+constexpr std::size_t kInlineBytes = 256;
+
 struct InFlight {
   Outgoing message;
   std::array<MPI_Request, 2> requests{MPI_REQUEST_NULL, MPI_REQUEST_NULL};
   bool synchronous = false;
   std::uint64_t sync_mark = 0;
+  std::size_t inline_size = 0;  // > 0: the whole message is in inline_bytes
+  std::array<std::byte, kInlineBytes> inline_bytes;
+
+  std::uint64_t wire_bytes() const noexcept {
+    return inline_size > 0 ? inline_size : message.wire_bytes();
+  }
 };
 
 // Flow control towards one peer: every window/2 messages one goes with MPI_Issend; its completion
@@ -183,6 +192,10 @@ struct BusCore : std::enable_shared_from_this<BusCore> {
   // --- progress (progress_mutex held)
   bool progress_once();
   bool post_sends();
+  std::unique_ptr<InFlight> take_spare_flight();
+  void post_flight(std::unique_ptr<InFlight> flight);
+  // The fast path of send(): a small message posted at once, without queueing or allocating.
+  bool try_send_now(int destination, const Message& message, bool internal);
   bool complete_sends();
   bool receive_messages();
   bool complete_receives();
@@ -381,6 +394,7 @@ void BusCore::send(int destination, Message message, bool internal) {
     message = compress(message);
     if (message.header.is_compressed()) stats.compressed_messages.fetch_add(1);
   }
+  if (try_send_now(destination, message, internal)) return;
   std::vector<Outgoing> items;
   items.push_back(prepare(destination, message));
   enqueue(std::move(items), internal);
@@ -468,46 +482,88 @@ bool BusCore::post_sends() {
         ++it;
         continue;
       }
-      std::unique_ptr<InFlight> flight;
-      if (spare_flights.empty()) {
-        flight = std::make_unique<InFlight>();
-      } else {
-        flight = std::move(spare_flights.back());
-        spare_flights.pop_back();
-      }
+      auto flight = take_spare_flight();
       flight->message = std::move(*it);
-      flight->requests = {MPI_REQUEST_NULL, MPI_REQUEST_NULL};
-      flight->synchronous = false;
       it = queue.erase(it);
-      ++peer.posted;
-      if (peer.posted - peer.last_sync_mark >= window / 2) {
-        flight->synchronous = true;
-        flight->sync_mark = peer.posted;
-        peer.last_sync_mark = peer.posted;
-      }
-      Outgoing& out = flight->message;
-      auto* send_fn = flight->synchronous ? &MPI_Issend : &MPI_Isend;
-      if (out.packed) {
-        check_mpi(send_fn(out.packed.get(), static_cast<int>(out.packed_size), MPI_BYTE,
-                          out.destination, kTagPacked, comm.get(), &flight->requests[0]),
-                  rank, "bus: MPI_Isend");
-      } else {
-        check_mpi(send_fn(out.header.data(), static_cast<int>(kHeaderSize), MPI_BYTE,
-                          out.destination, kTagHeader, comm.get(), &flight->requests[0]),
-                  rank, "bus: MPI_Isend");
-        check_mpi(MPI_Isend(out.payload.data(), static_cast<int>(out.payload.size()), MPI_BYTE,
-                            out.destination, kTagPayload, comm.get(), &flight->requests[1]),
-                  rank, "bus: MPI_Isend");
-      }
-      if (out.counted) {
-        stats.sent_messages.fetch_add(1, std::memory_order_relaxed);
-        stats.sent_bytes.fetch_add(out.wire_bytes(), std::memory_order_relaxed);
-      }
-      in_flight.push_back(std::move(flight));
+      post_flight(std::move(flight));
       posted = true;
     }
   }
   return posted;
+}
+
+std::unique_ptr<InFlight> BusCore::take_spare_flight() {
+  if (spare_flights.empty()) return std::make_unique<InFlight>();
+  auto flight = std::move(spare_flights.back());
+  spare_flights.pop_back();
+  flight->requests = {MPI_REQUEST_NULL, MPI_REQUEST_NULL};
+  flight->synchronous = false;
+  flight->inline_size = 0;
+  return flight;
+}
+
+void BusCore::post_flight(std::unique_ptr<InFlight> flight) {
+  Outgoing& out = flight->message;
+  PeerState& peer = peers[static_cast<std::size_t>(out.destination)];
+  ++peer.posted;
+  if (peer.posted - peer.last_sync_mark >= options.window_per_peer / 2) {
+    flight->synchronous = true;
+    flight->sync_mark = peer.posted;
+    peer.last_sync_mark = peer.posted;
+  }
+  auto* send_fn = flight->synchronous ? &MPI_Issend : &MPI_Isend;
+  if (flight->inline_size > 0 || out.packed) {
+    const std::byte* data = flight->inline_size > 0 ? flight->inline_bytes.data() : out.packed.get();
+    check_mpi(send_fn(data, static_cast<int>(flight->wire_bytes()), MPI_BYTE, out.destination,
+                      kTagPacked, comm.get(), &flight->requests[0]),
+              rank, "bus: MPI_Isend");
+  } else {
+    check_mpi(send_fn(out.header.data(), static_cast<int>(kHeaderSize), MPI_BYTE, out.destination,
+                      kTagHeader, comm.get(), &flight->requests[0]),
+              rank, "bus: MPI_Isend");
+    check_mpi(MPI_Isend(out.payload.data(), static_cast<int>(out.payload.size()), MPI_BYTE,
+                        out.destination, kTagPayload, comm.get(), &flight->requests[1]),
+              rank, "bus: MPI_Isend");
+  }
+  if (out.counted) {
+    stats.sent_messages.fetch_add(1, std::memory_order_relaxed);
+    stats.sent_bytes.fetch_add(flight->wire_bytes(), std::memory_order_relaxed);
+  }
+  in_flight.push_back(std::move(flight));
+}
+
+bool BusCore::try_send_now(int destination, const Message& message, bool internal) {
+  const std::size_t wire_size = kHeaderSize + message.payload.size();
+  if (wire_size > kInlineBytes) return false;
+  const std::unique_lock lock(progress_mutex, std::try_to_lock);
+  if (!lock.owns_lock()) return false;
+  if (!internal) check_open("bus.send");  // under the lock: nothing may follow our goodbye
+  // Only when nothing waits in the queue (order) and the peer's window and our queue have room.
+  for (const auto& queue : send_queue) {
+    if (!queue.empty()) return false;
+  }
+  const PeerState& peer = peers[static_cast<std::size_t>(destination)];
+  if (peer.posted - peer.confirmed >= options.window_per_peer) return false;
+  const auto queued = queued_messages.load(std::memory_order_acquire);
+  if (queued != 0 && queued + 1 > options.send_queue_messages) return false;
+  if (!in_flight.empty()) complete_sends();
+
+  auto flight = take_spare_flight();
+  const auto header = encode_header(message.header, message.payload.bytes());
+  std::memcpy(flight->inline_bytes.data(), header.data(), kHeaderSize);
+  if (!message.payload.empty()) {
+    std::memcpy(flight->inline_bytes.data() + kHeaderSize, message.payload.data(),
+                message.payload.size());
+  }
+  flight->inline_size = wire_size;
+  flight->message.destination = destination;
+  flight->message.priority = message.header.priority;
+  flight->message.counted = message.header.topic < kReservedTopicBase;
+  queued_bytes.fetch_add(wire_size, std::memory_order_acq_rel);
+  queued_messages.fetch_add(1, std::memory_order_acq_rel);
+  post_flight(std::move(flight));
+  complete_sends();  // an eager send is usually done already: recycle it at once
+  return true;
 }
 
 bool BusCore::complete_sends() {
@@ -525,7 +581,7 @@ bool BusCore::complete_sends() {
       PeerState& peer = peers[static_cast<std::size_t>(flight.message.destination)];
       peer.confirmed = std::max(peer.confirmed, flight.sync_mark);
     }
-    queued_bytes.fetch_sub(flight.message.wire_bytes(), std::memory_order_acq_rel);
+    queued_bytes.fetch_sub(flight.wire_bytes(), std::memory_order_acq_rel);
     queued_messages.fetch_sub(1, std::memory_order_acq_rel);
     flight.message = Outgoing{};  // releases the payload now
     if (spare_flights.size() < 64) spare_flights.push_back(std::move(in_flight[i]));
