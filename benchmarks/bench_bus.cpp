@@ -4,17 +4,17 @@
 //
 //   mpirun -np 2 unimsg-bench-bus [--json] [--trials 7] [--quick]
 
+#include <spdlog/spdlog.h>
 #include <cxxopts.hpp>
 #include <nlohmann/json.hpp>
-#include <spdlog/spdlog.h>
 
 #include <sys/resource.h>
 
 #include <algorithm>
-#include <thread>
 #include <chrono>
 #include <cstdio>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "unimsg/config.hpp"
@@ -88,7 +88,8 @@ double raw_stream(MPI_Comm comm, int rank, std::vector<std::byte>& buffer, int c
     for (int sent = 0; sent < count;) {
       const int batch = std::min(kWindow, count - sent);
       for (int i = 0; i < batch; ++i) {
-        MPI_Isend(buffer.data(), bytes, MPI_BYTE, 1, 1, comm, &requests[static_cast<std::size_t>(i)]);
+        MPI_Isend(buffer.data(), bytes, MPI_BYTE, 1, 1, comm,
+                  &requests[static_cast<std::size_t>(i)]);
       }
       MPI_Waitall(batch, requests.data(), MPI_STATUSES_IGNORE);
       sent += batch;
@@ -98,7 +99,8 @@ double raw_stream(MPI_Comm comm, int rank, std::vector<std::byte>& buffer, int c
     for (int received = 0; received < count;) {
       const int batch = std::min(kWindow, count - received);
       for (int i = 0; i < batch; ++i) {
-        MPI_Irecv(buffer.data(), bytes, MPI_BYTE, 0, 1, comm, &requests[static_cast<std::size_t>(i)]);
+        MPI_Irecv(buffer.data(), bytes, MPI_BYTE, 0, 1, comm,
+                  &requests[static_cast<std::size_t>(i)]);
       }
       MPI_Waitall(batch, requests.data(), MPI_STATUSES_IGNORE);
       received += batch;
@@ -161,10 +163,14 @@ int run(int argc, char** argv) {
       "trials", "trials per size (median reported, at least 5 for recorded figures)",
       cxxopts::value<int>()->default_value("7"))(
       "quick", "a short smoke run: fewer sizes, iterations and trials")(
-      "min-latency-bytes", "smallest ping-pong size", cxxopts::value<std::string>()->default_value("8"))(
-      "max-latency-bytes", "largest ping-pong size", cxxopts::value<std::string>()->default_value("4M"))(
-      "min-stream-bytes", "smallest streaming size", cxxopts::value<std::string>()->default_value("64K"))(
-      "max-stream-bytes", "largest streaming size", cxxopts::value<std::string>()->default_value("64M"))(
+      "min-latency-bytes", "smallest ping-pong size",
+      cxxopts::value<std::string>()->default_value("8"))(
+      "max-latency-bytes", "largest ping-pong size",
+      cxxopts::value<std::string>()->default_value("4M"))(
+      "min-stream-bytes", "smallest streaming size",
+      cxxopts::value<std::string>()->default_value("64K"))(
+      "max-stream-bytes", "largest streaming size",
+      cxxopts::value<std::string>()->default_value("64M"))(
       "idle-seconds", "measure the idle CPU use of every rank for this long (0: skip)",
       cxxopts::value<double>()->default_value("5"))("h,help", "show this help");
   const auto args = cli.parse(argc, argv);
@@ -182,8 +188,9 @@ int run(int argc, char** argv) {
   const std::uint64_t min_latency = std::max<std::uint64_t>(1, size_flag("min-latency-bytes"));
   const std::uint64_t max_latency = size_flag("max-latency-bytes");
   const std::uint64_t min_stream = std::max<std::uint64_t>(1, size_flag("min-stream-bytes"));
-  const std::uint64_t max_stream = quick ? std::min<std::uint64_t>(size_flag("max-stream-bytes"), 4 << 20)
-                                         : size_flag("max-stream-bytes");
+  const std::uint64_t max_stream =
+      quick ? std::min<std::uint64_t>(size_flag("max-stream-bytes"), 4 << 20)
+            : size_flag("max-stream-bytes");
 
   unimsg::Runtime runtime(&argc, &argv);
   if (runtime.size() < 2) {
@@ -199,13 +206,15 @@ int run(int argc, char** argv) {
   const auto report = [&](const Row& row) {
     if (rank != 0) return;
     if (json) {
-      nlohmann::json line = {{"metric", row.metric}, {"bytes", row.bytes},
-                             {"unimsg", row.unimsg}, {"mpi", row.mpi},
+      nlohmann::json line = {{"metric", row.metric},
+                             {"bytes", row.bytes},
+                             {"unimsg", row.unimsg},
+                             {"mpi", row.mpi},
                              {"ratio", row.unimsg / row.mpi}};
       std::printf("%s\n", line.dump().c_str());
     } else {
-      std::printf("%-16s %10zu %12.3f %12.3f %8.2fx\n", row.metric.c_str(), row.bytes,
-                  row.unimsg, row.mpi, row.unimsg / row.mpi);
+      std::printf("%-16s %10zu %12.3f %12.3f %8.2fx\n", row.metric.c_str(), row.bytes, row.unimsg,
+                  row.mpi, row.unimsg / row.mpi);
     }
     std::fflush(stdout);
   };
@@ -243,18 +252,18 @@ int run(int argc, char** argv) {
     }
     report({"throughput_gbps", bytes, median(bus_rates), median(raw_rates)});
   }
-  const double idle_seconds = quick ? std::min(1.0, args["idle-seconds"].as<double>())
-                                   : args["idle-seconds"].as<double>();
+  const double idle_seconds =
+      quick ? std::min(1.0, args["idle-seconds"].as<double>()) : args["idle-seconds"].as<double>();
   if (idle_seconds > 0) {
     const double worst = idle_cpu_percent(raw_comm, idle_seconds);
     if (rank == 0) {
       if (json) {
         std::printf("%s\n", nlohmann::json({{"metric", "idle_cpu_percent"},
-                                             {"ranks", runtime.size()},
-                                             {"seconds", idle_seconds},
-                                             {"unimsg", worst}})
-                                 .dump()
-                                 .c_str());
+                                            {"ranks", runtime.size()},
+                                            {"seconds", idle_seconds},
+                                            {"unimsg", worst}})
+                                .dump()
+                                .c_str());
       } else {
         std::printf("idle CPU of the busiest rank over %.1f s: %.2f%% of one core (%d ranks)\n",
                     idle_seconds, worst, runtime.size());

@@ -4,9 +4,9 @@
 //
 //   mpirun -np 4 build/examples/unimsg-bus-demo [--json] [--data-bytes N]
 
+#include <spdlog/spdlog.h>
 #include <cxxopts.hpp>
 #include <nlohmann/json.hpp>
-#include <spdlog/spdlog.h>
 
 #include <atomic>
 #include <chrono>
@@ -42,10 +42,9 @@ struct Seen {
 };
 
 std::uint64_t now_ns() {
-  return static_cast<std::uint64_t>(
-      std::chrono::duration_cast<std::chrono::nanoseconds>(
-          std::chrono::system_clock::now().time_since_epoch())
-          .count());
+  return static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                        std::chrono::system_clock::now().time_since_epoch())
+                                        .count());
 }
 
 Seen record(const Message& m) {
@@ -86,22 +85,23 @@ int run(int argc, char** argv) {
 
   // Heartbeats arrive through a subscription; tasks are answered by one (request/reply).
   std::atomic<int> heartbeats{0};
-  auto heartbeat_sub = bus.subscribe({Kind::kHeartbeat, kDemoTopic, std::nullopt},
-                                     [&](const Message& m) {
-                                       keep(m);
-                                       ++heartbeats;
-                                     });
+  auto heartbeat_sub =
+      bus.subscribe({Kind::kHeartbeat, kDemoTopic, std::nullopt}, [&](const Message& m) {
+        keep(m);
+        ++heartbeats;
+      });
   auto task_sub = bus.subscribe({Kind::kTask, kDemoTopic, std::nullopt}, [&](const Message& m) {
     keep(m);
-    bus.reply(m.header, Message::make(Kind::kTaskResult, kDemoTopic,
-                                      Payload::from_string("done: " + std::string(m.payload.as_string()))));
+    bus.reply(m.header,
+              Message::make(Kind::kTaskResult, kDemoTopic,
+                            Payload::from_string("done: " + std::string(m.payload.as_string()))));
   });
   MPI_Barrier(MPI_COMM_WORLD);  // all subscribed before anyone publishes
 
   const auto text = [&](const std::string& s) { return Payload::from_string(s); };
   bus.publish(kDemoTopic, Message::make(Kind::kHeartbeat, 0, text("alive, step 0")));
-  bus.broadcast(Message::make(Kind::kControl, kDemoTopic,
-                              text("hello from rank " + std::to_string(rank))));
+  bus.broadcast(
+      Message::make(Kind::kControl, kDemoTopic, text("hello from rank " + std::to_string(rank))));
   bus.send(next, Message::make(Kind::kNegotiation, kDemoTopic, text("tensor grad.fc1 ready")));
   bus.send(next, Message::make(Kind::kStatus, kDemoTopic,
                                text(R"({"step":0,"loss":2.30,"samples_per_s":0})")));
@@ -110,11 +110,11 @@ int run(int argc, char** argv) {
   bus.send(next, Message::make(Kind::kData, kDemoTopic,
                                Payload(std::vector<std::byte>(data_bytes, std::byte{1}))));
   bus.send(next, Message::make(Kind::kUser, kDemoTopic, text("hi from your left neighbour")));
-  const Message result =
-      bus.request(previous, Message::make(Kind::kTask, kDemoTopic,
-                                          text("fetch shard " + std::to_string(rank))),
-                  kWait)
-          .get();
+  const Message result = bus.request(previous,
+                                     Message::make(Kind::kTask, kDemoTopic,
+                                                   text("fetch shard " + std::to_string(rank))),
+                                     kWait)
+                             .get();
   keep(result);
 
   for (int source = 0; source < size; ++source) {
@@ -138,9 +138,9 @@ int run(int argc, char** argv) {
     for (const auto& s : seen) {
       ++per_kind[s.kind];
       if (json) {
-        nlohmann::json line = {{"rank", rank},           {"kind", unimsg::to_string(s.kind)},
-                               {"source", s.source},     {"topic", s.topic},
-                               {"bytes", s.bytes},       {"latency_us", s.latency_us}};
+        nlohmann::json line = {{"rank", rank},       {"kind", unimsg::to_string(s.kind)},
+                               {"source", s.source}, {"topic", s.topic},
+                               {"bytes", s.bytes},   {"latency_us", s.latency_us}};
         std::printf("%s\n", line.dump().c_str());
       } else {
         runtime.log().info("saw {:<11} from rank {} ({:>7} B, {:8.1f} us): {}",

@@ -140,8 +140,8 @@ TEST(BusTest, PublishSubscribeByTopicAndKind) {
 TEST(BusTest, RequestReplyAcrossRanks) {
   Bus bus(MPI_COMM_WORLD, quiet_options());
   auto responder = bus.subscribe(Filter{Kind::kTask, 5, std::nullopt}, [&](const Message& m) {
-    bus.reply(m.header, Message::make(Kind::kTaskResult, 5,
-                                      u64_payload(u64_at(m, 0) * 10, bus.rank())));
+    bus.reply(m.header,
+              Message::make(Kind::kTaskResult, 5, u64_payload(u64_at(m, 0) * 10, bus.rank())));
   });
   MPI_Barrier(MPI_COMM_WORLD);
   std::vector<PendingReply> replies;
@@ -226,7 +226,8 @@ TEST(BusTest, TenThousandMessagesToEveryRankConcurrently) {
   for (std::uint64_t i = 0; i < kCount; ++i) {
     for (int step = 0; step < size; ++step) {
       const int peer = (rank + step) % size;  // every rank starts with a different peer
-      bus.send(peer, Message::make(Kind::kData, 9, u64_payload(i, static_cast<std::uint64_t>(peer))));
+      bus.send(peer,
+               Message::make(Kind::kData, 9, u64_payload(i, static_cast<std::uint64_t>(peer))));
     }
   }
   receiver.join();
@@ -244,8 +245,8 @@ TEST(BusTest, PayloadsFromZeroBytesTo64MiB) {
   const int next = (bus.rank() + 1) % bus.size();
   const int previous = (bus.rank() + bus.size() - 1) % bus.size();
   // Around the packed/split boundary (16 KiB with the header) and up to 64 MiB.
-  const std::vector<std::size_t> sizes = {0,         1,          8,       16320, 16321,
-                                          1u << 20,  (1u << 20) + 3, 64u << 20};
+  const std::vector<std::size_t> sizes = {0,        1, 8, 16320, 16321, 1u << 20, (1u << 20) + 3,
+                                          64u << 20};
   for (const std::size_t size : sizes) {
     std::vector<std::byte> payload(size);
     for (std::size_t i = 0; i < size; ++i) {
@@ -325,7 +326,8 @@ TEST(BusTest, LargePayloadsAreCompressedWhenAsked) {
   const int next = (bus.rank() + 1) % bus.size();
   const int previous = (bus.rank() + bus.size() - 1) % bus.size();
   std::string text;
-  while (text.size() < (1u << 20)) text += "loss=0.25 step=" + std::to_string(text.size() % 97) + ";";
+  while (text.size() < (1u << 20))
+    text += "loss=0.25 step=" + std::to_string(text.size() % 97) + ";";
   bus.send(next, Message::make(Kind::kStatus, 2, Payload::from_string(text)));
   const Message got = bus.receive(Filter{Kind::kStatus, 2, previous}, kLongWait);
   EXPECT_EQ(got.payload.as_string(), text);

@@ -78,8 +78,8 @@ TEST(MessageEnvelope, HeaderLayoutIsLittleEndianAtFixedOffsets) {
   EXPECT_EQ(u8(6), static_cast<unsigned>(Kind::kStatus));
   EXPECT_EQ(u8(7), static_cast<unsigned>(Priority::kNormal));
   EXPECT_EQ(u8(8), flags::kReply);
-  EXPECT_EQ(u8(12), 42u);  // topic
-  EXPECT_EQ(u8(16), 3u);   // source
+  EXPECT_EQ(u8(12), 42u);                                         // topic
+  EXPECT_EQ(u8(16), 3u);                                          // source
   for (std::size_t i = 20; i < 24; ++i) EXPECT_EQ(u8(i), 0xFFu);  // broadcast = -1
   EXPECT_EQ(u8(24), 0x08u);  // sequence 0x0102030405060708, least significant byte first
   EXPECT_EQ(u8(31), 0x01u);
@@ -180,8 +180,7 @@ TEST(MessageDecodeErrors, MessagesNameTheProblem) {
     decode(std::span(wire).first(10), DecodeLimits{});
     FAIL() << "accepted 10 bytes";
   } catch (const DecodeError& error) {
-    EXPECT_NE(std::string(error.what()).find("got 10 bytes, a header needs 64"),
-              std::string::npos)
+    EXPECT_NE(std::string(error.what()).find("got 10 bytes, a header needs 64"), std::string::npos)
         << error.what();
   }
 }

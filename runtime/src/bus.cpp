@@ -74,7 +74,8 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
   explicit BufferPool(std::size_t max_cached) : max_cached_(max_cached) {}
 
   std::shared_ptr<std::byte[]> acquire(std::size_t size) {
-    if (size < kMinPooled) return std::make_shared_for_overwrite<std::byte[]>(std::max<std::size_t>(size, 1));
+    if (size < kMinPooled)
+      return std::make_shared_for_overwrite<std::byte[]>(std::max<std::size_t>(size, 1));
     std::unique_ptr<std::byte[]> storage;
     std::size_t capacity = size;
     {
@@ -129,7 +130,7 @@ struct Outgoing {
   int destination = 0;
   Priority priority = Priority::kNormal;
   std::array<std::byte, kHeaderSize> header{};
-  Payload payload;                         // sent after the header when not packed
+  Payload payload;                            // sent after the header when not packed
   std::shared_ptr<const std::byte[]> packed;  // header + payload in one buffer, when small
   std::size_t packed_size = 0;
   bool counted = true;  // false for the bus's own messages, which stay out of the stats
@@ -513,7 +514,8 @@ void BusCore::post_flight(std::unique_ptr<InFlight> flight) {
   }
   auto* send_fn = flight->synchronous ? &MPI_Issend : &MPI_Isend;
   if (flight->inline_size > 0 || out.packed) {
-    const std::byte* data = flight->inline_size > 0 ? flight->inline_bytes.data() : out.packed.get();
+    const std::byte* data =
+        flight->inline_size > 0 ? flight->inline_bytes.data() : out.packed.get();
     check_mpi(send_fn(data, static_cast<int>(flight->wire_bytes()), MPI_BYTE, out.destination,
                       kTagPacked, comm.get(), &flight->requests[0]),
               rank, "bus: MPI_Isend");
@@ -659,8 +661,8 @@ bool BusCore::receive_messages() {
       PendingReceive pending;
       pending.buffer = std::move(buffer);
       pending.size = static_cast<std::size_t>(count);
-      check_mpi(MPI_Imrecv(pending.buffer.get(), count, MPI_BYTE, &handle, &pending.request),
-                rank, "bus: MPI_Imrecv");
+      check_mpi(MPI_Imrecv(pending.buffer.get(), count, MPI_BYTE, &handle, &pending.request), rank,
+                "bus: MPI_Imrecv");
       source_queue.push_back(std::move(pending));
       ++pending_receive_count;
       continue;
@@ -708,8 +710,7 @@ bool BusCore::complete_receives() {
     auto& queue = pending_receives[static_cast<std::size_t>(source)];
     while (!queue.empty()) {
       int done = 0;
-      check_mpi(MPI_Test(&queue.front().request, &done, MPI_STATUS_IGNORE), rank,
-                "bus: MPI_Test");
+      check_mpi(MPI_Test(&queue.front().request, &done, MPI_STATUS_IGNORE), rank, "bus: MPI_Test");
       if (!done) break;
       PendingReceive pending = std::move(queue.front());
       queue.pop_front();
@@ -768,8 +769,8 @@ void BusCore::deliver(Message message) {
     }
     ReplySlot& slot = *it->second;
     if ((header.flags & flags::kErrorReply) != 0) {
-      slot.error = "rank " + std::to_string(header.source) + " answered with an error: " +
-                   std::string(message.payload.as_string());
+      slot.error = "rank " + std::to_string(header.source) +
+                   " answered with an error: " + std::string(message.payload.as_string());
     } else {
       slot.reply = std::move(message);
     }
@@ -1008,8 +1009,8 @@ void BusCore::shutdown() {
   {
     std::lock_guard lock(mail_mutex);
     for (auto& [correlation, slot] : pending_requests) {
-      slot->error = "the bus shut down before rank " + std::to_string(slot->destination) +
-                    " replied";
+      slot->error =
+          "the bus shut down before rank " + std::to_string(slot->destination) + " replied";
       slot->failed_by_shutdown = true;
       slot->done = true;
     }
@@ -1081,15 +1082,23 @@ Bus::~Bus() {
   }
 }
 
-int Bus::rank() const noexcept { return core_->rank; }
-int Bus::size() const noexcept { return core_->size; }
-const BusOptions& Bus::options() const noexcept { return core_->options; }
+int Bus::rank() const noexcept {
+  return core_->rank;
+}
+int Bus::size() const noexcept {
+  return core_->size;
+}
+const BusOptions& Bus::options() const noexcept {
+  return core_->options;
+}
 
 void Bus::send(int destination, Message message) {
   core_->send(destination, std::move(message), false);
 }
 
-void Bus::broadcast(Message message) { core_->broadcast(std::move(message)); }
+void Bus::broadcast(Message message) {
+  core_->broadcast(std::move(message));
+}
 
 void Bus::publish(Topic topic, Message message) {
   message.header.topic = topic;
@@ -1160,12 +1169,11 @@ Message Bus::receive(const Filter& filter, std::chrono::nanoseconds timeout) {
     if (filter.kind) what += std::string(" of kind ") + to_string(*filter.kind);
     if (filter.topic) what += " on topic " + std::to_string(*filter.topic);
     if (filter.source) what += " from rank " + std::to_string(*filter.source);
-    throw TimeoutError(core_->rank, "bus.receive",
-                       what + " within " +
-                           std::to_string(
-                               std::chrono::duration_cast<std::chrono::milliseconds>(timeout)
-                                   .count()) +
-                           " ms");
+    throw TimeoutError(
+        core_->rank, "bus.receive",
+        what + " within " +
+            std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(timeout).count()) +
+            " ms");
   }
   return std::move(*found);
 }
@@ -1207,13 +1215,15 @@ void Bus::reply_error(const Header& request, std::string error_text) {
 void Bus::flush(std::chrono::nanoseconds timeout) {
   if (!core_->drive_until([&] { return core_->queued_messages.load() == 0; },
                           detail::deadline_after(timeout))) {
-    throw TimeoutError(core_->rank, "bus.flush",
-                       std::to_string(core_->queued_messages.load()) +
-                           " message(s) still queued or in flight");
+    throw TimeoutError(
+        core_->rank, "bus.flush",
+        std::to_string(core_->queued_messages.load()) + " message(s) still queued or in flight");
   }
 }
 
-void Bus::shutdown() { core_->shutdown(); }
+void Bus::shutdown() {
+  core_->shutdown();
+}
 
 BusStats Bus::stats() const {
   const auto& s = core_->stats;
@@ -1247,7 +1257,9 @@ void Bus::send_raw_for_testing(int destination, std::span<const std::byte> bytes
 Subscription::Subscription(std::weak_ptr<detail::BusCore> core, std::uint64_t id)
     : core_(std::move(core)), id_(id) {}
 
-Subscription::~Subscription() { reset(); }
+Subscription::~Subscription() {
+  reset();
+}
 
 Subscription::Subscription(Subscription&& other) noexcept
     : core_(std::move(other.core_)), id_(std::exchange(other.id_, 0)) {}
@@ -1293,8 +1305,8 @@ Message PendingReply::get() {
                                return slot.done;
                              }()
                            : core_->drive_until([&] { return slot.done; }, slot.deadline);
-  const std::string what = std::string("request ") + detail::describe(slot.request) +
-                           " to rank " + std::to_string(slot.destination) + " (correlation " +
+  const std::string what = std::string("request ") + detail::describe(slot.request) + " to rank " +
+                           std::to_string(slot.destination) + " (correlation " +
                            std::to_string(slot.request.correlation) + ")";
   if (!arrived) {
     std::lock_guard lock(core_->mail_mutex);
@@ -1304,7 +1316,8 @@ Message PendingReply::get() {
     }
   }
   std::lock_guard lock(core_->mail_mutex);
-  if (slot.failed_by_shutdown) throw ShutdownError(core_->rank, "bus.request", what + ": " + slot.error);
+  if (slot.failed_by_shutdown)
+    throw ShutdownError(core_->rank, "bus.request", what + ": " + slot.error);
   if (!slot.error.empty()) throw Error(core_->rank, "bus.request", what + ": " + slot.error);
   if (!slot.reply) throw Error(core_->rank, "bus.request", what + ": reply already taken");
   Message reply = std::move(*slot.reply);

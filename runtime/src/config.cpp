@@ -32,8 +32,7 @@ std::uint64_t parse_uint(std::string_view text, std::string_view what, std::uint
                          std::uint64_t max) {
   const std::uint64_t value = parse_digits(text, what, text);
   if (value < min || value > max) {
-    bad_value(what, text,
-              "must be between " + std::to_string(min) + " and " + std::to_string(max));
+    bad_value(what, text, "must be between " + std::to_string(min) + " and " + std::to_string(max));
   }
   return value;
 }
@@ -43,10 +42,17 @@ std::uint64_t parse_size(std::string_view text, std::string_view what) {
   unsigned shift = 0;
   if (!digits.empty() && std::isalpha(static_cast<unsigned char>(digits.back()))) {
     switch (std::toupper(static_cast<unsigned char>(digits.back()))) {
-      case 'K': shift = 10; break;
-      case 'M': shift = 20; break;
-      case 'G': shift = 30; break;
-      default: bad_value(what, text, "unknown size suffix (use K, M or G)");
+      case 'K':
+        shift = 10;
+        break;
+      case 'M':
+        shift = 20;
+        break;
+      case 'G':
+        shift = 30;
+        break;
+      default:
+        bad_value(what, text, "unknown size suffix (use K, M or G)");
     }
     digits.remove_suffix(1);
   }

@@ -24,17 +24,28 @@ Error::Error(int rank, std::string operation, std::string cause)
 
 const char* to_string(DecodeErrorCode code) noexcept {
   switch (code) {
-    case DecodeErrorCode::kTruncatedHeader: return "truncated header";
-    case DecodeErrorCode::kTruncatedPayload: return "truncated payload";
-    case DecodeErrorCode::kTrailingBytes: return "trailing bytes";
-    case DecodeErrorCode::kBadMagic: return "wrong magic";
-    case DecodeErrorCode::kUnsupportedVersion: return "unsupported version";
-    case DecodeErrorCode::kUnknownKind: return "unknown kind";
-    case DecodeErrorCode::kBadPriority: return "invalid priority";
-    case DecodeErrorCode::kUnknownFlags: return "unknown flags";
-    case DecodeErrorCode::kPayloadTooLarge: return "payload too large";
-    case DecodeErrorCode::kChecksumMismatch: return "checksum mismatch";
-    case DecodeErrorCode::kBadCompressedPayload: return "bad compressed payload";
+    case DecodeErrorCode::kTruncatedHeader:
+      return "truncated header";
+    case DecodeErrorCode::kTruncatedPayload:
+      return "truncated payload";
+    case DecodeErrorCode::kTrailingBytes:
+      return "trailing bytes";
+    case DecodeErrorCode::kBadMagic:
+      return "wrong magic";
+    case DecodeErrorCode::kUnsupportedVersion:
+      return "unsupported version";
+    case DecodeErrorCode::kUnknownKind:
+      return "unknown kind";
+    case DecodeErrorCode::kBadPriority:
+      return "invalid priority";
+    case DecodeErrorCode::kUnknownFlags:
+      return "unknown flags";
+    case DecodeErrorCode::kPayloadTooLarge:
+      return "payload too large";
+    case DecodeErrorCode::kChecksumMismatch:
+      return "checksum mismatch";
+    case DecodeErrorCode::kBadCompressedPayload:
+      return "bad compressed payload";
   }
   return "unknown decode error";
 }

@@ -18,9 +18,9 @@ std::shared_ptr<spdlog::logger> make_rank_logger(int rank, int size) {
   if (const auto level = env_value("UNIMSG_LOG_LEVEL")) {
     const auto parsed = spdlog::level::from_str(*level);
     if (parsed == spdlog::level::off && *level != "off") {
-      throw ConfigError(rank, "UNIMSG_LOG_LEVEL",
-                        "invalid value '" + *level +
-                            "': use trace, debug, info, warn, error, critical or off");
+      throw ConfigError(
+          rank, "UNIMSG_LOG_LEVEL",
+          "invalid value '" + *level + "': use trace, debug, info, warn, error, critical or off");
     }
     logger->set_level(parsed);
   }

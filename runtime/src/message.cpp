@@ -19,7 +19,8 @@
 namespace unimsg {
 namespace {
 
-static_assert(std::endian::native == std::endian::little || std::endian::native == std::endian::big);
+static_assert(std::endian::native == std::endian::little ||
+              std::endian::native == std::endian::big);
 
 // Header layout (little-endian, 64 bytes).
 constexpr std::size_t kOffMagic = 0;
@@ -87,16 +88,26 @@ bool is_known_kind(std::uint8_t value) {
 
 const char* to_string(Kind kind) noexcept {
   switch (kind) {
-    case Kind::kControl: return "Control";
-    case Kind::kNegotiation: return "Negotiation";
-    case Kind::kHeartbeat: return "Heartbeat";
-    case Kind::kStatus: return "Status";
-    case Kind::kFault: return "Fault";
-    case Kind::kCheckpoint: return "Checkpoint";
-    case Kind::kData: return "Data";
-    case Kind::kTask: return "Task";
-    case Kind::kTaskResult: return "TaskResult";
-    case Kind::kUser: return "User";
+    case Kind::kControl:
+      return "Control";
+    case Kind::kNegotiation:
+      return "Negotiation";
+    case Kind::kHeartbeat:
+      return "Heartbeat";
+    case Kind::kStatus:
+      return "Status";
+    case Kind::kFault:
+      return "Fault";
+    case Kind::kCheckpoint:
+      return "Checkpoint";
+    case Kind::kData:
+      return "Data";
+    case Kind::kTask:
+      return "Task";
+    case Kind::kTaskResult:
+      return "TaskResult";
+    case Kind::kUser:
+      return "User";
   }
   return "Unknown";
 }
@@ -104,20 +115,28 @@ const char* to_string(Kind kind) noexcept {
 Priority default_priority(Kind kind) noexcept {
   switch (kind) {
     case Kind::kFault:
-    case Kind::kHeartbeat: return Priority::kCritical;
+    case Kind::kHeartbeat:
+      return Priority::kCritical;
     case Kind::kControl:
-    case Kind::kNegotiation: return Priority::kHigh;
-    case Kind::kData: return Priority::kLow;
-    default: return Priority::kNormal;
+    case Kind::kNegotiation:
+      return Priority::kHigh;
+    case Kind::kData:
+      return Priority::kLow;
+    default:
+      return Priority::kNormal;
   }
 }
 
 const char* to_string(Priority priority) noexcept {
   switch (priority) {
-    case Priority::kLow: return "low";
-    case Priority::kNormal: return "normal";
-    case Priority::kHigh: return "high";
-    case Priority::kCritical: return "critical";
+    case Priority::kLow:
+      return "low";
+    case Priority::kNormal:
+      return "normal";
+    case Priority::kHigh:
+      return "high";
+    case Priority::kCritical:
+      return "critical";
   }
   return "unknown";
 }
@@ -188,16 +207,16 @@ std::vector<std::byte> encode(const Message& message) {
 
 Header decode_header(std::span<const std::byte> bytes, const DecodeLimits& limits) {
   if (bytes.size() < kHeaderSize) {
-    throw DecodeError(DecodeErrorCode::kTruncatedHeader,
-                      "got " + std::to_string(bytes.size()) + " bytes, a header needs " +
-                          std::to_string(kHeaderSize));
+    throw DecodeError(DecodeErrorCode::kTruncatedHeader, "got " + std::to_string(bytes.size()) +
+                                                             " bytes, a header needs " +
+                                                             std::to_string(kHeaderSize));
   }
   const std::byte* p = bytes.data();
   const auto magic = load_le<std::uint32_t>(p + kOffMagic);
   if (magic != kMessageMagic) {
-    throw DecodeError(DecodeErrorCode::kBadMagic,
-                      "magic is " + hex(magic) + ", expected " + hex(kMessageMagic) +
-                          " (not a unimsg message)");
+    throw DecodeError(
+        DecodeErrorCode::kBadMagic,
+        "magic is " + hex(magic) + ", expected " + hex(kMessageMagic) + " (not a unimsg message)");
   }
   const auto version = load_le<std::uint16_t>(p + kOffVersion);
   if (version != kMessageVersion) {

@@ -49,12 +49,12 @@ MpiComm::MpiComm(MPI_Comm parent) {
   MPI_Comm_size(comm_, &size_);
 }
 
-MpiComm::~MpiComm() { reset(); }
+MpiComm::~MpiComm() {
+  reset();
+}
 
 MpiComm::MpiComm(MpiComm&& other) noexcept
-    : comm_(std::exchange(other.comm_, MPI_COMM_NULL)),
-      rank_(other.rank_),
-      size_(other.size_) {}
+    : comm_(std::exchange(other.comm_, MPI_COMM_NULL)), rank_(other.rank_), size_(other.size_) {}
 
 MpiComm& MpiComm::operator=(MpiComm&& other) noexcept {
   if (this != &other) {

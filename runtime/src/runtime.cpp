@@ -13,6 +13,8 @@ Runtime::Runtime(int* argc, char*** argv)
   bus_ = std::make_unique<Bus>(MPI_COMM_WORLD, std::move(options));
 }
 
-Runtime::~Runtime() { bus_.reset(); }
+Runtime::~Runtime() {
+  bus_.reset();
+}
 
 }  // namespace unimsg

@@ -85,7 +85,8 @@ int main(int argc, char** argv) {
   if (rank == 0) {
     std::string ranks;
     for (int r = 0; r < size; ++r) {
-      if (failed[static_cast<std::size_t>(r)]) ranks += (ranks.empty() ? "" : ", ") + std::to_string(r);
+      if (failed[static_cast<std::size_t>(r)])
+        ranks += (ranks.empty() ? "" : ", ") + std::to_string(r);
     }
     if (any_failed) {
       std::fprintf(stderr, "multi-rank run FAILED on rank(s) [%s] of %d\n", ranks.c_str(), size);
