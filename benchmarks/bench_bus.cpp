@@ -255,18 +255,27 @@ int run(int argc, char** argv) {
   const double idle_seconds =
       quick ? std::min(1.0, args["idle-seconds"].as<double>()) : args["idle-seconds"].as<double>();
   if (idle_seconds > 0) {
-    const double worst = idle_cpu_percent(raw_comm, idle_seconds);
-    if (rank == 0) {
+    // Twice: with nothing to serve, and with one subscription, as every rank will have (its
+    // progress thread then polls at the full rate, UNIMSG_BUS_IDLE_SLEEP_US).
+    for (const bool subscribed : {false, true}) {
+      unimsg::Subscription subscription;
+      if (subscribed) {
+        subscription = bus.subscribe({Kind::kHeartbeat, 99, std::nullopt}, [](const Message&) {});
+      }
+      const double worst = idle_cpu_percent(raw_comm, idle_seconds);
+      if (rank != 0) continue;
       if (json) {
         std::printf("%s\n", nlohmann::json({{"metric", "idle_cpu_percent"},
-                                            {"ranks", runtime.size()},
-                                            {"seconds", idle_seconds},
-                                            {"unimsg", worst}})
-                                .dump()
-                                .c_str());
+                                             {"ranks", runtime.size()},
+                                             {"seconds", idle_seconds},
+                                             {"subscriptions", subscribed ? 1 : 0},
+                                             {"unimsg", worst}})
+                                 .dump()
+                                 .c_str());
       } else {
-        std::printf("idle CPU of the busiest rank over %.1f s: %.2f%% of one core (%d ranks)\n",
-                    idle_seconds, worst, runtime.size());
+        std::printf("idle CPU of the busiest rank over %.1f s, %s: %.2f%% of one core (%d ranks)\n",
+                    idle_seconds, subscribed ? "one subscription" : "no subscription", worst,
+                    runtime.size());
       }
     }
   }

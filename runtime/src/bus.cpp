@@ -955,7 +955,13 @@ void BusCore::progress_thread_main() {
     progress_sleeping = true;
     progress_cv.wait_for(lock, sleep, [&] { return !dispatch_queue.empty() || stop_progress; });
     progress_sleeping = false;
-    sleep = std::min<std::chrono::microseconds>(sleep * 2, options.idle_sleep_max);
+    // Each wake-up costs two context switches. With no subscription to serve and nothing of ours
+    // to send, nobody is waiting on this thread (a thread that waits drives progress itself), so
+    // it may sleep ten times longer.
+    const bool serving = subscription_count.load(std::memory_order_acquire) > 0 ||
+                         queued_messages.load(std::memory_order_acquire) > 0;
+    sleep = std::min<std::chrono::microseconds>(
+        sleep * 2, serving ? options.idle_sleep_max : options.idle_sleep_max * 10);
   }
 }
 

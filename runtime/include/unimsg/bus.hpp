@@ -50,7 +50,7 @@ struct BusOptions {
   std::uint64_t compress_threshold = 0;
   // Longest sleep of an idle progress thread (UNIMSG_BUS_IDLE_SLEEP_US): bounds the latency of
   // a message nobody waits for on an idle rank, and sets the idle CPU cost.
-  std::chrono::microseconds idle_sleep_max{1000};
+  std::chrono::microseconds idle_sleep_max{2000};
   // How long send() may block on a full queue (UNIMSG_BUS_SEND_TIMEOUT_MS).
   std::chrono::milliseconds send_timeout{120000};
   // How long shutdown() waits for peers to flush (UNIMSG_BUS_SHUTDOWN_TIMEOUT_MS).
