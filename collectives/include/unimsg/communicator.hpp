@@ -1,0 +1,96 @@
+#pragma once
+
+// The Communicator: collectives over a group of ranks, every one asynchronous. Backends (MPI
+// here; NCCL next) implement the same interface.
+
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "unimsg/tensor.hpp"
+
+namespace unimsg {
+
+// The handle of one asynchronous collective. wait() and wait_for() throw TimeoutError naming the
+// operation, the tensor and the ranks that have not started it; the Work stays valid, so a caller
+// may decide to wait longer instead of giving up.
+class Work {
+ public:
+  // What a backend plugs in: poll for completion, finish (post-process) once complete, and say
+  // which ranks are missing when a wait times out.
+  struct Operation {
+    std::string description;                     // "allreduce sum f32 x1000 'grad.fc1'"
+    std::function<bool()> poll;                  // true once the transfer completed
+    std::function<void()> finish;                // runs once, after poll() returned true
+    std::function<std::string()> missing_ranks;  // for timeout messages
+    int rank = -1;
+  };
+
+  Work() = default;
+  explicit Work(Operation operation);
+
+  bool test();  // true once complete (finishes it)
+  void wait(std::chrono::nanoseconds timeout);
+  void wait();  // with the communicator's default timeout
+  bool valid() const noexcept { return state_ != nullptr; }
+
+ private:
+  struct State;
+  std::shared_ptr<State> state_;
+  std::chrono::nanoseconds default_timeout_{};
+  friend class Communicator;
+};
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+
+  virtual int rank() const noexcept = 0;
+  virtual int size() const noexcept = 0;
+  virtual const char* backend() const noexcept = 0;
+
+  // In-place when send.data == recv.data. Counts must match (TensorView sizes are checked).
+  virtual Work allreduce(TensorView send, TensorView recv, ReduceOp op,
+                         std::string_view name = {}) = 0;
+  virtual Work broadcast(TensorView buffer, int root, std::string_view name = {}) = 0;
+  // recv holds size() * send.count elements, rank r's at offset r * send.count.
+  virtual Work allgather(TensorView send, TensorView recv, std::string_view name = {}) = 0;
+  // Rank r contributes counts[r] elements; recv holds their sum, in rank order.
+  virtual Work allgatherv(TensorView send, TensorView recv, std::span<const std::size_t> counts,
+                          std::string_view name = {}) = 0;
+  // send holds N elements; rank r receives the reduction of its share: N / size() elements, one
+  // more for the first N % size() ranks (reduce_scatter_share tells). In-place: send.data ==
+  // recv.data, send holds all N and the share ends up at its start.
+  virtual Work reduce_scatter(TensorView send, TensorView recv, ReduceOp op,
+                              std::string_view name = {}) = 0;
+  // send and recv hold size() blocks of equal length; block r goes to / came from rank r.
+  virtual Work alltoall(TensorView send, TensorView recv, std::string_view name = {}) = 0;
+  virtual Work barrier(std::string_view name = {}) = 0;
+
+  // A communicator over `ranks` (ranks of this one, in the new order). Collective over all ranks
+  // of this communicator; returns null on ranks not in the list.
+  virtual std::unique_ptr<Communicator> split(std::span<const int> ranks) = 0;
+
+  // The share of `count` elements that rank `rank` of `size` gets from reduce_scatter.
+  static std::size_t reduce_scatter_share(std::size_t count, int size, int rank) noexcept;
+  static std::size_t reduce_scatter_offset(std::size_t count, int size, int rank) noexcept;
+
+  void set_default_timeout(std::chrono::nanoseconds timeout) noexcept { timeout_ = timeout; }
+  std::chrono::nanoseconds default_timeout() const noexcept { return timeout_; }
+
+ protected:
+  Work with_default_timeout(Work work) const {
+    work.default_timeout_ = timeout_;
+    return work;
+  }
+
+ private:
+  // UNIMSG_COLLECTIVE_TIMEOUT_S: a collective that takes longer is a fault, not a hang.
+  std::chrono::nanoseconds timeout_ = std::chrono::seconds(300);
+};
+
+}  // namespace unimsg

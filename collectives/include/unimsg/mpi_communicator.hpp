@@ -1,0 +1,52 @@
+#pragma once
+
+// The MPI backend of Communicator: host memory, non-blocking MPI collectives on a communicator of
+// its own. f16 and bf16 are reduced in f32 (converted once on the way in and once on the way
+// out), never rounded at every step. When a wait times out, the members are asked over the bus
+// which collectives they have started, so the error names the ranks that never arrived.
+
+#include <mpi.h>
+
+#include <memory>
+
+#include "unimsg/bus.hpp"
+#include "unimsg/communicator.hpp"
+
+namespace unimsg {
+
+namespace detail {
+struct MpiCommState;
+}
+
+// Bus topics from here to kReservedTopicBase belong to the runtime's own services.
+inline constexpr Topic kServiceTopicBase = 0xC0000000u;
+
+class MpiCommunicator final : public Communicator {
+ public:
+  // Collective over `parent`. `bus` must span MPI_COMM_WORLD and outlive this communicator.
+  MpiCommunicator(MPI_Comm parent, Bus& bus);
+  ~MpiCommunicator() override;
+
+  int rank() const noexcept override;
+  int size() const noexcept override;
+  const char* backend() const noexcept override { return "mpi"; }
+
+  // Defaults repeat the base class's (they bind to the static type).
+  Work allreduce(TensorView send, TensorView recv, ReduceOp op,
+                 std::string_view name = {}) override;
+  Work broadcast(TensorView buffer, int root, std::string_view name = {}) override;
+  Work allgather(TensorView send, TensorView recv, std::string_view name = {}) override;
+  Work allgatherv(TensorView send, TensorView recv, std::span<const std::size_t> counts,
+                  std::string_view name = {}) override;
+  Work reduce_scatter(TensorView send, TensorView recv, ReduceOp op,
+                      std::string_view name = {}) override;
+  Work alltoall(TensorView send, TensorView recv, std::string_view name = {}) override;
+  Work barrier(std::string_view name = {}) override;
+  std::unique_ptr<Communicator> split(std::span<const int> ranks) override;
+
+ private:
+  std::shared_ptr<detail::MpiCommState> state_;
+  Subscription progress_query_;
+};
+
+}  // namespace unimsg

@@ -1,0 +1,122 @@
+#include "unimsg/communicator.hpp"
+
+#include <thread>
+
+#include "unimsg/error.hpp"
+
+namespace unimsg {
+
+std::size_t dtype_size(DType dtype) noexcept {
+  switch (dtype) {
+    case DType::kF32:
+      return 4;
+    case DType::kF16:
+      return 2;
+    case DType::kBF16:
+      return 2;
+    case DType::kF64:
+      return 8;
+    case DType::kI32:
+      return 4;
+    case DType::kI64:
+      return 8;
+    case DType::kU8:
+      return 1;
+  }
+  return 0;
+}
+
+const char* to_string(DType dtype) noexcept {
+  switch (dtype) {
+    case DType::kF32:
+      return "f32";
+    case DType::kF16:
+      return "f16";
+    case DType::kBF16:
+      return "bf16";
+    case DType::kF64:
+      return "f64";
+    case DType::kI32:
+      return "i32";
+    case DType::kI64:
+      return "i64";
+    case DType::kU8:
+      return "u8";
+  }
+  return "unknown";
+}
+
+const char* to_string(ReduceOp op) noexcept {
+  switch (op) {
+    case ReduceOp::kSum:
+      return "sum";
+    case ReduceOp::kAvg:
+      return "avg";
+    case ReduceOp::kMin:
+      return "min";
+    case ReduceOp::kMax:
+      return "max";
+  }
+  return "unknown";
+}
+
+struct Work::State {
+  Operation operation;
+  bool complete = false;
+};
+
+Work::Work(Operation operation) : state_(std::make_shared<State>()) {
+  state_->operation = std::move(operation);
+}
+
+bool Work::test() {
+  if (!state_) throw Error(kNoRank, "work.test", "test() on an empty Work");
+  if (state_->complete) return true;
+  if (!state_->operation.poll()) return false;
+  state_->complete = true;
+  if (state_->operation.finish) state_->operation.finish();
+  return true;
+}
+
+void Work::wait() {
+  wait(default_timeout_);
+}
+
+void Work::wait(std::chrono::nanoseconds timeout) {
+  if (!state_) throw Error(kNoRank, "work.wait", "wait() on an empty Work");
+  const auto start = std::chrono::steady_clock::now();
+  const auto deadline = timeout > std::chrono::hours(24 * 365)
+                            ? start + std::chrono::hours(24 * 365)
+                            : start + timeout;
+  // Test (which drives MPI progress) in a tight loop first, then yield, then sleep briefly: a
+  // long wait must not starve the ranks it waits for on an oversubscribed machine.
+  for (std::uint64_t round = 0;; ++round) {
+    if (test()) return;
+    if (round % 64 == 0 && std::chrono::steady_clock::now() >= deadline) break;
+    if (round > 20000) {
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+    } else if (round > 2000) {
+      std::this_thread::yield();
+    }
+  }
+  const auto& op = state_->operation;
+  const std::string missing = op.missing_ranks ? op.missing_ranks() : "unknown";
+  throw TimeoutError(
+      op.rank, "collective.wait",
+      op.description + " did not complete within " +
+          std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(timeout).count()) +
+          " ms; ranks that have not started it: " + missing);
+}
+
+std::size_t Communicator::reduce_scatter_share(std::size_t count, int size, int rank) noexcept {
+  const auto ranks = static_cast<std::size_t>(size);
+  return count / ranks + (static_cast<std::size_t>(rank) < count % ranks ? 1 : 0);
+}
+
+std::size_t Communicator::reduce_scatter_offset(std::size_t count, int size, int rank) noexcept {
+  const auto ranks = static_cast<std::size_t>(size);
+  const auto r = static_cast<std::size_t>(rank);
+  return r * (count / ranks) + std::min(r, count % ranks);
+}
+
+}  // namespace unimsg

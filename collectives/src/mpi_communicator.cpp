@@ -1,0 +1,467 @@
+#include "unimsg/mpi_communicator.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "unimsg/cast.hpp"
+#include "unimsg/config.hpp"
+#include "unimsg/error.hpp"
+#include "unimsg/mpi.hpp"
+
+namespace unimsg {
+namespace detail {
+
+struct MpiCommState {
+  MpiComm comm;
+  Bus* bus = nullptr;
+  std::vector<int> world_ranks;  // bus rank of each member
+  Topic topic = 0;               // where members answer "how far are you?"
+  std::atomic<std::uint64_t> started{0};
+};
+
+}  // namespace detail
+
+namespace {
+
+using detail::MpiCommState;
+
+bool is_half(DType dtype) {
+  return dtype == DType::kF16 || dtype == DType::kBF16;
+}
+
+MPI_Datatype mpi_type(DType dtype) {
+  switch (dtype) {
+    case DType::kF32:
+      return MPI_FLOAT;
+    case DType::kF64:
+      return MPI_DOUBLE;
+    case DType::kI32:
+      return MPI_INT32_T;
+    case DType::kI64:
+      return MPI_INT64_T;
+    case DType::kU8:
+      return MPI_UINT8_T;
+    case DType::kF16:
+    case DType::kBF16:
+      return MPI_UINT16_T;  // moved as bits; reduced in f32
+  }
+  return MPI_DATATYPE_NULL;
+}
+
+MPI_Op mpi_op(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kSum:
+    case ReduceOp::kAvg:
+      return MPI_SUM;  // avg divides afterwards
+    case ReduceOp::kMin:
+      return MPI_MIN;
+    case ReduceOp::kMax:
+      return MPI_MAX;
+  }
+  return MPI_OP_NULL;
+}
+
+int as_count(std::size_t count, int rank, const std::string& what) {
+  if (count > static_cast<std::size_t>(INT_MAX)) {
+    throw Error(rank, what,
+                std::to_string(count) + " elements exceed MPI's count limit of 2^31-1: split it");
+  }
+  return static_cast<int>(count);
+}
+
+std::string describe(const char* op_name, const TensorView& view, std::string_view name,
+                     const char* extra = nullptr) {
+  std::string text = op_name;
+  if (extra != nullptr) text += std::string(" ") + extra;
+  text += std::string(" ") + to_string(view.dtype) + " x" + std::to_string(view.count);
+  if (!name.empty()) text += " '" + std::string(name) + "'";
+  return text;
+}
+
+void check_host(const TensorView& view, int rank, const std::string& what) {
+  if (view.device != Device::kHost) {
+    throw Error(rank, what,
+                "the MPI backend takes host memory; device tensors go through the NCCL backend");
+  }
+  if (view.data == nullptr && view.count != 0) {
+    throw Error(rank, what, "null data pointer for " + std::to_string(view.count) + " elements");
+  }
+}
+
+void check_same_dtype(const TensorView& a, const TensorView& b, int rank, const std::string& what) {
+  if (a.dtype != b.dtype) {
+    throw Error(
+        rank, what,
+        std::string("send is ") + to_string(a.dtype) + " but recv is " + to_string(b.dtype));
+  }
+}
+
+// Divides by the number of ranks in place (avg = sum / n; integers truncate toward zero).
+void divide(void* data, std::size_t count, DType dtype, int ranks) {
+  const auto apply = [&](auto* typed) {
+    using T = std::remove_pointer_t<decltype(typed)>;
+    for (std::size_t i = 0; i < count; ++i)
+      typed[i] = static_cast<T>(typed[i] / static_cast<T>(ranks));
+  };
+  switch (dtype) {
+    case DType::kF32:
+      apply(static_cast<float*>(data));
+      break;
+    case DType::kF64:
+      apply(static_cast<double*>(data));
+      break;
+    case DType::kI32:
+      apply(static_cast<std::int32_t*>(data));
+      break;
+    case DType::kI64:
+      apply(static_cast<std::int64_t*>(data));
+      break;
+    case DType::kU8:
+      apply(static_cast<std::uint8_t*>(data));
+      break;
+    case DType::kF16:
+    case DType::kBF16:
+      break;  // reduced in f32: divided there
+  }
+}
+
+std::vector<float> widen(const void* data, std::size_t count, DType dtype) {
+  std::vector<float> wide(count);
+  const std::span<const std::uint16_t> bits(static_cast<const std::uint16_t*>(data), count);
+  if (dtype == DType::kF16) {
+    kernels::f16_to_f32(bits, wide);
+  } else {
+    kernels::bf16_to_f32(bits, wide);
+  }
+  return wide;
+}
+
+void narrow(const float* wide, void* data, std::size_t count, DType dtype) {
+  const std::span<const float> in(wide, count);
+  const std::span<std::uint16_t> bits(static_cast<std::uint16_t*>(data), count);
+  if (dtype == DType::kF16) {
+    kernels::f32_to_f16(in, bits);
+  } else {
+    kernels::f32_to_bf16(in, bits);
+  }
+}
+
+// One collective in flight: the MPI request and whatever must outlive it (widened buffers).
+struct Pending {
+  MPI_Request request = MPI_REQUEST_NULL;
+  std::vector<float> wide_in;
+  std::vector<float> wide_out;
+  std::vector<int> counts;
+  std::vector<int> displacements;
+};
+
+std::string query_missing(const std::shared_ptr<MpiCommState>& state, std::uint64_t op_index) {
+  Bus& bus = *state->bus;
+  std::vector<std::pair<int, PendingReply>> asked;
+  for (int member = 0; member < state->comm.size(); ++member) {
+    std::vector<std::byte> payload(8);
+    std::memcpy(payload.data(), &op_index, 8);
+    try {
+      asked.emplace_back(member, bus.request(state->world_ranks[static_cast<std::size_t>(member)],
+                                             Message::make(Kind::kNegotiation, state->topic,
+                                                           Payload(std::move(payload))),
+                                             std::chrono::seconds(2)));
+    } catch (const Error&) {
+      asked.emplace_back(member, PendingReply{});
+    }
+  }
+  std::string missing;
+  for (auto& [member, reply] : asked) {
+    std::string verdict;
+    try {
+      const Message answer = reply.get();
+      std::uint64_t started = 0;
+      if (answer.payload.size() == 8) std::memcpy(&started, answer.payload.data(), 8);
+      if (started < op_index) verdict = std::to_string(member);
+    } catch (const Error&) {
+      verdict = std::to_string(member) + " (no answer)";
+    }
+    if (!verdict.empty()) missing += (missing.empty() ? "" : ", ") + verdict;
+  }
+  return "[" + missing + "]";
+}
+
+Work make_work(const std::shared_ptr<MpiCommState>& state, std::shared_ptr<Pending> pending,
+               std::string description, std::function<void()> finish) {
+  const std::uint64_t op_index = state->started.fetch_add(1) + 1;
+  Work::Operation operation;
+  operation.description = std::move(description);
+  operation.rank = state->comm.rank();
+  operation.poll = [pending, rank = operation.rank] {
+    int done = 0;
+    check_mpi(MPI_Test(&pending->request, &done, MPI_STATUS_IGNORE), rank, "collective: MPI_Test");
+    return done != 0;
+  };
+  operation.finish = std::move(finish);
+  operation.missing_ranks = [state, op_index] { return query_missing(state, op_index); };
+  return Work(std::move(operation));
+}
+
+}  // namespace
+
+MpiCommunicator::MpiCommunicator(MPI_Comm parent, Bus& bus)
+    : state_(std::make_shared<detail::MpiCommState>()) {
+  state_->comm = MpiComm(parent);
+  state_->bus = &bus;
+  MPI_Comm comm = state_->comm.get();
+  check_mpi(MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN), state_->comm.rank(),
+            "MPI_Comm_set_errhandler");
+  // Members' ranks on the bus (which spans the world).
+  MPI_Group group = MPI_GROUP_NULL;
+  MPI_Group world_group = MPI_GROUP_NULL;
+  MPI_Comm_group(comm, &group);
+  MPI_Comm_group(MPI_COMM_WORLD, &world_group);
+  std::vector<int> local(static_cast<std::size_t>(state_->comm.size()));
+  for (int i = 0; i < state_->comm.size(); ++i) local[static_cast<std::size_t>(i)] = i;
+  state_->world_ranks.resize(local.size());
+  MPI_Group_translate_ranks(group, static_cast<int>(local.size()), local.data(), world_group,
+                            state_->world_ranks.data());
+  MPI_Group_free(&group);
+  MPI_Group_free(&world_group);
+  // A topic of its own for progress queries, drawn by rank 0 and shared.
+  std::uint32_t draw = 0;
+  if (state_->comm.rank() == 0) draw = std::random_device{}();
+  check_mpi(MPI_Bcast(&draw, 1, MPI_UINT32_T, 0, comm), state_->comm.rank(), "MPI_Bcast");
+  state_->topic = kServiceTopicBase + draw % (kReservedTopicBase - kServiceTopicBase);
+  if (const auto seconds = env_uint("UNIMSG_COLLECTIVE_TIMEOUT_S", 1, 7 * 24 * 3600)) {
+    set_default_timeout(std::chrono::seconds(*seconds));
+  }
+  std::weak_ptr<detail::MpiCommState> weak = state_;
+  progress_query_ = bus.subscribe(
+      {Kind::kNegotiation, state_->topic, std::nullopt}, [weak, &bus](const Message& query) {
+        const auto state = weak.lock();
+        if (!state) return;
+        std::vector<std::byte> payload(8);
+        const std::uint64_t started = state->started.load();
+        std::memcpy(payload.data(), &started, 8);
+        bus.reply(query.header, Message::make(Kind::kNegotiation, query.header.topic,
+                                              Payload(std::move(payload))));
+      });
+}
+
+MpiCommunicator::~MpiCommunicator() = default;
+
+int MpiCommunicator::rank() const noexcept {
+  return state_->comm.rank();
+}
+int MpiCommunicator::size() const noexcept {
+  return state_->comm.size();
+}
+
+Work MpiCommunicator::allreduce(TensorView send, TensorView recv, ReduceOp op,
+                                std::string_view name) {
+  const std::string what = "allreduce";
+  check_host(send, rank(), what);
+  check_host(recv, rank(), what);
+  check_same_dtype(send, recv, rank(), what);
+  if (send.count != recv.count) {
+    throw Error(
+        rank(), what,
+        "send has " + std::to_string(send.count) + " elements, recv " + std::to_string(recv.count));
+  }
+  const int count = as_count(send.count, rank(), what);
+  const bool in_place = send.data == recv.data;
+  auto pending = std::make_shared<Pending>();
+  const int ranks = size();
+  std::function<void()> finish;
+  if (is_half(send.dtype)) {
+    pending->wide_out = widen(send.data, send.count, send.dtype);
+    check_mpi(MPI_Iallreduce(MPI_IN_PLACE, pending->wide_out.data(), count, MPI_FLOAT, mpi_op(op),
+                             state_->comm.get(), &pending->request),
+              rank(), "MPI_Iallreduce");
+    finish = [pending, recv, op, ranks] {
+      if (op == ReduceOp::kAvg) divide(pending->wide_out.data(), recv.count, DType::kF32, ranks);
+      narrow(pending->wide_out.data(), recv.data, recv.count, recv.dtype);
+    };
+  } else {
+    check_mpi(
+        MPI_Iallreduce(in_place ? MPI_IN_PLACE : send.data, recv.data, count, mpi_type(send.dtype),
+                       mpi_op(op), state_->comm.get(), &pending->request),
+        rank(), "MPI_Iallreduce");
+    if (op == ReduceOp::kAvg) {
+      finish = [recv, ranks] { divide(recv.data, recv.count, recv.dtype, ranks); };
+    }
+  }
+  return with_default_timeout(
+      make_work(state_, pending, describe("allreduce", send, name, to_string(op)), finish));
+}
+
+Work MpiCommunicator::broadcast(TensorView buffer, int root, std::string_view name) {
+  const std::string what = "broadcast";
+  check_host(buffer, rank(), what);
+  if (root < 0 || root >= size()) {
+    throw Error(rank(), what,
+                "root " + std::to_string(root) + " is outside 0.." + std::to_string(size() - 1));
+  }
+  auto pending = std::make_shared<Pending>();
+  check_mpi(MPI_Ibcast(buffer.data, as_count(buffer.count, rank(), what), mpi_type(buffer.dtype),
+                       root, state_->comm.get(), &pending->request),
+            rank(), "MPI_Ibcast");
+  return with_default_timeout(make_work(state_, pending, describe("broadcast", buffer, name), {}));
+}
+
+Work MpiCommunicator::allgather(TensorView send, TensorView recv, std::string_view name) {
+  const std::string what = "allgather";
+  check_host(send, rank(), what);
+  check_host(recv, rank(), what);
+  check_same_dtype(send, recv, rank(), what);
+  if (recv.count != send.count * static_cast<std::size_t>(size())) {
+    throw Error(rank(), what,
+                "recv has " + std::to_string(recv.count) + " elements, needs " +
+                    std::to_string(size()) + " x " + std::to_string(send.count));
+  }
+  const int count = as_count(send.count, rank(), what);
+  // In place: the send view is this rank's slice of recv.
+  const auto* own_slice =
+      static_cast<const std::byte*>(recv.data) + static_cast<std::size_t>(rank()) * send.bytes();
+  const bool in_place = recv.data != nullptr && send.data == own_slice;
+  auto pending = std::make_shared<Pending>();
+  check_mpi(
+      MPI_Iallgather(in_place ? MPI_IN_PLACE : send.data, count, mpi_type(send.dtype), recv.data,
+                     count, mpi_type(send.dtype), state_->comm.get(), &pending->request),
+      rank(), "MPI_Iallgather");
+  return with_default_timeout(make_work(state_, pending, describe("allgather", send, name), {}));
+}
+
+Work MpiCommunicator::allgatherv(TensorView send, TensorView recv,
+                                 std::span<const std::size_t> counts, std::string_view name) {
+  const std::string what = "allgatherv";
+  check_host(send, rank(), what);
+  check_host(recv, rank(), what);
+  check_same_dtype(send, recv, rank(), what);
+  if (counts.size() != static_cast<std::size_t>(size())) {
+    throw Error(rank(), what,
+                std::to_string(counts.size()) + " counts for " + std::to_string(size()) + " ranks");
+  }
+  if (counts[static_cast<std::size_t>(rank())] != send.count) {
+    throw Error(rank(), what,
+                "counts says this rank sends " +
+                    std::to_string(counts[static_cast<std::size_t>(rank())]) +
+                    " elements, send has " + std::to_string(send.count));
+  }
+  auto pending = std::make_shared<Pending>();
+  std::size_t total = 0;
+  for (const std::size_t c : counts) {
+    pending->displacements.push_back(as_count(total, rank(), what));
+    pending->counts.push_back(as_count(c, rank(), what));
+    total += c;
+  }
+  if (recv.count != total) {
+    throw Error(rank(), what,
+                "recv has " + std::to_string(recv.count) + " elements, the counts add up to " +
+                    std::to_string(total));
+  }
+  check_mpi(MPI_Iallgatherv(send.data, as_count(send.count, rank(), what), mpi_type(send.dtype),
+                            recv.data, pending->counts.data(), pending->displacements.data(),
+                            mpi_type(send.dtype), state_->comm.get(), &pending->request),
+            rank(), "MPI_Iallgatherv");
+  return with_default_timeout(make_work(state_, pending, describe("allgatherv", send, name), {}));
+}
+
+Work MpiCommunicator::reduce_scatter(TensorView send, TensorView recv, ReduceOp op,
+                                     std::string_view name) {
+  const std::string what = "reduce_scatter";
+  check_host(send, rank(), what);
+  check_host(recv, rank(), what);
+  check_same_dtype(send, recv, rank(), what);
+  const bool in_place = send.data == recv.data;
+  const std::size_t share = reduce_scatter_share(send.count, size(), rank());
+  if (!in_place && recv.count != share) {
+    throw Error(rank(), what,
+                "recv has " + std::to_string(recv.count) + " elements, this rank's share of " +
+                    std::to_string(send.count) + " is " + std::to_string(share));
+  }
+  auto pending = std::make_shared<Pending>();
+  for (int r = 0; r < size(); ++r) {
+    pending->counts.push_back(as_count(reduce_scatter_share(send.count, size(), r), rank(), what));
+  }
+  as_count(send.count, rank(), what);
+  const int ranks = size();
+  std::function<void()> finish;
+  if (is_half(send.dtype)) {
+    pending->wide_in = widen(send.data, send.count, send.dtype);
+    pending->wide_out.resize(share);
+    check_mpi(MPI_Ireduce_scatter(pending->wide_in.data(), pending->wide_out.data(),
+                                  pending->counts.data(), MPI_FLOAT, mpi_op(op), state_->comm.get(),
+                                  &pending->request),
+              rank(), "MPI_Ireduce_scatter");
+    finish = [pending, recv, op, ranks, share] {
+      if (op == ReduceOp::kAvg) divide(pending->wide_out.data(), share, DType::kF32, ranks);
+      narrow(pending->wide_out.data(), recv.data, share, recv.dtype);
+    };
+  } else {
+    check_mpi(MPI_Ireduce_scatter(in_place ? MPI_IN_PLACE : send.data, recv.data,
+                                  pending->counts.data(), mpi_type(send.dtype), mpi_op(op),
+                                  state_->comm.get(), &pending->request),
+              rank(), "MPI_Ireduce_scatter");
+    if (op == ReduceOp::kAvg) {
+      finish = [recv, ranks, share] { divide(recv.data, share, recv.dtype, ranks); };
+    }
+  }
+  return with_default_timeout(
+      make_work(state_, pending, describe("reduce_scatter", send, name, to_string(op)), finish));
+}
+
+Work MpiCommunicator::alltoall(TensorView send, TensorView recv, std::string_view name) {
+  const std::string what = "alltoall";
+  check_host(send, rank(), what);
+  check_host(recv, rank(), what);
+  check_same_dtype(send, recv, rank(), what);
+  const auto ranks = static_cast<std::size_t>(size());
+  if (send.count != recv.count || send.count % ranks != 0) {
+    throw Error(rank(), what,
+                "send and recv need the same count, a multiple of " + std::to_string(ranks) +
+                    "; got " + std::to_string(send.count) + " and " + std::to_string(recv.count));
+  }
+  const int block = as_count(send.count / ranks, rank(), what);
+  const bool in_place = send.data == recv.data;
+  auto pending = std::make_shared<Pending>();
+  check_mpi(
+      MPI_Ialltoall(in_place ? MPI_IN_PLACE : send.data, block, mpi_type(send.dtype), recv.data,
+                    block, mpi_type(send.dtype), state_->comm.get(), &pending->request),
+      rank(), "MPI_Ialltoall");
+  return with_default_timeout(make_work(state_, pending, describe("alltoall", send, name), {}));
+}
+
+Work MpiCommunicator::barrier(std::string_view name) {
+  auto pending = std::make_shared<Pending>();
+  check_mpi(MPI_Ibarrier(state_->comm.get(), &pending->request), rank(), "MPI_Ibarrier");
+  std::string text = "barrier";
+  if (!name.empty()) text += " '" + std::string(name) + "'";
+  return with_default_timeout(make_work(state_, pending, text, {}));
+}
+
+std::unique_ptr<Communicator> MpiCommunicator::split(std::span<const int> ranks) {
+  const std::string what = "split";
+  std::vector<char> seen(static_cast<std::size_t>(size()), 0);
+  int key = -1;
+  for (std::size_t i = 0; i < ranks.size(); ++i) {
+    const int member = ranks[i];
+    if (member < 0 || member >= size() || seen[static_cast<std::size_t>(member)]) {
+      throw Error(rank(), what,
+                  "rank list entry " + std::to_string(member) +
+                      " is out of range or repeated (ranks 0.." + std::to_string(size() - 1) + ")");
+    }
+    seen[static_cast<std::size_t>(member)] = 1;
+    if (member == rank()) key = static_cast<int>(i);
+  }
+  MPI_Comm child = MPI_COMM_NULL;
+  check_mpi(MPI_Comm_split(state_->comm.get(), key >= 0 ? 0 : MPI_UNDEFINED, key, &child), rank(),
+            "MPI_Comm_split");
+  if (child == MPI_COMM_NULL) return nullptr;
+  // The new communicator duplicates `child`; free the split result itself.
+  auto communicator = std::make_unique<MpiCommunicator>(child, *state_->bus);
+  MPI_Comm_free(&child);
+  return communicator;
+}
+
+}  // namespace unimsg
