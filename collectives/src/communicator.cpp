@@ -79,7 +79,8 @@ bool Work::test() {
 }
 
 void Work::wait() {
-  wait(default_timeout_);
+  if (!state_) throw Error(kNoRank, "work.wait", "wait() on an empty Work");
+  wait(state_->operation.default_timeout);
 }
 
 void Work::wait(std::chrono::nanoseconds timeout) {

@@ -190,8 +190,9 @@ std::string query_missing(const std::shared_ptr<MpiCommState>& state, std::uint6
   return "[" + missing + "]";
 }
 
-Work make_work(const std::shared_ptr<MpiCommState>& state, std::shared_ptr<Pending> pending,
-               std::string description, std::function<void()> finish) {
+Work make_work(const std::shared_ptr<MpiCommState>& state, std::chrono::nanoseconds timeout,
+               std::shared_ptr<Pending> pending, std::string description,
+               std::function<void()> finish) {
   const std::uint64_t op_index = state->started.fetch_add(1) + 1;
   Work::Operation operation;
   operation.description = std::move(description);
@@ -202,6 +203,7 @@ Work make_work(const std::shared_ptr<MpiCommState>& state, std::shared_ptr<Pendi
     return done != 0;
   };
   operation.finish = std::move(finish);
+  operation.default_timeout = timeout;
   operation.missing_ranks = [state, op_index] { return query_missing(state, op_index); };
   return Work(std::move(operation));
 }
@@ -256,6 +258,9 @@ int MpiCommunicator::rank() const noexcept {
 int MpiCommunicator::size() const noexcept {
   return state_->comm.size();
 }
+const std::vector<int>& MpiCommunicator::world_ranks() const noexcept {
+  return state_->world_ranks;
+}
 
 Work MpiCommunicator::allreduce(TensorView send, TensorView recv, ReduceOp op,
                                 std::string_view name) {
@@ -291,8 +296,8 @@ Work MpiCommunicator::allreduce(TensorView send, TensorView recv, ReduceOp op,
       finish = [recv, ranks] { divide(recv.data, recv.count, recv.dtype, ranks); };
     }
   }
-  return with_default_timeout(
-      make_work(state_, pending, describe("allreduce", send, name, to_string(op)), finish));
+  return make_work(state_, default_timeout(), pending,
+                   describe("allreduce", send, name, to_string(op)), finish);
 }
 
 Work MpiCommunicator::broadcast(TensorView buffer, int root, std::string_view name) {
@@ -306,7 +311,7 @@ Work MpiCommunicator::broadcast(TensorView buffer, int root, std::string_view na
   check_mpi(MPI_Ibcast(buffer.data, as_count(buffer.count, rank(), what), mpi_type(buffer.dtype),
                        root, state_->comm.get(), &pending->request),
             rank(), "MPI_Ibcast");
-  return with_default_timeout(make_work(state_, pending, describe("broadcast", buffer, name), {}));
+  return make_work(state_, default_timeout(), pending, describe("broadcast", buffer, name), {});
 }
 
 Work MpiCommunicator::allgather(TensorView send, TensorView recv, std::string_view name) {
@@ -329,7 +334,7 @@ Work MpiCommunicator::allgather(TensorView send, TensorView recv, std::string_vi
       MPI_Iallgather(in_place ? MPI_IN_PLACE : send.data, count, mpi_type(send.dtype), recv.data,
                      count, mpi_type(send.dtype), state_->comm.get(), &pending->request),
       rank(), "MPI_Iallgather");
-  return with_default_timeout(make_work(state_, pending, describe("allgather", send, name), {}));
+  return make_work(state_, default_timeout(), pending, describe("allgather", send, name), {});
 }
 
 Work MpiCommunicator::allgatherv(TensorView send, TensorView recv,
@@ -364,7 +369,7 @@ Work MpiCommunicator::allgatherv(TensorView send, TensorView recv,
                             recv.data, pending->counts.data(), pending->displacements.data(),
                             mpi_type(send.dtype), state_->comm.get(), &pending->request),
             rank(), "MPI_Iallgatherv");
-  return with_default_timeout(make_work(state_, pending, describe("allgatherv", send, name), {}));
+  return make_work(state_, default_timeout(), pending, describe("allgatherv", send, name), {});
 }
 
 Work MpiCommunicator::reduce_scatter(TensorView send, TensorView recv, ReduceOp op,
@@ -407,8 +412,8 @@ Work MpiCommunicator::reduce_scatter(TensorView send, TensorView recv, ReduceOp 
       finish = [recv, ranks, share] { divide(recv.data, share, recv.dtype, ranks); };
     }
   }
-  return with_default_timeout(
-      make_work(state_, pending, describe("reduce_scatter", send, name, to_string(op)), finish));
+  return make_work(state_, default_timeout(), pending,
+                   describe("reduce_scatter", send, name, to_string(op)), finish);
 }
 
 Work MpiCommunicator::alltoall(TensorView send, TensorView recv, std::string_view name) {
@@ -429,7 +434,7 @@ Work MpiCommunicator::alltoall(TensorView send, TensorView recv, std::string_vie
       MPI_Ialltoall(in_place ? MPI_IN_PLACE : send.data, block, mpi_type(send.dtype), recv.data,
                     block, mpi_type(send.dtype), state_->comm.get(), &pending->request),
       rank(), "MPI_Ialltoall");
-  return with_default_timeout(make_work(state_, pending, describe("alltoall", send, name), {}));
+  return make_work(state_, default_timeout(), pending, describe("alltoall", send, name), {});
 }
 
 Work MpiCommunicator::barrier(std::string_view name) {
@@ -437,7 +442,7 @@ Work MpiCommunicator::barrier(std::string_view name) {
   check_mpi(MPI_Ibarrier(state_->comm.get(), &pending->request), rank(), "MPI_Ibarrier");
   std::string text = "barrier";
   if (!name.empty()) text += " '" + std::string(name) + "'";
-  return with_default_timeout(make_work(state_, pending, text, {}));
+  return make_work(state_, default_timeout(), pending, text, {});
 }
 
 std::unique_ptr<Communicator> MpiCommunicator::split(std::span<const int> ranks) {

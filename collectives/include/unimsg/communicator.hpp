@@ -28,6 +28,7 @@ class Work {
     std::function<void()> finish;                // runs once, after poll() returned true
     std::function<std::string()> missing_ranks;  // for timeout messages
     int rank = -1;
+    std::chrono::nanoseconds default_timeout = std::chrono::seconds(300);  // for wait()
   };
 
   Work() = default;
@@ -41,8 +42,6 @@ class Work {
  private:
   struct State;
   std::shared_ptr<State> state_;
-  std::chrono::nanoseconds default_timeout_{};
-  friend class Communicator;
 };
 
 class Communicator {
@@ -52,6 +51,8 @@ class Communicator {
   virtual int rank() const noexcept = 0;
   virtual int size() const noexcept = 0;
   virtual const char* backend() const noexcept = 0;
+  // The MPI_COMM_WORLD rank (= bus rank) of each member, by rank in this communicator.
+  virtual const std::vector<int>& world_ranks() const noexcept = 0;
 
   // In-place when send.data == recv.data. Counts must match (TensorView sizes are checked).
   virtual Work allreduce(TensorView send, TensorView recv, ReduceOp op,
@@ -79,14 +80,9 @@ class Communicator {
   static std::size_t reduce_scatter_share(std::size_t count, int size, int rank) noexcept;
   static std::size_t reduce_scatter_offset(std::size_t count, int size, int rank) noexcept;
 
+  // How long Work::wait() without an argument waits for this communicator's collectives.
   void set_default_timeout(std::chrono::nanoseconds timeout) noexcept { timeout_ = timeout; }
   std::chrono::nanoseconds default_timeout() const noexcept { return timeout_; }
-
- protected:
-  Work with_default_timeout(Work work) const {
-    work.default_timeout_ = timeout_;
-    return work;
-  }
 
  private:
   // UNIMSG_COLLECTIVE_TIMEOUT_S: a collective that takes longer is a fault, not a hang.

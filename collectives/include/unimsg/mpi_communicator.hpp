@@ -18,9 +18,6 @@ namespace detail {
 struct MpiCommState;
 }
 
-// Bus topics from here to kReservedTopicBase belong to the runtime's own services.
-inline constexpr Topic kServiceTopicBase = 0xC0000000u;
-
 class MpiCommunicator final : public Communicator {
  public:
   // Collective over `parent`. `bus` must span MPI_COMM_WORLD and outlive this communicator.
@@ -30,6 +27,7 @@ class MpiCommunicator final : public Communicator {
   int rank() const noexcept override;
   int size() const noexcept override;
   const char* backend() const noexcept override { return "mpi"; }
+  const std::vector<int>& world_ranks() const noexcept override;
 
   // Defaults repeat the base class's (they bind to the static type).
   Work allreduce(TensorView send, TensorView recv, ReduceOp op,

@@ -53,6 +53,9 @@ inline constexpr std::uint32_t kKnown = kCompressed | kReply | kErrorReply;
 using Topic = std::uint32_t;
 // Topics from here up are the bus's own (shutdown handshake and the like).
 inline constexpr Topic kReservedTopicBase = 0xFFFF0000u;
+// Topics from here to kReservedTopicBase belong to the runtime's services (collectives' progress
+// queries, the engine's negotiation), each drawing its own at random.
+inline constexpr Topic kServiceTopicBase = 0xC0000000u;
 
 // Header fields in wire order. `payload_length` and `checksum` are computed by encode.
 struct Header {

@@ -1,0 +1,85 @@
+#pragma once
+
+// The engine (Horovod's design): ranks submit named tensors in any order; a background thread
+// agrees, cycle by cycle, which tensors every rank has submitted, and reduces them, fused into as
+// few collectives as the fusion threshold allows.
+//
+// Each cycle every rank contributes one small byte-vector allreduce: for each cached tensor "not
+// submitted here", "cache entry invalid here", and flags (has new tensors, stopping, not joined).
+// In steady state (every tensor already negotiated once) that allreduce is all the negotiation
+// there is. New tensors go to rank 0 over the bus; rank 0 matches them across ranks, checks
+// dtype, count and op (a mismatch fails the tensor on every rank with a MismatchError naming
+// the ranks), watches for stalls, and publishes the responses; every rank then executes the
+// same responses in the same order and caches them.
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "unimsg/bus.hpp"
+#include "unimsg/communicator.hpp"
+
+namespace unimsg {
+
+struct EngineOptions {
+  // Tensors of one dtype and op are packed into buffers of up to this many bytes
+  // (UNIMSG_FUSION_THRESHOLD, e.g. "64M"; 0 disables fusion).
+  std::uint64_t fusion_threshold_bytes = 64ull << 20;
+  // Time between cycles (UNIMSG_CYCLE_TIME_MS, may be fractional, e.g. "0.5").
+  std::chrono::microseconds cycle_time{1000};
+  // Negotiated tensors remembered (UNIMSG_CACHE_CAPACITY; 0 disables the cache).
+  std::size_t cache_capacity = 1024;
+  // Rank 0 warns about a tensor that some ranks submitted and others have not after this long
+  // (UNIMSG_STALL_CHECK_TIME_S), naming both...
+  std::chrono::seconds stall_warning{60};
+  // ...and fails it on the ranks that did submit it after this long (UNIMSG_STALL_SHUTDOWN_TIME_S;
+  // 0 = only warn).
+  std::chrono::seconds stall_abort{0};
+
+  static EngineOptions from_env();
+};
+
+struct EngineStats {
+  std::uint64_t cycles = 0;
+  std::uint64_t negotiation_rounds = 0;  // cycles that needed rank 0 (new or invalidated tensors)
+  std::uint64_t cache_hits = 0;          // tensors reduced without negotiation
+  std::uint64_t tensors_reduced = 0;
+  std::uint64_t collectives = 0;  // allreduce calls issued for tensors (fused ones count once)
+  std::uint64_t bytes_reduced = 0;
+};
+
+namespace detail {
+struct EngineCore;
+}
+
+class Engine {
+ public:
+  // Collective over `communicator`, which the engine duplicates for its own traffic (so the
+  // caller may keep using `communicator`). `bus` must outlive the engine.
+  Engine(Communicator& communicator, Bus& bus, EngineOptions options = EngineOptions::from_env());
+  // Collective: stops every rank's engine; work still pending fails with ShutdownError.
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // Reduces `tensor` in place across ranks under `name`, which must be unique among this rank's
+  // pending tensors and name the same dtype, count and op on every rank.
+  Work submit(std::string name, TensorView tensor, ReduceOp op);
+  // Several tensors as one unit: reduced in the same cycle, fused together where they fit.
+  Work submit_group(std::vector<std::pair<std::string, TensorView>> tensors, ReduceOp op);
+  // For a rank out of data: until every rank has joined, this rank takes part in every reduction
+  // the others make with zeros (avg still divides by the number of ranks). Blocks until all joined.
+  void join();
+
+  void set_fusion_threshold(std::uint64_t bytes);
+  void set_cycle_time(std::chrono::microseconds cycle_time);
+  EngineStats stats() const;
+
+ private:
+  std::shared_ptr<detail::EngineCore> core_;
+};
+
+}  // namespace unimsg

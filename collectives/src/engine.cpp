@@ -1,0 +1,702 @@
+#include "unimsg/engine.hpp"
+
+#include <spdlog/spdlog.h>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstring>
+#include <exception>
+#include <map>
+#include <mutex>
+#include <random>
+#include <set>
+#include <thread>
+#include <unordered_map>
+
+#include "unimsg/config.hpp"
+#include "unimsg/error.hpp"
+#include "unimsg/log.hpp"
+
+namespace unimsg {
+namespace detail {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using nlohmann::json;
+
+struct Signature {
+  DType dtype = DType::kF32;
+  std::size_t count = 0;
+  ReduceOp op = ReduceOp::kSum;
+
+  bool operator==(const Signature&) const = default;
+  std::string describe() const {
+    return std::string(to_string(dtype)) + " x" + std::to_string(count) + " " + to_string(op);
+  }
+};
+
+// What a Work waits on: one tensor, or all members of a group.
+struct Completion {
+  std::atomic<int> remaining{0};
+  std::atomic<bool> failed{false};
+  std::mutex mutex;
+  std::exception_ptr error;
+
+  void fail(std::exception_ptr cause) {
+    std::lock_guard lock(mutex);
+    if (!failed.exchange(true)) error = std::move(cause);
+  }
+};
+
+struct LocalTensor {
+  std::string name;
+  TensorView view;
+  Signature signature;
+  std::shared_ptr<Completion> completion;
+  Clock::time_point submitted;
+  bool sent = false;              // announced to rank 0
+  std::size_t cached = SIZE_MAX;  // cache slot it is ready in, this cycle
+};
+
+struct CacheEntry {
+  std::string name;
+  Signature signature;
+  std::uint64_t last_used = 0;
+  bool valid = false;
+};
+
+// Rank 0's view of one tensor being negotiated.
+struct TableEntry {
+  std::map<int, Signature> submitted;  // rank -> what it submitted
+  Clock::time_point first_seen;
+  bool warned = false;
+};
+
+struct Response {
+  std::string name;
+  Signature signature;
+  std::string error;  // empty: reduce it
+  bool stalled = false;
+};
+
+DType parse_dtype(int value) {
+  if (value < 0 || value > static_cast<int>(DType::kU8)) throw std::out_of_range("dtype");
+  return static_cast<DType>(value);
+}
+ReduceOp parse_op(int value) {
+  if (value < 0 || value > static_cast<int>(ReduceOp::kMax)) throw std::out_of_range("op");
+  return static_cast<ReduceOp>(value);
+}
+
+}  // namespace
+
+struct EngineCore {
+  EngineCore(Communicator& parent, Bus& bus_ref, EngineOptions opts);
+
+  void run();
+  bool cycle();
+  void negotiate(bool joined_here, std::vector<Response>& responses);
+  void coordinate(std::vector<Response>& responses);
+  void execute(const std::vector<std::size_t>& hits, const std::vector<Response>& responses);
+  void reduce_batch(std::vector<std::pair<Signature, LocalTensor*>>& batch);
+  void complete(LocalTensor* tensor);
+  void fail_tensor(const std::string& name, std::exception_ptr error);
+  void fail_everything(std::exception_ptr error);
+  void cache_insert(const std::string& name, const Signature& signature);
+  std::string rank_list(const std::set<int>& ranks) const;
+
+  std::unique_ptr<Communicator> comm;
+  Bus& bus;
+  EngineOptions options;
+  std::shared_ptr<spdlog::logger> log;
+  int rank = 0;
+  int size = 1;
+  Topic request_topic = 0;
+  Topic response_topic = 0;
+
+  // Submissions, handed from user threads to the engine thread.
+  std::mutex mutex;
+  std::condition_variable join_cv;
+  std::vector<LocalTensor> incoming;
+  std::set<std::string> pending_names;  // this rank's tensors not yet complete
+  bool stopping = false;
+  bool join_requested = false;
+  bool join_done = false;
+  std::exception_ptr fatal;  // set once the engine thread failed
+  std::atomic<std::uint64_t> fusion_threshold{0};
+  std::atomic<std::int64_t> cycle_us{0};
+
+  // Engine thread only.
+  std::map<std::string, LocalTensor> pending;
+  std::vector<CacheEntry> cache;
+  std::unordered_map<std::string, std::size_t> cache_index;
+  std::uint64_t use_clock = 0;
+  std::vector<std::byte> fusion_buffer;
+  std::vector<std::string> table_order;  // rank 0: first-seen order
+  std::map<std::string, TableEntry> table;
+
+  std::atomic<std::uint64_t> cycles{0}, rounds{0}, hits{0}, reduced{0}, collectives{0}, bytes{0};
+  std::thread thread;
+};
+
+EngineCore::EngineCore(Communicator& parent, Bus& bus_ref, EngineOptions opts)
+    : bus(bus_ref), options(std::move(opts)) {
+  std::vector<int> everyone(static_cast<std::size_t>(parent.size()));
+  for (int r = 0; r < parent.size(); ++r) everyone[static_cast<std::size_t>(r)] = r;
+  comm = parent.split(everyone);  // the engine's own: never collides with the caller's traffic
+  comm->set_default_timeout(parent.default_timeout());
+  rank = comm->rank();
+  size = comm->size();
+  log = make_rank_logger(bus.rank(), bus.size());
+  fusion_threshold = options.fusion_threshold_bytes;
+  cycle_us = options.cycle_time.count();
+  std::uint32_t draw = 0;
+  if (rank == 0) draw = std::random_device{}();
+  comm->broadcast(TensorView{&draw, 1, DType::kI32}, 0, "engine.topic").wait();
+  constexpr Topic kSpan = (kReservedTopicBase - kServiceTopicBase) / 2;
+  request_topic = kServiceTopicBase + (draw % kSpan) * 2;
+  response_topic = request_topic + 1;
+}
+
+std::string EngineCore::rank_list(const std::set<int>& ranks) const {
+  std::string text = "[";
+  for (const int r : ranks) text += (text.size() > 1 ? ", " : "") + std::to_string(r);
+  return text + "]";
+}
+
+void EngineCore::run() {
+  auto next = Clock::now();
+  while (true) {
+    bool keep_going = false;
+    try {
+      keep_going = cycle();
+    } catch (...) {
+      log->error("engine: stopped after an error; pending tensors fail");
+      fail_everything(std::current_exception());
+      return;
+    }
+    if (!keep_going) return;
+    next += std::chrono::microseconds(cycle_us.load(std::memory_order_relaxed));
+    const auto now = Clock::now();
+    if (next < now) next = now;  // never try to catch up with missed cycles
+    std::this_thread::sleep_until(next);
+  }
+}
+
+bool EngineCore::cycle() {
+  cycles.fetch_add(1, std::memory_order_relaxed);
+  bool stop_here = false;
+  bool joined_here = false;
+  {
+    std::lock_guard lock(mutex);
+    for (auto& tensor : incoming) pending.emplace(tensor.name, std::move(tensor));
+    incoming.clear();
+    stop_here = stopping;
+    joined_here = join_requested;
+  }
+
+  // Local state: which cached tensors are submitted here, which cache entries no longer match.
+  const std::size_t slots = cache.size();
+  std::vector<std::uint8_t> state(2 * slots + 3, 0);
+  std::uint8_t* not_ready = state.data();
+  std::uint8_t* invalid = state.data() + slots;
+  std::uint8_t& has_new = state[2 * slots];
+  std::uint8_t& stop = state[2 * slots + 1];
+  std::uint8_t& not_joined = state[2 * slots + 2];
+  for (std::size_t i = 0; i < slots; ++i) not_ready[i] = (joined_here && cache[i].valid) ? 0 : 1;
+  const auto now = Clock::now();
+  for (auto& [name, tensor] : pending) {
+    tensor.cached = SIZE_MAX;
+    if (tensor.sent) continue;
+    const auto it = cache_index.find(name);
+    if (it == cache_index.end()) {
+      has_new = 1;
+      continue;
+    }
+    const std::size_t slot = it->second;
+    const bool stalled =
+        options.stall_warning.count() > 0 && now - tensor.submitted > options.stall_warning / 2;
+    if (cache[slot].signature != tensor.signature || stalled) {
+      // Renegotiate: a changed tensor must be checked, and a stalled one must reach rank 0's
+      // stall inspector, which can name who is missing.
+      invalid[slot] = 1;
+      has_new = 1;
+    } else {
+      not_ready[slot] = 0;
+      tensor.cached = slot;
+    }
+  }
+  if (rank == 0) {
+    // Stalled tensors due for a warning or an abort need a round of the stall inspector.
+    for (const auto& [name, entry] : table) {
+      const auto waited = now - entry.first_seen;
+      if ((options.stall_abort.count() > 0 && waited > options.stall_abort) ||
+          (options.stall_warning.count() > 0 && waited > options.stall_warning && !entry.warned)) {
+        has_new = 1;
+      }
+    }
+  }
+  stop = stop_here ? 1 : 0;
+  not_joined = joined_here ? 0 : 1;
+
+  comm->allreduce(TensorView{state.data(), state.size(), DType::kU8},
+                  TensorView{state.data(), state.size(), DType::kU8}, ReduceOp::kMax,
+                  "engine.state")
+      .wait();
+
+  if (stop) {
+    fail_everything(std::make_exception_ptr(ShutdownError(
+        bus.rank(), "engine", "the engine was shut down before this tensor was reduced")));
+    return false;
+  }
+  const bool all_joined = not_joined == 0;
+  // Invalid entries leave every rank's cache; their tensors are negotiated afresh.
+  for (std::size_t i = 0; i < slots; ++i) {
+    if (!invalid[i] || !cache[i].valid) continue;
+    cache_index.erase(cache[i].name);
+    cache[i].valid = false;
+    for (auto& [name, tensor] : pending) {
+      if (tensor.cached == i) tensor.cached = SIZE_MAX;
+    }
+  }
+  std::vector<std::size_t> ready;
+  if (!all_joined) {
+    for (std::size_t i = 0; i < slots; ++i) {
+      if (cache[i].valid && !invalid[i] && not_ready[i] == 0) ready.push_back(i);
+    }
+  }
+  std::vector<Response> responses;
+  if (has_new) {
+    rounds.fetch_add(1, std::memory_order_relaxed);
+    negotiate(joined_here, responses);
+  }
+  execute(ready, responses);
+
+  if (all_joined && joined_here) {
+    std::lock_guard lock(mutex);
+    join_requested = false;
+    join_done = true;
+    join_cv.notify_all();
+  }
+  return true;
+}
+
+void EngineCore::negotiate(bool joined_here, std::vector<Response>& responses) {
+  json requests = json::array();
+  for (auto& [name, tensor] : pending) {
+    if (tensor.sent || tensor.cached != SIZE_MAX) continue;
+    tensor.sent = true;
+    requests.push_back({{"name", name},
+                        {"dtype", static_cast<int>(tensor.signature.dtype)},
+                        {"count", tensor.signature.count},
+                        {"op", static_cast<int>(tensor.signature.op)}});
+  }
+  const json message = {{"joined", joined_here}, {"requests", std::move(requests)}};
+  const int coordinator = comm->world_ranks()[0];
+  bus.send(coordinator,
+           Message::make(Kind::kNegotiation, request_topic, Payload::from_string(message.dump())));
+  if (rank == 0) coordinate(responses);
+  const Message answer =
+      bus.receive({Kind::kNegotiation, response_topic, coordinator}, comm->default_timeout());
+  try {
+    const json parsed = json::parse(answer.payload.as_string());
+    responses.clear();
+    for (const auto& item : parsed.at("responses")) {
+      Response response;
+      response.name = item.at("name").get<std::string>();
+      response.signature = {parse_dtype(item.at("dtype").get<int>()),
+                            item.at("count").get<std::size_t>(),
+                            parse_op(item.at("op").get<int>())};
+      response.error = item.at("error").get<std::string>();
+      response.stalled = item.at("stalled").get<bool>();
+      responses.push_back(std::move(response));
+    }
+  } catch (const std::exception& error) {
+    throw Error(bus.rank(), "engine.negotiate",
+                std::string("malformed response from rank 0: ") + error.what());
+  }
+}
+
+void EngineCore::coordinate(std::vector<Response>& responses) {
+  std::set<int> joined;
+  for (int r = 0; r < size; ++r) {
+    const Message m = bus.receive(
+        {Kind::kNegotiation, request_topic, comm->world_ranks()[static_cast<std::size_t>(r)]},
+        comm->default_timeout());
+    try {
+      const json parsed = json::parse(m.payload.as_string());
+      if (parsed.at("joined").get<bool>()) joined.insert(r);
+      for (const auto& item : parsed.at("requests")) {
+        const auto name = item.at("name").get<std::string>();
+        const Signature signature{parse_dtype(item.at("dtype").get<int>()),
+                                  item.at("count").get<std::size_t>(),
+                                  parse_op(item.at("op").get<int>())};
+        auto [it, inserted] = table.try_emplace(name);
+        if (inserted) {
+          it->second.first_seen = Clock::now();
+          table_order.push_back(name);
+        }
+        it->second.submitted[r] = signature;
+      }
+    } catch (const std::exception& error) {
+      throw Error(
+          bus.rank(), "engine.coordinate",
+          "malformed negotiation message from rank " + std::to_string(r) + ": " + error.what());
+    }
+  }
+  const auto now = Clock::now();
+  json out = json::array();
+  std::vector<std::string> still_open;
+  for (const auto& name : table_order) {
+    auto it = table.find(name);
+    if (it == table.end()) continue;
+    TableEntry& entry = it->second;
+    std::set<int> missing;
+    for (int r = 0; r < size; ++r) {
+      if (!entry.submitted.count(r) && !joined.count(r)) missing.insert(r);
+    }
+    const Signature& first = entry.submitted.begin()->second;
+    std::string error;
+    bool stalled = false;
+    if (missing.empty()) {
+      // Everyone is in: do they agree?
+      std::map<std::string, std::set<int>> by_signature;
+      for (const auto& [r, signature] : entry.submitted)
+        by_signature[signature.describe()].insert(r);
+      if (by_signature.size() > 1) {
+        error = "tensor '" + name + "' differs between ranks:";
+        for (const auto& [text, ranks] : by_signature)
+          error += " " + text + " on ranks " + rank_list(ranks) + ";";
+      }
+    } else {
+      const auto waited = now - entry.first_seen;
+      const auto waited_s = std::chrono::duration_cast<std::chrono::seconds>(waited).count();
+      std::set<int> submitted;
+      for (const auto& [r, signature] : entry.submitted) submitted.insert(r);
+      if (options.stall_abort.count() > 0 && waited > options.stall_abort) {
+        stalled = true;
+        error = "tensor '" + name + "' stalled: submitted by ranks " + rank_list(submitted) +
+                " but not by ranks " + rank_list(missing) + " for " + std::to_string(waited_s) +
+                " s";
+      } else {
+        if (options.stall_warning.count() > 0 && waited > options.stall_warning && !entry.warned) {
+          entry.warned = true;
+          log->warn("engine stall: tensor '{}' submitted by ranks {} but not by ranks {} for {} s",
+                    name, rank_list(submitted), rank_list(missing), waited_s);
+        }
+        still_open.push_back(name);
+        continue;
+      }
+    }
+    out.push_back({{"name", name},
+                   {"dtype", static_cast<int>(first.dtype)},
+                   {"count", first.count},
+                   {"op", static_cast<int>(first.op)},
+                   {"error", error},
+                   {"stalled", stalled}});
+    table.erase(it);
+  }
+  table_order = std::move(still_open);
+  const std::string payload = json{{"responses", std::move(out)}}.dump();
+  for (const int member : comm->world_ranks()) {
+    bus.send(member,
+             Message::make(Kind::kNegotiation, response_topic, Payload::from_string(payload)));
+  }
+  (void)responses;
+}
+
+void EngineCore::cache_insert(const std::string& name, const Signature& signature) {
+  if (options.cache_capacity == 0) return;
+  const auto it = cache_index.find(name);
+  if (it != cache_index.end()) {
+    cache[it->second].signature = signature;
+    cache[it->second].last_used = ++use_clock;
+    return;
+  }
+  std::size_t slot = cache.size();
+  for (std::size_t i = 0; i < cache.size(); ++i) {
+    if (!cache[i].valid) {
+      slot = i;
+      break;
+    }
+  }
+  if (slot == cache.size()) {
+    if (cache.size() < options.cache_capacity) {
+      cache.emplace_back();
+    } else {
+      // Least recently used; every rank makes the same choice, having run the same responses.
+      slot = 0;
+      for (std::size_t i = 1; i < cache.size(); ++i) {
+        if (cache[i].last_used < cache[slot].last_used) slot = i;
+      }
+      cache_index.erase(cache[slot].name);
+    }
+  }
+  cache[slot] = CacheEntry{name, signature, ++use_clock, true};
+  cache_index[name] = slot;
+}
+
+void EngineCore::execute(const std::vector<std::size_t>& ready,
+                         const std::vector<Response>& responses) {
+  // The same list, in the same order, on every rank: cache hits by slot, then rank 0's responses.
+  std::vector<std::pair<Signature, LocalTensor*>> items;
+  for (const std::size_t slot : ready) {
+    cache[slot].last_used = ++use_clock;
+    LocalTensor* local = nullptr;
+    for (auto& [name, tensor] : pending) {
+      if (tensor.cached == slot) local = &tensor;
+    }
+    if (local != nullptr) hits.fetch_add(1, std::memory_order_relaxed);
+    items.emplace_back(cache[slot].signature, local);
+  }
+  for (const auto& response : responses) {
+    const auto it = pending.find(response.name);
+    LocalTensor* local = it == pending.end() ? nullptr : &it->second;
+    if (!response.error.empty()) {
+      if (local != nullptr) {
+        fail_tensor(
+            response.name,
+            response.stalled
+                ? std::make_exception_ptr(TimeoutError(bus.rank(), "engine", response.error))
+                : std::make_exception_ptr(MismatchError(bus.rank(), "engine", response.error)));
+      }
+      continue;
+    }
+    items.emplace_back(response.signature, local);
+    cache_insert(response.name, response.signature);
+  }
+
+  std::vector<std::pair<Signature, LocalTensor*>> batch;
+  std::uint64_t batch_bytes = 0;
+  for (auto& item : items) {
+    const std::uint64_t item_bytes = item.first.count * dtype_size(item.first.dtype);
+    const bool fits = !batch.empty() && batch.front().first.dtype == item.first.dtype &&
+                      batch.front().first.op == item.first.op &&
+                      batch_bytes + item_bytes <= fusion_threshold.load(std::memory_order_relaxed);
+    if (!batch.empty() && !fits) {
+      reduce_batch(batch);
+      batch.clear();
+      batch_bytes = 0;
+    }
+    batch.push_back(item);
+    batch_bytes += item_bytes;
+  }
+  if (!batch.empty()) reduce_batch(batch);
+}
+
+void EngineCore::reduce_batch(std::vector<std::pair<Signature, LocalTensor*>>& batch) {
+  const DType dtype = batch.front().first.dtype;
+  const ReduceOp op = batch.front().first.op;
+  const std::size_t element = dtype_size(dtype);
+  std::size_t total = 0;
+  for (const auto& [signature, local] : batch) total += signature.count;
+  collectives.fetch_add(1, std::memory_order_relaxed);
+  bytes.fetch_add(total * element, std::memory_order_relaxed);
+  if (batch.size() == 1 && batch.front().second != nullptr) {
+    LocalTensor* local = batch.front().second;
+    comm->allreduce(local->view, local->view, op, local->name).wait();
+  } else {
+    // Pack (a joined rank's missing tensors as zeros), reduce once, unpack.
+    if (fusion_buffer.size() < total * element) fusion_buffer.resize(total * element);
+    std::size_t offset = 0;
+    for (const auto& [signature, local] : batch) {
+      const std::size_t n = signature.count * element;
+      if (local != nullptr) {
+        if (n != 0) std::memcpy(fusion_buffer.data() + offset, local->view.data, n);
+      } else {
+        std::memset(fusion_buffer.data() + offset, 0, n);
+      }
+      offset += n;
+    }
+    const TensorView fused{fusion_buffer.data(), total, dtype, Device::kHost};
+    comm->allreduce(fused, fused, op, "engine.fused").wait();
+    offset = 0;
+    for (const auto& [signature, local] : batch) {
+      const std::size_t n = signature.count * element;
+      if (local != nullptr && n != 0)
+        std::memcpy(local->view.data, fusion_buffer.data() + offset, n);
+      offset += n;
+    }
+  }
+  for (const auto& [signature, local] : batch) {
+    if (local != nullptr) complete(local);
+  }
+}
+
+void EngineCore::complete(LocalTensor* tensor) {
+  reduced.fetch_add(1, std::memory_order_relaxed);
+  const auto completion = tensor->completion;
+  const std::string name = tensor->name;
+  pending.erase(name);
+  {
+    // The name is free again before the waiter can see completion and resubmit it.
+    std::lock_guard lock(mutex);
+    pending_names.erase(name);
+  }
+  completion->remaining.fetch_sub(1, std::memory_order_acq_rel);
+}
+
+void EngineCore::fail_tensor(const std::string& name, std::exception_ptr error) {
+  const auto it = pending.find(name);
+  if (it == pending.end()) return;
+  const auto completion = it->second.completion;
+  pending.erase(it);
+  {
+    std::lock_guard lock(mutex);
+    pending_names.erase(name);
+  }
+  completion->fail(std::move(error));
+}
+
+void EngineCore::fail_everything(std::exception_ptr error) {
+  std::vector<std::shared_ptr<Completion>> failed;
+  for (auto& [name, tensor] : pending) failed.push_back(tensor.completion);
+  pending.clear();
+  {
+    std::lock_guard lock(mutex);
+    for (auto& tensor : incoming) failed.push_back(tensor.completion);
+    incoming.clear();
+    pending_names.clear();
+    fatal = error;
+    join_done = true;
+  }
+  join_cv.notify_all();
+  for (const auto& completion : failed) completion->fail(error);
+}
+
+}  // namespace detail
+
+EngineOptions EngineOptions::from_env() {
+  EngineOptions options;
+  if (auto v = env_size("UNIMSG_FUSION_THRESHOLD", 0, std::uint64_t{1} << 40)) {
+    options.fusion_threshold_bytes = *v;
+  }
+  if (auto text = env_value("UNIMSG_CYCLE_TIME_MS")) {
+    double ms = 0;
+    try {
+      std::size_t used = 0;
+      ms = std::stod(*text, &used);
+      if (used != text->size()) throw std::invalid_argument("trailing characters");
+    } catch (const std::exception&) {
+      throw ConfigError(kNoRank, "UNIMSG_CYCLE_TIME_MS",
+                        "invalid value '" + *text + "': expected milliseconds, e.g. 1 or 0.5");
+    }
+    if (!(ms >= 0.01 && ms <= 10000)) {
+      throw ConfigError(kNoRank, "UNIMSG_CYCLE_TIME_MS",
+                        "invalid value '" + *text + "': must be between 0.01 and 10000");
+    }
+    options.cycle_time = std::chrono::microseconds(static_cast<std::int64_t>(ms * 1000));
+  }
+  if (auto v = env_uint("UNIMSG_CACHE_CAPACITY", 0, 1u << 20)) options.cache_capacity = *v;
+  if (auto v = env_uint("UNIMSG_STALL_CHECK_TIME_S", 0, 1u << 30)) {
+    options.stall_warning = std::chrono::seconds(*v);
+  }
+  if (auto v = env_uint("UNIMSG_STALL_SHUTDOWN_TIME_S", 0, 1u << 30)) {
+    options.stall_abort = std::chrono::seconds(*v);
+  }
+  return options;
+}
+
+Engine::Engine(Communicator& communicator, Bus& bus, EngineOptions options)
+    : core_(std::make_shared<detail::EngineCore>(communicator, bus, std::move(options))) {
+  core_->thread = std::thread([core = core_.get()] { core->run(); });
+}
+
+Engine::~Engine() {
+  {
+    std::lock_guard lock(core_->mutex);
+    core_->stopping = true;
+  }
+  if (core_->thread.joinable()) core_->thread.join();
+}
+
+Work Engine::submit(std::string name, TensorView tensor, ReduceOp op) {
+  std::vector<std::pair<std::string, TensorView>> one;
+  one.emplace_back(std::move(name), tensor);
+  return submit_group(std::move(one), op);
+}
+
+Work Engine::submit_group(std::vector<std::pair<std::string, TensorView>> tensors, ReduceOp op) {
+  auto completion = std::make_shared<detail::Completion>();
+  completion->remaining = static_cast<int>(tensors.size());
+  std::string description = std::string("engine allreduce ") + to_string(op);
+  {
+    std::lock_guard lock(core_->mutex);
+    if (core_->fatal) std::rethrow_exception(core_->fatal);
+    if (core_->stopping)
+      throw ShutdownError(core_->bus.rank(), "engine.submit", "the engine is shutting down");
+    std::set<std::string> names;
+    for (const auto& [name, view] : tensors) {
+      if (name.empty()) throw Error(core_->bus.rank(), "engine.submit", "a tensor needs a name");
+      if (view.device != Device::kHost) {
+        throw Error(core_->bus.rank(), "engine.submit",
+                    "tensor '" + name + "' is in device memory; the MPI engine takes host memory");
+      }
+      if (core_->pending_names.count(name) || !names.insert(name).second) {
+        throw Error(core_->bus.rank(), "engine.submit",
+                    "tensor '" + name + "' is already pending on this rank");
+      }
+    }
+    const auto now = detail::Clock::now();
+    for (auto& [name, view] : tensors) {
+      description += " '" + name + "'";
+      core_->pending_names.insert(name);
+      detail::LocalTensor tensor;
+      tensor.name = name;
+      tensor.view = view;
+      tensor.signature = {view.dtype, view.count, op};
+      tensor.completion = completion;
+      tensor.submitted = now;
+      core_->incoming.push_back(std::move(tensor));
+    }
+  }
+  Work::Operation operation;
+  operation.description = description;
+  operation.rank = core_->bus.rank();
+  operation.poll = [completion] {
+    if (completion->failed.load(std::memory_order_acquire)) {
+      std::lock_guard lock(completion->mutex);
+      std::rethrow_exception(completion->error);
+    }
+    return completion->remaining.load(std::memory_order_acquire) == 0;
+  };
+  operation.default_timeout = core_->comm->default_timeout();
+  operation.missing_ranks = [] {
+    return std::string("see rank 0's engine stall warnings (UNIMSG_STALL_CHECK_TIME_S)");
+  };
+  Work work(std::move(operation));
+  return work;
+}
+
+void Engine::join() {
+  std::unique_lock lock(core_->mutex);
+  if (core_->fatal) std::rethrow_exception(core_->fatal);
+  core_->join_requested = true;
+  core_->join_done = false;
+  core_->join_cv.wait(lock, [&] { return core_->join_done; });
+  core_->join_done = false;
+  if (core_->fatal) std::rethrow_exception(core_->fatal);
+}
+
+void Engine::set_fusion_threshold(std::uint64_t bytes) {
+  core_->fusion_threshold = bytes;
+}
+
+void Engine::set_cycle_time(std::chrono::microseconds cycle_time) {
+  core_->cycle_us = cycle_time.count();
+}
+
+EngineStats Engine::stats() const {
+  EngineStats out;
+  out.cycles = core_->cycles.load();
+  out.negotiation_rounds = core_->rounds.load();
+  out.cache_hits = core_->hits.load();
+  out.tensors_reduced = core_->reduced.load();
+  out.collectives = core_->collectives.load();
+  out.bytes_reduced = core_->bytes.load();
+  return out;
+}
+
+}  // namespace unimsg

@@ -1,0 +1,235 @@
+// Multi-rank tests of the engine: submission in any order, fusion, the response cache, mismatch
+// and stall errors, grouped submission, join.
+
+#include <gtest/gtest.h>
+#include <mpi.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "unimsg/bus.hpp"
+#include "unimsg/engine.hpp"
+#include "unimsg/error.hpp"
+#include "unimsg/mpi_communicator.hpp"
+
+namespace unimsg {
+namespace {
+
+using namespace std::chrono_literals;
+constexpr auto kWait = 120s;
+
+float input(int rank, int tensor, std::size_t i) {
+  return static_cast<float>((rank * 13 + tensor * 5 + static_cast<int>(i % 97)) % 31);
+}
+
+class EngineTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    BusOptions options;
+    options.shutdown_timeout = 60s;
+    bus_ = std::make_unique<Bus>(MPI_COMM_WORLD, options);
+    comm_ = std::make_unique<MpiCommunicator>(MPI_COMM_WORLD, *bus_);
+  }
+  void TearDown() override {
+    comm_.reset();
+    bus_.reset();
+  }
+  EngineOptions quick_options() {
+    EngineOptions options;
+    options.stall_warning = 0s;
+    return options;
+  }
+  // Tensors 0..n-1 of `sizes`, submitted in an order that differs on every rank.
+  std::vector<std::vector<float>> run_step(Engine& engine, const std::vector<std::size_t>& sizes,
+                                           ReduceOp op) {
+    const int rank = comm_->rank();
+    const int n = static_cast<int>(sizes.size());
+    std::vector<std::vector<float>> data(sizes.size());
+    for (int t = 0; t < n; ++t) {
+      data[static_cast<std::size_t>(t)].resize(sizes[static_cast<std::size_t>(t)]);
+      for (std::size_t i = 0; i < sizes[static_cast<std::size_t>(t)]; ++i) {
+        data[static_cast<std::size_t>(t)][i] = input(rank, t, i);
+      }
+    }
+    std::vector<int> order(static_cast<std::size_t>(n));
+    std::iota(order.begin(), order.end(), 0);
+    std::rotate(order.begin(), order.begin() + (rank * 7) % std::max(n, 1), order.end());
+    if (rank % 2 == 1) std::reverse(order.begin(), order.end());
+    std::vector<Work> works;
+    for (const int t : order) {
+      auto& tensor = data[static_cast<std::size_t>(t)];
+      works.push_back(engine.submit("tensor." + std::to_string(t),
+                                    host_view(tensor.data(), tensor.size()), op));
+    }
+    for (auto& work : works) work.wait(kWait);
+    return data;
+  }
+  void expect_sums(const std::vector<std::vector<float>>& data) {
+    for (std::size_t t = 0; t < data.size(); ++t) {
+      for (std::size_t i = 0; i < data[t].size(); ++i) {
+        float expected = 0;
+        for (int r = 0; r < comm_->size(); ++r) expected += input(r, static_cast<int>(t), i);
+        ASSERT_EQ(data[t][i], expected) << "tensor " << t << " element " << i;
+      }
+    }
+  }
+
+  std::unique_ptr<Bus> bus_;
+  std::unique_ptr<MpiCommunicator> comm_;
+};
+
+TEST_F(EngineTest, TensorsSubmittedInAnyOrderAreReduced) {
+  Engine engine(*comm_, *bus_, quick_options());
+  const std::vector<std::size_t> sizes = {1, 0, 7, 1000, 3, 65537, 2, 5, 128, 4096};
+  expect_sums(run_step(engine, sizes, ReduceOp::kSum));
+}
+
+TEST_F(EngineTest, FusedResultEqualsUnfused) {
+  std::vector<std::size_t> sizes;
+  for (int t = 0; t < 64; ++t) sizes.push_back(static_cast<std::size_t>(1 + (t * 37) % 500));
+  EngineOptions fused_options = quick_options();
+  EngineOptions unfused_options = quick_options();
+  unfused_options.fusion_threshold_bytes = 0;
+  std::vector<std::vector<float>> fused, unfused;
+  EngineStats fused_stats, unfused_stats;
+  {
+    Engine engine(*comm_, *bus_, fused_options);
+    fused = run_step(engine, sizes, ReduceOp::kAvg);
+    fused_stats = engine.stats();
+  }
+  {
+    Engine engine(*comm_, *bus_, unfused_options);
+    unfused = run_step(engine, sizes, ReduceOp::kAvg);
+    unfused_stats = engine.stats();
+  }
+  ASSERT_EQ(fused.size(), unfused.size());
+  for (std::size_t t = 0; t < fused.size(); ++t) EXPECT_EQ(fused[t], unfused[t]) << "tensor " << t;
+  EXPECT_EQ(unfused_stats.collectives, 64u);
+  EXPECT_LT(fused_stats.collectives, 64u) << "nothing was fused";
+  EXPECT_EQ(fused_stats.tensors_reduced, 64u);
+}
+
+TEST_F(EngineTest, SteadyStateNeedsNoNegotiation) {
+  Engine engine(*comm_, *bus_, quick_options());
+  const std::vector<std::size_t> sizes = {10, 20, 30, 40, 50};
+  expect_sums(run_step(engine, sizes, ReduceOp::kSum));
+  const EngineStats after_first = engine.stats();
+  for (int step = 0; step < 5; ++step) expect_sums(run_step(engine, sizes, ReduceOp::kSum));
+  const EngineStats after_six = engine.stats();
+  EXPECT_EQ(after_six.negotiation_rounds, after_first.negotiation_rounds)
+      << "steady-state steps went back to rank 0";
+  EXPECT_EQ(after_six.cache_hits - after_first.cache_hits, 25u);
+  EXPECT_EQ(after_six.tensors_reduced, 30u);
+}
+
+TEST_F(EngineTest, ChangedTensorIsRenegotiated) {
+  Engine engine(*comm_, *bus_, quick_options());
+  std::vector<float> small(8, 1.0f), large(16, 1.0f);
+  engine.submit("w", host_view(small.data(), small.size()), ReduceOp::kSum).wait(kWait);
+  engine.submit("w", host_view(large.data(), large.size()), ReduceOp::kSum).wait(kWait);
+  EXPECT_EQ(large[15], static_cast<float>(comm_->size()));
+}
+
+TEST_F(EngineTest, MismatchFailsOnEveryRankNamingTheRanks) {
+  if (comm_->size() < 2) GTEST_SKIP() << "needs two ranks to disagree";
+  Engine engine(*comm_, *bus_, quick_options());
+  std::vector<float> data(comm_->rank() == 0 ? 4 : 5, 1.0f);
+  try {
+    engine.submit("grad.bias", host_view(data.data(), data.size()), ReduceOp::kSum).wait(kWait);
+    FAIL() << "a mismatched tensor was reduced";
+  } catch (const MismatchError& error) {
+    const std::string text = error.what();
+    EXPECT_NE(text.find("'grad.bias'"), std::string::npos) << text;
+    EXPECT_NE(text.find("f32 x4 sum on ranks [0]"), std::string::npos) << text;
+    EXPECT_NE(text.find("f32 x5 sum on ranks [1"), std::string::npos) << text;
+  }
+  // The engine goes on.
+  std::vector<float> ok(3, 2.0f);
+  engine.submit("after", host_view(ok.data(), ok.size()), ReduceOp::kSum).wait(kWait);
+  EXPECT_EQ(ok[0], 2.0f * static_cast<float>(comm_->size()));
+}
+
+TEST_F(EngineTest, StalledTensorFailsNamingTheMissingRank) {
+  if (comm_->size() < 2) GTEST_SKIP() << "needs a rank that never submits";
+  EngineOptions options = quick_options();
+  options.stall_warning = 1s;
+  options.stall_abort = 2s;
+  Engine engine(*comm_, *bus_, options);
+  const int absent = comm_->size() - 1;
+  if (comm_->rank() != absent) {
+    std::vector<float> data(4, 1.0f);
+    try {
+      engine.submit("grad.stuck", host_view(data.data(), data.size()), ReduceOp::kSum).wait(kWait);
+      FAIL() << "reduced without rank " << absent;
+    } catch (const TimeoutError& error) {
+      const std::string text = error.what();
+      EXPECT_NE(text.find("'grad.stuck' stalled"), std::string::npos) << text;
+      EXPECT_NE(text.find("not by ranks [" + std::to_string(absent) + "]"), std::string::npos)
+          << text;
+    }
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+}
+
+TEST_F(EngineTest, GroupIsReducedAsOneUnit) {
+  Engine engine(*comm_, *bus_, quick_options());
+  std::vector<float> a(5, 1.0f), b(7, 2.0f), c(1, 3.0f);
+  engine
+      .submit_group({{"g.a", host_view(a.data(), a.size())},
+                     {"g.b", host_view(b.data(), b.size())},
+                     {"g.c", host_view(c.data(), c.size())}},
+                    ReduceOp::kSum)
+      .wait(kWait);
+  const float n = static_cast<float>(comm_->size());
+  EXPECT_EQ(a[4], n);
+  EXPECT_EQ(b[6], 2 * n);
+  EXPECT_EQ(c[0], 3 * n);
+}
+
+TEST_F(EngineTest, JoinedRanksContributeZeros) {
+  Engine engine(*comm_, *bus_, quick_options());
+  const int rank = comm_->rank();
+  const int size = comm_->size();
+  // Rank r has r + 1 batches; a rank out of data joins and the others carry on.
+  for (int step = 0; step <= rank; ++step) {
+    std::vector<float> value(3, static_cast<float>(rank + 1));
+    engine.submit("grad", host_view(value.data(), value.size()), ReduceOp::kSum).wait(kWait);
+    float expected = 0;
+    for (int r = step; r < size; ++r) expected += static_cast<float>(r + 1);  // ranks still in
+    EXPECT_EQ(value[0], expected) << "step " << step;
+  }
+  engine.join();
+}
+
+TEST_F(EngineTest, DuplicateAndDeviceSubmissionsAreRefused) {
+  Engine engine(*comm_, *bus_, quick_options());
+  std::vector<float> data(4, 1.0f);
+  Work first = engine.submit("dup", host_view(data.data(), data.size()), ReduceOp::kSum);
+  EXPECT_THROW(engine.submit("dup", host_view(data.data(), data.size()), ReduceOp::kSum), Error);
+  first.wait(kWait);
+  TensorView device{data.data(), data.size(), DType::kF32, Device::kCuda};
+  EXPECT_THROW(engine.submit("gpu", device, ReduceOp::kSum), Error);
+}
+
+TEST(EngineConfig, FromEnvironment) {
+  ::setenv("UNIMSG_FUSION_THRESHOLD", "32M", 1);
+  ::setenv("UNIMSG_CYCLE_TIME_MS", "0.5", 1);
+  const EngineOptions options = EngineOptions::from_env();
+  EXPECT_EQ(options.fusion_threshold_bytes, 32u << 20);
+  EXPECT_EQ(options.cycle_time, std::chrono::microseconds(500));
+  ::setenv("UNIMSG_CYCLE_TIME_MS", "fast", 1);
+  EXPECT_THROW(EngineOptions::from_env(), ConfigError);
+  ::setenv("UNIMSG_CYCLE_TIME_MS", "0", 1);
+  EXPECT_THROW(EngineOptions::from_env(), ConfigError);
+  ::unsetenv("UNIMSG_CYCLE_TIME_MS");
+  ::setenv("UNIMSG_FUSION_THRESHOLD", "lots", 1);
+  EXPECT_THROW(EngineOptions::from_env(), ConfigError);
+  ::unsetenv("UNIMSG_FUSION_THRESHOLD");
+}
+
+}  // namespace
+}  // namespace unimsg
