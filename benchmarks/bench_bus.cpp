@@ -266,12 +266,12 @@ int run(int argc, char** argv) {
       if (rank != 0) continue;
       if (json) {
         std::printf("%s\n", nlohmann::json({{"metric", "idle_cpu_percent"},
-                                             {"ranks", runtime.size()},
-                                             {"seconds", idle_seconds},
-                                             {"subscriptions", subscribed ? 1 : 0},
-                                             {"unimsg", worst}})
-                                 .dump()
-                                 .c_str());
+                                            {"ranks", runtime.size()},
+                                            {"seconds", idle_seconds},
+                                            {"subscriptions", subscribed ? 1 : 0},
+                                            {"unimsg", worst}})
+                                .dump()
+                                .c_str());
       } else {
         std::printf("idle CPU of the busiest rank over %.1f s, %s: %.2f%% of one core (%d ranks)\n",
                     idle_seconds, subscribed ? "one subscription" : "no subscription", worst,

@@ -89,15 +89,19 @@ void Work::wait(std::chrono::nanoseconds timeout) {
   const auto deadline = timeout > std::chrono::hours(24 * 365)
                             ? start + std::chrono::hours(24 * 365)
                             : start + timeout;
-  // Test (which drives MPI progress) in a tight loop first, then yield, then sleep briefly: a
-  // long wait must not starve the ranks it waits for on an oversubscribed machine.
-  for (std::uint64_t round = 0;; ++round) {
-    if (test()) return;
-    if (round % 64 == 0 && std::chrono::steady_clock::now() >= deadline) break;
-    if (round > 20000) {
-      std::this_thread::sleep_for(std::chrono::microseconds(50));
-    } else if (round > 2000) {
-      std::this_thread::yield();
+  if (state_->operation.block) {
+    if (state_->operation.block(deadline) && test()) return;
+  } else {
+    // Test (which drives MPI progress) in a tight loop first, then yield, then sleep briefly: a
+    // long wait must not starve the ranks it waits for on an oversubscribed machine.
+    for (std::uint64_t round = 0;; ++round) {
+      if (test()) return;
+      if (round % 64 == 0 && std::chrono::steady_clock::now() >= deadline) break;
+      if (round > 20000) {
+        std::this_thread::sleep_for(std::chrono::microseconds(50));
+      } else if (round > 2000) {
+        std::this_thread::yield();
+      }
     }
   }
   const auto& op = state_->operation;

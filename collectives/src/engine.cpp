@@ -42,11 +42,24 @@ struct Completion {
   std::atomic<int> remaining{0};
   std::atomic<bool> failed{false};
   std::mutex mutex;
-  std::exception_ptr error;
+  std::condition_variable done_cv;  // waiters sleep here: a spinning waiter would take the core
+  std::exception_ptr error;         // the engine thread needs on an oversubscribed machine
 
+  void finish_one() {
+    std::lock_guard lock(mutex);
+    if (remaining.fetch_sub(1, std::memory_order_acq_rel) == 1) done_cv.notify_all();
+  }
   void fail(std::exception_ptr cause) {
     std::lock_guard lock(mutex);
     if (!failed.exchange(true)) error = std::move(cause);
+    done_cv.notify_all();
+  }
+  bool wait_until(Clock::time_point deadline) {
+    std::unique_lock lock(mutex);
+    return done_cv.wait_until(lock, deadline, [&] {
+      return failed.load(std::memory_order_acquire) ||
+             remaining.load(std::memory_order_acquire) == 0;
+    });
   }
 };
 
@@ -96,6 +109,7 @@ struct EngineCore {
   EngineCore(Communicator& parent, Bus& bus_ref, EngineOptions opts);
 
   void run();
+  void wait_for_next_cycle(Clock::time_point next);
   bool cycle();
   void negotiate(bool joined_here, std::vector<Response>& responses);
   void coordinate(std::vector<Response>& responses);
@@ -119,6 +133,8 @@ struct EngineCore {
   // Submissions, handed from user threads to the engine thread.
   std::mutex mutex;
   std::condition_variable join_cv;
+  std::condition_variable wake_cv;  // submissions and shutdown wake the engine thread
+  Clock::time_point last_submit;
   std::vector<LocalTensor> incoming;
   std::set<std::string> pending_names;  // this rank's tensors not yet complete
   bool stopping = false;
@@ -181,7 +197,28 @@ void EngineCore::run() {
     next += std::chrono::microseconds(cycle_us.load(std::memory_order_relaxed));
     const auto now = Clock::now();
     if (next < now) next = now;  // never try to catch up with missed cycles
-    std::this_thread::sleep_until(next);
+    wait_for_next_cycle(next);
+  }
+}
+
+void EngineCore::wait_for_next_cycle(Clock::time_point next) {
+  // Sleep until the next cycle, or sooner once submissions have arrived and paused for a moment:
+  // a step's tensors then go out together at once instead of waiting out the cycle. Tensors still
+  // pending here (other ranks had not submitted them yet) also start the next cycle at once; the
+  // cycle's allreduce paces it to the slowest rank, so this never spins.
+  constexpr auto kQuiet = std::chrono::microseconds(30);
+  const bool waiting_here = !pending.empty();
+  std::unique_lock lock(mutex);
+  while (!stopping) {
+    const auto now = Clock::now();
+    if (now >= next) return;
+    if (incoming.empty() && !waiting_here) {
+      wake_cv.wait_until(lock, next);
+      continue;
+    }
+    const auto quiet_until = last_submit + kQuiet;
+    if (now >= quiet_until) return;
+    wake_cv.wait_until(lock, std::min(next, quiet_until));
   }
 }
 
@@ -496,7 +533,7 @@ void EngineCore::reduce_batch(std::vector<std::pair<Signature, LocalTensor*>>& b
   bytes.fetch_add(total * element, std::memory_order_relaxed);
   if (batch.size() == 1 && batch.front().second != nullptr) {
     LocalTensor* local = batch.front().second;
-    comm->allreduce(local->view, local->view, op, local->name).wait();
+    comm->allreduce_now(local->view, local->view, op, local->name);
   } else {
     // Pack (a joined rank's missing tensors as zeros), reduce once, unpack.
     if (fusion_buffer.size() < total * element) fusion_buffer.resize(total * element);
@@ -511,7 +548,7 @@ void EngineCore::reduce_batch(std::vector<std::pair<Signature, LocalTensor*>>& b
       offset += n;
     }
     const TensorView fused{fusion_buffer.data(), total, dtype, Device::kHost};
-    comm->allreduce(fused, fused, op, "engine.fused").wait();
+    comm->allreduce_now(fused, fused, op, "engine.fused");
     offset = 0;
     for (const auto& [signature, local] : batch) {
       const std::size_t n = signature.count * element;
@@ -535,7 +572,7 @@ void EngineCore::complete(LocalTensor* tensor) {
     std::lock_guard lock(mutex);
     pending_names.erase(name);
   }
-  completion->remaining.fetch_sub(1, std::memory_order_acq_rel);
+  completion->finish_one();
 }
 
 void EngineCore::fail_tensor(const std::string& name, std::exception_ptr error) {
@@ -609,6 +646,7 @@ Engine::~Engine() {
     std::lock_guard lock(core_->mutex);
     core_->stopping = true;
   }
+  core_->wake_cv.notify_one();
   if (core_->thread.joinable()) core_->thread.join();
 }
 
@@ -651,7 +689,9 @@ Work Engine::submit_group(std::vector<std::pair<std::string, TensorView>> tensor
       tensor.submitted = now;
       core_->incoming.push_back(std::move(tensor));
     }
+    core_->last_submit = now;
   }
+  core_->wake_cv.notify_one();
   Work::Operation operation;
   operation.description = description;
   operation.rank = core_->bus.rank();
@@ -661,6 +701,9 @@ Work Engine::submit_group(std::vector<std::pair<std::string, TensorView>> tensor
       std::rethrow_exception(completion->error);
     }
     return completion->remaining.load(std::memory_order_acquire) == 0;
+  };
+  operation.block = [completion](std::chrono::steady_clock::time_point deadline) {
+    return completion->wait_until(deadline);
   };
   operation.default_timeout = core_->comm->default_timeout();
   operation.missing_ranks = [] {

@@ -300,6 +300,35 @@ Work MpiCommunicator::allreduce(TensorView send, TensorView recv, ReduceOp op,
                    describe("allreduce", send, name, to_string(op)), finish);
 }
 
+void MpiCommunicator::allreduce_now(TensorView send, TensorView recv, ReduceOp op,
+                                    std::string_view name) {
+  const std::string what = "allreduce";
+  check_host(send, rank(), what);
+  check_host(recv, rank(), what);
+  check_same_dtype(send, recv, rank(), what);
+  if (send.count != recv.count) {
+    throw Error(rank(), what,
+                "send has " + std::to_string(send.count) + " elements, recv " +
+                    std::to_string(recv.count) +
+                    (name.empty() ? "" : " ('" + std::string(name) + "')"));
+  }
+  const int count = as_count(send.count, rank(), what);
+  state_->started.fetch_add(1);
+  if (is_half(send.dtype)) {
+    std::vector<float> wide = widen(send.data, send.count, send.dtype);
+    check_mpi(
+        MPI_Allreduce(MPI_IN_PLACE, wide.data(), count, MPI_FLOAT, mpi_op(op), state_->comm.get()),
+        rank(), "MPI_Allreduce");
+    if (op == ReduceOp::kAvg) divide(wide.data(), wide.size(), DType::kF32, size());
+    narrow(wide.data(), recv.data, recv.count, recv.dtype);
+    return;
+  }
+  check_mpi(MPI_Allreduce(send.data == recv.data ? MPI_IN_PLACE : send.data, recv.data, count,
+                          mpi_type(send.dtype), mpi_op(op), state_->comm.get()),
+            rank(), "MPI_Allreduce");
+  if (op == ReduceOp::kAvg) divide(recv.data, recv.count, recv.dtype, size());
+}
+
 Work MpiCommunicator::broadcast(TensorView buffer, int root, std::string_view name) {
   const std::string what = "broadcast";
   check_host(buffer, rank(), what);

@@ -23,9 +23,12 @@ class Work {
   // What a backend plugs in: poll for completion, finish (post-process) once complete, and say
   // which ranks are missing when a wait times out.
   struct Operation {
-    std::string description;                     // "allreduce sum f32 x1000 'grad.fc1'"
-    std::function<bool()> poll;                  // true once the transfer completed
-    std::function<void()> finish;                // runs once, after poll() returned true
+    std::string description;       // "allreduce sum f32 x1000 'grad.fc1'"
+    std::function<bool()> poll;    // true once the transfer completed
+    std::function<void()> finish;  // runs once, after poll() returned true
+    // Optional: sleep until complete or the deadline (true: complete). Without it wait() polls,
+    // which is right for MPI requests that progress only when tested.
+    std::function<bool(std::chrono::steady_clock::time_point)> block;
     std::function<std::string()> missing_ranks;  // for timeout messages
     int rank = -1;
     std::chrono::nanoseconds default_timeout = std::chrono::seconds(300);  // for wait()
@@ -57,6 +60,13 @@ class Communicator {
   // In-place when send.data == recv.data. Counts must match (TensorView sizes are checked).
   virtual Work allreduce(TensorView send, TensorView recv, ReduceOp op,
                          std::string_view name = {}) = 0;
+  // allreduce() then wait(), for a caller that would wait at once anyway (the engine thread,
+  // whose cycles already agree that every rank is there): a backend may use a faster blocking
+  // path. Without a timeout of its own: use it only after such an agreement.
+  virtual void allreduce_now(TensorView send, TensorView recv, ReduceOp op,
+                             std::string_view name = {}) {
+    allreduce(send, recv, op, name).wait();
+  }
   virtual Work broadcast(TensorView buffer, int root, std::string_view name = {}) = 0;
   // recv holds size() * send.count elements, rank r's at offset r * send.count.
   virtual Work allgather(TensorView send, TensorView recv, std::string_view name = {}) = 0;

@@ -32,6 +32,10 @@ class MpiCommunicator final : public Communicator {
   // Defaults repeat the base class's (they bind to the static type).
   Work allreduce(TensorView send, TensorView recv, ReduceOp op,
                  std::string_view name = {}) override;
+  // Blocking MPI_Allreduce: Open MPI's tuned blocking algorithms beat its non-blocking ones by
+  // ~10 % on large buffers.
+  void allreduce_now(TensorView send, TensorView recv, ReduceOp op,
+                     std::string_view name = {}) override;
   Work broadcast(TensorView buffer, int root, std::string_view name = {}) override;
   Work allgather(TensorView send, TensorView recv, std::string_view name = {}) override;
   Work allgatherv(TensorView send, TensorView recv, std::span<const std::size_t> counts,

@@ -1,0 +1,470 @@
+// unimsg-bench-allreduce: an nccl-tests style allreduce sweep. Backends (raw MPI_Allreduce, the
+// unimsg engine) are measured interleaved — size by size, iteration by iteration — so that their
+// ratio comes from the same machine conditions.
+//
+//   mpirun -np 4 unimsg-bench-allreduce -b 8 -e 64M -f 2 -n 20 -w 5 -c 1 --backend mpi,engine
+
+#include <cxxopts.hpp>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "unimsg/cast.hpp"
+#include "unimsg/config.hpp"
+#include "unimsg/engine.hpp"
+#include "unimsg/error.hpp"
+#include "unimsg/mpi_communicator.hpp"
+#include "unimsg/runtime.hpp"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using unimsg::DType;
+using unimsg::ReduceOp;
+
+struct DTypeName {
+  const char* name;
+  DType dtype;
+};
+constexpr DTypeName kDTypes[] = {{"float", DType::kF32},     {"half", DType::kF16},
+                                 {"bfloat16", DType::kBF16}, {"double", DType::kF64},
+                                 {"int32", DType::kI32},     {"int64", DType::kI64},
+                                 {"uint8", DType::kU8}};
+
+DType parse_dtype(const std::string& text) {
+  for (const auto& d : kDTypes) {
+    if (text == d.name || text == unimsg::to_string(d.dtype)) return d.dtype;
+  }
+  throw unimsg::ConfigError(
+      unimsg::kNoRank, "-d",
+      "unknown datatype '" + text + "' (float, half, bfloat16, double, int32, int64, uint8)");
+}
+const char* dtype_name(DType dtype) {
+  for (const auto& d : kDTypes) {
+    if (d.dtype == dtype) return d.name;
+  }
+  return "?";
+}
+
+ReduceOp parse_op(const std::string& text) {
+  if (text == "sum") return ReduceOp::kSum;
+  if (text == "avg") return ReduceOp::kAvg;
+  if (text == "min") return ReduceOp::kMin;
+  if (text == "max") return ReduceOp::kMax;
+  throw unimsg::ConfigError(unimsg::kNoRank, "-o",
+                            "unknown op '" + text + "' (sum, avg, min, max)");
+}
+
+MPI_Datatype mpi_type(DType dtype) {
+  switch (dtype) {
+    case DType::kF32:
+      return MPI_FLOAT;
+    case DType::kF64:
+      return MPI_DOUBLE;
+    case DType::kI32:
+      return MPI_INT32_T;
+    case DType::kI64:
+      return MPI_INT64_T;
+    case DType::kU8:
+      return MPI_UINT8_T;
+    default:
+      return MPI_DATATYPE_NULL;  // no MPI type for f16/bf16
+  }
+}
+MPI_Op mpi_op(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kMin:
+      return MPI_MIN;
+    case ReduceOp::kMax:
+      return MPI_MAX;
+    default:
+      return MPI_SUM;
+  }
+}
+
+// Small integers: exact in every dtype for up to 8 ranks.
+double input(int rank, std::size_t i) {
+  return static_cast<double>((rank + i) % 7);
+}
+
+void write_value(std::byte* data, DType dtype, std::size_t i, double value) {
+  void* p = data + i * unimsg::dtype_size(dtype);
+  switch (dtype) {
+    case DType::kF32:
+      *static_cast<float*>(p) = static_cast<float>(value);
+      break;
+    case DType::kF64:
+      *static_cast<double*>(p) = value;
+      break;
+    case DType::kI32:
+      *static_cast<std::int32_t*>(p) = static_cast<std::int32_t>(value);
+      break;
+    case DType::kI64:
+      *static_cast<std::int64_t*>(p) = static_cast<std::int64_t>(value);
+      break;
+    case DType::kU8:
+      *static_cast<std::uint8_t*>(p) = static_cast<std::uint8_t>(value);
+      break;
+    case DType::kF16:
+      *static_cast<std::uint16_t*>(p) = unimsg::kernels::f32_to_f16(static_cast<float>(value));
+      break;
+    case DType::kBF16:
+      *static_cast<std::uint16_t*>(p) = unimsg::kernels::f32_to_bf16(static_cast<float>(value));
+      break;
+  }
+}
+double read_value(const std::byte* data, DType dtype, std::size_t i) {
+  const void* p = data + i * unimsg::dtype_size(dtype);
+  switch (dtype) {
+    case DType::kF32:
+      return *static_cast<const float*>(p);
+    case DType::kF64:
+      return *static_cast<const double*>(p);
+    case DType::kI32:
+      return *static_cast<const std::int32_t*>(p);
+    case DType::kI64:
+      return static_cast<double>(*static_cast<const std::int64_t*>(p));
+    case DType::kU8:
+      return *static_cast<const std::uint8_t*>(p);
+    case DType::kF16:
+      return unimsg::kernels::f16_to_f32(*static_cast<const std::uint16_t*>(p));
+    case DType::kBF16:
+      return unimsg::kernels::bf16_to_f32(*static_cast<const std::uint16_t*>(p));
+  }
+  return 0;
+}
+double expected(ReduceOp op, DType dtype, int ranks, std::size_t i) {
+  double result = input(0, i);
+  for (int r = 1; r < ranks; ++r) {
+    const double v = input(r, i);
+    if (op == ReduceOp::kMin)
+      result = std::min(result, v);
+    else if (op == ReduceOp::kMax)
+      result = std::max(result, v);
+    else
+      result += v;
+  }
+  if (op == ReduceOp::kAvg) {
+    const bool integer = dtype == DType::kI32 || dtype == DType::kI64 || dtype == DType::kU8;
+    result = integer ? std::trunc(result / ranks) : result / ranks;
+  }
+  return result;
+}
+
+struct Variant {
+  std::string backend;  // "mpi" or "engine"
+  int tensors = 1;
+};
+
+struct Measurement {
+  std::vector<double> times_us;
+  std::uint64_t wrong = 0;
+  double extra_wire_bytes = 0;  // engine: bus negotiation bytes per iteration
+};
+
+double percentile(std::vector<double> values, double p) {
+  if (values.empty()) return 0;
+  std::sort(values.begin(), values.end());
+  const std::size_t index =
+      std::min(values.size() - 1, static_cast<std::size_t>(p * static_cast<double>(values.size())));
+  return values[index];
+}
+
+int run(int argc, char** argv) {
+  cxxopts::Options cli("unimsg-bench-allreduce",
+                       "nccl-tests style allreduce sweep of raw MPI and the unimsg engine, "
+                       "measured interleaved. Run under mpirun.");
+  cli.add_options()("b,minbytes", "smallest size (K/M/G suffixes)",
+                    cxxopts::value<std::string>()->default_value("8"))(
+      "e,maxbytes", "largest size", cxxopts::value<std::string>()->default_value("64M"))(
+      "f,stepfactor", "size multiplier between rows", cxxopts::value<int>()->default_value("2"))(
+      "n,iters", "timed iterations per size", cxxopts::value<int>()->default_value("20"))(
+      "w,warmup_iters", "warm-up iterations per size", cxxopts::value<int>()->default_value("5"))(
+      "c,check", "check results (0/1)", cxxopts::value<int>()->default_value("1"))(
+      "d,datatype", "float, half, bfloat16, double, int32, int64, uint8",
+      cxxopts::value<std::string>()->default_value("float"))(
+      "o,op", "sum, avg, min, max", cxxopts::value<std::string>()->default_value("sum"))(
+      "backend", "mpi, engine, or a comma list measured interleaved (nccl: not built yet)",
+      cxxopts::value<std::string>()->default_value("mpi,engine"))(
+      "tensors", "split each size into K tensors (raw backends: K calls and 1 call)",
+      cxxopts::value<int>()->default_value("1"))("json", "one JSON object per row, from rank 0")(
+      "min-bw", "exit 1 when a backend's average bus bandwidth (GB/s) is below this",
+      cxxopts::value<double>()->default_value("0"))("stats", "add p50/p99 times per row")(
+      "h,help", "show this help");
+  const auto args = cli.parse(argc, argv);
+  if (args.count("help")) {
+    std::printf("%s\n", cli.help().c_str());
+    return 0;
+  }
+  const auto min_bytes = unimsg::parse_size(args["minbytes"].as<std::string>(), "-b");
+  const auto max_bytes = unimsg::parse_size(args["maxbytes"].as<std::string>(), "-e");
+  const int factor = args["stepfactor"].as<int>();
+  const int iters = args["iters"].as<int>();
+  const int warmup = args["warmup_iters"].as<int>();
+  const bool check = args["check"].as<int>() != 0;
+  const DType dtype = parse_dtype(args["datatype"].as<std::string>());
+  const ReduceOp op = parse_op(args["op"].as<std::string>());
+  const int tensors = args["tensors"].as<int>();
+  const bool json = args.count("json") > 0;
+  const bool stats = args.count("stats") > 0;
+  const double min_bw = args["min-bw"].as<double>();
+  if (factor < 2) throw unimsg::ConfigError(unimsg::kNoRank, "-f", "must be at least 2");
+  if (iters < 1 || warmup < 0)
+    throw unimsg::ConfigError(unimsg::kNoRank, "-n/-w", "-n >= 1, -w >= 0");
+  if (tensors < 1) throw unimsg::ConfigError(unimsg::kNoRank, "--tensors", "must be at least 1");
+  if (min_bytes == 0 || min_bytes > max_bytes) {
+    throw unimsg::ConfigError(unimsg::kNoRank, "-b/-e", "need 0 < minbytes <= maxbytes");
+  }
+  std::vector<Variant> variants;
+  {
+    std::stringstream list(args["backend"].as<std::string>());
+    std::string name;
+    while (std::getline(list, name, ',')) {
+      if (name == "mpi") {
+        if (mpi_type(dtype) == MPI_DATATYPE_NULL) {
+          throw unimsg::ConfigError(unimsg::kNoRank, "--backend",
+                                    std::string("raw MPI has no datatype for ") +
+                                        dtype_name(dtype) + "; use --backend engine");
+        }
+        variants.push_back({"mpi", tensors});
+        if (tensors > 1) variants.push_back({"mpi", 1});
+      } else if (name == "engine") {
+        variants.push_back({"engine", tensors});
+      } else if (name == "nccl") {
+        throw unimsg::ConfigError(unimsg::kNoRank, "--backend",
+                                  "the NCCL backend is not built yet (issue 3 continues)");
+      } else {
+        throw unimsg::ConfigError(unimsg::kNoRank, "--backend",
+                                  "unknown backend '" + name + "' (mpi, engine)");
+      }
+    }
+  }
+
+  unimsg::Runtime runtime(&argc, &argv);
+  const int rank = runtime.rank();
+  const int ranks = runtime.size();
+  unimsg::MpiCommunicator communicator(MPI_COMM_WORLD, runtime.bus());
+  std::unique_ptr<unimsg::Engine> engine;
+  for (const auto& v : variants) {
+    if (v.backend == "engine" && !engine) {
+      engine = std::make_unique<unimsg::Engine>(communicator, runtime.bus());
+    }
+  }
+  MPI_Comm raw = MPI_COMM_NULL;
+  MPI_Comm_dup(MPI_COMM_WORLD, &raw);
+  const std::size_t element = unimsg::dtype_size(dtype);
+  const double bus_factor = ranks > 1 ? 2.0 * (ranks - 1) / ranks : 0.0;
+
+  if (rank == 0 && !json) {
+    std::printf("# unimsg-bench-allreduce: %d ranks, %s %s, %d iters, %d warm-up, interleaved\n",
+                ranks, dtype_name(dtype), args["op"].as<std::string>().c_str(), iters, warmup);
+    std::printf("#%31s %12s %12s %6s %6s %41s %41s\n", "", "", "", "", "", "out-of-place",
+                "in-place");
+    std::printf("# %-8s %4s %12s %12s %8s %6s %6s %9s %8s %8s %6s %9s %8s %8s %6s\n", "backend",
+                "tens", "size", "count", "type", "redop", "root", "time", "algbw", "busbw",
+                "#wrong", "time", "algbw", "busbw", "#wrong");
+    std::printf("# %-8s %4s %12s %12s %8s %6s %6s %9s %8s %8s %6s %9s %8s %8s %6s\n", "", "", "(B)",
+                "(elements)", "", "", "", "(us)", "(GB/s)", "(GB/s)", "", "(us)", "(GB/s)",
+                "(GB/s)", "");
+    std::fflush(stdout);
+  }
+
+  std::map<std::string, std::pair<double, int>> bw_sum;  // per variant: sum of busbw, rows
+  std::uint64_t total_wrong = 0;
+  for (std::uint64_t bytes = min_bytes; bytes <= max_bytes;
+       bytes *= static_cast<std::uint64_t>(factor)) {
+    const std::size_t count = std::max<std::size_t>(1, bytes / element);
+    const std::size_t size_bytes = count * element;
+    std::vector<std::byte> send(size_bytes + 1), recv(size_bytes + 1), reference(size_bytes + 1);
+    for (std::size_t i = 0; i < count; ++i) write_value(reference.data(), dtype, i, input(rank, i));
+    // Tensor k covers [k * count / K, (k + 1) * count / K).
+    const auto slice = [&](int k, int of) {
+      const std::size_t begin = count * static_cast<std::size_t>(k) / static_cast<std::size_t>(of);
+      const std::size_t end =
+          count * static_cast<std::size_t>(k + 1) / static_cast<std::size_t>(of);
+      return std::pair<std::size_t, std::size_t>(begin, end - begin);
+    };
+
+    std::map<std::pair<std::size_t, bool>, Measurement> results;  // (variant, inplace)
+    const auto run_once = [&](std::size_t v, bool inplace, bool timed, int iteration) {
+      const Variant& variant = variants[v];
+      std::memcpy(send.data(), reference.data(), size_bytes);
+      if (inplace) std::memset(recv.data(), 0, size_bytes);
+      std::byte* result = inplace ? send.data() : recv.data();
+      const auto bus_before = runtime.bus().stats().sent_bytes;
+      MPI_Barrier(raw);
+      const auto start = Clock::now();
+      if (variant.backend == "mpi") {
+        for (int k = 0; k < variant.tensors; ++k) {
+          const auto [offset, n] = slice(k, variant.tensors);
+          MPI_Allreduce(inplace ? MPI_IN_PLACE : send.data() + offset * element,
+                        result + offset * element, static_cast<int>(n), mpi_type(dtype), mpi_op(op),
+                        raw);
+        }
+        if (op == ReduceOp::kAvg) {
+          for (std::size_t i = 0; i < count; ++i) {
+            write_value(result, dtype, i, read_value(result, dtype, i) / ranks);
+          }
+        }
+      } else {
+        // The engine reduces in place: out of place costs it a copy first, as it would a user.
+        if (!inplace) std::memcpy(result, send.data(), size_bytes);
+        std::vector<unimsg::Work> works;
+        for (int k = 0; k < variant.tensors; ++k) {
+          const auto [offset, n] = slice(k, variant.tensors);
+          works.push_back(engine->submit(
+              "bench." + std::to_string(k),
+              unimsg::TensorView{result + offset * element, n, dtype, unimsg::Device::kHost}, op));
+        }
+        for (auto& work : works) work.wait();
+      }
+      const double us = std::chrono::duration<double, std::micro>(Clock::now() - start).count();
+      if (!timed) return;
+      Measurement& m = results[{v, inplace}];
+      m.times_us.push_back(us);
+      m.extra_wire_bytes += static_cast<double>(runtime.bus().stats().sent_bytes - bus_before);
+      if (check && iteration == 0) {
+        for (std::size_t i = 0; i < count; ++i) {
+          const double want = expected(op, dtype, ranks, i);
+          const double got = read_value(result, dtype, i);
+          if (std::abs(got - want) > 1e-3 * std::abs(want)) ++m.wrong;
+        }
+      }
+    };
+    for (int w = 0; w < warmup; ++w) {
+      for (const bool inplace : {false, true}) {
+        for (std::size_t v = 0; v < variants.size(); ++v) run_once(v, inplace, false, w);
+      }
+    }
+    for (int it = 0; it < iters; ++it) {
+      for (const bool inplace : {false, true}) {
+        for (std::size_t v = 0; v < variants.size(); ++v) run_once(v, inplace, true, it);
+      }
+    }
+    // The slowest rank's time per iteration, and everyone's wrong counts.
+    for (auto& [key, m] : results) {
+      MPI_Allreduce(MPI_IN_PLACE, m.times_us.data(), static_cast<int>(m.times_us.size()),
+                    MPI_DOUBLE, MPI_MAX, raw);
+      MPI_Allreduce(MPI_IN_PLACE, &m.wrong, 1, MPI_UINT64_T, MPI_SUM, raw);
+    }
+    if (rank != 0) continue;
+    for (std::size_t v = 0; v < variants.size(); ++v) {
+      const Variant& variant = variants[v];
+      double row_time[2], row_alg[2], row_bus[2];
+      std::uint64_t row_wrong[2];
+      for (const bool inplace : {false, true}) {
+        const Measurement& m = results[{v, inplace}];
+        double total = 0;
+        for (const double t : m.times_us) total += t;
+        const double avg = total / static_cast<double>(m.times_us.size());
+        const double algbw = static_cast<double>(size_bytes) / (avg * 1e-6) / 1e9;
+        const double busbw = algbw * bus_factor;
+        const int i = inplace ? 1 : 0;
+        row_time[i] = avg;
+        row_alg[i] = algbw;
+        row_bus[i] = busbw;
+        row_wrong[i] = m.wrong;
+        total_wrong += m.wrong;
+        auto& sum = bw_sum[variant.backend + "/" + std::to_string(variant.tensors)];
+        sum.first += busbw;
+        sum.second += 1;
+        if (json) {
+          nlohmann::json row = {
+              {"backend", variant.backend},
+              {"compress", "none"},
+              {"tensors", variant.tensors},
+              {"inplace", inplace},
+              {"bytes", size_bytes},
+              {"count", count},
+              {"dtype", dtype_name(dtype)},
+              {"op", args["op"].as<std::string>()},
+              {"ranks", ranks},
+              {"time_us", avg},
+              {"algbw", algbw},
+              {"busbw", busbw},
+              {"wrong", m.wrong},
+              {"wire_bytes", static_cast<double>(size_bytes) * bus_factor +
+                                 m.extra_wire_bytes / static_cast<double>(m.times_us.size())}};
+          if (stats) {
+            row["p50_us"] = percentile(m.times_us, 0.5);
+            row["p99_us"] = percentile(m.times_us, 0.99);
+          }
+          std::printf("%s\n", row.dump().c_str());
+        }
+      }
+      if (!json) {
+        std::printf(
+            "  %-8s %4d %12zu %12zu %8s %6s %6d %9.1f %8.2f %8.2f %6llu %9.1f %8.2f %8.2f %6llu",
+            variant.backend.c_str(), variant.tensors, size_bytes, count, dtype_name(dtype),
+            args["op"].as<std::string>().c_str(), -1, row_time[0], row_alg[0], row_bus[0],
+            static_cast<unsigned long long>(row_wrong[0]), row_time[1], row_alg[1], row_bus[1],
+            static_cast<unsigned long long>(row_wrong[1]));
+        if (stats) {
+          std::printf("   p50 %.1f p99 %.1f us", percentile(results[{v, true}].times_us, 0.5),
+                      percentile(results[{v, true}].times_us, 0.99));
+        }
+        std::printf("\n");
+      }
+    }
+    std::fflush(stdout);
+  }
+  int exit_code = 0;
+  if (engine && rank == 0) {
+    const auto s = engine->stats();
+    if (!json) {
+      std::printf(
+          "# engine: %llu cycles, %llu negotiation rounds, %llu cache hits, %llu tensors in "
+          "%llu collectives\n",
+          static_cast<unsigned long long>(s.cycles),
+          static_cast<unsigned long long>(s.negotiation_rounds),
+          static_cast<unsigned long long>(s.cache_hits),
+          static_cast<unsigned long long>(s.tensors_reduced),
+          static_cast<unsigned long long>(s.collectives));
+    }
+  }
+  if (rank == 0) {
+    if (!json)
+      std::printf("# Out of bounds values : %llu %s\n",
+                  static_cast<unsigned long long>(total_wrong), total_wrong ? "FAILED" : "OK");
+    for (const auto& [name, sum] : bw_sum) {
+      const double avg = sum.first / sum.second;
+      if (!json) std::printf("# Avg bus bandwidth    : %.4f GB/s (%s)\n", avg, name.c_str());
+      if (min_bw > 0 && avg < min_bw) {
+        std::fprintf(
+            stderr,
+            "unimsg-bench-allreduce: %s average bus bandwidth %.4f GB/s is below --min-bw %.4f\n",
+            name.c_str(), avg, min_bw);
+        exit_code = 1;
+      }
+    }
+    if (total_wrong) exit_code = 1;
+  }
+  MPI_Bcast(&exit_code, 1, MPI_INT, 0, raw);
+  MPI_Comm_free(&raw);
+  return exit_code;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const cxxopts::exceptions::exception& error) {
+    std::fprintf(stderr, "unimsg-bench-allreduce: %s (see --help)\n", error.what());
+    return 2;
+  } catch (const unimsg::ConfigError& error) {
+    std::fprintf(stderr, "unimsg-bench-allreduce: %s\n", error.what());
+    return 2;
+  } catch (const std::exception& error) {
+    std::fprintf(stderr, "unimsg-bench-allreduce: %s\n", error.what());
+    return 1;
+  }
+}
