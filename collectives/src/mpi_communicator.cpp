@@ -4,9 +4,9 @@
 #include <atomic>
 #include <climits>
 #include <cstring>
-#include <random>
 #include <vector>
 
+#include "progress_tracker.hpp"
 #include "unimsg/cast.hpp"
 #include "unimsg/config.hpp"
 #include "unimsg/error.hpp"
@@ -18,9 +18,7 @@ namespace detail {
 struct MpiCommState {
   MpiComm comm;
   Bus* bus = nullptr;
-  std::vector<int> world_ranks;  // bus rank of each member
-  Topic topic = 0;               // where members answer "how far are you?"
-  std::atomic<std::uint64_t> started{0};
+  std::unique_ptr<ProgressTracker> progress;
 };
 
 }  // namespace detail
@@ -159,41 +157,10 @@ struct Pending {
   std::vector<int> displacements;
 };
 
-std::string query_missing(const std::shared_ptr<MpiCommState>& state, std::uint64_t op_index) {
-  Bus& bus = *state->bus;
-  std::vector<std::pair<int, PendingReply>> asked;
-  for (int member = 0; member < state->comm.size(); ++member) {
-    std::vector<std::byte> payload(8);
-    std::memcpy(payload.data(), &op_index, 8);
-    try {
-      asked.emplace_back(member, bus.request(state->world_ranks[static_cast<std::size_t>(member)],
-                                             Message::make(Kind::kNegotiation, state->topic,
-                                                           Payload(std::move(payload))),
-                                             std::chrono::seconds(2)));
-    } catch (const Error&) {
-      asked.emplace_back(member, PendingReply{});
-    }
-  }
-  std::string missing;
-  for (auto& [member, reply] : asked) {
-    std::string verdict;
-    try {
-      const Message answer = reply.get();
-      std::uint64_t started = 0;
-      if (answer.payload.size() == 8) std::memcpy(&started, answer.payload.data(), 8);
-      if (started < op_index) verdict = std::to_string(member);
-    } catch (const Error&) {
-      verdict = std::to_string(member) + " (no answer)";
-    }
-    if (!verdict.empty()) missing += (missing.empty() ? "" : ", ") + verdict;
-  }
-  return "[" + missing + "]";
-}
-
 Work make_work(const std::shared_ptr<MpiCommState>& state, std::chrono::nanoseconds timeout,
                std::shared_ptr<Pending> pending, std::string description,
                std::function<void()> finish) {
-  const std::uint64_t op_index = state->started.fetch_add(1) + 1;
+  const std::uint64_t op_index = state->progress->start();
   Work::Operation operation;
   operation.description = std::move(description);
   operation.rank = state->comm.rank();
@@ -204,7 +171,7 @@ Work make_work(const std::shared_ptr<MpiCommState>& state, std::chrono::nanoseco
   };
   operation.finish = std::move(finish);
   operation.default_timeout = timeout;
-  operation.missing_ranks = [state, op_index] { return query_missing(state, op_index); };
+  operation.missing_ranks = state->progress->missing_ranks(op_index);
   return Work(std::move(operation));
 }
 
@@ -214,40 +181,12 @@ MpiCommunicator::MpiCommunicator(MPI_Comm parent, Bus& bus)
     : state_(std::make_shared<detail::MpiCommState>()) {
   state_->comm = MpiComm(parent);
   state_->bus = &bus;
-  MPI_Comm comm = state_->comm.get();
-  check_mpi(MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN), state_->comm.rank(),
+  check_mpi(MPI_Comm_set_errhandler(state_->comm.get(), MPI_ERRORS_RETURN), state_->comm.rank(),
             "MPI_Comm_set_errhandler");
-  // Members' ranks on the bus (which spans the world).
-  MPI_Group group = MPI_GROUP_NULL;
-  MPI_Group world_group = MPI_GROUP_NULL;
-  MPI_Comm_group(comm, &group);
-  MPI_Comm_group(MPI_COMM_WORLD, &world_group);
-  std::vector<int> local(static_cast<std::size_t>(state_->comm.size()));
-  for (int i = 0; i < state_->comm.size(); ++i) local[static_cast<std::size_t>(i)] = i;
-  state_->world_ranks.resize(local.size());
-  MPI_Group_translate_ranks(group, static_cast<int>(local.size()), local.data(), world_group,
-                            state_->world_ranks.data());
-  MPI_Group_free(&group);
-  MPI_Group_free(&world_group);
-  // A topic of its own for progress queries, drawn by rank 0 and shared.
-  std::uint32_t draw = 0;
-  if (state_->comm.rank() == 0) draw = std::random_device{}();
-  check_mpi(MPI_Bcast(&draw, 1, MPI_UINT32_T, 0, comm), state_->comm.rank(), "MPI_Bcast");
-  state_->topic = kServiceTopicBase + draw % (kReservedTopicBase - kServiceTopicBase);
+  state_->progress = std::make_unique<detail::ProgressTracker>(state_->comm.get(), bus);
   if (const auto seconds = env_uint("UNIMSG_COLLECTIVE_TIMEOUT_S", 1, 7 * 24 * 3600)) {
     set_default_timeout(std::chrono::seconds(*seconds));
   }
-  std::weak_ptr<detail::MpiCommState> weak = state_;
-  progress_query_ = bus.subscribe(
-      {Kind::kNegotiation, state_->topic, std::nullopt}, [weak, &bus](const Message& query) {
-        const auto state = weak.lock();
-        if (!state) return;
-        std::vector<std::byte> payload(8);
-        const std::uint64_t started = state->started.load();
-        std::memcpy(payload.data(), &started, 8);
-        bus.reply(query.header, Message::make(Kind::kNegotiation, query.header.topic,
-                                              Payload(std::move(payload))));
-      });
 }
 
 MpiCommunicator::~MpiCommunicator() = default;
@@ -259,7 +198,7 @@ int MpiCommunicator::size() const noexcept {
   return state_->comm.size();
 }
 const std::vector<int>& MpiCommunicator::world_ranks() const noexcept {
-  return state_->world_ranks;
+  return state_->progress->world_ranks();
 }
 
 Work MpiCommunicator::allreduce(TensorView send, TensorView recv, ReduceOp op,
@@ -313,7 +252,7 @@ void MpiCommunicator::allreduce_now(TensorView send, TensorView recv, ReduceOp o
                     (name.empty() ? "" : " ('" + std::string(name) + "')"));
   }
   const int count = as_count(send.count, rank(), what);
-  state_->started.fetch_add(1);
+  state_->progress->start();
   if (is_half(send.dtype)) {
     std::vector<float> wide = widen(send.data, send.count, send.dtype);
     check_mpi(

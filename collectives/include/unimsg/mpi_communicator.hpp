@@ -48,7 +48,6 @@ class MpiCommunicator final : public Communicator {
 
  private:
   std::shared_ptr<detail::MpiCommState> state_;
-  Subscription progress_query_;
 };
 
 }  // namespace unimsg
