@@ -106,6 +106,7 @@ void Work::wait(std::chrono::nanoseconds timeout) {
   }
   const auto& op = state_->operation;
   const std::string missing = op.missing_ranks ? op.missing_ranks() : "unknown";
+  if (op.on_timeout) op.on_timeout();
   throw TimeoutError(
       op.rank, "collective.wait",
       op.description + " did not complete within " +

@@ -28,6 +28,9 @@ class Work {
     std::function<void()> finish;  // runs once, after poll() returned true
     // Optional: sleep until complete or the deadline (true: complete). Without it wait() polls,
     // which is right for MPI requests that progress only when tested.
+    // Optional: runs when a wait times out, before the TimeoutError (NCCL aborts its
+    // communicator here, as a hung collective cannot be cancelled).
+    std::function<void()> on_timeout;
     std::function<bool(std::chrono::steady_clock::time_point)> block;
     std::function<std::string()> missing_ranks;  // for timeout messages
     int rank = -1;
