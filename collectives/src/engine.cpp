@@ -148,6 +148,7 @@ struct EngineCore {
   std::map<std::string, LocalTensor> pending;
   std::vector<CacheEntry> cache;
   std::unordered_map<std::string, std::size_t> cache_index;
+  std::vector<LocalTensor*> slot_owner;  // this cycle: the pending tensor ready in each slot
   std::uint64_t use_clock = 0;
   std::vector<std::byte> fusion_buffer;
   std::vector<std::string> table_order;  // rank 0: first-seen order
@@ -244,6 +245,7 @@ bool EngineCore::cycle() {
   std::uint8_t& not_joined = state[2 * slots + 2];
   for (std::size_t i = 0; i < slots; ++i) not_ready[i] = (joined_here && cache[i].valid) ? 0 : 1;
   const auto now = Clock::now();
+  slot_owner.assign(slots, nullptr);
   for (auto& [name, tensor] : pending) {
     tensor.cached = SIZE_MAX;
     if (tensor.sent) continue;
@@ -263,6 +265,7 @@ bool EngineCore::cycle() {
     } else {
       not_ready[slot] = 0;
       tensor.cached = slot;
+      slot_owner[slot] = &tensor;
     }
   }
   if (rank == 0) {
@@ -294,9 +297,8 @@ bool EngineCore::cycle() {
     if (!invalid[i] || !cache[i].valid) continue;
     cache_index.erase(cache[i].name);
     cache[i].valid = false;
-    for (auto& [name, tensor] : pending) {
-      if (tensor.cached == i) tensor.cached = SIZE_MAX;
-    }
+    if (slot_owner[i] != nullptr) slot_owner[i]->cached = SIZE_MAX;
+    slot_owner[i] = nullptr;
   }
   std::vector<std::size_t> ready;
   if (!all_joined) {
@@ -481,10 +483,7 @@ void EngineCore::execute(const std::vector<std::size_t>& ready,
   std::vector<std::pair<Signature, LocalTensor*>> items;
   for (const std::size_t slot : ready) {
     cache[slot].last_used = ++use_clock;
-    LocalTensor* local = nullptr;
-    for (auto& [name, tensor] : pending) {
-      if (tensor.cached == slot) local = &tensor;
-    }
+    LocalTensor* local = slot_owner[slot];
     if (local != nullptr) hits.fetch_add(1, std::memory_order_relaxed);
     items.emplace_back(cache[slot].signature, local);
   }
@@ -660,6 +659,7 @@ Work Engine::submit_group(std::vector<std::pair<std::string, TensorView>> tensor
   auto completion = std::make_shared<detail::Completion>();
   completion->remaining = static_cast<int>(tensors.size());
   std::string description = std::string("engine allreduce ") + to_string(op);
+  bool first_of_batch = false;
   {
     std::lock_guard lock(core_->mutex);
     if (core_->fatal) std::rethrow_exception(core_->fatal);
@@ -689,9 +689,12 @@ Work Engine::submit_group(std::vector<std::pair<std::string, TensorView>> tensor
       tensor.submitted = now;
       core_->incoming.push_back(std::move(tensor));
     }
+    // Only the first submission of a batch wakes the engine thread (a wake-up is a context
+    // switch); it then waits for the submissions to pause by itself.
+    first_of_batch = core_->incoming.size() == tensors.size();
     core_->last_submit = now;
   }
-  core_->wake_cv.notify_one();
+  if (first_of_batch) core_->wake_cv.notify_one();
   Work::Operation operation;
   operation.description = description;
   operation.rank = core_->bus.rank();
