@@ -17,7 +17,6 @@
 #include <string>
 #include <vector>
 
-#include "unimsg/cast.hpp"
 #include "unimsg/config.hpp"
 #include "unimsg/engine.hpp"
 #include "unimsg/error.hpp"
@@ -63,22 +62,6 @@ ReduceOp parse_op(const std::string& text) {
                             "unknown op '" + text + "' (sum, avg, min, max)");
 }
 
-MPI_Datatype mpi_type(DType dtype) {
-  switch (dtype) {
-    case DType::kF32:
-      return MPI_FLOAT;
-    case DType::kF64:
-      return MPI_DOUBLE;
-    case DType::kI32:
-      return MPI_INT32_T;
-    case DType::kI64:
-      return MPI_INT64_T;
-    case DType::kU8:
-      return MPI_UINT8_T;
-    default:
-      return MPI_DATATYPE_NULL;  // no MPI type for f16/bf16
-  }
-}
 MPI_Op mpi_op(ReduceOp op) {
   switch (op) {
     case ReduceOp::kMin:
@@ -95,52 +78,6 @@ double input(int rank, std::size_t i) {
   return static_cast<double>((rank + i) % 7);
 }
 
-void write_value(std::byte* data, DType dtype, std::size_t i, double value) {
-  void* p = data + i * unimsg::dtype_size(dtype);
-  switch (dtype) {
-    case DType::kF32:
-      *static_cast<float*>(p) = static_cast<float>(value);
-      break;
-    case DType::kF64:
-      *static_cast<double*>(p) = value;
-      break;
-    case DType::kI32:
-      *static_cast<std::int32_t*>(p) = static_cast<std::int32_t>(value);
-      break;
-    case DType::kI64:
-      *static_cast<std::int64_t*>(p) = static_cast<std::int64_t>(value);
-      break;
-    case DType::kU8:
-      *static_cast<std::uint8_t*>(p) = static_cast<std::uint8_t>(value);
-      break;
-    case DType::kF16:
-      *static_cast<std::uint16_t*>(p) = unimsg::kernels::f32_to_f16(static_cast<float>(value));
-      break;
-    case DType::kBF16:
-      *static_cast<std::uint16_t*>(p) = unimsg::kernels::f32_to_bf16(static_cast<float>(value));
-      break;
-  }
-}
-double read_value(const std::byte* data, DType dtype, std::size_t i) {
-  const void* p = data + i * unimsg::dtype_size(dtype);
-  switch (dtype) {
-    case DType::kF32:
-      return *static_cast<const float*>(p);
-    case DType::kF64:
-      return *static_cast<const double*>(p);
-    case DType::kI32:
-      return *static_cast<const std::int32_t*>(p);
-    case DType::kI64:
-      return static_cast<double>(*static_cast<const std::int64_t*>(p));
-    case DType::kU8:
-      return *static_cast<const std::uint8_t*>(p);
-    case DType::kF16:
-      return unimsg::kernels::f16_to_f32(*static_cast<const std::uint16_t*>(p));
-    case DType::kBF16:
-      return unimsg::kernels::bf16_to_f32(*static_cast<const std::uint16_t*>(p));
-  }
-  return 0;
-}
 double expected(ReduceOp op, DType dtype, int ranks, std::size_t i) {
   double result = input(0, i);
   for (int r = 1; r < ranks; ++r) {
@@ -229,7 +166,7 @@ int run(int argc, char** argv) {
     std::string name;
     while (std::getline(list, name, ',')) {
       if (name == "mpi") {
-        if (mpi_type(dtype) == MPI_DATATYPE_NULL) {
+        if (unimsg::mpi_datatype(dtype) == MPI_DATATYPE_NULL) {
           throw unimsg::ConfigError(unimsg::kNoRank, "--backend",
                                     std::string("raw MPI has no datatype for ") +
                                         dtype_name(dtype) + "; use --backend engine");
@@ -284,7 +221,8 @@ int run(int argc, char** argv) {
     const std::size_t count = std::max<std::size_t>(1, bytes / element);
     const std::size_t size_bytes = count * element;
     std::vector<std::byte> send(size_bytes + 1), recv(size_bytes + 1), reference(size_bytes + 1);
-    for (std::size_t i = 0; i < count; ++i) write_value(reference.data(), dtype, i, input(rank, i));
+    for (std::size_t i = 0; i < count; ++i)
+      unimsg::store_element(reference.data(), dtype, i, input(rank, i));
     // Tensor k covers [k * count / K, (k + 1) * count / K).
     const auto slice = [&](int k, int of) {
       const std::size_t begin = count * static_cast<std::size_t>(k) / static_cast<std::size_t>(of);
@@ -306,12 +244,12 @@ int run(int argc, char** argv) {
         for (int k = 0; k < variant.tensors; ++k) {
           const auto [offset, n] = slice(k, variant.tensors);
           MPI_Allreduce(inplace ? MPI_IN_PLACE : send.data() + offset * element,
-                        result + offset * element, static_cast<int>(n), mpi_type(dtype), mpi_op(op),
-                        raw);
+                        result + offset * element, static_cast<int>(n), unimsg::mpi_datatype(dtype),
+                        mpi_op(op), raw);
         }
         if (op == ReduceOp::kAvg) {
           for (std::size_t i = 0; i < count; ++i) {
-            write_value(result, dtype, i, read_value(result, dtype, i) / ranks);
+            unimsg::store_element(result, dtype, i, unimsg::load_element(result, dtype, i) / ranks);
           }
         }
       } else {
@@ -334,7 +272,7 @@ int run(int argc, char** argv) {
       if (check && iteration == 0) {
         for (std::size_t i = 0; i < count; ++i) {
           const double want = expected(op, dtype, ranks, i);
-          const double got = read_value(result, dtype, i);
+          const double got = unimsg::load_element(result, dtype, i);
           if (std::abs(got - want) > 1e-3 * std::abs(want)) ++m.wrong;
         }
       }

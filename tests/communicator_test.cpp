@@ -28,52 +28,8 @@ class Buffer {
   Buffer(DType dtype, std::size_t count)
       : dtype_(dtype), count_(count), bytes_(count * dtype_size(dtype) + 1) {}
 
-  void set(std::size_t i, double value) {
-    void* p = bytes_.data() + i * dtype_size(dtype_);
-    switch (dtype_) {
-      case DType::kF32:
-        *static_cast<float*>(p) = static_cast<float>(value);
-        break;
-      case DType::kF64:
-        *static_cast<double*>(p) = value;
-        break;
-      case DType::kI32:
-        *static_cast<std::int32_t*>(p) = static_cast<std::int32_t>(value);
-        break;
-      case DType::kI64:
-        *static_cast<std::int64_t*>(p) = static_cast<std::int64_t>(value);
-        break;
-      case DType::kU8:
-        *static_cast<std::uint8_t*>(p) = static_cast<std::uint8_t>(value);
-        break;
-      case DType::kF16:
-        *static_cast<std::uint16_t*>(p) = kernels::f32_to_f16(static_cast<float>(value));
-        break;
-      case DType::kBF16:
-        *static_cast<std::uint16_t*>(p) = kernels::f32_to_bf16(static_cast<float>(value));
-        break;
-    }
-  }
-  double get(std::size_t i) const {
-    const void* p = bytes_.data() + i * dtype_size(dtype_);
-    switch (dtype_) {
-      case DType::kF32:
-        return *static_cast<const float*>(p);
-      case DType::kF64:
-        return *static_cast<const double*>(p);
-      case DType::kI32:
-        return *static_cast<const std::int32_t*>(p);
-      case DType::kI64:
-        return static_cast<double>(*static_cast<const std::int64_t*>(p));
-      case DType::kU8:
-        return *static_cast<const std::uint8_t*>(p);
-      case DType::kF16:
-        return kernels::f16_to_f32(*static_cast<const std::uint16_t*>(p));
-      case DType::kBF16:
-        return kernels::bf16_to_f32(*static_cast<const std::uint16_t*>(p));
-    }
-    return 0;
-  }
+  void set(std::size_t i, double value) { store_element(bytes_.data(), dtype_, i, value); }
+  double get(std::size_t i) const { return load_element(bytes_.data(), dtype_, i); }
   TensorView view() { return TensorView{bytes_.data(), count_, dtype_, Device::kHost}; }
   TensorView view_at(std::size_t offset, std::size_t count) {
     return TensorView{bytes_.data() + offset * dtype_size(dtype_), count, dtype_, Device::kHost};

@@ -2,6 +2,7 @@
 
 #include <thread>
 
+#include "unimsg/cast.hpp"
 #include "unimsg/error.hpp"
 
 namespace unimsg {
@@ -58,6 +59,54 @@ const char* to_string(ReduceOp op) noexcept {
       return "max";
   }
   return "unknown";
+}
+
+double load_element(const void* data, DType dtype, std::size_t index) noexcept {
+  const void* p = static_cast<const std::byte*>(data) + index * dtype_size(dtype);
+  switch (dtype) {
+    case DType::kF32:
+      return *static_cast<const float*>(p);
+    case DType::kF64:
+      return *static_cast<const double*>(p);
+    case DType::kI32:
+      return *static_cast<const std::int32_t*>(p);
+    case DType::kI64:
+      return static_cast<double>(*static_cast<const std::int64_t*>(p));
+    case DType::kU8:
+      return *static_cast<const std::uint8_t*>(p);
+    case DType::kF16:
+      return kernels::f16_to_f32(*static_cast<const std::uint16_t*>(p));
+    case DType::kBF16:
+      return kernels::bf16_to_f32(*static_cast<const std::uint16_t*>(p));
+  }
+  return 0;
+}
+
+void store_element(void* data, DType dtype, std::size_t index, double value) noexcept {
+  void* p = static_cast<std::byte*>(data) + index * dtype_size(dtype);
+  switch (dtype) {
+    case DType::kF32:
+      *static_cast<float*>(p) = static_cast<float>(value);
+      break;
+    case DType::kF64:
+      *static_cast<double*>(p) = value;
+      break;
+    case DType::kI32:
+      *static_cast<std::int32_t*>(p) = static_cast<std::int32_t>(value);
+      break;
+    case DType::kI64:
+      *static_cast<std::int64_t*>(p) = static_cast<std::int64_t>(value);
+      break;
+    case DType::kU8:
+      *static_cast<std::uint8_t*>(p) = static_cast<std::uint8_t>(value);
+      break;
+    case DType::kF16:
+      *static_cast<std::uint16_t*>(p) = kernels::f32_to_f16(static_cast<float>(value));
+      break;
+    case DType::kBF16:
+      *static_cast<std::uint16_t*>(p) = kernels::f32_to_bf16(static_cast<float>(value));
+      break;
+  }
 }
 
 struct Work::State {

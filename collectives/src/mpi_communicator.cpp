@@ -31,7 +31,7 @@ bool is_half(DType dtype) {
   return dtype == DType::kF16 || dtype == DType::kBF16;
 }
 
-MPI_Datatype mpi_type(DType dtype) {
+MPI_Datatype mpi_type_or_bits(DType dtype) {
   switch (dtype) {
     case DType::kF32:
       return MPI_FLOAT;
@@ -90,11 +90,23 @@ void check_host(const TensorView& view, int rank, const std::string& what) {
   }
 }
 
-void check_same_dtype(const TensorView& a, const TensorView& b, int rank, const std::string& what) {
+void check_pair(const TensorView& a, const TensorView& b, int rank, const std::string& what) {
+  check_host(a, rank, what);
+  check_host(b, rank, what);
   if (a.dtype != b.dtype) {
     throw Error(
         rank, what,
         std::string("send is ") + to_string(a.dtype) + " but recv is " + to_string(b.dtype));
+  }
+}
+
+void check_allreduce(const TensorView& send, const TensorView& recv, int rank,
+                     const std::string& what) {
+  check_pair(send, recv, rank, what);
+  if (send.count != recv.count) {
+    throw Error(
+        rank, what,
+        "send has " + std::to_string(send.count) + " elements, recv " + std::to_string(recv.count));
   }
 }
 
@@ -177,6 +189,11 @@ Work make_work(const std::shared_ptr<MpiCommState>& state, std::chrono::nanoseco
 
 }  // namespace
 
+MPI_Datatype mpi_datatype(DType dtype) noexcept {
+  return dtype == DType::kF16 || dtype == DType::kBF16 ? MPI_DATATYPE_NULL
+                                                       : mpi_type_or_bits(dtype);
+}
+
 MpiCommunicator::MpiCommunicator(MPI_Comm parent, Bus& bus)
     : state_(std::make_shared<detail::MpiCommState>()) {
   state_->comm = MpiComm(parent);
@@ -204,14 +221,7 @@ const std::vector<int>& MpiCommunicator::world_ranks() const noexcept {
 Work MpiCommunicator::allreduce(TensorView send, TensorView recv, ReduceOp op,
                                 std::string_view name) {
   const std::string what = "allreduce";
-  check_host(send, rank(), what);
-  check_host(recv, rank(), what);
-  check_same_dtype(send, recv, rank(), what);
-  if (send.count != recv.count) {
-    throw Error(
-        rank(), what,
-        "send has " + std::to_string(send.count) + " elements, recv " + std::to_string(recv.count));
-  }
+  check_allreduce(send, recv, rank(), what);
   const int count = as_count(send.count, rank(), what);
   const bool in_place = send.data == recv.data;
   auto pending = std::make_shared<Pending>();
@@ -227,10 +237,10 @@ Work MpiCommunicator::allreduce(TensorView send, TensorView recv, ReduceOp op,
       narrow(pending->wide_out.data(), recv.data, recv.count, recv.dtype);
     };
   } else {
-    check_mpi(
-        MPI_Iallreduce(in_place ? MPI_IN_PLACE : send.data, recv.data, count, mpi_type(send.dtype),
-                       mpi_op(op), state_->comm.get(), &pending->request),
-        rank(), "MPI_Iallreduce");
+    check_mpi(MPI_Iallreduce(in_place ? MPI_IN_PLACE : send.data, recv.data, count,
+                             mpi_type_or_bits(send.dtype), mpi_op(op), state_->comm.get(),
+                             &pending->request),
+              rank(), "MPI_Iallreduce");
     if (op == ReduceOp::kAvg) {
       finish = [recv, ranks] { divide(recv.data, recv.count, recv.dtype, ranks); };
     }
@@ -241,16 +251,8 @@ Work MpiCommunicator::allreduce(TensorView send, TensorView recv, ReduceOp op,
 
 void MpiCommunicator::allreduce_now(TensorView send, TensorView recv, ReduceOp op,
                                     std::string_view name) {
-  const std::string what = "allreduce";
-  check_host(send, rank(), what);
-  check_host(recv, rank(), what);
-  check_same_dtype(send, recv, rank(), what);
-  if (send.count != recv.count) {
-    throw Error(rank(), what,
-                "send has " + std::to_string(send.count) + " elements, recv " +
-                    std::to_string(recv.count) +
-                    (name.empty() ? "" : " ('" + std::string(name) + "')"));
-  }
+  const std::string what = name.empty() ? "allreduce" : "allreduce '" + std::string(name) + "'";
+  check_allreduce(send, recv, rank(), what);
   const int count = as_count(send.count, rank(), what);
   state_->progress->start();
   if (is_half(send.dtype)) {
@@ -263,7 +265,7 @@ void MpiCommunicator::allreduce_now(TensorView send, TensorView recv, ReduceOp o
     return;
   }
   check_mpi(MPI_Allreduce(send.data == recv.data ? MPI_IN_PLACE : send.data, recv.data, count,
-                          mpi_type(send.dtype), mpi_op(op), state_->comm.get()),
+                          mpi_type_or_bits(send.dtype), mpi_op(op), state_->comm.get()),
             rank(), "MPI_Allreduce");
   if (op == ReduceOp::kAvg) divide(recv.data, recv.count, recv.dtype, size());
 }
@@ -276,17 +278,15 @@ Work MpiCommunicator::broadcast(TensorView buffer, int root, std::string_view na
                 "root " + std::to_string(root) + " is outside 0.." + std::to_string(size() - 1));
   }
   auto pending = std::make_shared<Pending>();
-  check_mpi(MPI_Ibcast(buffer.data, as_count(buffer.count, rank(), what), mpi_type(buffer.dtype),
-                       root, state_->comm.get(), &pending->request),
+  check_mpi(MPI_Ibcast(buffer.data, as_count(buffer.count, rank(), what),
+                       mpi_type_or_bits(buffer.dtype), root, state_->comm.get(), &pending->request),
             rank(), "MPI_Ibcast");
   return make_work(state_, default_timeout(), pending, describe("broadcast", buffer, name), {});
 }
 
 Work MpiCommunicator::allgather(TensorView send, TensorView recv, std::string_view name) {
   const std::string what = "allgather";
-  check_host(send, rank(), what);
-  check_host(recv, rank(), what);
-  check_same_dtype(send, recv, rank(), what);
+  check_pair(send, recv, rank(), what);
   if (recv.count != send.count * static_cast<std::size_t>(size())) {
     throw Error(rank(), what,
                 "recv has " + std::to_string(recv.count) + " elements, needs " +
@@ -298,19 +298,17 @@ Work MpiCommunicator::allgather(TensorView send, TensorView recv, std::string_vi
       static_cast<const std::byte*>(recv.data) + static_cast<std::size_t>(rank()) * send.bytes();
   const bool in_place = recv.data != nullptr && send.data == own_slice;
   auto pending = std::make_shared<Pending>();
-  check_mpi(
-      MPI_Iallgather(in_place ? MPI_IN_PLACE : send.data, count, mpi_type(send.dtype), recv.data,
-                     count, mpi_type(send.dtype), state_->comm.get(), &pending->request),
-      rank(), "MPI_Iallgather");
+  check_mpi(MPI_Iallgather(in_place ? MPI_IN_PLACE : send.data, count, mpi_type_or_bits(send.dtype),
+                           recv.data, count, mpi_type_or_bits(send.dtype), state_->comm.get(),
+                           &pending->request),
+            rank(), "MPI_Iallgather");
   return make_work(state_, default_timeout(), pending, describe("allgather", send, name), {});
 }
 
 Work MpiCommunicator::allgatherv(TensorView send, TensorView recv,
                                  std::span<const std::size_t> counts, std::string_view name) {
   const std::string what = "allgatherv";
-  check_host(send, rank(), what);
-  check_host(recv, rank(), what);
-  check_same_dtype(send, recv, rank(), what);
+  check_pair(send, recv, rank(), what);
   if (counts.size() != static_cast<std::size_t>(size())) {
     throw Error(rank(), what,
                 std::to_string(counts.size()) + " counts for " + std::to_string(size()) + " ranks");
@@ -333,19 +331,18 @@ Work MpiCommunicator::allgatherv(TensorView send, TensorView recv,
                 "recv has " + std::to_string(recv.count) + " elements, the counts add up to " +
                     std::to_string(total));
   }
-  check_mpi(MPI_Iallgatherv(send.data, as_count(send.count, rank(), what), mpi_type(send.dtype),
-                            recv.data, pending->counts.data(), pending->displacements.data(),
-                            mpi_type(send.dtype), state_->comm.get(), &pending->request),
-            rank(), "MPI_Iallgatherv");
+  check_mpi(
+      MPI_Iallgatherv(send.data, as_count(send.count, rank(), what), mpi_type_or_bits(send.dtype),
+                      recv.data, pending->counts.data(), pending->displacements.data(),
+                      mpi_type_or_bits(send.dtype), state_->comm.get(), &pending->request),
+      rank(), "MPI_Iallgatherv");
   return make_work(state_, default_timeout(), pending, describe("allgatherv", send, name), {});
 }
 
 Work MpiCommunicator::reduce_scatter(TensorView send, TensorView recv, ReduceOp op,
                                      std::string_view name) {
   const std::string what = "reduce_scatter";
-  check_host(send, rank(), what);
-  check_host(recv, rank(), what);
-  check_same_dtype(send, recv, rank(), what);
+  check_pair(send, recv, rank(), what);
   const bool in_place = send.data == recv.data;
   const std::size_t share = reduce_scatter_share(send.count, size(), rank());
   if (!in_place && recv.count != share) {
@@ -373,7 +370,7 @@ Work MpiCommunicator::reduce_scatter(TensorView send, TensorView recv, ReduceOp 
     };
   } else {
     check_mpi(MPI_Ireduce_scatter(in_place ? MPI_IN_PLACE : send.data, recv.data,
-                                  pending->counts.data(), mpi_type(send.dtype), mpi_op(op),
+                                  pending->counts.data(), mpi_type_or_bits(send.dtype), mpi_op(op),
                                   state_->comm.get(), &pending->request),
               rank(), "MPI_Ireduce_scatter");
     if (op == ReduceOp::kAvg) {
@@ -386,9 +383,7 @@ Work MpiCommunicator::reduce_scatter(TensorView send, TensorView recv, ReduceOp 
 
 Work MpiCommunicator::alltoall(TensorView send, TensorView recv, std::string_view name) {
   const std::string what = "alltoall";
-  check_host(send, rank(), what);
-  check_host(recv, rank(), what);
-  check_same_dtype(send, recv, rank(), what);
+  check_pair(send, recv, rank(), what);
   const auto ranks = static_cast<std::size_t>(size());
   if (send.count != recv.count || send.count % ranks != 0) {
     throw Error(rank(), what,
@@ -398,10 +393,10 @@ Work MpiCommunicator::alltoall(TensorView send, TensorView recv, std::string_vie
   const int block = as_count(send.count / ranks, rank(), what);
   const bool in_place = send.data == recv.data;
   auto pending = std::make_shared<Pending>();
-  check_mpi(
-      MPI_Ialltoall(in_place ? MPI_IN_PLACE : send.data, block, mpi_type(send.dtype), recv.data,
-                    block, mpi_type(send.dtype), state_->comm.get(), &pending->request),
-      rank(), "MPI_Ialltoall");
+  check_mpi(MPI_Ialltoall(in_place ? MPI_IN_PLACE : send.data, block, mpi_type_or_bits(send.dtype),
+                          recv.data, block, mpi_type_or_bits(send.dtype), state_->comm.get(),
+                          &pending->request),
+            rank(), "MPI_Ialltoall");
   return make_work(state_, default_timeout(), pending, describe("alltoall", send, name), {});
 }
 

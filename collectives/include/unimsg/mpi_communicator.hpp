@@ -18,6 +18,9 @@ namespace detail {
 struct MpiCommState;
 }
 
+// The MPI datatype of `dtype`; MPI_DATATYPE_NULL for f16 and bf16, which MPI lacks.
+MPI_Datatype mpi_datatype(DType dtype) noexcept;
+
 class MpiCommunicator final : public Communicator {
  public:
   // Collective over `parent`. `bus` must span MPI_COMM_WORLD and outlive this communicator.

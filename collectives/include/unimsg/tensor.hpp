@@ -22,6 +22,11 @@ const char* to_string(ReduceOp op) noexcept;
 
 enum class Device : std::uint8_t { kHost, kCuda };
 
+// Element `index` of a typed host buffer as a double, and back (f16/bf16 converted, integers
+// truncated): for checks, tests and benchmarks, not for hot paths.
+double load_element(const void* data, DType dtype, std::size_t index) noexcept;
+void store_element(void* data, DType dtype, std::size_t index, double value) noexcept;
+
 // `count` elements of `dtype` at `data`, in host or device memory. Does not own the memory.
 struct TensorView {
   void* data = nullptr;
