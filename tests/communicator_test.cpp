@@ -128,13 +128,25 @@ TEST_F(CollectivesTest, AllreduceEveryDtypeOpAndSize) {
 }
 
 TEST_F(CollectivesTest, HalfPrecisionAccumulatesInF32) {
-  // 2048 + 1 + 1 + ... is 2048 at every step in f16 (spacing 2 there); in f32 it is exact.
+  // Element i: rank i % n contributes 2048, every other rank 1. In f16, 2048 + 1 rounds back to
+  // 2048, so a reduction rounding at every step loses the ones that meet 2048 first — whatever
+  // its order, some element has the 2048 added to a lone 1 first. In f32 every sum is exact.
   const int ranks = comm_->size();
   if (ranks < 3) GTEST_SKIP() << "needs 3 ranks for a sum that rounds stepwise in f16";
-  Buffer buffer(DType::kF16, 1);
-  buffer.set(0, comm_->rank() == 0 ? 2048.0 : 1.0);
-  comm_->allreduce(buffer.view(), buffer.view(), ReduceOp::kSum).wait(kWait);
-  EXPECT_EQ(buffer.get(0), kernels::f16_to_f32(kernels::f32_to_f16(2048.0f + (ranks - 1))));
+  for (const DType dtype : {DType::kF16, DType::kBF16}) {
+    const double big = dtype == DType::kF16 ? 2048.0 : 256.0;  // bf16 spacing is 2 at 256
+    Buffer buffer(dtype, static_cast<std::size_t>(ranks));
+    for (int i = 0; i < ranks; ++i) {
+      buffer.set(static_cast<std::size_t>(i), i == comm_->rank() ? big : 1.0);
+    }
+    comm_->allreduce(buffer.view(), buffer.view(), ReduceOp::kSum).wait(kWait);
+    Buffer expected(dtype, 1);
+    expected.set(0, big + ranks - 1);  // the exact sum, rounded once
+    for (int i = 0; i < ranks; ++i) {
+      EXPECT_EQ(buffer.get(static_cast<std::size_t>(i)), expected.get(0))
+          << to_string(dtype) << " element " << i;
+    }
+  }
 }
 
 TEST_F(CollectivesTest, BroadcastFromEveryRoot) {
