@@ -1,6 +1,7 @@
 #include "unimsg/communicator.hpp"
 
 #include <thread>
+#include <vector>
 
 #include "unimsg/cast.hpp"
 #include "unimsg/error.hpp"
@@ -161,6 +162,22 @@ void Work::wait(std::chrono::nanoseconds timeout) {
       op.description + " did not complete within " +
           std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(timeout).count()) +
           " ms; ranks that have not started it: " + missing);
+}
+
+int Communicator::split_position(std::span<const int> ranks) const {
+  std::vector<char> seen(static_cast<std::size_t>(size()), 0);
+  int position = -1;
+  for (std::size_t i = 0; i < ranks.size(); ++i) {
+    const int member = ranks[i];
+    if (member < 0 || member >= size() || seen[static_cast<std::size_t>(member)]) {
+      throw Error(rank(), "split",
+                  "rank list entry " + std::to_string(member) +
+                      " is out of range or repeated (ranks 0.." + std::to_string(size() - 1) + ")");
+    }
+    seen[static_cast<std::size_t>(member)] = 1;
+    if (member == rank()) position = static_cast<int>(i);
+  }
+  return position;
 }
 
 std::size_t Communicator::reduce_scatter_share(std::size_t count, int size, int rank) noexcept {

@@ -409,19 +409,7 @@ Work MpiCommunicator::barrier(std::string_view name) {
 }
 
 std::unique_ptr<Communicator> MpiCommunicator::split(std::span<const int> ranks) {
-  const std::string what = "split";
-  std::vector<char> seen(static_cast<std::size_t>(size()), 0);
-  int key = -1;
-  for (std::size_t i = 0; i < ranks.size(); ++i) {
-    const int member = ranks[i];
-    if (member < 0 || member >= size() || seen[static_cast<std::size_t>(member)]) {
-      throw Error(rank(), what,
-                  "rank list entry " + std::to_string(member) +
-                      " is out of range or repeated (ranks 0.." + std::to_string(size() - 1) + ")");
-    }
-    seen[static_cast<std::size_t>(member)] = 1;
-    if (member == rank()) key = static_cast<int>(i);
-  }
+  const int key = split_position(ranks);
   MPI_Comm child = MPI_COMM_NULL;
   check_mpi(MPI_Comm_split(state_->comm.get(), key >= 0 ? 0 : MPI_UNDEFINED, key, &child), rank(),
             "MPI_Comm_split");

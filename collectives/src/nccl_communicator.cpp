@@ -446,17 +446,7 @@ Work NcclCommunicator::barrier(std::string_view name) {
 }
 
 std::unique_ptr<Communicator> NcclCommunicator::split(std::span<const int> ranks) {
-  std::vector<char> seen(static_cast<std::size_t>(size()), 0);
-  int key = -1;
-  for (std::size_t i = 0; i < ranks.size(); ++i) {
-    const int member = ranks[i];
-    if (member < 0 || member >= size() || seen[static_cast<std::size_t>(member)]) {
-      throw Error(rank(), "split",
-                  "rank list entry " + std::to_string(member) + " is out of range or repeated");
-    }
-    seen[static_cast<std::size_t>(member)] = 1;
-    if (member == rank()) key = static_cast<int>(i);
-  }
+  const int key = split_position(ranks);
   // Membership on the host side (MPI) and on the device side (NCCL), split the same way.
   MPI_Comm child = MPI_COMM_NULL;
   check_mpi(MPI_Comm_split(state_->comm.get(), key >= 0 ? 0 : MPI_UNDEFINED, key, &child), rank(),

@@ -93,6 +93,10 @@ class Communicator {
   static std::size_t reduce_scatter_share(std::size_t count, int size, int rank) noexcept;
   static std::size_t reduce_scatter_offset(std::size_t count, int size, int rank) noexcept;
 
+  // This rank's position in a split() list, or -1 if it is not in it; throws on entries out of
+  // range or repeated.
+  int split_position(std::span<const int> ranks) const;
+
   // How long Work::wait() without an argument waits for this communicator's collectives.
   void set_default_timeout(std::chrono::nanoseconds timeout) noexcept { timeout_ = timeout; }
   std::chrono::nanoseconds default_timeout() const noexcept { return timeout_; }
