@@ -12,6 +12,7 @@
 #include "unimsg/device.hpp"
 #include "unimsg/device_memory.hpp"
 #include "unimsg/error.hpp"
+#include "unimsg/mpi_communicator.hpp"
 #ifdef UNIMSG_WITH_NCCL
 #include "unimsg/nccl_communicator.hpp"
 #endif
@@ -26,6 +27,31 @@ int world(int* rank = nullptr) {
   MPI_Comm_size(MPI_COMM_WORLD, &size);
   if (rank != nullptr) MPI_Comm_rank(MPI_COMM_WORLD, rank);
   return size;
+}
+
+// Device tensors through the MPI backend, staged through pinned host memory.
+TEST(GpuMpiStaging, DeviceTensorsReduceThroughTheHost) {
+  const auto devices = kernels::query_devices();
+  int usable = devices.count >= world() ? 1 : 0;
+  MPI_Allreduce(MPI_IN_PLACE, &usable, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+  if (!usable) GTEST_SKIP() << "needs one GPU per rank: " << devices.reason;
+  int rank = 0;
+  const int ranks = world(&rank);
+  kernels::set_device(rank);
+  Bus bus(MPI_COMM_WORLD);
+  MpiCommunicator comm(MPI_COMM_WORLD, bus);
+  std::vector<float> host(1000);
+  for (std::size_t i = 0; i < host.size(); ++i) host[i] = static_cast<float>((rank + i) % 9);
+  kernels::DeviceBuffer device(host.size() * 4);
+  device.copy_from_host(host.data(), host.size() * 4);
+  const TensorView view{device.data(), host.size(), DType::kF32, Device::kCuda};
+  comm.allreduce(view, view, ReduceOp::kSum).wait(60s);
+  device.copy_to_host(host.data(), host.size() * 4);
+  for (std::size_t i = 0; i < host.size(); ++i) {
+    float expected = 0;
+    for (int r = 0; r < ranks; ++r) expected += static_cast<float>((r + i) % 9);
+    ASSERT_EQ(host[i], expected) << i;
+  }
 }
 
 #ifdef UNIMSG_WITH_NCCL

@@ -119,6 +119,20 @@ Work::Work(Operation operation) : state_(std::make_shared<State>()) {
   state_->operation = std::move(operation);
 }
 
+Work Work::then(std::function<void()> after) const {
+  if (!state_) throw Error(kNoRank, "work.then", "then() on an empty Work");
+  Operation operation;
+  const Operation& inner = state_->operation;
+  operation.description = inner.description;
+  operation.rank = inner.rank;
+  operation.default_timeout = inner.default_timeout;
+  operation.missing_ranks = inner.missing_ranks;
+  operation.on_timeout = inner.on_timeout;
+  operation.poll = [first = *this]() mutable { return first.test(); };
+  operation.finish = std::move(after);
+  return Work(std::move(operation));
+}
+
 bool Work::test() {
   if (!state_) throw Error(kNoRank, "work.test", "test() on an empty Work");
   if (state_->complete) return true;

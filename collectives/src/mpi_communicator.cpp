@@ -9,6 +9,7 @@
 #include "progress_tracker.hpp"
 #include "unimsg/cast.hpp"
 #include "unimsg/config.hpp"
+#include "unimsg/device_memory.hpp"
 #include "unimsg/error.hpp"
 #include "unimsg/mpi.hpp"
 
@@ -81,9 +82,8 @@ std::string describe(const char* op_name, const TensorView& view, std::string_vi
 }
 
 void check_host(const TensorView& view, int rank, const std::string& what) {
-  if (view.device != Device::kHost) {
-    throw Error(rank, what,
-                "the MPI backend takes host memory; device tensors go through the NCCL backend");
+  if (view.device != Device::kHost) {  // staged before this point; a guard, not a path
+    throw Error(rank, what, "device memory reached the MPI call unstaged");
   }
   if (view.data == nullptr && view.count != 0) {
     throw Error(rank, what, "null data pointer for " + std::to_string(view.count) + " elements");
@@ -108,6 +108,55 @@ void check_allreduce(const TensorView& send, const TensorView& recv, int rank,
         rank, what,
         "send has " + std::to_string(send.count) + " elements, recv " + std::to_string(recv.count));
   }
+}
+
+bool on_device(const TensorView& view) {
+  return view.device == Device::kCuda;
+}
+
+// This MPI is not CUDA-aware (Debian's Open MPI is not): device tensors travel through
+// page-locked host copies, copied down before the MPI call and the result copied back up once
+// it completes. Host tensors pass through untouched.
+struct Staging {
+  std::shared_ptr<kernels::PinnedBuffer> send_host;
+  std::shared_ptr<kernels::PinnedBuffer> recv_host;
+  TensorView send;  // what MPI sees: host memory
+  TensorView recv;
+  TensorView device_recv;  // where the result goes back, when recv is on the device
+
+  void copy_back() const {
+    if (on_device(device_recv)) {
+      kernels::copy_host_to_device(device_recv.data, recv.data, device_recv.bytes());
+    }
+  }
+};
+
+std::shared_ptr<Staging> stage(TensorView send, TensorView recv, int rank,
+                               const std::string& what) {
+  auto staging = std::make_shared<Staging>();
+  staging->send = send;
+  staging->recv = recv;
+  try {
+    if (on_device(recv)) {
+      // Copied down too: in-place operations read it.
+      staging->recv_host = std::make_shared<kernels::PinnedBuffer>(recv.bytes());
+      kernels::copy_device_to_host(staging->recv_host->data(), recv.data, recv.bytes());
+      staging->recv = {staging->recv_host->data(), recv.count, recv.dtype, Device::kHost};
+      staging->device_recv = recv;
+    }
+    if (on_device(send)) {
+      if (send.data == recv.data) {
+        staging->send = staging->recv;
+      } else {
+        staging->send_host = std::make_shared<kernels::PinnedBuffer>(send.bytes());
+        kernels::copy_device_to_host(staging->send_host->data(), send.data, send.bytes());
+        staging->send = {staging->send_host->data(), send.count, send.dtype, Device::kHost};
+      }
+    }
+  } catch (const std::exception& error) {
+    throw Error(rank, what, std::string("staging device memory through the host: ") + error.what());
+  }
+  return staging;
 }
 
 // Divides by the number of ranks in place (avg = sum / n; integers truncate toward zero).
@@ -220,6 +269,12 @@ const std::vector<int>& MpiCommunicator::world_ranks() const noexcept {
 
 Work MpiCommunicator::allreduce(TensorView send, TensorView recv, ReduceOp op,
                                 std::string_view name) {
+  if (on_device(send) || on_device(recv)) {
+    const auto staging = stage(send, recv, rank(), "allreduce");
+    return allreduce(staging->send, staging->recv, op, name).then([staging] {
+      staging->copy_back();
+    });
+  }
   const std::string what = "allreduce";
   check_allreduce(send, recv, rank(), what);
   const int count = as_count(send.count, rank(), what);
@@ -251,6 +306,12 @@ Work MpiCommunicator::allreduce(TensorView send, TensorView recv, ReduceOp op,
 
 void MpiCommunicator::allreduce_now(TensorView send, TensorView recv, ReduceOp op,
                                     std::string_view name) {
+  if (on_device(send) || on_device(recv)) {
+    const auto staging = stage(send, recv, rank(), "allreduce_now");
+    allreduce_now(staging->send, staging->recv, op, name);
+    staging->copy_back();
+    return;
+  }
   const std::string what = name.empty() ? "allreduce" : "allreduce '" + std::string(name) + "'";
   check_allreduce(send, recv, rank(), what);
   const int count = as_count(send.count, rank(), what);
@@ -271,6 +332,10 @@ void MpiCommunicator::allreduce_now(TensorView send, TensorView recv, ReduceOp o
 }
 
 Work MpiCommunicator::broadcast(TensorView buffer, int root, std::string_view name) {
+  if (on_device(buffer)) {
+    const auto staging = stage(buffer, buffer, rank(), "broadcast");
+    return broadcast(staging->recv, root, name).then([staging] { staging->copy_back(); });
+  }
   const std::string what = "broadcast";
   check_host(buffer, rank(), what);
   if (root < 0 || root >= size()) {
@@ -285,6 +350,10 @@ Work MpiCommunicator::broadcast(TensorView buffer, int root, std::string_view na
 }
 
 Work MpiCommunicator::allgather(TensorView send, TensorView recv, std::string_view name) {
+  if (on_device(send) || on_device(recv)) {
+    const auto staging = stage(send, recv, rank(), "allgather");
+    return allgather(staging->send, staging->recv, name).then([staging] { staging->copy_back(); });
+  }
   const std::string what = "allgather";
   check_pair(send, recv, rank(), what);
   if (recv.count != send.count * static_cast<std::size_t>(size())) {
@@ -307,6 +376,12 @@ Work MpiCommunicator::allgather(TensorView send, TensorView recv, std::string_vi
 
 Work MpiCommunicator::allgatherv(TensorView send, TensorView recv,
                                  std::span<const std::size_t> counts, std::string_view name) {
+  if (on_device(send) || on_device(recv)) {
+    const auto staging = stage(send, recv, rank(), "allgatherv");
+    return allgatherv(staging->send, staging->recv, counts, name).then([staging] {
+      staging->copy_back();
+    });
+  }
   const std::string what = "allgatherv";
   check_pair(send, recv, rank(), what);
   if (counts.size() != static_cast<std::size_t>(size())) {
@@ -341,6 +416,12 @@ Work MpiCommunicator::allgatherv(TensorView send, TensorView recv,
 
 Work MpiCommunicator::reduce_scatter(TensorView send, TensorView recv, ReduceOp op,
                                      std::string_view name) {
+  if (on_device(send) || on_device(recv)) {
+    const auto staging = stage(send, recv, rank(), "reduce_scatter");
+    return reduce_scatter(staging->send, staging->recv, op, name).then([staging] {
+      staging->copy_back();
+    });
+  }
   const std::string what = "reduce_scatter";
   check_pair(send, recv, rank(), what);
   const bool in_place = send.data == recv.data;
@@ -382,6 +463,10 @@ Work MpiCommunicator::reduce_scatter(TensorView send, TensorView recv, ReduceOp 
 }
 
 Work MpiCommunicator::alltoall(TensorView send, TensorView recv, std::string_view name) {
+  if (on_device(send) || on_device(recv)) {
+    const auto staging = stage(send, recv, rank(), "alltoall");
+    return alltoall(staging->send, staging->recv, name).then([staging] { staging->copy_back(); });
+  }
   const std::string what = "alltoall";
   check_pair(send, recv, rank(), what);
   const auto ranks = static_cast<std::size_t>(size());

@@ -47,6 +47,26 @@ void DeviceBuffer::copy_to_host(void* host, std::size_t bytes) const {
   check(cudaMemcpy(host, data_, bytes, cudaMemcpyDeviceToHost), "cudaMemcpy to host");
 }
 
-void set_device(int device) { check(cudaSetDevice(device), "cudaSetDevice"); }
+PinnedBuffer::PinnedBuffer(std::size_t bytes) : bytes_(bytes) {
+  check(cudaHostAlloc(&data_, bytes == 0 ? 1 : bytes, cudaHostAllocDefault), "cudaHostAlloc");
+}
+
+PinnedBuffer::~PinnedBuffer() {
+  if (data_ != nullptr) cudaFreeHost(data_);
+}
+
+void copy_device_to_host(void* host, const void* device, std::size_t bytes) {
+  if (bytes != 0)
+    check(cudaMemcpy(host, device, bytes, cudaMemcpyDeviceToHost), "cudaMemcpy to host");
+}
+
+void copy_host_to_device(void* device, const void* host, std::size_t bytes) {
+  if (bytes != 0)
+    check(cudaMemcpy(device, host, bytes, cudaMemcpyHostToDevice), "cudaMemcpy to device");
+}
+
+void set_device(int device) {
+  check(cudaSetDevice(device), "cudaSetDevice");
+}
 
 }  // namespace unimsg::kernels

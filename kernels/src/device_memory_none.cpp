@@ -22,6 +22,16 @@ void DeviceBuffer::copy_from_host(const void*, std::size_t) {
 void DeviceBuffer::copy_to_host(void*, std::size_t) const {
   no_cuda();
 }
+PinnedBuffer::PinnedBuffer(std::size_t) {
+  no_cuda();
+}
+PinnedBuffer::~PinnedBuffer() = default;
+void copy_device_to_host(void*, const void*, std::size_t) {
+  no_cuda();
+}
+void copy_host_to_device(void*, const void*, std::size_t) {
+  no_cuda();
+}
 void set_device(int) {
   no_cuda();
 }

@@ -44,6 +44,9 @@ class Work {
   void wait(std::chrono::nanoseconds timeout);
   void wait();  // with the communicator's default timeout
   bool valid() const noexcept { return state_ != nullptr; }
+  // A Work that completes when this one has and `after` has run (description, timeout and
+  // missing-rank query carried over).
+  Work then(std::function<void()> after) const;
 
  private:
   struct State;

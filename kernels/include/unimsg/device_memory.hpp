@@ -28,6 +28,26 @@ class DeviceBuffer {
   std::size_t bytes_ = 0;
 };
 
+// Page-locked host memory (cudaHostAlloc): device copies to and from it run at full speed.
+class PinnedBuffer {
+ public:
+  explicit PinnedBuffer(std::size_t bytes);
+  ~PinnedBuffer();
+  PinnedBuffer(const PinnedBuffer&) = delete;
+  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
+
+  void* data() noexcept { return data_; }
+  std::size_t bytes() const noexcept { return bytes_; }
+
+ private:
+  void* data_ = nullptr;
+  std::size_t bytes_ = 0;
+};
+
+// Synchronous copies between device and host memory.
+void copy_device_to_host(void* host, const void* device, std::size_t bytes);
+void copy_host_to_device(void* device, const void* host, std::size_t bytes);
+
 // Makes `device` current for the calling thread.
 void set_device(int device);
 
