@@ -21,6 +21,11 @@
 #include "unimsg/engine.hpp"
 #include "unimsg/error.hpp"
 #include "unimsg/mpi_communicator.hpp"
+#ifdef UNIMSG_WITH_NCCL
+#include "unimsg/device.hpp"
+#include "unimsg/device_memory.hpp"
+#include "unimsg/nccl_communicator.hpp"
+#endif
 #include "unimsg/runtime.hpp"
 
 namespace {
@@ -96,6 +101,14 @@ double expected(ReduceOp op, DType dtype, int ranks, std::size_t i) {
   return result;
 }
 
+#ifdef UNIMSG_WITH_NCCL
+// A device buffer addressed by bytes.
+struct DeviceBytes : unimsg::kernels::DeviceBuffer {
+  using DeviceBuffer::DeviceBuffer;
+  std::byte* data() { return static_cast<std::byte*>(DeviceBuffer::data()); }
+};
+#endif
+
 struct Variant {
   std::string backend;  // "mpi" or "engine"
   int tensors = 1;
@@ -129,7 +142,9 @@ int run(int argc, char** argv) {
       "d,datatype", "float, half, bfloat16, double, int32, int64, uint8",
       cxxopts::value<std::string>()->default_value("float"))(
       "o,op", "sum, avg, min, max", cxxopts::value<std::string>()->default_value("sum"))(
-      "backend", "mpi, engine, or a comma list measured interleaved (nccl: not built yet)",
+      "backend",
+      "mpi, engine, nccl (device memory, one GPU per rank), or a comma list measured "
+      "interleaved",
       cxxopts::value<std::string>()->default_value("mpi,engine"))(
       "tensors", "split each size into K tensors (raw backends: K calls and 1 call)",
       cxxopts::value<int>()->default_value("1"))("json", "one JSON object per row, from rank 0")(
@@ -176,11 +191,15 @@ int run(int argc, char** argv) {
       } else if (name == "engine") {
         variants.push_back({"engine", tensors});
       } else if (name == "nccl") {
+#ifdef UNIMSG_WITH_NCCL
+        variants.push_back({"nccl", tensors});
+#else
         throw unimsg::ConfigError(unimsg::kNoRank, "--backend",
-                                  "the NCCL backend is not built yet (issue 3 continues)");
+                                  "this build has no NCCL backend (UNIMSG_WITH_NCCL=OFF)");
+#endif
       } else {
         throw unimsg::ConfigError(unimsg::kNoRank, "--backend",
-                                  "unknown backend '" + name + "' (mpi, engine)");
+                                  "unknown backend '" + name + "' (mpi, engine, nccl)");
       }
     }
   }
@@ -195,6 +214,20 @@ int run(int argc, char** argv) {
       engine = std::make_unique<unimsg::Engine>(communicator, runtime.bus());
     }
   }
+#ifdef UNIMSG_WITH_NCCL
+  std::unique_ptr<unimsg::NcclCommunicator> nccl;
+  for (const auto& v : variants) {
+    if (v.backend == "nccl" && !nccl) {
+      const auto devices = unimsg::kernels::query_devices();
+      if (devices.count == 0) {
+        throw unimsg::ConfigError(rank, "--backend nccl", "no GPU: " + devices.reason);
+      }
+      unimsg::kernels::set_device(rank % devices.count);
+      nccl = std::make_unique<unimsg::NcclCommunicator>(MPI_COMM_WORLD, runtime.bus(),
+                                                        rank % devices.count);
+    }
+  }
+#endif
   MPI_Comm raw = MPI_COMM_NULL;
   MPI_Comm_dup(MPI_COMM_WORLD, &raw);
   const std::size_t element = unimsg::dtype_size(dtype);
@@ -221,6 +254,13 @@ int run(int argc, char** argv) {
     const std::size_t count = std::max<std::size_t>(1, bytes / element);
     const std::size_t size_bytes = count * element;
     std::vector<std::byte> send(size_bytes + 1), recv(size_bytes + 1), reference(size_bytes + 1);
+#ifdef UNIMSG_WITH_NCCL
+    std::unique_ptr<DeviceBytes> device_send, device_recv;
+    if (nccl) {
+      device_send = std::make_unique<DeviceBytes>(size_bytes);
+      device_recv = std::make_unique<DeviceBytes>(size_bytes);
+    }
+#endif
     for (std::size_t i = 0; i < count; ++i)
       unimsg::store_element(reference.data(), dtype, i, input(rank, i));
     // Tensor k covers [k * count / K, (k + 1) * count / K).
@@ -237,6 +277,9 @@ int run(int argc, char** argv) {
       std::memcpy(send.data(), reference.data(), size_bytes);
       if (inplace) std::memset(recv.data(), 0, size_bytes);
       std::byte* result = inplace ? send.data() : recv.data();
+#ifdef UNIMSG_WITH_NCCL
+      if (variant.backend == "nccl") device_send->copy_from_host(reference.data(), size_bytes);
+#endif
       const auto bus_before = runtime.bus().stats().sent_bytes;
       MPI_Barrier(raw);
       const auto start = Clock::now();
@@ -252,6 +295,20 @@ int run(int argc, char** argv) {
             unimsg::store_element(result, dtype, i, unimsg::load_element(result, dtype, i) / ranks);
           }
         }
+#ifdef UNIMSG_WITH_NCCL
+      } else if (variant.backend == "nccl") {
+        std::vector<unimsg::Work> works;
+        for (int k = 0; k < variant.tensors; ++k) {
+          const auto [offset, n] = slice(k, variant.tensors);
+          const unimsg::TensorView in{device_send->data() + offset * element, n, dtype,
+                                      unimsg::Device::kCuda};
+          const unimsg::TensorView out{
+              (inplace ? device_send->data() : device_recv->data()) + offset * element, n, dtype,
+              unimsg::Device::kCuda};
+          works.push_back(nccl->allreduce(in, out, op));
+        }
+        for (auto& work : works) work.wait();
+#endif
       } else {
         // The engine reduces in place: out of place costs it a copy first, as it would a user.
         if (!inplace) std::memcpy(result, send.data(), size_bytes);
@@ -270,6 +327,11 @@ int run(int argc, char** argv) {
       m.times_us.push_back(us);
       m.extra_wire_bytes += static_cast<double>(runtime.bus().stats().sent_bytes - bus_before);
       if (check && iteration == 0) {
+#ifdef UNIMSG_WITH_NCCL
+        if (variant.backend == "nccl") {
+          (inplace ? device_send : device_recv)->copy_to_host(result, size_bytes);
+        }
+#endif
         for (std::size_t i = 0; i < count; ++i) {
           const double want = expected(op, dtype, ranks, i);
           const double got = unimsg::load_element(result, dtype, i);
