@@ -16,6 +16,7 @@
 #include "unimsg/device.hpp"
 #include "unimsg/error.hpp"
 #include "unimsg/mpi_communicator.hpp"
+#include "world_fixture.hpp"
 
 namespace unimsg {
 namespace {
@@ -86,21 +87,7 @@ std::vector<std::size_t> size_classes(int ranks) {
   return sizes;
 }
 
-class CollectivesTest : public ::testing::Test {
- protected:
-  void SetUp() override {
-    BusOptions options;
-    options.shutdown_timeout = 60s;
-    bus_ = std::make_unique<Bus>(MPI_COMM_WORLD, options);
-    comm_ = std::make_unique<MpiCommunicator>(MPI_COMM_WORLD, *bus_);
-  }
-  void TearDown() override {
-    comm_.reset();
-    bus_.reset();
-  }
-  std::unique_ptr<Bus> bus_;
-  std::unique_ptr<MpiCommunicator> comm_;
-};
+using CollectivesTest = testing_support::WorldTest;
 
 TEST_F(CollectivesTest, AllreduceEveryDtypeOpAndSize) {
   const int rank = comm_->rank();

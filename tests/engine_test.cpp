@@ -15,6 +15,7 @@
 #include "unimsg/engine.hpp"
 #include "unimsg/error.hpp"
 #include "unimsg/mpi_communicator.hpp"
+#include "world_fixture.hpp"
 
 namespace unimsg {
 namespace {
@@ -26,18 +27,8 @@ float input(int rank, int tensor, std::size_t i) {
   return static_cast<float>((rank * 13 + tensor * 5 + static_cast<int>(i % 97)) % 31);
 }
 
-class EngineTest : public ::testing::Test {
+class EngineTest : public testing_support::WorldTest {
  protected:
-  void SetUp() override {
-    BusOptions options;
-    options.shutdown_timeout = 60s;
-    bus_ = std::make_unique<Bus>(MPI_COMM_WORLD, options);
-    comm_ = std::make_unique<MpiCommunicator>(MPI_COMM_WORLD, *bus_);
-  }
-  void TearDown() override {
-    comm_.reset();
-    bus_.reset();
-  }
   EngineOptions quick_options() {
     EngineOptions options;
     options.stall_warning = 0s;
@@ -77,9 +68,6 @@ class EngineTest : public ::testing::Test {
       }
     }
   }
-
-  std::unique_ptr<Bus> bus_;
-  std::unique_ptr<MpiCommunicator> comm_;
 };
 
 TEST_F(EngineTest, TensorsSubmittedInAnyOrderAreReduced) {
