@@ -17,6 +17,7 @@
 #include <thread>
 #include <vector>
 
+#include "unimsg/cli.hpp"
 #include "unimsg/config.hpp"
 #include "unimsg/error.hpp"
 #include "unimsg/runtime.hpp"
@@ -286,16 +287,5 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  try {
-    return run(argc, argv);
-  } catch (const cxxopts::exceptions::exception& error) {
-    std::fprintf(stderr, "unimsg-bench-bus: %s (see --help)\n", error.what());
-    return 2;
-  } catch (const unimsg::ConfigError& error) {
-    std::fprintf(stderr, "unimsg-bench-bus: %s\n", error.what());
-    return 2;
-  } catch (const std::exception& error) {
-    std::fprintf(stderr, "unimsg-bench-bus: %s\n", error.what());
-    return 1;
-  }
+  return unimsg::run_program("unimsg-bench-bus", argc, argv, run);
 }
