@@ -304,8 +304,13 @@ TEST(BusTest, OversizedMessagesAreRefusedAndDropped) {
   Bus bus(MPI_COMM_WORLD, options);
   const int next = (bus.rank() + 1) % bus.size();
   const int previous = (bus.rank() + bus.size() - 1) % bus.size();
-  const std::vector<std::byte> huge(100000, std::byte{0x55});
-  bus.send_raw_for_testing(next, huge);
+  // An envelope announcing more than the receiver's maximum is rejected by the receiver...
+  Message over = Message::make(Kind::kData, 6, Payload(std::vector<std::byte>(4096)));
+  over.header.source = bus.rank();
+  over.header.destination = next;
+  bus.send_raw_for_testing(next, encode(over));
+  // ...and nothing larger than an envelope ever leaves a sender on the envelope tag.
+  EXPECT_THROW(bus.send_raw_for_testing(next, std::vector<std::byte>(100000)), Error);
   // A payload over the maximum is refused at the sender already, naming the setting.
   try {
     bus.send(next, Message::make(Kind::kData, 6, Payload(std::vector<std::byte>(4096))));

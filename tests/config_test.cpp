@@ -29,7 +29,26 @@ TEST(MessageConfig, ParseSizeRejectsJunkNamingTheSetting) {
   EXPECT_THROW(parse_size("17179869184G", "x"), ConfigError);
 }
 
+TEST(MessageConfig, ParseBoolAcceptsTheUsualSpellingsOnly) {
+  for (const char* yes : {"1", "true", "YES", "On"}) EXPECT_TRUE(parse_bool(yes, "x")) << yes;
+  for (const char* no : {"0", "false", "No", "OFF"}) EXPECT_FALSE(parse_bool(no, "x")) << no;
+  for (const char* bad : {"", "2", "enable", "t"}) {
+    try {
+      parse_bool(bad, "UNIMSG_TEST_FLAG");
+      ADD_FAILURE() << "accepted '" << bad << "'";
+    } catch (const ConfigError& error) {
+      EXPECT_NE(std::string(error.what()).find("UNIMSG_TEST_FLAG"), std::string::npos);
+    }
+  }
+}
+
 TEST(MessageConfig, BusOptionsFromEnvironment) {
+  EXPECT_TRUE(BusOptions::from_env().verify_bulk_payloads);
+  ::setenv("UNIMSG_BUS_VERIFY_BULK", "0", 1);
+  EXPECT_FALSE(BusOptions::from_env().verify_bulk_payloads);
+  ::setenv("UNIMSG_BUS_VERIFY_BULK", "maybe", 1);
+  EXPECT_THROW(BusOptions::from_env(), ConfigError);
+  ::unsetenv("UNIMSG_BUS_VERIFY_BULK");
   ::setenv("UNIMSG_BUS_MAX_PAYLOAD", "1M", 1);
   ::setenv("UNIMSG_BUS_IDLE_SLEEP_US", "500", 1);
   const BusOptions options = BusOptions::from_env();

@@ -37,6 +37,14 @@ std::uint64_t parse_uint(std::string_view text, std::string_view what, std::uint
   return value;
 }
 
+bool parse_bool(std::string_view text, std::string_view what) {
+  std::string lower(text);
+  for (char& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  if (lower == "1" || lower == "true" || lower == "yes" || lower == "on") return true;
+  if (lower == "0" || lower == "false" || lower == "no" || lower == "off") return false;
+  bad_value(what, text, "expected 1/0, true/false, yes/no or on/off");
+}
+
 std::uint64_t parse_size(std::string_view text, std::string_view what) {
   std::string_view digits = text;
   unsigned shift = 0;
@@ -84,6 +92,12 @@ std::optional<std::uint64_t> env_uint(const char* name, std::uint64_t min, std::
   const auto text = env_value(name);
   if (!text) return std::nullopt;
   return parse_uint(*text, name, min, max);
+}
+
+std::optional<bool> env_bool(const char* name) {
+  const auto text = env_value(name);
+  if (!text) return std::nullopt;
+  return parse_bool(*text, name);
 }
 
 }  // namespace unimsg

@@ -48,6 +48,12 @@ struct BusOptions {
   // Payloads of at least this many bytes are zstd-compressed when that makes them smaller;
   // 0 turns compression off (UNIMSG_BUS_COMPRESS_THRESHOLD).
   std::uint64_t compress_threshold = 0;
+  // Whether the checksums of payloads sent apart from their header (over 16 KiB) are verified
+  // (UNIMSG_BUS_VERIFY_BULK=0 turns it off). Headers and small messages are always verified.
+  // Verification runs on the receiving thread after the copy and costs about a fifth of the bulk
+  // throughput, which a job on a transport that already guarantees integrity (MPI's) may choose
+  // not to pay, as Kafka consumers may with check.crcs.
+  bool verify_bulk_payloads = true;
   // Longest sleep of an idle progress thread (UNIMSG_BUS_IDLE_SLEEP_US): bounds the latency of
   // a message nobody waits for on an idle rank, and sets the idle CPU cost.
   std::chrono::microseconds idle_sleep_max{2000};

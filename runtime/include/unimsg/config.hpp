@@ -17,10 +17,13 @@ std::uint64_t parse_size(std::string_view text, std::string_view what);
 // An unsigned integer within [min, max].
 std::uint64_t parse_uint(std::string_view text, std::string_view what, std::uint64_t min,
                          std::uint64_t max);
+// "1", "true", "yes", "on" / "0", "false", "no", "off" (case-insensitive).
+bool parse_bool(std::string_view text, std::string_view what);
 
 // The variable's value, or nullopt when it is unset or empty.
 std::optional<std::string> env_value(const char* name);
 std::optional<std::uint64_t> env_size(const char* name, std::uint64_t min, std::uint64_t max);
 std::optional<std::uint64_t> env_uint(const char* name, std::uint64_t min, std::uint64_t max);
+std::optional<bool> env_bool(const char* name);
 
 }  // namespace unimsg

@@ -128,6 +128,9 @@ std::vector<std::byte> encode(const Message& message);
 Header decode_header(std::span<const std::byte> bytes, const DecodeLimits& limits);
 // Checks `payload` against the header's length and checksum.
 void verify_payload(const Header& header, std::span<const std::byte> payload);
+// The same check over the header bytes as received: no re-encoding, for the receive path.
+void verify_payload(std::span<const std::byte, kHeaderSize> wire_header, const Header& header,
+                    std::span<const std::byte> payload);
 // Full decode of one encoded message (exactly header + payload, nothing more). A compressed
 // payload is decompressed; the returned header then no longer has the kCompressed flag.
 Message decode(std::span<const std::byte> wire, const DecodeLimits& limits);
