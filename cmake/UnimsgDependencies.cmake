@@ -18,6 +18,7 @@ pkg_check_modules(ZSTD REQUIRED IMPORTED_TARGET libzstd)
 find_package(spdlog REQUIRED)
 find_package(cxxopts REQUIRED)
 find_package(nlohmann_json REQUIRED)
+find_package(ZLIB REQUIRED)  # gzip-compressed datasets
 
 set(UNIMSG_WITH_CUDA AUTO CACHE STRING "Compile CUDA kernels (AUTO, ON, OFF)")
 set(UNIMSG_WITH_NCCL AUTO CACHE STRING "Build the NCCL backend (AUTO, ON, OFF)")

@@ -155,6 +155,10 @@ struct EngineCore {
   std::map<std::string, TableEntry> table;
 
   std::atomic<std::uint64_t> cycles{0}, rounds{0}, hits{0}, reduced{0}, collectives{0}, bytes{0};
+  std::mutex listener_mutex;
+  std::shared_ptr<const EngineListener> listener;
+  void notify(EngineEvent::Type type, const std::vector<std::pair<Signature, LocalTensor*>>& batch,
+              std::uint64_t batch_bytes);
   std::thread thread;
 };
 
@@ -530,6 +534,7 @@ void EngineCore::reduce_batch(std::vector<std::pair<Signature, LocalTensor*>>& b
   for (const auto& [signature, local] : batch) total += signature.count;
   collectives.fetch_add(1, std::memory_order_relaxed);
   bytes.fetch_add(total * element, std::memory_order_relaxed);
+  notify(EngineEvent::Type::kReduceStart, batch, total * element);
   if (batch.size() == 1 && batch.front().second != nullptr) {
     LocalTensor* local = batch.front().second;
     comm->allreduce_now(local->view, local->view, op, local->name);
@@ -556,6 +561,7 @@ void EngineCore::reduce_batch(std::vector<std::pair<Signature, LocalTensor*>>& b
       offset += n;
     }
   }
+  notify(EngineEvent::Type::kReduceEnd, batch, total * element);
   for (const auto& [signature, local] : batch) {
     if (local != nullptr) complete(local);
   }
@@ -600,6 +606,29 @@ void EngineCore::fail_everything(std::exception_ptr error) {
   }
   join_cv.notify_all();
   for (const auto& completion : failed) completion->fail(error);
+}
+
+void EngineCore::notify(EngineEvent::Type type,
+                        const std::vector<std::pair<Signature, LocalTensor*>>& batch,
+                        std::uint64_t batch_bytes) {
+  std::shared_ptr<const EngineListener> current;
+  {
+    std::lock_guard lock(listener_mutex);
+    current = listener;
+  }
+  if (!current) return;
+  EngineEvent event;
+  event.type = type;
+  event.bytes = batch_bytes;
+  event.time = Clock::now();
+  for (const auto& [signature, local] : batch) {
+    if (local != nullptr) event.tensors.push_back(local->name);
+  }
+  try {
+    (*current)(event);
+  } catch (const std::exception& error) {
+    log->error("engine: listener threw: {}", error.what());
+  }
 }
 
 }  // namespace detail
@@ -728,6 +757,12 @@ void Engine::join() {
 
 void Engine::set_fusion_threshold(std::uint64_t bytes) {
   core_->fusion_threshold = bytes;
+}
+
+void Engine::set_listener(EngineListener listener) {
+  std::lock_guard lock(core_->listener_mutex);
+  core_->listener =
+      listener ? std::make_shared<const EngineListener>(std::move(listener)) : nullptr;
 }
 
 void Engine::set_cycle_time(std::chrono::microseconds cycle_time) {

@@ -14,6 +14,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <utility>
@@ -51,6 +52,18 @@ struct EngineStats {
   std::uint64_t bytes_reduced = 0;
 };
 
+// What the engine thread did, for timelines and tests: one event when a (possibly fused)
+// allreduce starts and one when it ends.
+struct EngineEvent {
+  enum class Type { kReduceStart, kReduceEnd };
+  Type type = Type::kReduceStart;
+  std::vector<std::string> tensors;  // the names reduced together
+  std::uint64_t bytes = 0;
+  std::chrono::steady_clock::time_point time;
+};
+// Runs on the engine thread: keep it short.
+using EngineListener = std::function<void(const EngineEvent&)>;
+
 namespace detail {
 struct EngineCore;
 }
@@ -76,6 +89,8 @@ class Engine {
 
   void set_fusion_threshold(std::uint64_t bytes);
   void set_cycle_time(std::chrono::microseconds cycle_time);
+  // Replaces the listener (an empty one removes it).
+  void set_listener(EngineListener listener);
   EngineStats stats() const;
 
  private:

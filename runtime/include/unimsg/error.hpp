@@ -73,6 +73,12 @@ class CheckpointError : public Error {
   using Error::Error;
 };
 
+// A data file (a dataset's IDX file, a sample stream) is missing or malformed.
+class DataError : public Error {
+ public:
+  using Error::Error;
+};
+
 // A setting (flag, environment variable, option) is invalid.
 class ConfigError : public Error {
  public:
