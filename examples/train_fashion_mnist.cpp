@@ -14,12 +14,15 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "unimsg/checkpoint.hpp"
 #include "unimsg/cli.hpp"
 #include "unimsg/config.hpp"
 #include "unimsg/engine.hpp"
@@ -29,6 +32,7 @@
 #include "unimsg/runtime.hpp"
 #include "unimsg/sampler.hpp"
 #include "unimsg/torch/ddp.hpp"
+#include "unimsg/torch/state.hpp"
 
 namespace {
 
@@ -100,6 +104,13 @@ int run(int argc, char** argv) {
       cxxopts::value<std::uint64_t>()->default_value("0"))(
       "limit", "use only the first N training samples (0: all)",
       cxxopts::value<std::uint64_t>()->default_value("0"))(
+      "checkpoint-dir", "where checkpoints go (rank 0 writes; every rank reads)",
+      cxxopts::value<std::string>()->default_value(""))(
+      "checkpoint-every", "checkpoint every N optimizer steps (0: never)",
+      cxxopts::value<std::uint64_t>()->default_value("0"))(
+      "resume", "continue from the newest intact checkpoint in --checkpoint-dir, if any")(
+      "max-steps", "stop after this many optimizer steps in all (0: no limit)",
+      cxxopts::value<std::uint64_t>()->default_value("0"))(
       "min-accuracy", "exit with status 3 when the final test accuracy is below this",
       cxxopts::value<double>()->default_value("0"))(
       "json", "print one JSON object per epoch (rank 0)")("h,help", "show this help");
@@ -165,10 +176,66 @@ int run(int argc, char** argv) {
         train.images.size(0), world, local_batch, threads, ddp.buckets().size());
   }
 
+  // Checkpoints: model + optimizer, RNG, and where the data stands (epoch, global position).
+  const std::string checkpoint_dir = args["checkpoint-dir"].as<std::string>();
+  const auto checkpoint_every = args["checkpoint-every"].as<std::uint64_t>();
+  const auto max_steps = args["max-steps"].as<std::uint64_t>();
+  if ((checkpoint_every > 0 || args.count("resume")) && checkpoint_dir.empty()) {
+    throw unimsg::ConfigError(rank, "--checkpoint-every/--resume", "need --checkpoint-dir");
+  }
+  std::optional<unimsg::Checkpointer> checkpointer;
+  if (!checkpoint_dir.empty()) {
+    unimsg::CheckpointOptions checkpoint_options;
+    checkpoint_options.rank = rank;
+    checkpointer.emplace(checkpoint_dir, checkpoint_options);
+  }
+  std::uint64_t global_step = 0;
+  std::uint64_t first_epoch = 0;
+  std::size_t first_position = 0;
+  if (args.count("resume")) {
+    std::vector<std::string> skipped;
+    const auto restored = checkpointer->load_latest(&skipped);
+    for (const auto& why : skipped) runtime.log().warn("skipped a damaged checkpoint: {}", why);
+    if (restored) {
+      unimsg::load_training_state(restored->blobs.at("training"), *model, optimizer);
+      unimsg::load_rng_state(restored->blobs.at("rng"));
+      const auto meta = nlohmann::json::parse(restored->metadata_json);
+      global_step = restored->step;
+      first_epoch = meta.at("epoch").get<std::uint64_t>();
+      first_position = meta.at("position").get<std::size_t>();
+      if (meta.at("batch_size").get<std::uint64_t>() != global_batch) {
+        throw unimsg::ConfigError(
+            rank, "--resume",
+            "the checkpoint was taken with --batch-size " + meta.at("batch_size").dump());
+      }
+      if (rank == 0) {  // on stderr, with --json too
+        runtime.log().info(
+            "resumed from step {} (epoch {}, sample {} of the epoch), saved by {} "
+            "rank(s), now {}",
+            global_step, first_epoch + 1, first_position, meta.at("world_size").get<int>(), world);
+      }
+    }
+  }
+  const auto save_checkpoint = [&](std::uint64_t epoch, std::size_t position) {
+    if (rank != 0 || checkpoint_every == 0 || global_step % checkpoint_every != 0) return;
+    unimsg::Checkpoint checkpoint;
+    checkpoint.step = global_step;
+    checkpoint.blobs["training"] = unimsg::save_training_state(*model, optimizer);
+    checkpoint.blobs["rng"] = unimsg::save_rng_state();
+    checkpoint.metadata_json = nlohmann::json{
+        {"epoch", epoch},
+        {"position", position},
+        {"world_size", world},
+        {"batch_size",
+         global_batch}}.dump();
+    checkpointer->save_async(std::move(checkpoint));
+  };
+
   double accuracy = 0;
-  for (std::uint64_t epoch = 0; epoch < epochs; ++epoch) {
+  bool stop = false;
+  for (std::uint64_t epoch = first_epoch; epoch < epochs && !stop; ++epoch) {
     const auto start = Clock::now();
-    sampler.set_epoch(epoch);
+    sampler.set_epoch(epoch, epoch == first_epoch ? first_position : 0);
     const std::vector<std::size_t> mine = sampler.indices();
     const auto index = torch::from_blob(const_cast<std::size_t*>(mine.data()),
                                         {static_cast<std::int64_t>(mine.size())}, torch::kLong)
@@ -190,6 +257,18 @@ int run(int argc, char** argv) {
       optimizer.step();
       loss_sum += loss.item<double>();
       ++batches;
+      ++global_step;
+      const std::size_t position = sampler.position_after(
+          static_cast<std::size_t>(std::min(count, (step + 1) * local_batch)));
+      if (step + 1 == steps) {
+        save_checkpoint(epoch + 1, 0);
+      } else {
+        save_checkpoint(epoch, position);
+      }
+      if (max_steps > 0 && global_step >= max_steps) {
+        stop = true;
+        break;
+      }
       if (rank == 0 && !json && (step + 1) % 50 == 0) {
         runtime.log().info("epoch {} step {}/{} loss {:.4f}", epoch + 1, step + 1, steps,
                            loss_sum / static_cast<double>(batches));
@@ -208,7 +287,7 @@ int run(int argc, char** argv) {
       const auto predicted = model->forward(test.images.index_select(0, chunk)).argmax(1);
       correct += predicted.eq(test.labels.index_select(0, chunk)).sum().item<std::int64_t>();
     }
-    std::array<double, 3> totals{loss_sum, static_cast<double>(batches),
+    std::array<double, 3> totals{loss_sum, static_cast<double>(std::max<std::int64_t>(batches, 1)),
                                  static_cast<double>(correct)};
     communicator
         .allreduce(unimsg::host_view(totals.data(), totals.size()),
@@ -232,6 +311,18 @@ int run(int argc, char** argv) {
             epoch + 1, epochs, mean_loss, accuracy, samples_per_s, seconds);
       }
     }
+  }
+  if (checkpointer) checkpointer->flush();
+  if (rank == 0 && json) {
+    // For comparing runs (a resumed one against an uninterrupted one): the parameters' L2 norm.
+    double squares = 0;
+    for (const auto& parameter : model->parameters()) {
+      squares += parameter.to(torch::kDouble).pow(2).sum().item<double>();
+    }
+    char line[160];
+    std::snprintf(line, sizeof line, "{\"final\":true,\"global_step\":%llu,\"params_l2\":%.17g}",
+                  static_cast<unsigned long long>(global_step), std::sqrt(squares));
+    std::printf("%s\n", line);
   }
   const double min_accuracy = args["min-accuracy"].as<double>();
   if (accuracy < min_accuracy) {
