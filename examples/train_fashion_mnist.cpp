@@ -27,6 +27,7 @@
 #include "unimsg/config.hpp"
 #include "unimsg/engine.hpp"
 #include "unimsg/error.hpp"
+#include "unimsg/fault_injection.hpp"
 #include "unimsg/idx.hpp"
 #include "unimsg/mpi_communicator.hpp"
 #include "unimsg/runtime.hpp"
@@ -108,6 +109,8 @@ int run(int argc, char** argv) {
       cxxopts::value<std::string>()->default_value(""))(
       "checkpoint-every", "checkpoint every N optimizer steps (0: never)",
       cxxopts::value<std::uint64_t>()->default_value("0"))(
+      "checkpoint-keep", "checkpoints kept (the newest)",
+      cxxopts::value<std::uint64_t>()->default_value("3"))(
       "resume", "continue from the newest intact checkpoint in --checkpoint-dir, if any")(
       "max-steps", "stop after this many optimizer steps in all (0: no limit)",
       cxxopts::value<std::uint64_t>()->default_value("0"))(
@@ -177,22 +180,31 @@ int run(int argc, char** argv) {
   }
 
   // Checkpoints: model + optimizer, RNG, and where the data stands (epoch, global position).
-  const std::string checkpoint_dir = args["checkpoint-dir"].as<std::string>();
+  // Under unimsg-run: its --checkpoint-dir arrives as UNIMSG_CHECKPOINT_DIR, and a relaunch
+  // (UNIMSG_RESTART_COUNT > 0) resumes from the newest checkpoint.
+  std::string checkpoint_dir = args["checkpoint-dir"].as<std::string>();
+  if (checkpoint_dir.empty()) {
+    checkpoint_dir = unimsg::env_value("UNIMSG_CHECKPOINT_DIR").value_or("");
+  }
+  const bool relaunched = unimsg::env_uint("UNIMSG_RESTART_COUNT", 0, 1u << 30).value_or(0) > 0;
+  const bool resume = args.count("resume") > 0 || (relaunched && !checkpoint_dir.empty());
+  const auto fault = unimsg::FaultInjection::from_env();
   const auto checkpoint_every = args["checkpoint-every"].as<std::uint64_t>();
   const auto max_steps = args["max-steps"].as<std::uint64_t>();
-  if ((checkpoint_every > 0 || args.count("resume")) && checkpoint_dir.empty()) {
+  if ((checkpoint_every > 0 || resume) && checkpoint_dir.empty()) {
     throw unimsg::ConfigError(rank, "--checkpoint-every/--resume", "need --checkpoint-dir");
   }
   std::optional<unimsg::Checkpointer> checkpointer;
   if (!checkpoint_dir.empty()) {
     unimsg::CheckpointOptions checkpoint_options;
     checkpoint_options.rank = rank;
+    checkpoint_options.keep = static_cast<std::size_t>(args["checkpoint-keep"].as<std::uint64_t>());
     checkpointer.emplace(checkpoint_dir, checkpoint_options);
   }
   std::uint64_t global_step = 0;
   std::uint64_t first_epoch = 0;
   std::size_t first_position = 0;
-  if (args.count("resume")) {
+  if (resume) {
     std::vector<std::string> skipped;
     const auto restored = checkpointer->load_latest(&skipped);
     for (const auto& why : skipped) runtime.log().warn("skipped a damaged checkpoint: {}", why);
@@ -258,6 +270,7 @@ int run(int argc, char** argv) {
       loss_sum += loss.item<double>();
       ++batches;
       ++global_step;
+      if (fault) fault->at_step(rank, global_step);
       const std::size_t position = sampler.position_after(
           static_cast<std::size_t>(std::min(count, (step + 1) * local_batch)));
       if (step + 1 == steps) {

@@ -1,0 +1,340 @@
+// unimsg-run: launches a program on N ranks through mpirun (or srun inside a Slurm allocation),
+// supervises it, and when it fails re-ranks the survivors and launches again, until the job
+// succeeds, --max-restarts is spent or fewer than --min-np slots remain. docs/launcher.md.
+//
+//   unimsg-run -np 4 [-H host:slots,...|--hostfile F] [--max-restarts 3] [--min-np 2]
+//              [--checkpoint-dir D] [--run-dir R] [-x VAR[=value]] [--dry-run] -- program args
+
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <spdlog/spdlog.h>
+// -x values hold commas (UNIMSG_FAULT_INJECT=rank:1,step:5,...): repeated -x, never split.
+#define CXXOPTS_VECTOR_DELIMITER '\x1f'
+#include <cxxopts.hpp>
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "unimsg/config.hpp"
+#include "unimsg/error.hpp"
+#include "unimsg/launcher.hpp"
+
+extern char** environ;
+
+namespace {
+
+namespace fs = std::filesystem;
+using namespace unimsg::launcher;
+
+// Splits our arguments from the program's: the program starts after "--" or at the first word
+// that is neither an option of ours nor an option's value.
+struct SplitArgs {
+  std::vector<std::string> ours;
+  std::vector<std::string> program;
+};
+
+SplitArgs split_arguments(int argc, char** argv) {
+  static const std::set<std::string> with_value{"-np",
+                                                "--np",
+                                                "-n",
+                                                "-H",
+                                                "--host",
+                                                "--hostfile",
+                                                "--max-restarts",
+                                                "--min-np",
+                                                "--checkpoint-dir",
+                                                "--run-dir",
+                                                "--heartbeat-timeout",
+                                                "--collective-timeout",
+                                                "-x",
+                                                "--mpirun"};
+  SplitArgs split;
+  split.ours.push_back(argv[0]);
+  for (int i = 1; i < argc; ++i) {
+    std::string word = argv[i];
+    if (word == "--") {
+      for (++i; i < argc; ++i) split.program.push_back(argv[i]);
+      break;
+    }
+    if (word.empty() || word[0] != '-') {
+      for (; i < argc; ++i) split.program.push_back(argv[i]);
+      break;
+    }
+    if (word == "-np") word = "--np";  // mpirun's spelling; cxxopts wants one letter or two dashes
+    split.ours.push_back(word);
+    if (with_value.count(argv[i]) && i + 1 < argc) split.ours.push_back(argv[++i]);
+  }
+  return split;
+}
+
+double unix_time() {
+  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
+class EventLog {
+ public:
+  explicit EventLog(const fs::path& path) : out_(path, std::ios::app) {
+    if (!out_) {
+      throw unimsg::ConfigError(unimsg::kNoRank, "--run-dir", "cannot write " + path.string());
+    }
+  }
+  void write(const std::string& event, int world_size, int restart, nlohmann::json details = {}) {
+    nlohmann::json line{
+        {"event", event}, {"time", unix_time()}, {"world_size", world_size}, {"restart", restart}};
+    if (details.is_object()) line.update(details);
+    out_ << line.dump() << '\n';
+    out_.flush();
+  }
+
+ private:
+  std::ofstream out_;
+};
+
+// Runs `command` and waits, forwarding SIGINT/SIGTERM to it. Returns the wait status.
+int run_and_wait(const std::vector<std::string>& command, bool& interrupted) {
+  sigset_t handled;
+  sigemptyset(&handled);
+  sigaddset(&handled, SIGINT);
+  sigaddset(&handled, SIGTERM);
+  sigaddset(&handled, SIGCHLD);
+  sigset_t previous;
+  pthread_sigmask(SIG_BLOCK, &handled, &previous);
+
+  posix_spawnattr_t attributes;
+  posix_spawnattr_init(&attributes);
+  posix_spawnattr_setsigmask(&attributes, &previous);
+  posix_spawnattr_setflags(&attributes, POSIX_SPAWN_SETSIGMASK);
+  std::vector<char*> args;
+  for (const auto& word : command) args.push_back(const_cast<char*>(word.c_str()));
+  args.push_back(nullptr);
+  pid_t child = 0;
+  const int error = posix_spawnp(&child, args[0], nullptr, &attributes, args.data(), environ);
+  posix_spawnattr_destroy(&attributes);
+  if (error != 0) {
+    pthread_sigmask(SIG_SETMASK, &previous, nullptr);
+    throw unimsg::Error(unimsg::kNoRank, "unimsg-run",
+                        "cannot start " + command[0] + ": " + std::strerror(error));
+  }
+  int status = 0;
+  while (true) {
+    siginfo_t info;
+    const int signal_number = sigwaitinfo(&handled, &info);
+    if (signal_number == SIGINT || signal_number == SIGTERM) {
+      interrupted = true;
+      kill(child, signal_number);
+      continue;
+    }
+    const pid_t done = waitpid(child, &status, WNOHANG);
+    if (done == child) break;
+  }
+  pthread_sigmask(SIG_SETMASK, &previous, nullptr);
+  return status;
+}
+
+std::string describe(int status) {
+  if (WIFEXITED(status)) return "exit status " + std::to_string(WEXITSTATUS(status));
+  if (WIFSIGNALED(status)) return std::string("signal ") + strsignal(WTERMSIG(status));
+  return "status " + std::to_string(status);
+}
+
+int run(int argc, char** argv) {
+  const SplitArgs split = split_arguments(argc, argv);
+  cxxopts::Options cli("unimsg-run",
+                       "Launch a unimsg program on N ranks through mpirun (or srun in a Slurm "
+                       "allocation); on failure, re-rank the survivors and relaunch.\n"
+                       "  unimsg-run -np 4 [options] [--] program [args...]");
+  cli.add_options()("np", "ranks to start (also -np)", cxxopts::value<int>())(
+      "H,host", "hosts and slots: host:slots,host,...", cxxopts::value<std::string>())(
+      "hostfile", "a file of hosts ('host slots=N' or 'host:N' per line)",
+      cxxopts::value<std::string>())("max-restarts", "relaunches allowed after failures",
+                                     cxxopts::value<int>()->default_value("3"))(
+      "min-np", "give up when fewer ranks than this would remain",
+      cxxopts::value<int>()->default_value("1"))(
+      "checkpoint-dir", "checkpoints (passed as UNIMSG_CHECKPOINT_DIR)",
+      cxxopts::value<std::string>())("run-dir", "events.jsonl and fault reports go here",
+                                     cxxopts::value<std::string>()->default_value("unimsg-run"))(
+      "heartbeat-timeout", "seconds (passed as UNIMSG_HEARTBEAT_TIMEOUT)",
+      cxxopts::value<std::string>())(
+      "collective-timeout", "seconds (passed as UNIMSG_COLLECTIVE_TIMEOUT)",
+      cxxopts::value<std::string>())("x", "pass VAR (or VAR=value) to every rank; repeatable",
+                                     cxxopts::value<std::vector<std::string>>())(
+      "slurm", "launch with srun --mpi=pmix (default inside a Slurm allocation)")(
+      "no-slurm", "launch with mpirun even inside a Slurm allocation")(
+      "mpirun", "the mpirun to use", cxxopts::value<std::string>()->default_value("mpirun"))(
+      "dry-run", "print the command that would run, and exit")("h,help", "show this help");
+  std::vector<char*> our_argv;
+  for (const auto& word : split.ours) our_argv.push_back(const_cast<char*>(word.c_str()));
+  const auto args = cli.parse(static_cast<int>(our_argv.size()), our_argv.data());
+  if (args.count("help")) {
+    std::puts(cli.help().c_str());
+    std::puts(
+        "Exit status: 0 done; 2 bad usage; 3 failed and --max-restarts spent; 4 fewer than "
+        "--min-np ranks left; 5 the program failed in a way a restart cannot fix (it exited "
+        "with status 2); 6 could not start mpirun/srun.");
+    return 0;
+  }
+  if (!args.count("np")) throw unimsg::ConfigError(unimsg::kNoRank, "-np", "is required");
+  LaunchPlan plan;
+  plan.np = args["np"].as<int>();
+  if (plan.np < 1) throw unimsg::ConfigError(unimsg::kNoRank, "-np", "must be at least 1");
+  if (split.program.empty()) {
+    throw unimsg::ConfigError(unimsg::kNoRank, "program", "none given (see --help)");
+  }
+  plan.program = split.program;
+  if (plan.program[0].find('/') != std::string::npos && !fs::exists(plan.program[0])) {
+    throw unimsg::ConfigError(unimsg::kNoRank, "program", plan.program[0] + " does not exist");
+  }
+  if (args.count("host") && args.count("hostfile")) {
+    throw unimsg::ConfigError(unimsg::kNoRank, "-H/--hostfile", "give one, not both");
+  }
+  if (args.count("host")) plan.hosts = parse_host_list(args["host"].as<std::string>());
+  if (args.count("hostfile")) plan.hosts = parse_hostfile(args["hostfile"].as<std::string>());
+  const int max_restarts = args["max-restarts"].as<int>();
+  const int min_np = args["min-np"].as<int>();
+  if (max_restarts < 0) throw unimsg::ConfigError(unimsg::kNoRank, "--max-restarts", "< 0");
+  if (min_np < 1 || min_np > plan.np) {
+    throw unimsg::ConfigError(unimsg::kNoRank, "--min-np", "must be between 1 and -np");
+  }
+  plan.slurm = args.count("slurm") > 0 ||
+               (std::getenv("SLURM_JOB_ID") != nullptr && args.count("no-slurm") == 0);
+  plan.mpirun = args["mpirun"].as<std::string>();
+
+  const fs::path run_dir = fs::absolute(args["run-dir"].as<std::string>());
+  // Every UNIMSG_* variable of ours goes to the ranks, then what -x and the options add.
+  for (char** entry = environ; *entry != nullptr; ++entry) {
+    const std::string text = *entry;
+    const auto equals = text.find('=');
+    if (text.rfind("UNIMSG_", 0) == 0 && equals != std::string::npos) {
+      plan.environment[text.substr(0, equals)] = text.substr(equals + 1);
+    }
+  }
+  if (args.count("x")) {
+    for (const auto& item : args["x"].as<std::vector<std::string>>()) {
+      const auto equals = item.find('=');
+      const std::string name = item.substr(0, equals);
+      if (name.empty()) throw unimsg::ConfigError(unimsg::kNoRank, "-x", "empty variable name");
+      if (equals != std::string::npos) {
+        plan.environment[name] = item.substr(equals + 1);
+      } else if (const char* value = std::getenv(name.c_str())) {
+        plan.environment[name] = value;
+      } else {
+        throw unimsg::ConfigError(unimsg::kNoRank, "-x", name + " is not set here");
+      }
+    }
+  }
+  if (args.count("checkpoint-dir")) {
+    plan.environment["UNIMSG_CHECKPOINT_DIR"] =
+        fs::absolute(args["checkpoint-dir"].as<std::string>()).string();
+  }
+  if (args.count("heartbeat-timeout")) {
+    plan.environment["UNIMSG_HEARTBEAT_TIMEOUT"] = args["heartbeat-timeout"].as<std::string>();
+  }
+  if (args.count("collective-timeout")) {
+    plan.environment["UNIMSG_COLLECTIVE_TIMEOUT"] = args["collective-timeout"].as<std::string>();
+  }
+  plan.environment["UNIMSG_RUN_DIR"] = run_dir.string();
+  plan.environment["UNIMSG_RESTART_COUNT"] = "0";
+
+  if (args.count("dry-run")) {
+    std::string line;
+    for (const auto& word : build_command(plan)) line += (line.empty() ? "" : " ") + word;
+    std::puts(line.c_str());
+    return kExitDone;
+  }
+
+  std::error_code error;
+  fs::create_directories(run_dir, error);
+  if (error) {
+    throw unimsg::ConfigError(unimsg::kNoRank, "--run-dir",
+                              "cannot create " + run_dir.string() + ": " + error.message());
+  }
+  EventLog events(run_dir / "events.jsonl");
+  const fs::path report_path = run_dir / "fault-report.json";
+  for (int restart = 0;; ++restart) {
+    plan.environment["UNIMSG_RESTART_COUNT"] = std::to_string(restart);
+    if (plan.slurm) {
+      for (const auto& [name, value] : plan.environment) setenv(name.c_str(), value.c_str(), 1);
+    }
+    fs::remove(report_path, error);
+    const auto command = build_command(plan);
+    events.write("launch", plan.np, restart);
+    spdlog::info("[unimsg-run] launch {} of {}: {} rank(s)", restart + 1, max_restarts + 1,
+                 plan.np);
+    bool interrupted = false;
+    int status = 0;
+    try {
+      status = run_and_wait(command, interrupted);
+    } catch (const unimsg::Error& failure) {
+      events.write("gave_up", plan.np, restart, {{"reason", failure.what()}});
+      spdlog::error("[unimsg-run] {}", failure.what());
+      return kExitCannotStart;
+    }
+    if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
+      events.write("done", plan.np, restart);
+      spdlog::info("[unimsg-run] done after {} restart(s)", restart);
+      return kExitDone;
+    }
+    const auto report = read_fault_report(report_path);
+    FaultReport lost = report.value_or(FaultReport{});
+    if (lost.reason.empty()) lost.reason = "the job ended with " + describe(status);
+    events.write("failure", plan.np, restart,
+                 {{"reason", lost.reason},
+                  {"lost_ranks", lost.lost_ranks},
+                  {"lost_hosts", lost.lost_hosts},
+                  {"fault_report", report.has_value()}});
+    spdlog::warn("[unimsg-run] failure: {}", lost.reason);
+    if (interrupted) {
+      events.write("gave_up", plan.np, restart, {{"reason", "interrupted"}});
+      return WIFSIGNALED(status) ? 128 + WTERMSIG(status) : kExitRestartsSpent;
+    }
+    if (WIFEXITED(status) && WEXITSTATUS(status) == 2) {
+      events.write("gave_up", plan.np, restart, {{"reason", "the program reported bad usage"}});
+      return kExitNotRestartable;
+    }
+    if (restart >= max_restarts) {
+      events.write("gave_up", plan.np, restart, {{"reason", "--max-restarts spent"}});
+      spdlog::error("[unimsg-run] giving up: {} restart(s) spent", max_restarts);
+      return kExitRestartsSpent;
+    }
+    const Shrink next = shrink(plan.hosts, plan.np, lost);
+    if (next.np < min_np) {
+      events.write("gave_up", next.np, restart, {{"reason", "fewer ranks than --min-np left"}});
+      spdlog::error("[unimsg-run] giving up: {} rank(s) left, --min-np is {}", next.np, min_np);
+      return kExitBelowMinNp;
+    }
+    events.write(
+        "rerank", next.np, restart,
+        {{"from", plan.np}, {"lost_ranks", lost.lost_ranks}, {"lost_hosts", lost.lost_hosts}});
+    spdlog::warn("[unimsg-run] re-ranking: {} -> {} rank(s)", plan.np, next.np);
+    plan.hosts = next.hosts;
+    plan.np = next.np;
+    events.write("restart", plan.np, restart + 1);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const cxxopts::exceptions::exception& error) {
+    std::fprintf(stderr, "unimsg-run: %s (see --help)\n", error.what());
+    return kExitUsage;
+  } catch (const unimsg::ConfigError& error) {
+    std::fprintf(stderr, "unimsg-run: %s\n", error.what());
+    return kExitUsage;
+  } catch (const std::exception& error) {
+    std::fprintf(stderr, "unimsg-run: %s\n", error.what());
+    return 1;
+  }
+}

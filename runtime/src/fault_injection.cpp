@@ -1,0 +1,77 @@
+#include "unimsg/fault_injection.hpp"
+
+#include <signal.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <string>
+
+#include "unimsg/config.hpp"
+#include "unimsg/error.hpp"
+
+namespace unimsg {
+
+FaultInjection FaultInjection::parse(std::string_view text) {
+  constexpr const char* kWhat = "UNIMSG_FAULT_INJECT";
+  FaultInjection fault;
+  bool has_rank = false;
+  bool has_step = false;
+  std::size_t start = 0;
+  while (start < text.size()) {
+    const std::size_t comma = std::min(text.find(',', start), text.size());
+    const std::string_view item = text.substr(start, comma - start);
+    const std::size_t colon = item.find(':');
+    if (colon == std::string_view::npos) {
+      throw ConfigError(
+          kNoRank, kWhat,
+          "'" + std::string(item) + "' is not key:value (rank:R,step:S,mode:kill|exit)");
+    }
+    const std::string_view key = item.substr(0, colon);
+    const std::string_view value = item.substr(colon + 1);
+    if (key == "rank") {
+      fault.rank = static_cast<int>(parse_uint(value, kWhat, 0, 1u << 30));
+      has_rank = true;
+    } else if (key == "step") {
+      fault.step = parse_uint(value, kWhat, 0, ~std::uint64_t{0});
+      has_step = true;
+    } else if (key == "mode") {
+      if (value == "kill") {
+        fault.mode = Mode::kKill;
+      } else if (value == "exit") {
+        fault.mode = Mode::kExit;
+      } else if (value == "hang") {
+        throw ConfigError(kNoRank, kWhat,
+                          "mode 'hang' needs heartbeat detection, which is not built yet "
+                          "(a hung rank would stall the job for good)");
+      } else {
+        throw ConfigError(kNoRank, kWhat, "mode '" + std::string(value) + "' is not kill or exit");
+      }
+    } else {
+      throw ConfigError(kNoRank, kWhat, "unknown key '" + std::string(key) + "'");
+    }
+    start = comma + 1;
+  }
+  if (!has_rank || !has_step) throw ConfigError(kNoRank, kWhat, "needs rank:R and step:S");
+  return fault;
+}
+
+std::optional<FaultInjection> FaultInjection::from_env() {
+  const auto text = env_value("UNIMSG_FAULT_INJECT");
+  if (!text) return std::nullopt;
+  const FaultInjection fault = parse(*text);
+  const auto restart = env_uint("UNIMSG_RESTART_COUNT", 0, 1u << 30);
+  if (restart && *restart > 0) return std::nullopt;
+  return fault;
+}
+
+void FaultInjection::at_step(int here, std::uint64_t now) const {
+  if (here != rank || now != step) return;
+  std::fprintf(stderr, "[rank %d] UNIMSG_FAULT_INJECT: %s at step %llu\n", here,
+               mode == Mode::kKill ? "killing this rank" : "exiting",
+               static_cast<unsigned long long>(now));
+  std::fflush(stderr);
+  if (mode == Mode::kKill) ::kill(::getpid(), SIGKILL);
+  ::_exit(1);
+}
+
+}  // namespace unimsg

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# unimsg-run end to end: kill -9 one of 4 ranks; the job finishes on 3 ranks from the last
+# checkpoint, with exactly the parameters of a reference run that resumes from that checkpoint on
+# 3 ranks; events.jsonl tells the story; exit statuses for spent restarts and --min-np.
+#   launcher_recovery_test.sh UNIMSG_RUN TRAINER
+set -euo pipefail
+launcher=$1
+trainer=$2
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+export UNIMSG_FUSION_THRESHOLD=0  # bitwise-reproducible reductions (docs/architecture.md)
+train=(--limit 3000 --batch-size 60 --epochs 1 --checkpoint-every 10 --checkpoint-keep 10 --json)
+fail() { echo "FAIL: $*"; exit 1; }
+
+"$launcher" -np 4 --max-restarts 2 --checkpoint-dir "$work/ck" --run-dir "$work/run" \
+  -x UNIMSG_FAULT_INJECT=rank:2,step:25,mode:kill -- "$trainer" "${train[@]}" \
+  >"$work/out" 2>"$work/err" || { cat "$work/err"; fail "unimsg-run exited with $?"; }
+events=$(grep -o '"event":"[a-z_]*"' "$work/run/events.jsonl" | cut -d'"' -f4 | paste -sd' ')
+[[ $events == "launch failure rerank restart launch done" ]] || fail "events: $events"
+grep -q '"event":"launch","restart":1,.*"world_size":3' "$work/run/events.jsonl" ||
+  fail "the relaunch did not run on 3 ranks"
+grep -q "resumed from step 20" "$work/err" || fail "did not resume from step 20"
+recovered=$(grep -o '"params_l2":[-0-9.e+]*' "$work/out" | tail -1 | cut -d: -f2)
+
+# The reference: the same checkpoint (step 20), resumed on 3 ranks by plain mpirun.
+mkdir -p "$work/ref"
+cp -r "$work/ck/step-000000000020" "$work/ref/"
+mpirun -np 3 --oversubscribe --bind-to none "$trainer" "${train[@]}" \
+  --checkpoint-dir "$work/ref" --resume >"$work/out" 2>"$work/err" || { cat "$work/err"; fail "reference run"; }
+reference=$(grep -o '"params_l2":[-0-9.e+]*' "$work/out" | tail -1 | cut -d: -f2)
+echo "recovered $recovered, reference $reference"
+[[ -n $recovered && $recovered == "$reference" ]] || fail "the recovered run differs from the reference"
+
+# No restarts left: exit status 3. Too few ranks left for --min-np: exit status 4.
+set +e
+"$launcher" -np 3 --max-restarts 0 --run-dir "$work/run0" -x UNIMSG_FAULT_INJECT=rank:1,step:3,mode:exit \
+  -- "$trainer" "${train[@]}" --checkpoint-dir "$work/ck0" >/dev/null 2>&1
+status=$?
+[[ $status == 3 ]] || fail "spent restarts gave exit status $status, not 3"
+"$launcher" -np 3 --min-np 3 --run-dir "$work/run1" -x UNIMSG_FAULT_INJECT=rank:0,step:3,mode:kill \
+  -- "$trainer" "${train[@]}" --checkpoint-dir "$work/ck1" >/dev/null 2>&1
+status=$?
+[[ $status == 4 ]] || fail "--min-np gave exit status $status, not 4"
+grep -q '"event":"gave_up"' "$work/run1/events.jsonl" || fail "no gave_up event"
+# Bad usage: exit status 2, with a message.
+for bad in "-np 0 -- true" "-np 2 -H a:x -- true" "-np 2 --no-such-flag -- true" "-np 2 -- ./missing"; do
+  # shellcheck disable=SC2086
+  "$launcher" $bad >/dev/null 2>"$work/msg"
+  status=$?
+  [[ $status == 2 && -s $work/msg ]] || fail "'$bad' gave exit status $status"
+done
+echo "PASS"

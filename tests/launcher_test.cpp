@@ -1,0 +1,90 @@
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "unimsg/error.hpp"
+#include "unimsg/launcher.hpp"
+
+namespace unimsg::launcher {
+namespace {
+
+TEST(Launcher, HostListsParseAndMerge) {
+  EXPECT_EQ(parse_host_list("a:2,b,c:4"), (std::vector<Host>{{"a", 2}, {"b", 1}, {"c", 4}}));
+  EXPECT_EQ(parse_host_list("a:1,a:2"), (std::vector<Host>{{"a", 3}}));
+  for (const char* bad : {"", "a,,b", "a:0", "a:-1", "a:x", ":2", "a b", "a:2:3"}) {
+    EXPECT_THROW(parse_host_list(bad), ConfigError) << bad;
+  }
+}
+
+TEST(Launcher, HostfilesParse) {
+  const auto path =
+      std::filesystem::temp_directory_path() / ("unimsg_hosts_" + std::to_string(::getpid()));
+  std::ofstream(path) << "# cluster\nnode1 slots=4\nnode2:2  # comment\n\nnode3\n";
+  EXPECT_EQ(parse_hostfile(path), (std::vector<Host>{{"node1", 4}, {"node2", 2}, {"node3", 1}}));
+  std::ofstream(path) << "node1 cores=4\n";
+  EXPECT_THROW(parse_hostfile(path), ConfigError);
+  std::ofstream(path) << "# nothing\n";
+  EXPECT_THROW(parse_hostfile(path), ConfigError);
+  std::filesystem::remove(path);
+  EXPECT_THROW(parse_hostfile(path), ConfigError);
+}
+
+TEST(Launcher, CommandLinesForMpirunAndSrun) {
+  LaunchPlan plan;
+  plan.np = 4;
+  plan.program = {"./train", "--epochs", "1"};
+  plan.environment = {{"UNIMSG_RESTART_COUNT", "1"}};
+  EXPECT_EQ(build_command(plan),
+            (std::vector<std::string>{"mpirun", "-np", "4", "--oversubscribe", "--bind-to", "none",
+                                      "-x", "UNIMSG_RESTART_COUNT=1", "./train", "--epochs", "1"}));
+  plan.hosts = {{"a", 2}, {"b", 2}};
+  EXPECT_EQ(build_command(plan)[3], "--host");
+  EXPECT_EQ(build_command(plan)[4], "a:2,b:2");
+  plan.np = 5;
+  EXPECT_THROW(build_command(plan), ConfigError);  // more ranks than slots
+  plan.np = 4;
+  plan.slurm = true;
+  EXPECT_EQ(build_command(plan),
+            (std::vector<std::string>{"srun", "--mpi=pmix", "--ntasks=4", "--kill-on-bad-exit=1",
+                                      "--nodelist=a,b", "./train", "--epochs", "1"}));
+  plan.program.clear();
+  EXPECT_THROW(build_command(plan), ConfigError);
+}
+
+TEST(Launcher, ShrinkDropsLostHostsAndSlots) {
+  FaultReport unknown;  // something died, nobody said what: one slot less
+  EXPECT_EQ(shrink({}, 4, unknown).np, 3);
+  const std::vector<Host> hosts{{"a", 2}, {"b", 2}, {"c", 2}};
+  FaultReport host_lost;
+  host_lost.lost_hosts = {"b"};
+  host_lost.lost_ranks = {2, 3};
+  const Shrink without_b = shrink(hosts, 6, host_lost);
+  EXPECT_EQ(without_b.np, 4);
+  EXPECT_EQ(without_b.hosts, (std::vector<Host>{{"a", 2}, {"c", 2}}));
+  FaultReport rank_lost;
+  rank_lost.lost_ranks = {5};
+  const Shrink one_less = shrink(hosts, 6, rank_lost);
+  EXPECT_EQ(one_less.np, 5);
+  EXPECT_EQ(total_slots(one_less.hosts), 5);
+}
+
+TEST(Launcher, FaultReportsAreReadOrRejected) {
+  const auto path =
+      std::filesystem::temp_directory_path() / ("unimsg_report_" + std::to_string(::getpid()));
+  EXPECT_FALSE(read_fault_report(path).has_value());
+  std::ofstream(path)
+      << R"({"lost_ranks":[1],"lost_hosts":["b"],"reason":"heartbeat","last_step":40})";
+  const auto report = read_fault_report(path);
+  ASSERT_TRUE(report.has_value());
+  EXPECT_EQ(report->lost_ranks, std::vector<int>{1});
+  EXPECT_EQ(report->lost_hosts, std::vector<std::string>{"b"});
+  EXPECT_EQ(report->last_step, 40);
+  std::ofstream(path) << R"({"lost_ranks":"one"})";
+  EXPECT_THROW(read_fault_report(path), ConfigError);
+  std::filesystem::remove(path);
+}
+
+}  // namespace
+}  // namespace unimsg::launcher
