@@ -165,7 +165,7 @@ int run(int argc, char** argv) {
                                      cxxopts::value<std::string>()->default_value("unimsg-run"))(
       "heartbeat-timeout", "seconds (passed as UNIMSG_HEARTBEAT_TIMEOUT)",
       cxxopts::value<std::string>())(
-      "collective-timeout", "seconds (passed as UNIMSG_COLLECTIVE_TIMEOUT)",
+      "collective-timeout", "seconds (passed as UNIMSG_COLLECTIVE_TIMEOUT_S)",
       cxxopts::value<std::string>())("x", "pass VAR (or VAR=value) to every rank; repeatable",
                                      cxxopts::value<std::vector<std::string>>())(
       "slurm", "launch with srun --mpi=pmix (default inside a Slurm allocation)")(
@@ -240,7 +240,7 @@ int run(int argc, char** argv) {
     plan.environment["UNIMSG_HEARTBEAT_TIMEOUT"] = args["heartbeat-timeout"].as<std::string>();
   }
   if (args.count("collective-timeout")) {
-    plan.environment["UNIMSG_COLLECTIVE_TIMEOUT"] = args["collective-timeout"].as<std::string>();
+    plan.environment["UNIMSG_COLLECTIVE_TIMEOUT_S"] = args["collective-timeout"].as<std::string>();
   }
   plan.environment["UNIMSG_RUN_DIR"] = run_dir.string();
   plan.environment["UNIMSG_RESTART_COUNT"] = "0";
