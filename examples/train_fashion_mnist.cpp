@@ -27,7 +27,9 @@
 #include "unimsg/config.hpp"
 #include "unimsg/engine.hpp"
 #include "unimsg/error.hpp"
+#include "unimsg/fault.hpp"
 #include "unimsg/fault_injection.hpp"
+#include "unimsg/heartbeat.hpp"
 #include "unimsg/idx.hpp"
 #include "unimsg/mpi_communicator.hpp"
 #include "unimsg/runtime.hpp"
@@ -163,6 +165,15 @@ int run(int argc, char** argv) {
                              args["limit"].as<std::uint64_t>());
   const Dataset test = load(find("t10k-images-idx3-ubyte"), find("t10k-labels-idx1-ubyte"), 0);
 
+  // A rank that dies or hangs is noticed by the others' watchdogs, which report it and abort
+  // the job for unimsg-run to relaunch on the survivors.
+  const std::vector<std::string> hosts = unimsg::gather_host_names(MPI_COMM_WORLD);
+  unimsg::HeartbeatMonitor heartbeat(
+      runtime.bus(), unimsg::HeartbeatOptions::from_env(),
+      [&hosts](const std::vector<int>& silent, std::uint64_t last_step) {
+        unimsg::abort_restartable(
+            {silent, "no heartbeat within UNIMSG_HEARTBEAT_TIMEOUT", last_step}, hosts);
+      });
   unimsg::MpiCommunicator communicator(MPI_COMM_WORLD, runtime.bus());
   unimsg::Engine engine(communicator, runtime.bus());
   Net model;
@@ -245,85 +256,92 @@ int run(int argc, char** argv) {
 
   double accuracy = 0;
   bool stop = false;
-  for (std::uint64_t epoch = first_epoch; epoch < epochs && !stop; ++epoch) {
-    const auto start = Clock::now();
-    sampler.set_epoch(epoch, epoch == first_epoch ? first_position : 0);
-    const std::vector<std::size_t> mine = sampler.indices();
-    const auto index = torch::from_blob(const_cast<std::size_t*>(mine.data()),
-                                        {static_cast<std::int64_t>(mine.size())}, torch::kLong)
-                           .clone();
-    model->train();
-    double loss_sum = 0;
-    std::int64_t batches = 0;
-    const auto count = static_cast<std::int64_t>(mine.size());
-    const std::int64_t steps = (count + local_batch - 1) / local_batch;
-    for (std::int64_t step = 0; step < steps; ++step) {
-      const auto batch_index =
-          index.narrow(0, step * local_batch, std::min(local_batch, count - step * local_batch));
-      const auto x = train.images.index_select(0, batch_index);
-      const auto y = train.labels.index_select(0, batch_index);
-      optimizer.zero_grad();
-      const auto loss = torch::nn::functional::cross_entropy(model->forward(x), y);
-      loss.backward();
-      ddp.synchronize();
-      optimizer.step();
-      loss_sum += loss.item<double>();
-      ++batches;
-      ++global_step;
-      if (fault) fault->at_step(rank, global_step);
-      const std::size_t position = sampler.position_after(
-          static_cast<std::size_t>(std::min(count, (step + 1) * local_batch)));
-      if (step + 1 == steps) {
-        save_checkpoint(epoch + 1, 0);
-      } else {
-        save_checkpoint(epoch, position);
+  try {
+    for (std::uint64_t epoch = first_epoch; epoch < epochs && !stop; ++epoch) {
+      const auto start = Clock::now();
+      sampler.set_epoch(epoch, epoch == first_epoch ? first_position : 0);
+      const std::vector<std::size_t> mine = sampler.indices();
+      const auto index = torch::from_blob(const_cast<std::size_t*>(mine.data()),
+                                          {static_cast<std::int64_t>(mine.size())}, torch::kLong)
+                             .clone();
+      model->train();
+      double loss_sum = 0;
+      std::int64_t batches = 0;
+      const auto count = static_cast<std::int64_t>(mine.size());
+      const std::int64_t steps = (count + local_batch - 1) / local_batch;
+      for (std::int64_t step = 0; step < steps; ++step) {
+        const auto batch_index =
+            index.narrow(0, step * local_batch, std::min(local_batch, count - step * local_batch));
+        const auto x = train.images.index_select(0, batch_index);
+        const auto y = train.labels.index_select(0, batch_index);
+        optimizer.zero_grad();
+        const auto loss = torch::nn::functional::cross_entropy(model->forward(x), y);
+        loss.backward();
+        ddp.synchronize();
+        optimizer.step();
+        loss_sum += loss.item<double>();
+        ++batches;
+        ++global_step;
+        heartbeat.report_step(global_step);
+        if (fault) fault->at_step(rank, global_step);
+        const std::size_t position = sampler.position_after(
+            static_cast<std::size_t>(std::min(count, (step + 1) * local_batch)));
+        if (step + 1 == steps) {
+          save_checkpoint(epoch + 1, 0);
+        } else {
+          save_checkpoint(epoch, position);
+        }
+        if (max_steps > 0 && global_step >= max_steps) {
+          stop = true;
+          break;
+        }
+        if (rank == 0 && !json && (step + 1) % 50 == 0) {
+          runtime.log().info("epoch {} step {}/{} loss {:.4f}", epoch + 1, step + 1, steps,
+                             loss_sum / static_cast<double>(batches));
+        }
       }
-      if (max_steps > 0 && global_step >= max_steps) {
-        stop = true;
-        break;
-      }
-      if (rank == 0 && !json && (step + 1) % 50 == 0) {
-        runtime.log().info("epoch {} step {}/{} loss {:.4f}", epoch + 1, step + 1, steps,
-                           loss_sum / static_cast<double>(batches));
-      }
-    }
-    const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+      const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
 
-    // Test accuracy: each rank scores every world-th test sample; the counts are summed.
-    torch::NoGradGuard no_grad;
-    model->eval();
-    const auto test_index = torch::arange(rank, test.images.size(0), world, torch::kLong);
-    std::int64_t correct = 0;
-    for (std::int64_t from = 0; from < test_index.size(0); from += 1000) {
-      const auto chunk =
-          test_index.narrow(0, from, std::min<std::int64_t>(1000, test_index.size(0) - from));
-      const auto predicted = model->forward(test.images.index_select(0, chunk)).argmax(1);
-      correct += predicted.eq(test.labels.index_select(0, chunk)).sum().item<std::int64_t>();
-    }
-    std::array<double, 3> totals{loss_sum, static_cast<double>(std::max<std::int64_t>(batches, 1)),
-                                 static_cast<double>(correct)};
-    communicator
-        .allreduce(unimsg::host_view(totals.data(), totals.size()),
-                   unimsg::host_view(totals.data(), totals.size()), unimsg::ReduceOp::kSum,
-                   "epoch.totals")
-        .wait();
-    const double mean_loss = totals[0] / totals[1];
-    accuracy = totals[2] / static_cast<double>(test.images.size(0));
-    const double samples_per_s = static_cast<double>(count) * world / seconds;
-    if (rank == 0) {
-      if (json) {
-        nlohmann::json line{{"epoch", epoch + 1},        {"loss", mean_loss},
-                            {"test_accuracy", accuracy}, {"samples_per_s", samples_per_s},
-                            {"seconds", seconds},        {"ranks", world},
-                            {"batch_size", global_batch}};
-        std::printf("%s\n", line.dump().c_str());
-        std::fflush(stdout);
-      } else {
-        runtime.log().info(
-            "epoch {}/{}: loss {:.4f}, test accuracy {:.4f}, {:.0f} samples/s ({:.1f} s)",
-            epoch + 1, epochs, mean_loss, accuracy, samples_per_s, seconds);
+      // Test accuracy: each rank scores every world-th test sample; the counts are summed.
+      torch::NoGradGuard no_grad;
+      model->eval();
+      const auto test_index = torch::arange(rank, test.images.size(0), world, torch::kLong);
+      std::int64_t correct = 0;
+      for (std::int64_t from = 0; from < test_index.size(0); from += 1000) {
+        const auto chunk =
+            test_index.narrow(0, from, std::min<std::int64_t>(1000, test_index.size(0) - from));
+        const auto predicted = model->forward(test.images.index_select(0, chunk)).argmax(1);
+        correct += predicted.eq(test.labels.index_select(0, chunk)).sum().item<std::int64_t>();
+      }
+      std::array<double, 3> totals{loss_sum,
+                                   static_cast<double>(std::max<std::int64_t>(batches, 1)),
+                                   static_cast<double>(correct)};
+      communicator
+          .allreduce(unimsg::host_view(totals.data(), totals.size()),
+                     unimsg::host_view(totals.data(), totals.size()), unimsg::ReduceOp::kSum,
+                     "epoch.totals")
+          .wait();
+      const double mean_loss = totals[0] / totals[1];
+      accuracy = totals[2] / static_cast<double>(test.images.size(0));
+      const double samples_per_s = static_cast<double>(count) * world / seconds;
+      if (rank == 0) {
+        if (json) {
+          nlohmann::json line{{"epoch", epoch + 1},        {"loss", mean_loss},
+                              {"test_accuracy", accuracy}, {"samples_per_s", samples_per_s},
+                              {"seconds", seconds},        {"ranks", world},
+                              {"batch_size", global_batch}};
+          std::printf("%s\n", line.dump().c_str());
+          std::fflush(stdout);
+        } else {
+          runtime.log().info(
+              "epoch {}/{}: loss {:.4f}, test accuracy {:.4f}, {:.0f} samples/s ({:.1f} s)",
+              epoch + 1, epochs, mean_loss, accuracy, samples_per_s, seconds);
+        }
       }
     }
+  } catch (const unimsg::TimeoutError& error) {
+    // A collective past UNIMSG_COLLECTIVE_TIMEOUT_S: some rank stopped taking part.
+    unimsg::abort_restartable({{}, error.what(), global_step}, hosts);
   }
   if (checkpointer) checkpointer->flush();
   if (rank == 0 && json) {
@@ -337,6 +355,10 @@ int run(int argc, char** argv) {
                   static_cast<unsigned long long>(global_step), std::sqrt(squares));
     std::printf("%s\n", line);
   }
+  // Every rank is done before any stops its heartbeats: a rank still busy (rank 0 flushing a
+  // checkpoint) must not take a finished one for a lost one.
+  communicator.barrier().wait();
+  heartbeat.stop();
   const double min_accuracy = args["min-accuracy"].as<double>();
   if (accuracy < min_accuracy) {
     if (rank == 0) {

@@ -31,6 +31,30 @@ reference=$(grep -o '"params_l2":[-0-9.e+]*' "$work/out" | tail -1 | cut -d: -f2
 echo "recovered $recovered, reference $reference"
 [[ -n $recovered && $recovered == "$reference" ]] || fail "the recovered run differs from the reference"
 
+# SIGSTOP one rank: the others' watchdogs notice within the heartbeat timeout, report the lost
+# rank, and the same recovery follows (same checkpoint, same 3 ranks: the same parameters).
+"$launcher" -np 4 --max-restarts 2 --heartbeat-timeout 3 --checkpoint-dir "$work/ckh" \
+  --run-dir "$work/runh" -x UNIMSG_FAULT_INJECT=rank:1,step:25,mode:hang -- "$trainer" "${train[@]}" \
+  >"$work/out" 2>"$work/err" || { cat "$work/err"; fail "hang: unimsg-run exited with $?"; }
+grep -q '"lost_ranks":\[1\]' "$work/runh/events.jsonl" || fail "hang: rank 1 not reported lost"
+grep -q '"fault_report":true' "$work/runh/events.jsonl" || fail "hang: no fault report read"
+hung=$(grep -o '"params_l2":[-0-9.e+]*' "$work/out" | tail -1 | cut -d: -f2)
+[[ $hung == "$reference" ]] || fail "hang: recovered $hung, reference $reference"
+
+# Two failures in a row (4 -> 3 -> 2 ranks); then a kill of the checkpoint writer (rank 0) just
+# after it queued a checkpoint: whatever was half written is never loaded.
+"$launcher" -np 4 --max-restarts 2 --checkpoint-dir "$work/ck2" --run-dir "$work/run2" \
+  -x "UNIMSG_FAULT_INJECT=rank:2,step:25,mode:kill;rank:0,step:35,mode:exit,restart:1" \
+  -- "$trainer" "${train[@]}" >"$work/out" 2>"$work/err" || { cat "$work/err"; fail "two failures"; }
+events=$(grep -o '"event":"[a-z_]*"' "$work/run2/events.jsonl" | cut -d'"' -f4 | paste -sd' ')
+[[ $events == "launch failure rerank restart launch failure rerank restart launch done" ]] ||
+  fail "two failures: events $events"
+grep -q "saved by 3 rank(s), now 2" "$work/err" || fail "two failures: no resume on 2 ranks"
+"$launcher" -np 3 --max-restarts 1 --checkpoint-dir "$work/ckw" --run-dir "$work/runw" \
+  -x UNIMSG_FAULT_INJECT=rank:0,step:31,mode:kill -- "$trainer" "${train[@]}" \
+  >"$work/out" 2>"$work/err" || { cat "$work/err"; fail "kill during a checkpoint write"; }
+grep -Eq "resumed from step (20|30)" "$work/err" || fail "kill during a write: bad resume"
+
 # No restarts left: exit status 3. Too few ranks left for --min-np: exit status 4.
 set +e
 "$launcher" -np 3 --max-restarts 0 --run-dir "$work/run0" -x UNIMSG_FAULT_INJECT=rank:1,step:3,mode:exit \

@@ -24,7 +24,7 @@ FaultInjection FaultInjection::parse(std::string_view text) {
     if (colon == std::string_view::npos) {
       throw ConfigError(
           kNoRank, kWhat,
-          "'" + std::string(item) + "' is not key:value (rank:R,step:S,mode:kill|exit)");
+          "'" + std::string(item) + "' is not key:value (rank:R,step:S,mode:kill|exit|hang)");
     }
     const std::string_view key = item.substr(0, colon);
     const std::string_view value = item.substr(colon + 1);
@@ -34,17 +34,18 @@ FaultInjection FaultInjection::parse(std::string_view text) {
     } else if (key == "step") {
       fault.step = parse_uint(value, kWhat, 0, ~std::uint64_t{0});
       has_step = true;
+    } else if (key == "restart") {
+      fault.restart = parse_uint(value, kWhat, 0, 1u << 30);
     } else if (key == "mode") {
       if (value == "kill") {
         fault.mode = Mode::kKill;
       } else if (value == "exit") {
         fault.mode = Mode::kExit;
       } else if (value == "hang") {
-        throw ConfigError(kNoRank, kWhat,
-                          "mode 'hang' needs heartbeat detection, which is not built yet "
-                          "(a hung rank would stall the job for good)");
+        fault.mode = Mode::kHang;
       } else {
-        throw ConfigError(kNoRank, kWhat, "mode '" + std::string(value) + "' is not kill or exit");
+        throw ConfigError(kNoRank, kWhat,
+                          "mode '" + std::string(value) + "' is not kill, exit or hang");
       }
     } else {
       throw ConfigError(kNoRank, kWhat, "unknown key '" + std::string(key) + "'");
@@ -58,19 +59,33 @@ FaultInjection FaultInjection::parse(std::string_view text) {
 std::optional<FaultInjection> FaultInjection::from_env() {
   const auto text = env_value("UNIMSG_FAULT_INJECT");
   if (!text) return std::nullopt;
-  const FaultInjection fault = parse(*text);
-  const auto restart = env_uint("UNIMSG_RESTART_COUNT", 0, 1u << 30);
-  if (restart && *restart > 0) return std::nullopt;
-  return fault;
+  const std::uint64_t restart = env_uint("UNIMSG_RESTART_COUNT", 0, 1u << 30).value_or(0);
+  // Several faults, one per launch, are separated by ';' (each parsed, so a typo anywhere is
+  // reported on the first launch).
+  std::optional<FaultInjection> chosen;
+  std::string_view rest = *text;
+  while (!rest.empty()) {
+    const std::size_t semicolon = std::min(rest.find(';'), rest.size());
+    const FaultInjection fault = parse(rest.substr(0, semicolon));
+    if (fault.restart == restart && !chosen) chosen = fault;
+    rest.remove_prefix(std::min(semicolon + 1, rest.size()));
+  }
+  return chosen;
 }
 
 void FaultInjection::at_step(int here, std::uint64_t now) const {
   if (here != rank || now != step) return;
-  std::fprintf(stderr, "[rank %d] UNIMSG_FAULT_INJECT: %s at step %llu\n", here,
-               mode == Mode::kKill ? "killing this rank" : "exiting",
+  const char* what = mode == Mode::kKill   ? "killing this rank"
+                     : mode == Mode::kHang ? "stopping this rank (SIGSTOP)"
+                                           : "exiting";
+  std::fprintf(stderr, "[rank %d] UNIMSG_FAULT_INJECT: %s at step %llu\n", here, what,
                static_cast<unsigned long long>(now));
   std::fflush(stderr);
   if (mode == Mode::kKill) ::kill(::getpid(), SIGKILL);
+  if (mode == Mode::kHang) {
+    ::kill(::getpid(), SIGSTOP);  // every thread stops, heartbeats too, until SIGCONT or SIGKILL
+    return;
+  }
   ::_exit(1);
 }
 

@@ -1,9 +1,11 @@
 #pragma once
 
-// Fault injection for users and tests: UNIMSG_FAULT_INJECT=rank:R,step:S,mode:kill|exit makes
-// rank R die at the trainer's step S (kill: SIGKILL, as a crashed node; exit: status 1). It acts
-// only on the first launch (UNIMSG_RESTART_COUNT unset or 0), so that the relaunched job runs
-// on. A malformed value is a ConfigError.
+// Fault injection for users and tests: UNIMSG_FAULT_INJECT=rank:R,step:S,mode:kill|exit|hang
+// makes rank R fail at the trainer's step S: kill sends itself SIGKILL (a crashed node), exit
+// exits with status 1, hang stops the whole process with SIGSTOP (a hung node: only a heartbeat
+// watchdog in the program notices it). It acts only on launch `restart:K` (default 0, the first;
+// UNIMSG_RESTART_COUNT tells which launch this is), so that the relaunched job runs on; several
+// faults for several launches are separated by ';'. A malformed value is a ConfigError.
 
 #include <cstdint>
 #include <optional>
@@ -12,13 +14,14 @@
 namespace unimsg {
 
 struct FaultInjection {
-  enum class Mode { kKill, kExit };
+  enum class Mode { kKill, kExit, kHang };
   int rank = 0;
   std::uint64_t step = 0;
+  std::uint64_t restart = 0;
   Mode mode = Mode::kKill;
 
   static FaultInjection parse(std::string_view text);
-  // From the environment; nullopt when unset or after a restart.
+  // The fault for this launch from the environment; nullopt when there is none.
   static std::optional<FaultInjection> from_env();
   // Dies here if this is the rank and the step.
   void at_step(int rank, std::uint64_t step) const;
