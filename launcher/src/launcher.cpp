@@ -151,6 +151,9 @@ std::optional<FaultReport> read_fault_report(const std::filesystem::path& path) 
     report.lost_ranks = json.value("lost_ranks", std::vector<int>{});
     report.lost_hosts = json.value("lost_hosts", std::vector<std::string>{});
     report.reason = json.value("reason", std::string{});
+    if (json.contains("time") && !json.at("time").is_null()) {
+      report.time = json.at("time").get<double>();
+    }
     if (json.contains("last_step") && !json.at("last_step").is_null()) {
       report.last_step = json.at("last_step").get<long long>();
     }

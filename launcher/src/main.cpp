@@ -287,11 +287,13 @@ int run(int argc, char** argv) {
     const auto report = read_fault_report(report_path);
     FaultReport lost = report.value_or(FaultReport{});
     if (lost.reason.empty()) lost.reason = "the job ended with " + describe(status);
-    events.write("failure", plan.np, restart,
-                 {{"reason", lost.reason},
-                  {"lost_ranks", lost.lost_ranks},
-                  {"lost_hosts", lost.lost_hosts},
-                  {"fault_report", report.has_value()}});
+    nlohmann::json details{{"reason", lost.reason},
+                           {"lost_ranks", lost.lost_ranks},
+                           {"lost_hosts", lost.lost_hosts},
+                           {"fault_report", report.has_value()}};
+    if (lost.time) details["detected_at"] = *lost.time;
+    if (lost.last_step) details["last_step"] = *lost.last_step;
+    events.write("failure", plan.np, restart, details);
     spdlog::warn("[unimsg-run] failure: {}", lost.reason);
     if (interrupted) {
       events.write("gave_up", plan.np, restart, {{"reason", "interrupted"}});

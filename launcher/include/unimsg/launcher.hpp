@@ -44,6 +44,7 @@ struct FaultReport {
   std::vector<std::string> lost_hosts;
   std::string reason;
   std::optional<long long> last_step;
+  std::optional<double> time;  // when the fault was detected (Unix seconds)
 };
 // nullopt when there is no report; ConfigError when it exists but is malformed.
 std::optional<FaultReport> read_fault_report(const std::filesystem::path& path);

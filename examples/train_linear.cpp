@@ -1,0 +1,263 @@
+// train_linear: a dependency-free data-parallel trainer (no libtorch) for fault tests and the
+// recovery benchmark. It fits a linear model to deterministic synthetic data (y = X w* + noise)
+// with minibatch SGD; gradients are averaged by the engine. It checkpoints through the
+// checkpoint service (a fast tier every --fast-every steps, a persistent one every
+// --checkpoint-every), heartbeats, honours UNIMSG_FAULT_INJECT, and resumes by itself when
+// unimsg-run relaunches it.
+//
+//   unimsg-run -np 4 --checkpoint-dir ck -- build/examples/train_linear --steps 200 --json
+
+#include <spdlog/spdlog.h>
+#include <cxxopts.hpp>
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "unimsg/checkpoint.hpp"
+#include "unimsg/cli.hpp"
+#include "unimsg/config.hpp"
+#include "unimsg/engine.hpp"
+#include "unimsg/error.hpp"
+#include "unimsg/fault.hpp"
+#include "unimsg/fault_injection.hpp"
+#include "unimsg/heartbeat.hpp"
+#include "unimsg/mpi_communicator.hpp"
+#include "unimsg/runtime.hpp"
+#include "unimsg/sampler.hpp"
+
+namespace {
+
+double unix_time() {
+  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
+// splitmix64 -> uniform in [-1, 1): the same data on every rank and every run.
+double uniform(std::uint64_t index) {
+  std::uint64_t x = index + 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  x ^= x >> 31;
+  return static_cast<double>(x >> 11) / static_cast<double>(1ull << 52) - 1.0;
+}
+
+struct Data {
+  std::size_t samples;
+  std::size_t dim;
+  std::vector<double> x;  // samples x dim
+  std::vector<double> y;
+};
+
+Data make_data(std::size_t samples, std::size_t dim) {
+  Data data{samples, dim, std::vector<double>(samples * dim), std::vector<double>(samples)};
+  std::vector<double> truth(dim);
+  for (std::size_t j = 0; j < dim; ++j) truth[j] = uniform(1'000'000 + j) * 2;
+  for (std::size_t i = 0; i < samples; ++i) {
+    double dot = 0;
+    for (std::size_t j = 0; j < dim; ++j) {
+      data.x[i * dim + j] = uniform(i * dim + j);
+      dot += data.x[i * dim + j] * truth[j];
+    }
+    data.y[i] = dot + 0.01 * uniform(2'000'000 + i);
+  }
+  return data;
+}
+
+std::vector<std::byte> as_bytes(const std::vector<double>& values) {
+  const auto* p = reinterpret_cast<const std::byte*>(values.data());
+  return {p, p + values.size() * sizeof(double)};
+}
+
+int run(int argc, char** argv) {
+  unimsg::Runtime runtime(&argc, &argv);
+  const int rank = runtime.rank();
+  const int world = runtime.size();
+  cxxopts::Options cli("train_linear",
+                       "Data-parallel linear regression on synthetic data, for fault tests and "
+                       "the recovery benchmark (run under unimsg-run or mpirun).");
+  cli.add_options()("steps", "optimizer steps in all",
+                    cxxopts::value<std::uint64_t>()->default_value("200"))(
+      "batch-size", "global batch (split evenly across the ranks)",
+      cxxopts::value<std::uint64_t>()->default_value("240"))(
+      "samples", "synthetic samples", cxxopts::value<std::uint64_t>()->default_value("4800"))(
+      "dim", "features", cxxopts::value<std::uint64_t>()->default_value("32"))(
+      "lr", "learning rate", cxxopts::value<double>()->default_value("0.05"))(
+      "step-ms", "extra time per step, standing in for compute",
+      cxxopts::value<std::uint64_t>()->default_value("0"))(
+      "checkpoint-dir", "persistent checkpoints (default: UNIMSG_CHECKPOINT_DIR)",
+      cxxopts::value<std::string>()->default_value(""))(
+      "checkpoint-every", "persistent checkpoint every N steps (0: never)",
+      cxxopts::value<std::uint64_t>()->default_value("20"))(
+      "fast-dir", "node-local checkpoints (e.g. /dev/shm/...; empty: no fast tier)",
+      cxxopts::value<std::string>()->default_value(""))(
+      "fast-every", "fast checkpoint every N steps (0: never)",
+      cxxopts::value<std::uint64_t>()->default_value("5"))(
+      "json", "one JSON object per step (rank 0)")("h,help", "show this help");
+  const auto args = cli.parse(argc, argv);
+  if (args.count("help")) {
+    if (rank == 0) std::puts(cli.help().c_str());
+    return 0;
+  }
+  const auto steps = args["steps"].as<std::uint64_t>();
+  const auto global_batch = args["batch-size"].as<std::uint64_t>();
+  const auto samples = args["samples"].as<std::uint64_t>();
+  const auto dim = static_cast<std::size_t>(args["dim"].as<std::uint64_t>());
+  const double lr = args["lr"].as<double>();
+  const bool json = args.count("json") > 0;
+  if (global_batch % static_cast<std::uint64_t>(world) != 0 || global_batch == 0) {
+    throw unimsg::ConfigError(rank, "--batch-size", "must split evenly across the ranks");
+  }
+  if (samples < global_batch || dim == 0 || !(lr > 0)) {
+    throw unimsg::ConfigError(rank, "train_linear", "need samples >= batch, dim > 0, lr > 0");
+  }
+  std::string persistent_dir = args["checkpoint-dir"].as<std::string>();
+  if (persistent_dir.empty())
+    persistent_dir = unimsg::env_value("UNIMSG_CHECKPOINT_DIR").value_or("");
+  unimsg::TieredCheckpointOptions tiers;
+  tiers.persistent_directory = persistent_dir;
+  tiers.persistent_every =
+      persistent_dir.empty() ? 0 : args["checkpoint-every"].as<std::uint64_t>();
+  tiers.fast_directory = args["fast-dir"].as<std::string>();
+  tiers.fast_every = tiers.fast_directory.empty() ? 0 : args["fast-every"].as<std::uint64_t>();
+  tiers.options.rank = rank;
+  unimsg::TieredCheckpointer checkpoints(tiers);
+
+  const std::vector<std::string> hosts = unimsg::gather_host_names(MPI_COMM_WORLD);
+  unimsg::HeartbeatMonitor heartbeat(
+      runtime.bus(), unimsg::HeartbeatOptions::from_env(),
+      [&hosts](const std::vector<int>& silent, std::uint64_t last_step) {
+        unimsg::abort_restartable(
+            {silent, "no heartbeat within UNIMSG_HEARTBEAT_TIMEOUT", last_step}, hosts);
+      });
+  unimsg::MpiCommunicator communicator(MPI_COMM_WORLD, runtime.bus());
+  unimsg::Engine engine(communicator, runtime.bus());
+  const auto fault = unimsg::FaultInjection::from_env();
+
+  const Data data = make_data(samples, dim);
+  std::vector<double> w(dim, 0.0);
+  std::uint64_t step = 0;
+  std::uint64_t epoch = 0;
+  std::size_t position = 0;
+  const auto restart = unimsg::env_uint("UNIMSG_RESTART_COUNT", 0, 1u << 30).value_or(0);
+  std::vector<std::string> skipped;
+  if (const auto restored = checkpoints.load_latest(&skipped)) {
+    const auto& blob = restored->blobs.at("w");
+    if (blob.size() != dim * sizeof(double)) {
+      throw unimsg::CheckpointError(rank, "train_linear", "the checkpoint is for another --dim");
+    }
+    std::memcpy(w.data(), blob.data(), blob.size());
+    const auto meta = nlohmann::json::parse(restored->metadata_json);
+    step = restored->step;
+    epoch = meta.at("epoch").get<std::uint64_t>();
+    position = meta.at("position").get<std::size_t>();
+    if (rank == 0) {
+      spdlog::info("[rank 0/{}] resumed from step {} (launch {})", world, step, restart);
+      if (json) {
+        std::printf(
+            "%s\n",
+            nlohmann::json{
+                {"event", "resumed"}, {"step", step}, {"time", unix_time()}, {"restart", restart}}
+                .dump()
+                .c_str());
+      }
+    }
+  }
+  for (const auto& why : skipped)
+    spdlog::warn("[rank {}] skipped a damaged checkpoint: {}", rank, why);
+
+  unimsg::DistributedSampler sampler(samples, rank, world, /*seed=*/3);
+  sampler.set_epoch(epoch, position);
+  const std::size_t local_batch = global_batch / static_cast<std::uint64_t>(world);
+  std::vector<std::size_t> mine = sampler.indices();
+  std::size_t next = 0;
+  std::vector<double> gradient(dim + 1);  // + the local loss, reduced along
+  try {
+    while (step < steps) {
+      if (mine.size() - next < local_batch) {  // the epoch ran out: the next one
+        sampler.set_epoch(++epoch, 0);
+        mine = sampler.indices();
+        next = 0;
+      }
+      std::fill(gradient.begin(), gradient.end(), 0.0);
+      for (std::size_t k = 0; k < local_batch; ++k) {
+        const std::size_t i = mine[next + k];
+        double error = -data.y[i];
+        for (std::size_t j = 0; j < dim; ++j) error += data.x[i * dim + j] * w[j];
+        for (std::size_t j = 0; j < dim; ++j) {
+          gradient[j] += 2 * error * data.x[i * dim + j] / static_cast<double>(local_batch);
+        }
+        gradient[dim] += error * error / static_cast<double>(local_batch);
+      }
+      next += local_batch;
+      if (const auto ms = args["step-ms"].as<std::uint64_t>()) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+      }
+      engine
+          .submit("grad", unimsg::host_view(gradient.data(), gradient.size()),
+                  unimsg::ReduceOp::kAvg)
+          .wait();
+      for (std::size_t j = 0; j < dim; ++j) w[j] -= lr * gradient[j];
+      ++step;
+      heartbeat.report_step(step);
+      if (rank == 0 && json) {
+        std::printf("%s\n", nlohmann::json{{"step", step},
+                                           {"loss", gradient[dim]},
+                                           {"time", unix_time()},
+                                           {"world_size", world},
+                                           {"restart", restart}}
+                                .dump()
+                                .c_str());
+        std::fflush(stdout);
+      }
+      if (fault && fault->rank == rank && fault->step == step && json) {
+        std::printf("%s\n",
+                    nlohmann::json{{"event", "inject"}, {"step", step}, {"time", unix_time()}}
+                        .dump()
+                        .c_str());
+        std::fflush(stdout);
+      }
+      if (fault) fault->at_step(rank, step);
+      if (rank == 0) {
+        checkpoints.maybe_save(step, [&] {
+          unimsg::Checkpoint checkpoint;
+          checkpoint.blobs["w"] = as_bytes(w);
+          checkpoint.metadata_json = nlohmann::json{
+              {"epoch", epoch},
+              {"position", sampler.position_after(next)},
+              {"world_size", world}}.dump();
+          return checkpoint;
+        });
+      }
+    }
+  } catch (const unimsg::TimeoutError& error) {
+    unimsg::abort_restartable({{}, error.what(), step}, hosts);
+  }
+  checkpoints.flush();
+  communicator.barrier().wait();
+  heartbeat.stop();
+  if (rank == 0) {
+    double norm = 0;
+    for (double v : w) norm += v * v;
+    if (json) {
+      char line[128];
+      std::snprintf(line, sizeof line, "{\"final\":true,\"step\":%llu,\"w_l2\":%.17g}",
+                    static_cast<unsigned long long>(step), std::sqrt(norm));
+      std::printf("%s\n", line);
+    } else {
+      spdlog::info("[rank 0/{}] done: {} steps, |w| = {:.6f}", world, step, std::sqrt(norm));
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  return unimsg::run_program("train_linear", argc, argv, run);
+}
