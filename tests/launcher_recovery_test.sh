@@ -36,7 +36,7 @@ echo "recovered $recovered, reference $reference"
 "$launcher" -np 4 --max-restarts 2 --heartbeat-timeout 3 --checkpoint-dir "$work/ckh" \
   --run-dir "$work/runh" -x UNIMSG_FAULT_INJECT=rank:1,step:25,mode:hang -- "$trainer" "${train[@]}" \
   >"$work/out" 2>"$work/err" || { cat "$work/err"; fail "hang: unimsg-run exited with $?"; }
-grep -q '"lost_ranks":\[1\]' "$work/runh/events.jsonl" || fail "hang: rank 1 not reported lost"
+grep -q '"lost_ranks":\[1\]' "$work/runh/events.jsonl" || { cat "$work/runh/events.jsonl"; fail "hang: rank 1 not reported lost"; }
 grep -q '"fault_report":true' "$work/runh/events.jsonl" || fail "hang: no fault report read"
 hung=$(grep -o '"params_l2":[-0-9.e+]*' "$work/out" | tail -1 | cut -d: -f2)
 [[ $hung == "$reference" ]] || fail "hang: recovered $hung, reference $reference"

@@ -51,7 +51,10 @@ std::optional<std::string> write_fault_report(const FaultInfo& fault,
                                               const std::vector<std::string>& host_of_rank) {
   const auto run_dir = env_value("UNIMSG_RUN_DIR");
   if (!run_dir) return std::nullopt;
+  const double now =
+      std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
   nlohmann::json report{
+      {"time", now},
       {"lost_ranks", fault.lost_ranks},
       {"lost_hosts", lost_hosts(host_of_rank, fault.lost_ranks)},
       {"reason", fault.reason},
@@ -64,9 +67,12 @@ std::optional<std::string> write_fault_report(const FaultInfo& fault,
     out << report.dump() << '\n';
     if (!out) return std::nullopt;
   }
-  std::error_code error;
-  std::filesystem::rename(temp_path, final_path, error);  // atomic: never half a report
-  if (error) return std::nullopt;
+  // link() publishes the whole file at once and fails if a report is already there: the first
+  // rank to report wins (a rank thawed by the tear-down's SIGCONT must not overwrite it).
+  const bool published = ::link(temp_path.c_str(), final_path.c_str()) == 0;
+  std::error_code ignored;
+  std::filesystem::remove(temp_path, ignored);
+  if (!published) return std::nullopt;
   return final_path.string();
 }
 
@@ -76,7 +82,9 @@ void abort_restartable(const FaultInfo& fault, const std::vector<std::string>& h
   const auto where = write_fault_report(fault, host_of_rank);
   spdlog::error("fault: {} (lost rank(s) [{}]); {}; aborting the job for a restart (status {})",
                 fault.reason, ranks,
-                where ? "report in " + *where : std::string("no UNIMSG_RUN_DIR, no report"),
+                where ? "report in " + *where
+                      : std::string("no report written (no UNIMSG_RUN_DIR, or another rank's "
+                                    "report came first)"),
                 kRestartableExitStatus);
   std::fflush(nullptr);
   MPI_Abort(MPI_COMM_WORLD, kRestartableExitStatus);

@@ -1,5 +1,6 @@
 #include "unimsg/heartbeat.hpp"
 
+#include <algorithm>
 #include <cstring>
 #include <string>
 
@@ -93,7 +94,15 @@ std::vector<double> HeartbeatMonitor::heartbeat_ages() const {
 
 void HeartbeatMonitor::run() {
   std::unique_lock lock(mutex_);
+  auto last_tick = Clock::now();
   while (!stopping_) {
+    // A long gap since our own last round means this rank was the one frozen (SIGSTOP, then the
+    // SIGCONT that precedes the job's tear-down): the others' silence is ours, blame nobody.
+    const auto tick = Clock::now();
+    if (tick - last_tick > options_.timeout / 2) {
+      std::fill(last_seen_.begin(), last_seen_.end(), tick);
+    }
+    last_tick = tick;
     lock.unlock();
     const std::uint64_t step = step_.load(std::memory_order_relaxed);
     try {
