@@ -212,5 +212,19 @@ TEST_F(DdpTest, NoSyncAccumulatesLocallyThenAveragesEverything) {
   }
 }
 
+TEST_F(DdpTest, TheModuleOutlivesTheWrapper) {
+  Mlp model;
+  {
+    DistributedDataParallel ddp(*model, *engine_, *comm_);
+    model->forward(torch::randn({4, 16})).sum().backward();
+    ddp.synchronize();
+  }
+  // No hook of the destroyed wrapper runs: plain local gradients.
+  for (auto& parameter : model->parameters()) parameter.mutable_grad() = torch::Tensor();
+  model->forward(torch::ones({4, 16})).sum().backward();
+  EXPECT_TRUE(model->c->bias.grad().defined());
+  EXPECT_TRUE(torch::allclose(model->c->bias.grad(), torch::full({5}, 4.0)));
+}
+
 }  // namespace
 }  // namespace unimsg

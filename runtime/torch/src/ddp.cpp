@@ -112,12 +112,14 @@ DistributedDataParallel::DistributedDataParallel(torch::nn::Module& module, Engi
   }
   submit_times_.resize(buckets_.size());
   for (std::size_t i = 0; i < slots_.size(); ++i) {
-    slots_[i].parameter.register_hook(
+    slots_[i].hook = slots_[i].parameter.register_hook(
         [this, i](const torch::Tensor& gradient) { on_gradient(i, gradient); });
   }
 }
 
 DistributedDataParallel::~DistributedDataParallel() {
+  // The module may outlive this wrapper: its backward must not call into a dead one.
+  for (auto& slot : slots_) slot.parameter.remove_hook(slot.hook);
   // Work still pending refers to our buffers: let it finish (a failure was reported already or
   // will be by whoever synchronizes).
   for (auto& bucket : buckets_) {

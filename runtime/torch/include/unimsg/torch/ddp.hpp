@@ -83,6 +83,7 @@ class DistributedDataParallel {
     std::size_t bucket = 0;
     std::size_t offset = 0;  // elements into the bucket's buffer
     torch::Tensor parameter;
+    unsigned hook = 0;  // register_hook's handle, removed with the wrapper
   };
 
   void on_gradient(std::size_t slot, const torch::Tensor& gradient);
