@@ -1,0 +1,74 @@
+#pragma once
+
+// Gradient compressors: one interface, the CPU reference here (CUDA kernels with the same wire
+// format are to follow). Every compressor turns an f32 gradient into wire bytes and back, with
+// optional error feedback: the part of (gradient + residual) that the wire could not carry is
+// kept in the residual and added to the next step's gradient, so nothing is lost for good
+// (EF-SignSGD, 1-bit Adam, DGC).
+//
+// Wire formats (little-endian), n elements:
+//   fp16, bf16  f32 scale, then n 16-bit values of gradient*scale (scale < 1 only when the
+//               largest magnitude would overflow f16; NaN and Inf pass through and are counted)
+//   int8        per chunk of 256: f32 scale (max|x|/127), then 256 int8 rounded stochastically
+//               (QSGD-style, unbiased; seeded by spec.seed, step and position)
+//   onebit      per chunk of 1024: f32 scale (mean |x| of the chunk), then 128 bytes of signs
+//               (bit set: +scale, clear: -scale; 0 maps to +scale)
+//   topk        u32 k, then k pairs (u32 index, f32 value): the k largest magnitudes (exact), or
+//               those above a threshold estimated from a sample (sampled, as DGC)
+//   randomk     k f32 values at k positions drawn from (seed, step): every rank draws the same
+//               positions, so only values travel and a plain allreduce aggregates them
+//
+// A gradient holding NaN or Inf leaves the residual as it was before the step and is reported
+// (CompressResult::nonfinite), so that the trainer can skip the step as AMP does.
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace unimsg::kernels {
+
+struct CompressionSpec {
+  std::string name = "none";  // none fp16 bf16 int8 onebit topk randomk
+  double ratio = 0.01;        // topk, randomk: fraction of the elements sent
+  bool sampled = false;       // topk: threshold from a sample instead of an exact selection
+  bool error_feedback = true;
+  std::uint64_t seed = 0;
+  // "topk:0.01", "topk:0.01:sampled", "onebit:noef", "int8:seed=7" ... (ConfigError when bad)
+  static CompressionSpec parse(std::string_view text);
+};
+
+struct CompressResult {
+  std::size_t wire_bytes = 0;
+  std::size_t nonfinite = 0;  // NaN/Inf elements seen; > 0 means the residual was not touched
+};
+
+class Compressor {
+ public:
+  virtual ~Compressor() = default;
+  virtual std::string_view name() const noexcept = 0;
+  // Wire bytes for n elements (exact for every format here).
+  virtual std::size_t wire_bytes(std::size_t count) const noexcept = 0;
+  // `residual` is empty (no error feedback) or holds gradient.size() elements.
+  virtual CompressResult compress(std::span<const float> gradient, std::span<float> residual,
+                                  std::uint64_t step, std::span<std::byte> wire) const = 0;
+  // Writes all out.size() elements (zeros where nothing was sent).
+  virtual void decompress(std::span<const std::byte> wire, std::uint64_t step,
+                          std::span<float> out) const = 0;
+  const CompressionSpec& spec() const noexcept { return spec_; }
+
+ protected:
+  explicit Compressor(CompressionSpec spec) : spec_(std::move(spec)) {}
+  CompressionSpec spec_;
+};
+
+std::unique_ptr<Compressor> make_cpu_compressor(const CompressionSpec& spec);
+
+// Positions randomk sends at `step`: k distinct, sorted, the same on every rank.
+std::vector<std::uint32_t> randomk_positions(std::size_t count, std::size_t k, std::uint64_t seed,
+                                             std::uint64_t step);
+
+}  // namespace unimsg::kernels

@@ -1,0 +1,426 @@
+// CPU reference compressors: one pass per element where possible (error feedback, scaling and
+// packing fused), as the CUDA kernels will do.
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <stdexcept>
+#include <string>
+
+#include "unimsg/cast.hpp"
+#include "unimsg/compressor.hpp"
+#include "unimsg/error.hpp"
+
+namespace unimsg::kernels {
+namespace {
+
+constexpr std::size_t kInt8Chunk = 256;
+constexpr std::size_t kOneBitChunk = 1024;
+
+std::uint64_t mix(std::uint64_t x) noexcept {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+// Uniform in [0, 1) from a counter: the same on every platform and for any thread split.
+float uniform01(std::uint64_t seed, std::uint64_t step, std::uint64_t index) noexcept {
+  return static_cast<float>(mix(mix(seed ^ mix(step)) + index) >> 40) * (1.0f / 16777216.0f);
+}
+
+template <typename T>
+void put(std::span<std::byte> wire, std::size_t offset, T value) {
+  std::memcpy(wire.data() + offset, &value, sizeof value);
+}
+template <typename T>
+T get(std::span<const std::byte> wire, std::size_t offset) {
+  T value;
+  std::memcpy(&value, wire.data() + offset, sizeof value);
+  return value;
+}
+
+void check_sizes(std::size_t count, std::span<float> residual, std::size_t wire, std::size_t need,
+                 const char* name) {
+  if (!residual.empty() && residual.size() != count) {
+    throw Error(kNoRank, std::string("compress ") + name, "the residual has another size");
+  }
+  if (wire < need) {
+    throw Error(kNoRank, std::string("compress ") + name,
+                "the wire buffer holds " + std::to_string(wire) + " bytes, " +
+                    std::to_string(need) + " needed");
+  }
+}
+
+std::size_t count_nonfinite(std::span<const float> gradient) {
+  std::size_t bad = 0;
+  for (float v : gradient) bad += std::isfinite(v) ? 0 : 1;
+  return bad;
+}
+
+// Gradient plus residual (error feedback) at i.
+inline float corrected(std::span<const float> gradient, std::span<const float> residual,
+                       std::size_t i) noexcept {
+  return residual.empty() ? gradient[i] : gradient[i] + residual[i];
+}
+
+class HalfCompressor final : public Compressor {
+ public:
+  HalfCompressor(CompressionSpec spec, bool bf16) : Compressor(std::move(spec)), bf16_(bf16) {}
+  std::string_view name() const noexcept override { return bf16_ ? "bf16" : "fp16"; }
+  std::size_t wire_bytes(std::size_t n) const noexcept override { return 4 + 2 * n; }
+
+  CompressResult compress(std::span<const float> g, std::span<float> r, std::uint64_t,
+                          std::span<std::byte> wire) const override {
+    check_sizes(g.size(), r, wire.size(), wire_bytes(g.size()), bf16_ ? "bf16" : "fp16");
+    CompressResult result{wire_bytes(g.size()), count_nonfinite(g)};
+    float largest = 0;
+    for (std::size_t i = 0; i < g.size(); ++i) {
+      const float v = corrected(g, r, i);
+      if (std::isfinite(v)) largest = std::max(largest, std::fabs(v));
+    }
+    // f16 tops out at 65504: scale down only what would overflow (bf16 has f32's range).
+    const float scale = (!bf16_ && largest > 32768.0f) ? 32768.0f / largest : 1.0f;
+    put(wire, 0, scale);
+    const bool update = !r.empty() && result.nonfinite == 0;
+    for (std::size_t i = 0; i < g.size(); ++i) {
+      const float v = corrected(g, r, i);
+      const std::uint16_t h = bf16_ ? f32_to_bf16(v * scale) : f32_to_f16(v * scale);
+      put(wire, 4 + 2 * i, h);
+      if (update) r[i] = v - (bf16_ ? bf16_to_f32(h) : f16_to_f32(h)) / scale;
+    }
+    return result;
+  }
+
+  void decompress(std::span<const std::byte> wire, std::uint64_t,
+                  std::span<float> out) const override {
+    const float scale = get<float>(wire, 0);
+    for (std::size_t i = 0; i < out.size(); ++i) {
+      const auto h = get<std::uint16_t>(wire, 4 + 2 * i);
+      out[i] = (bf16_ ? bf16_to_f32(h) : f16_to_f32(h)) / scale;
+    }
+  }
+
+ private:
+  bool bf16_;
+};
+
+class Int8Compressor final : public Compressor {
+ public:
+  explicit Int8Compressor(CompressionSpec spec) : Compressor(std::move(spec)) {}
+  std::string_view name() const noexcept override { return "int8"; }
+  std::size_t wire_bytes(std::size_t n) const noexcept override {
+    return (n + kInt8Chunk - 1) / kInt8Chunk * 4 + n;
+  }
+  static std::size_t chunk_offset(std::size_t chunk) { return chunk * (4 + kInt8Chunk); }
+
+  CompressResult compress(std::span<const float> g, std::span<float> r, std::uint64_t step,
+                          std::span<std::byte> wire) const override {
+    check_sizes(g.size(), r, wire.size(), wire_bytes(g.size()), "int8");
+    CompressResult result{wire_bytes(g.size()), count_nonfinite(g)};
+    const bool update = !r.empty() && result.nonfinite == 0;
+    for (std::size_t begin = 0, chunk = 0; begin < g.size(); begin += kInt8Chunk, ++chunk) {
+      const std::size_t end = std::min(g.size(), begin + kInt8Chunk);
+      float largest = 0;
+      for (std::size_t i = begin; i < end; ++i) {
+        const float v = corrected(g, r, i);
+        if (std::isfinite(v)) largest = std::max(largest, std::fabs(v));
+      }
+      const float scale = largest > 0 ? largest / 127.0f : 1.0f;
+      const std::size_t at = chunk_offset(chunk);
+      put(wire, at, scale);
+      for (std::size_t i = begin; i < end; ++i) {
+        const float v = corrected(g, r, i);
+        // Stochastic rounding: floor(v/scale + u), u uniform: unbiased in expectation.
+        const float x = std::isfinite(v) ? v / scale : 0.0f;
+        const float q = std::clamp(std::floor(x + uniform01(spec_.seed, step, i)), -127.0f, 127.0f);
+        const auto code = static_cast<std::int8_t>(q);
+        put(wire, at + 4 + (i - begin), code);
+        if (update) r[i] = v - static_cast<float>(code) * scale;
+      }
+    }
+    return result;
+  }
+
+  void decompress(std::span<const std::byte> wire, std::uint64_t,
+                  std::span<float> out) const override {
+    for (std::size_t begin = 0, chunk = 0; begin < out.size(); begin += kInt8Chunk, ++chunk) {
+      const std::size_t at = chunk_offset(chunk);
+      const float scale = get<float>(wire, at);
+      const std::size_t end = std::min(out.size(), begin + kInt8Chunk);
+      for (std::size_t i = begin; i < end; ++i) {
+        out[i] = static_cast<float>(get<std::int8_t>(wire, at + 4 + (i - begin))) * scale;
+      }
+    }
+  }
+};
+
+class OneBitCompressor final : public Compressor {
+ public:
+  explicit OneBitCompressor(CompressionSpec spec) : Compressor(std::move(spec)) {}
+  std::string_view name() const noexcept override { return "onebit"; }
+  static constexpr std::size_t kChunkBytes = 4 + kOneBitChunk / 8;
+  std::size_t wire_bytes(std::size_t n) const noexcept override {
+    return (n + kOneBitChunk - 1) / kOneBitChunk * kChunkBytes;
+  }
+
+  CompressResult compress(std::span<const float> g, std::span<float> r, std::uint64_t,
+                          std::span<std::byte> wire) const override {
+    check_sizes(g.size(), r, wire.size(), wire_bytes(g.size()), "onebit");
+    CompressResult result{wire_bytes(g.size()), count_nonfinite(g)};
+    const bool update = !r.empty() && result.nonfinite == 0;
+    for (std::size_t begin = 0, chunk = 0; begin < g.size(); begin += kOneBitChunk, ++chunk) {
+      const std::size_t end = std::min(g.size(), begin + kOneBitChunk);
+      double sum = 0;
+      for (std::size_t i = begin; i < end; ++i) {
+        const float v = corrected(g, r, i);
+        if (std::isfinite(v)) sum += std::fabs(v);
+      }
+      const float scale = static_cast<float>(sum / static_cast<double>(end - begin));
+      const std::size_t at = chunk * kChunkBytes;
+      put(wire, at, scale);
+      std::memset(wire.data() + at + 4, 0, kOneBitChunk / 8);
+      for (std::size_t i = begin; i < end; ++i) {
+        const float v = corrected(g, r, i);
+        const bool positive = !(v < 0);  // 0 (and NaN) map to +scale, by definition
+        if (positive) {
+          auto& byte = wire[at + 4 + (i - begin) / 8];
+          byte |= std::byte{static_cast<unsigned char>(1u << ((i - begin) % 8))};
+        }
+        if (update) r[i] = v - (positive ? scale : -scale);
+      }
+    }
+    return result;
+  }
+
+  void decompress(std::span<const std::byte> wire, std::uint64_t,
+                  std::span<float> out) const override {
+    for (std::size_t begin = 0, chunk = 0; begin < out.size(); begin += kOneBitChunk, ++chunk) {
+      const std::size_t at = chunk * kChunkBytes;
+      const float scale = get<float>(wire, at);
+      const std::size_t end = std::min(out.size(), begin + kOneBitChunk);
+      for (std::size_t i = begin; i < end; ++i) {
+        const auto byte = std::to_integer<unsigned>(wire[at + 4 + (i - begin) / 8]);
+        out[i] = ((byte >> ((i - begin) % 8)) & 1u) ? scale : -scale;
+      }
+    }
+  }
+};
+
+std::size_t k_of(double ratio, std::size_t n) {
+  if (n == 0) return 0;
+  return std::clamp<std::size_t>(
+      static_cast<std::size_t>(std::ceil(ratio * static_cast<double>(n))), 1, n);
+}
+
+class TopKCompressor final : public Compressor {
+ public:
+  explicit TopKCompressor(CompressionSpec spec) : Compressor(std::move(spec)) {}
+  std::string_view name() const noexcept override { return "topk"; }
+  std::size_t wire_bytes(std::size_t n) const noexcept override {
+    return 4 + 8 * k_of(spec_.ratio, n);
+  }
+
+  CompressResult compress(std::span<const float> g, std::span<float> r, std::uint64_t step,
+                          std::span<std::byte> wire) const override {
+    check_sizes(g.size(), r, wire.size(), wire_bytes(g.size()), "topk");
+    CompressResult result{wire_bytes(g.size()), count_nonfinite(g)};
+    const std::size_t n = g.size();
+    const std::size_t k = k_of(spec_.ratio, n);
+    std::vector<float> values(n);
+    for (std::size_t i = 0; i < n; ++i) {
+      const float v = corrected(g, r, i);
+      values[i] = std::isfinite(v) ? v : 0.0f;
+    }
+    std::vector<std::uint32_t> chosen;
+    chosen.reserve(k);
+    const auto magnitude = [&](std::uint32_t i) { return std::fabs(values[i]); };
+    if (spec_.sampled && n > 4 * k) {
+      // DGC: estimate the k-th largest magnitude from a sample, take what lies above it, and
+      // trim (or top up) to exactly k from those candidates.
+      const std::size_t samples = std::min<std::size_t>(n, std::max<std::size_t>(k * 8, 1024));
+      std::vector<float> sample(samples);
+      for (std::size_t s = 0; s < samples; ++s) {
+        sample[s] = std::fabs(values[mix(spec_.seed ^ mix(step) ^ s) % n]);
+      }
+      const std::size_t rank_in_sample = std::max<std::size_t>(1, samples * k / n);
+      std::nth_element(sample.begin(),
+                       sample.begin() + static_cast<std::ptrdiff_t>(rank_in_sample - 1),
+                       sample.end(), std::greater<float>());
+      const float threshold = sample[rank_in_sample - 1] * 0.8f;  // a margin: rather more than k
+      for (std::uint32_t i = 0; i < n; ++i) {
+        if (magnitude(i) >= threshold) chosen.push_back(i);
+      }
+    }
+    if (chosen.size() < k) {  // exact selection (or the sample's threshold was too high)
+      chosen.resize(n);
+      std::iota(chosen.begin(), chosen.end(), 0u);
+    }
+    if (chosen.size() > k) {
+      std::nth_element(chosen.begin(), chosen.begin() + static_cast<std::ptrdiff_t>(k - 1),
+                       chosen.end(), [&](std::uint32_t a, std::uint32_t b) {
+                         return magnitude(a) > magnitude(b) ||
+                                (magnitude(a) == magnitude(b) && a < b);
+                       });
+      chosen.resize(k);
+    }
+    std::sort(chosen.begin(), chosen.end());
+    put(wire, 0, static_cast<std::uint32_t>(k));
+    const bool update = !r.empty() && result.nonfinite == 0;
+    if (update) {
+      for (std::size_t i = 0; i < n; ++i) r[i] = values[i];  // everything stays behind...
+    }
+    for (std::size_t j = 0; j < chosen.size(); ++j) {
+      put(wire, 4 + 8 * j, chosen[j]);
+      put(wire, 8 + 8 * j, values[chosen[j]]);
+      if (update) r[chosen[j]] = 0;  // ...except what was sent
+    }
+    return result;
+  }
+
+  void decompress(std::span<const std::byte> wire, std::uint64_t,
+                  std::span<float> out) const override {
+    std::fill(out.begin(), out.end(), 0.0f);
+    const auto k = get<std::uint32_t>(wire, 0);
+    if (wire.size() < 4 + 8 * static_cast<std::size_t>(k)) {
+      throw Error(kNoRank, "decompress topk", "the wire is shorter than its k pairs");
+    }
+    for (std::size_t j = 0; j < k; ++j) {
+      const auto index = get<std::uint32_t>(wire, 4 + 8 * j);
+      if (index >= out.size()) {
+        throw Error(kNoRank, "decompress topk",
+                    "index " + std::to_string(index) + " is past the " +
+                        std::to_string(out.size()) + " elements");
+      }
+      out[index] += get<float>(wire, 8 + 8 * j);
+    }
+  }
+};
+
+class RandomKCompressor final : public Compressor {
+ public:
+  explicit RandomKCompressor(CompressionSpec spec) : Compressor(std::move(spec)) {}
+  std::string_view name() const noexcept override { return "randomk"; }
+  std::size_t wire_bytes(std::size_t n) const noexcept override { return 4 * k_of(spec_.ratio, n); }
+
+  CompressResult compress(std::span<const float> g, std::span<float> r, std::uint64_t step,
+                          std::span<std::byte> wire) const override {
+    check_sizes(g.size(), r, wire.size(), wire_bytes(g.size()), "randomk");
+    CompressResult result{wire_bytes(g.size()), count_nonfinite(g)};
+    const auto positions =
+        randomk_positions(g.size(), k_of(spec_.ratio, g.size()), spec_.seed, step);
+    const bool update = !r.empty() && result.nonfinite == 0;
+    if (update) {
+      for (std::size_t i = 0; i < g.size(); ++i) r[i] = corrected(g, r, i);
+    }
+    for (std::size_t j = 0; j < positions.size(); ++j) {
+      const std::size_t i = positions[j];
+      put(wire, 4 * j, update ? r[i] : corrected(g, r, i));
+      if (update) r[i] = 0;
+    }
+    return result;
+  }
+
+  void decompress(std::span<const std::byte> wire, std::uint64_t step,
+                  std::span<float> out) const override {
+    std::fill(out.begin(), out.end(), 0.0f);
+    const auto positions =
+        randomk_positions(out.size(), k_of(spec_.ratio, out.size()), spec_.seed, step);
+    for (std::size_t j = 0; j < positions.size(); ++j) out[positions[j]] = get<float>(wire, 4 * j);
+  }
+};
+
+class NoCompressor final : public Compressor {
+ public:
+  explicit NoCompressor(CompressionSpec spec) : Compressor(std::move(spec)) {}
+  std::string_view name() const noexcept override { return "none"; }
+  std::size_t wire_bytes(std::size_t n) const noexcept override { return 4 * n; }
+  CompressResult compress(std::span<const float> g, std::span<float>, std::uint64_t,
+                          std::span<std::byte> wire) const override {
+    check_sizes(g.size(), {}, wire.size(), wire_bytes(g.size()), "none");
+    if (!g.empty()) std::memcpy(wire.data(), g.data(), 4 * g.size());
+    return {wire_bytes(g.size()), count_nonfinite(g)};
+  }
+  void decompress(std::span<const std::byte> wire, std::uint64_t,
+                  std::span<float> out) const override {
+    if (!out.empty()) std::memcpy(out.data(), wire.data(), 4 * out.size());
+  }
+};
+
+}  // namespace
+
+std::vector<std::uint32_t> randomk_positions(std::size_t count, std::size_t k, std::uint64_t seed,
+                                             std::uint64_t step) {
+  // Floyd's algorithm: k distinct positions with k draws, the same everywhere for (seed, step).
+  std::vector<std::uint32_t> picked;
+  picked.reserve(k);
+  std::vector<char> taken(count, 0);
+  std::uint64_t state = mix(seed ^ mix(step + 0x5151));
+  for (std::size_t j = count - k; j < count; ++j) {
+    state = mix(state);
+    const auto t = static_cast<std::uint32_t>(state % (j + 1));
+    const auto choice = taken[t] ? static_cast<std::uint32_t>(j) : t;
+    taken[choice] = 1;
+    picked.push_back(choice);
+  }
+  std::sort(picked.begin(), picked.end());
+  return picked;
+}
+
+CompressionSpec CompressionSpec::parse(std::string_view text) {
+  CompressionSpec spec;
+  std::size_t start = 0;
+  bool first = true;
+  while (start <= text.size()) {
+    const std::size_t colon = std::min(text.find(':', start), text.size());
+    const std::string part(text.substr(start, colon - start));
+    if (first) {
+      static const char* kNames[] = {"none", "fp16", "bf16", "int8", "onebit", "topk", "randomk"};
+      if (std::find(std::begin(kNames), std::end(kNames), part) == std::end(kNames)) {
+        throw ConfigError(kNoRank, "compression",
+                          "'" + part +
+                              "' is not one of none, fp16, bf16, int8, onebit, topk, "
+                              "randomk (powersgd is not built yet)");
+      }
+      spec.name = part;
+      first = false;
+    } else if (part == "sampled") {
+      spec.sampled = true;
+    } else if (part == "noef") {
+      spec.error_feedback = false;
+    } else if (part.rfind("seed=", 0) == 0) {
+      try {
+        spec.seed = std::stoull(part.substr(5));
+      } catch (const std::exception&) {
+        throw ConfigError(kNoRank, "compression", "bad seed in '" + std::string(text) + "'");
+      }
+    } else {
+      char* end = nullptr;
+      const double ratio = std::strtod(part.c_str(), &end);
+      if (part.empty() || end != part.c_str() + part.size() || !(ratio > 0 && ratio <= 1)) {
+        throw ConfigError(kNoRank, "compression",
+                          "'" + part + "' in '" + std::string(text) +
+                              "' is not a ratio in (0, 1], 'sampled', 'noef' or 'seed=N'");
+      }
+      spec.ratio = ratio;
+    }
+    start = colon + 1;
+  }
+  return spec;
+}
+
+std::unique_ptr<Compressor> make_cpu_compressor(const CompressionSpec& spec) {
+  if (spec.name == "none") return std::make_unique<NoCompressor>(spec);
+  if (spec.name == "fp16") return std::make_unique<HalfCompressor>(spec, false);
+  if (spec.name == "bf16") return std::make_unique<HalfCompressor>(spec, true);
+  if (spec.name == "int8") return std::make_unique<Int8Compressor>(spec);
+  if (spec.name == "onebit") return std::make_unique<OneBitCompressor>(spec);
+  if (spec.name == "topk") return std::make_unique<TopKCompressor>(spec);
+  if (spec.name == "randomk") return std::make_unique<RandomKCompressor>(spec);
+  throw ConfigError(kNoRank, "compression", "unknown compressor '" + spec.name + "'");
+}
+
+}  // namespace unimsg::kernels

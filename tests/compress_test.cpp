@@ -1,0 +1,204 @@
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <random>
+#include <set>
+#include <vector>
+
+#include "unimsg/compressor.hpp"
+#include "unimsg/error.hpp"
+
+namespace unimsg::kernels {
+namespace {
+
+std::vector<float> gradient(std::size_t n, std::uint32_t seed = 1) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> g(n);
+  for (auto& v : g) v = normal(rng);
+  return g;
+}
+
+struct RoundTrip {
+  std::vector<std::byte> wire;
+  std::vector<float> out;
+  std::vector<float> residual;
+  CompressResult result;
+};
+
+RoundTrip round_trip(const Compressor& c, const std::vector<float>& g,
+                     std::vector<float> residual = {}, std::uint64_t step = 3) {
+  RoundTrip rt;
+  rt.residual = std::move(residual);
+  rt.wire.resize(c.wire_bytes(g.size()));
+  rt.result = c.compress(g, rt.residual, step, rt.wire);
+  rt.out.resize(g.size());
+  c.decompress(rt.wire, step, rt.out);
+  return rt;
+}
+
+const char* kAll[] = {"fp16", "bf16", "int8", "onebit", "topk", "topk:0.05:sampled", "randomk"};
+
+TEST(CompressTest, RoundTripBounds) {
+  const auto g = gradient(5000);
+  auto fp16 = make_cpu_compressor(CompressionSpec::parse("fp16"));
+  auto bf16 = make_cpu_compressor(CompressionSpec::parse("bf16"));
+  const auto h = round_trip(*fp16, g);
+  const auto b = round_trip(*bf16, g);
+  for (std::size_t i = 0; i < g.size(); ++i) {
+    EXPECT_LE(std::fabs(h.out[i] - g[i]), std::fabs(g[i]) * 0x1p-11f + 1e-7f) << i;
+    EXPECT_LE(std::fabs(b.out[i] - g[i]), std::fabs(g[i]) * 0x1p-8f + 1e-30f) << i;
+  }
+  auto int8 = make_cpu_compressor(CompressionSpec::parse("int8"));
+  const auto q = round_trip(*int8, g);
+  for (std::size_t chunk = 0; chunk * 256 < g.size(); ++chunk) {
+    float largest = 0;
+    for (std::size_t i = chunk * 256; i < std::min(g.size(), chunk * 256 + 256); ++i) {
+      largest = std::max(largest, std::fabs(g[i]));
+    }
+    for (std::size_t i = chunk * 256; i < std::min(g.size(), chunk * 256 + 256); ++i) {
+      EXPECT_LE(std::fabs(q.out[i] - g[i]), largest / 127 * 1.0001f) << i;
+    }
+  }
+  auto onebit = make_cpu_compressor(CompressionSpec::parse("onebit"));
+  const auto s = round_trip(*onebit, g);
+  double mean = 0;
+  for (std::size_t i = 0; i < 1024; ++i) mean += std::fabs(g[i]);
+  mean /= 1024;
+  for (std::size_t i = 0; i < 1024; ++i) {
+    EXPECT_NEAR(s.out[i], g[i] < 0 ? -mean : mean, 1e-5) << i;
+  }
+  auto topk = make_cpu_compressor(CompressionSpec::parse("topk:0.01"));
+  const auto t = round_trip(*topk, g);
+  std::vector<float> magnitudes(g.size());
+  for (std::size_t i = 0; i < g.size(); ++i) magnitudes[i] = std::fabs(g[i]);
+  std::vector<float> sorted = magnitudes;
+  std::sort(sorted.rbegin(), sorted.rend());
+  std::size_t sent = 0;
+  for (std::size_t i = 0; i < g.size(); ++i) {
+    if (t.out[i] != 0) {
+      ++sent;
+      EXPECT_EQ(t.out[i], g[i]);
+      EXPECT_GE(magnitudes[i], sorted[49]);
+    }
+  }
+  EXPECT_EQ(sent, 50u);
+  EXPECT_EQ(t.result.wire_bytes, 4u + 8u * 50u);
+}
+
+TEST(CompressTest, ErrorFeedbackKeepsWhatWasNotSent) {
+  const auto g = gradient(3000, 5);
+  for (const char* name : kAll) {
+    auto c = make_cpu_compressor(CompressionSpec::parse(name));
+    std::vector<float> residual = gradient(3000, 9);
+    for (auto& v : residual) v *= 0.1f;
+    const std::vector<float> before = residual;
+    const auto rt = round_trip(*c, g, residual);
+    for (std::size_t i = 0; i < g.size(); ++i) {
+      // What went on the wire plus what stayed behind is exactly the corrected gradient.
+      EXPECT_NEAR(rt.out[i] + rt.residual[i], g[i] + before[i], 1e-5f) << name << " at " << i;
+    }
+  }
+}
+
+TEST(CompressTest, ErrorFeedbackConvergesToTheSum) {
+  // Over many steps of the same gradient, sent + final residual = steps * gradient.
+  const auto g = gradient(2048, 11);
+  for (const char* name : {"onebit", "topk", "int8", "randomk"}) {
+    auto c = make_cpu_compressor(CompressionSpec::parse(name));
+    std::vector<float> residual(g.size(), 0.0f);
+    std::vector<double> sent(g.size(), 0.0);
+    constexpr int kSteps = 40;
+    for (int step = 0; step < kSteps; ++step) {
+      const auto rt = round_trip(*c, g, residual, static_cast<std::uint64_t>(step));
+      residual = rt.residual;
+      for (std::size_t i = 0; i < g.size(); ++i) sent[i] += rt.out[i];
+    }
+    for (std::size_t i = 0; i < g.size(); ++i) {
+      EXPECT_NEAR(sent[i] + residual[i], kSteps * static_cast<double>(g[i]), 1e-3) << name;
+    }
+  }
+}
+
+TEST(CompressTest, DeterministicForASeed) {
+  const auto g = gradient(1000);
+  auto a = make_cpu_compressor(CompressionSpec::parse("int8:seed=7"));
+  auto b = make_cpu_compressor(CompressionSpec::parse("int8:seed=7"));
+  auto c = make_cpu_compressor(CompressionSpec::parse("int8:seed=8"));
+  EXPECT_EQ(round_trip(*a, g).wire, round_trip(*b, g).wire);
+  EXPECT_NE(round_trip(*a, g).wire, round_trip(*c, g).wire);
+  EXPECT_EQ(randomk_positions(1000, 10, 1, 5), randomk_positions(1000, 10, 1, 5));
+  EXPECT_NE(randomk_positions(1000, 10, 1, 5), randomk_positions(1000, 10, 1, 6));
+  const auto positions = randomk_positions(1000, 100, 1, 5);
+  EXPECT_EQ(std::set<std::uint32_t>(positions.begin(), positions.end()).size(), 100u);
+  // Stochastic rounding is unbiased: averaged over seeds it approaches the value.
+  const std::vector<float> third(256, 1.0f / 3.0f);
+  double mean = 0;
+  for (std::uint64_t seed = 0; seed < 400; ++seed) {
+    CompressionSpec spec = CompressionSpec::parse("int8");
+    spec.seed = seed;
+    const auto rt = round_trip(*make_cpu_compressor(spec), third);
+    mean += rt.out[17] / 400.0;
+  }
+  EXPECT_NEAR(mean, 1.0 / 3.0, 0.01);
+}
+
+TEST(CompressTest, NanAndInfAreReportedAndLeaveTheResidualAlone) {
+  auto g = gradient(2000);
+  g[10] = std::numeric_limits<float>::quiet_NaN();
+  g[20] = std::numeric_limits<float>::infinity();
+  for (const char* name : kAll) {
+    auto c = make_cpu_compressor(CompressionSpec::parse(name));
+    const std::vector<float> residual(g.size(), 0.25f);
+    const auto rt = round_trip(*c, g, residual);
+    EXPECT_EQ(rt.result.nonfinite, 2u) << name;
+    EXPECT_EQ(rt.residual, residual) << name << ": the residual changed on a bad step";
+  }
+  auto fp16 = make_cpu_compressor(CompressionSpec::parse("fp16"));
+  const auto h = round_trip(*fp16, g);
+  EXPECT_TRUE(std::isnan(h.out[10]));
+  EXPECT_TRUE(std::isinf(h.out[20]));
+}
+
+TEST(CompressTest, SignOfZeroAndHalfOverflow) {
+  auto onebit = make_cpu_compressor(CompressionSpec::parse("onebit"));
+  const auto zeros = round_trip(*onebit, std::vector<float>{0.0f, -0.0f, 2.0f, -2.0f});
+  EXPECT_GT(zeros.out[0], 0);  // 0 maps to +scale
+  EXPECT_GT(zeros.out[1], 0);  // so does -0
+  auto fp16 = make_cpu_compressor(CompressionSpec::parse("fp16"));
+  const auto big = round_trip(*fp16, std::vector<float>{1e6f, -3e5f, 1.0f});
+  EXPECT_NEAR(big.out[0], 1e6f, 1e6f * 1e-3f);  // pre-scaled: no overflow to infinity
+  EXPECT_NEAR(big.out[1], -3e5f, 3e5f * 1e-3f);
+}
+
+TEST(CompressTest, SampledTopKFindsNearlyTheTrueTopK) {
+  const auto g = gradient(100000, 21);
+  auto exact = make_cpu_compressor(CompressionSpec::parse("topk:0.01"));
+  auto sampled = make_cpu_compressor(CompressionSpec::parse("topk:0.01:sampled"));
+  const auto e = round_trip(*exact, g);
+  const auto s = round_trip(*sampled, g);
+  std::size_t both = 0, sent = 0;
+  for (std::size_t i = 0; i < g.size(); ++i) {
+    sent += s.out[i] != 0;
+    both += (s.out[i] != 0 && e.out[i] != 0);
+  }
+  EXPECT_EQ(sent, 1000u);
+  EXPECT_GE(both, 900u);
+}
+
+TEST(CompressTest, BadSpecsAndWiresAreClearErrors) {
+  for (const char* bad : {"gzip", "topk:2", "topk:0", "topk:fast", "int8:seed=x", "powersgd"}) {
+    EXPECT_THROW(CompressionSpec::parse(bad), ConfigError) << bad;
+  }
+  auto topk = make_cpu_compressor(CompressionSpec::parse("topk:0.5"));
+  auto rt = round_trip(*topk, gradient(10));
+  std::vector<float> out(5);  // fewer elements than the indices on the wire
+  EXPECT_THROW(topk->decompress(rt.wire, 3, out), Error);
+  std::vector<std::byte> small(3);
+  EXPECT_THROW(topk->compress(gradient(10), {}, 0, small), Error);
+}
+
+}  // namespace
+}  // namespace unimsg::kernels
