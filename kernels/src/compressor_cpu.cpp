@@ -1,6 +1,10 @@
 // CPU reference compressors: one pass per element where possible (error feedback, scaling and
 // packing fused), as the CUDA kernels will do.
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <bit>
 #include <cmath>
@@ -55,9 +59,15 @@ void check_sizes(std::size_t count, std::span<float> residual, std::size_t wire,
   }
 }
 
+// On the bits, so that the compiler vectorises it: an exponent of all ones is NaN or infinity.
 std::size_t count_nonfinite(std::span<const float> gradient) {
   std::size_t bad = 0;
-  for (float v : gradient) bad += std::isfinite(v) ? 0 : 1;
+  const float* p = gradient.data();
+  for (std::size_t i = 0; i < gradient.size(); ++i) {
+    std::uint32_t bits;
+    std::memcpy(&bits, p + i, 4);
+    bad += (bits & 0x7f800000u) == 0x7f800000u;
+  }
   return bad;
 }
 
@@ -66,6 +76,55 @@ inline float corrected(std::span<const float> gradient, std::span<const float> r
                        std::size_t i) noexcept {
   return residual.empty() ? gradient[i] : gradient[i] + residual[i];
 }
+
+
+#if defined(__x86_64__)
+// F16C converts 8 floats per instruction with IEEE round-to-nearest-even, NaN and infinity kept:
+// the scalar reference's semantics at ~20x its speed. Chosen at run time.
+__attribute__((target("avx2,f16c"))) void to_f16_with_feedback(const float* g, float* r,
+                                                               std::byte* wire, std::size_t n,
+                                                               float scale, bool update) {
+  const __m256 scale8 = _mm256_set1_ps(scale);
+  const __m256 inverse8 = _mm256_set1_ps(1.0f / scale);
+  std::size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 v = _mm256_loadu_ps(g + i);
+    if (r != nullptr) v = _mm256_add_ps(v, _mm256_loadu_ps(r + i));
+    const __m128i h = _mm256_cvtps_ph(_mm256_mul_ps(v, scale8), _MM_FROUND_TO_NEAREST_INT);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(wire + 2 * i), h);
+    if (update) {
+      const __m256 back = _mm256_mul_ps(_mm256_cvtph_ps(h), inverse8);
+      _mm256_storeu_ps(r + i, _mm256_sub_ps(v, back));
+    }
+  }
+  for (; i < n; ++i) {
+    const float v = r != nullptr ? g[i] + r[i] : g[i];
+    const std::uint16_t h = f32_to_f16(v * scale);
+    std::memcpy(wire + 2 * i, &h, 2);
+    if (update) r[i] = v - f16_to_f32(h) / scale;
+  }
+}
+
+__attribute__((target("avx2,f16c"))) void from_f16(const std::byte* wire, float* out,
+                                                   std::size_t n, float scale) {
+  const __m256 inverse8 = _mm256_set1_ps(1.0f / scale);
+  std::size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wire + 2 * i));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_cvtph_ps(h), inverse8));
+  }
+  for (; i < n; ++i) {
+    std::uint16_t h;
+    std::memcpy(&h, wire + 2 * i, 2);
+    out[i] = f16_to_f32(h) / scale;
+  }
+}
+
+bool has_f16c() noexcept {
+  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  return supported;
+}
+#endif
 
 class HalfCompressor final : public Compressor {
  public:
@@ -77,15 +136,33 @@ class HalfCompressor final : public Compressor {
                           std::span<std::byte> wire) const override {
     check_sizes(g.size(), r, wire.size(), wire_bytes(g.size()), bf16_ ? "bf16" : "fp16");
     CompressResult result{wire_bytes(g.size()), count_nonfinite(g)};
-    float largest = 0;
+    // The largest finite magnitude, on the bits (vectorised): for non-negative floats the bit
+    // patterns order as the values do, and finite ones lie below the exponent's all-ones.
+    std::uint32_t largest_bits = 0;
+    const float* gp = g.data();
+    const float* rp = r.empty() ? nullptr : r.data();
     for (std::size_t i = 0; i < g.size(); ++i) {
-      const float v = corrected(g, r, i);
-      if (std::isfinite(v)) largest = std::max(largest, std::fabs(v));
+      const float v = rp != nullptr ? gp[i] + rp[i] : gp[i];
+      std::uint32_t bits;
+      std::memcpy(&bits, &v, 4);
+      bits &= 0x7fffffffu;
+      largest_bits = std::max(largest_bits, bits < 0x7f800000u ? bits : 0u);
     }
+    float largest;
+    std::memcpy(&largest, &largest_bits, 4);
     // f16 tops out at 65504: scale down only what would overflow (bf16 has f32's range).
     const float scale = (!bf16_ && largest > 32768.0f) ? 32768.0f / largest : 1.0f;
     put(wire, 0, scale);
     const bool update = !r.empty() && result.nonfinite == 0;
+#if defined(__x86_64__)
+    // (scale is 1 or 32768/largest: dividing by it or multiplying by its inverse differ by at
+    // most an ulp, well inside the format's own rounding.)
+    if (!bf16_ && has_f16c()) {
+      to_f16_with_feedback(g.data(), r.empty() ? nullptr : r.data(), wire.data() + 4, g.size(),
+                           scale, update);
+      return result;
+    }
+#endif
     for (std::size_t i = 0; i < g.size(); ++i) {
       const float v = corrected(g, r, i);
       const std::uint16_t h = bf16_ ? f32_to_bf16(v * scale) : f32_to_f16(v * scale);
@@ -98,6 +175,12 @@ class HalfCompressor final : public Compressor {
   void decompress(std::span<const std::byte> wire, std::uint64_t,
                   std::span<float> out) const override {
     const float scale = get<float>(wire, 0);
+#if defined(__x86_64__)
+    if (!bf16_ && has_f16c()) {
+      from_f16(wire.data() + 4, out.data(), out.size(), scale);
+      return;
+    }
+#endif
     for (std::size_t i = 0; i < out.size(); ++i) {
       const auto h = get<std::uint16_t>(wire, 4 + 2 * i);
       out[i] = (bf16_ ? bf16_to_f32(h) : f16_to_f32(h)) / scale;
@@ -158,6 +241,51 @@ class Int8Compressor final : public Compressor {
   }
 };
 
+
+#if defined(__x86_64__)
+// One chunk of onebit with AVX2: the mean magnitude, then 8 signs per movemask and the residual.
+__attribute__((target("avx2"))) float onebit_chunk(const float* g, float* r, std::byte* bits,
+                                                   std::size_t n, bool update) {
+  const __m256 sign_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 sum8 = _mm256_setzero_ps();
+  std::size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 v = _mm256_loadu_ps(g + i);
+    if (r != nullptr) v = _mm256_add_ps(v, _mm256_loadu_ps(r + i));
+    sum8 = _mm256_add_ps(sum8, _mm256_and_ps(v, sign_mask));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, sum8);
+  double sum = 0;
+  for (float lane : lanes) sum += lane;
+  for (std::size_t j = i; j < n; ++j) sum += std::fabs(r != nullptr ? g[j] + r[j] : g[j]);
+  const float scale = static_cast<float>(sum / static_cast<double>(n));
+  const __m256 plus = _mm256_set1_ps(scale);
+  const __m256 minus = _mm256_set1_ps(-scale);
+  const __m256 zero = _mm256_setzero_ps();
+  std::memset(bits, 0, (n + 7) / 8);
+  for (i = 0; i + 8 <= n; i += 8) {
+    __m256 v = _mm256_loadu_ps(g + i);
+    if (r != nullptr) v = _mm256_add_ps(v, _mm256_loadu_ps(r + i));
+    const __m256 negative = _mm256_cmp_ps(v, zero, _CMP_LT_OQ);  // 0, -0 and NaN: positive
+    bits[i / 8] = std::byte{static_cast<unsigned char>(~_mm256_movemask_ps(negative) & 0xff)};
+    if (update) _mm256_storeu_ps(r + i, _mm256_sub_ps(v, _mm256_blendv_ps(plus, minus, negative)));
+  }
+  for (std::size_t j = i; j < n; ++j) {
+    const float v = r != nullptr ? g[j] + r[j] : g[j];
+    const bool positive = !(v < 0);
+    if (positive) bits[j / 8] |= std::byte{static_cast<unsigned char>(1u << (j % 8))};
+    if (update) r[j] = v - (positive ? scale : -scale);
+  }
+  return scale;
+}
+
+bool has_avx2() noexcept {
+  static const bool supported = __builtin_cpu_supports("avx2");
+  return supported;
+}
+#endif
+
 class OneBitCompressor final : public Compressor {
  public:
   explicit OneBitCompressor(CompressionSpec spec) : Compressor(std::move(spec)) {}
@@ -174,23 +302,41 @@ class OneBitCompressor final : public Compressor {
     const bool update = !r.empty() && result.nonfinite == 0;
     for (std::size_t begin = 0, chunk = 0; begin < g.size(); begin += kOneBitChunk, ++chunk) {
       const std::size_t end = std::min(g.size(), begin + kOneBitChunk);
+#if defined(__x86_64__)
+      if (has_avx2()) {
+        const std::size_t at = chunk * kChunkBytes;
+        const float scale = onebit_chunk(g.data() + begin, r.empty() ? nullptr : r.data() + begin,
+                                         wire.data() + at + 4, end - begin, update);
+        put(wire, at, scale);
+        std::memset(wire.data() + at + 4 + (end - begin + 7) / 8, 0,
+                    kOneBitChunk / 8 - (end - begin + 7) / 8);
+        continue;
+      }
+#endif
+      // (The caller skips a step with NaN/Inf anyway: no finiteness test in this hot loop.)
       double sum = 0;
-      for (std::size_t i = begin; i < end; ++i) {
-        const float v = corrected(g, r, i);
-        if (std::isfinite(v)) sum += std::fabs(v);
+      if (r.empty()) {
+        for (std::size_t i = begin; i < end; ++i) sum += std::fabs(g[i]);
+      } else {
+        for (std::size_t i = begin; i < end; ++i) sum += std::fabs(g[i] + r[i]);
       }
       const float scale = static_cast<float>(sum / static_cast<double>(end - begin));
       const std::size_t at = chunk * kChunkBytes;
       put(wire, at, scale);
-      std::memset(wire.data() + at + 4, 0, kOneBitChunk / 8);
-      for (std::size_t i = begin; i < end; ++i) {
-        const float v = corrected(g, r, i);
-        const bool positive = !(v < 0);  // 0 (and NaN) map to +scale, by definition
-        if (positive) {
-          auto& byte = wire[at + 4 + (i - begin) / 8];
-          byte |= std::byte{static_cast<unsigned char>(1u << ((i - begin) % 8))};
+      std::byte* bits = wire.data() + at + 4;
+      std::memset(bits, 0, kOneBitChunk / 8);
+      const float* gp = g.data();
+      float* rp = r.empty() ? nullptr : r.data();
+      for (std::size_t i = begin; i < end; i += 8) {
+        unsigned byte = 0;
+        const std::size_t stop = std::min(end, i + 8);
+        for (std::size_t j = i; j < stop; ++j) {
+          const float v = rp != nullptr ? gp[j] + rp[j] : gp[j];
+          const bool positive = !(v < 0);  // 0 (and NaN) map to +scale, by definition
+          byte |= static_cast<unsigned>(positive) << (j - i);
+          if (update) rp[j] = v - (positive ? scale : -scale);
         }
-        if (update) r[i] = v - (positive ? scale : -scale);
+        bits[(i - begin) / 8] = std::byte{static_cast<unsigned char>(byte)};
       }
     }
     return result;
@@ -202,8 +348,9 @@ class OneBitCompressor final : public Compressor {
       const std::size_t at = chunk * kChunkBytes;
       const float scale = get<float>(wire, at);
       const std::size_t end = std::min(out.size(), begin + kOneBitChunk);
+      const std::byte* bits = wire.data() + at + 4;
       for (std::size_t i = begin; i < end; ++i) {
-        const auto byte = std::to_integer<unsigned>(wire[at + 4 + (i - begin) / 8]);
+        const auto byte = std::to_integer<unsigned>(bits[(i - begin) / 8]);
         out[i] = ((byte >> ((i - begin) % 8)) & 1u) ? scale : -scale;
       }
     }
