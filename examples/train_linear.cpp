@@ -94,6 +94,8 @@ int run(int argc, char** argv) {
       cxxopts::value<std::string>()->default_value(""))(
       "checkpoint-every", "persistent checkpoint every N steps (0: never)",
       cxxopts::value<std::uint64_t>()->default_value("20"))(
+      "checkpoint-keep", "checkpoints kept per tier (the newest)",
+      cxxopts::value<std::uint64_t>()->default_value("3"))(
       "fast-dir", "node-local checkpoints (e.g. /dev/shm/...; empty: no fast tier)",
       cxxopts::value<std::string>()->default_value(""))(
       "fast-every", "fast checkpoint every N steps (0: never)",
@@ -126,6 +128,7 @@ int run(int argc, char** argv) {
   tiers.fast_directory = args["fast-dir"].as<std::string>();
   tiers.fast_every = tiers.fast_directory.empty() ? 0 : args["fast-every"].as<std::uint64_t>();
   tiers.options.rank = rank;
+  tiers.options.keep = static_cast<std::size_t>(args["checkpoint-keep"].as<std::uint64_t>());
   unimsg::TieredCheckpointer checkpoints(tiers);
 
   const std::vector<std::string> hosts = unimsg::gather_host_names(MPI_COMM_WORLD);
@@ -157,7 +160,7 @@ int run(int argc, char** argv) {
     epoch = meta.at("epoch").get<std::uint64_t>();
     position = meta.at("position").get<std::size_t>();
     if (rank == 0) {
-      spdlog::info("[rank 0/{}] resumed from step {} (launch {})", world, step, restart);
+      runtime.log().info("resumed from step {} (launch {})", step, restart);
       if (json) {
         std::printf(
             "%s\n",
@@ -168,8 +171,7 @@ int run(int argc, char** argv) {
       }
     }
   }
-  for (const auto& why : skipped)
-    spdlog::warn("[rank {}] skipped a damaged checkpoint: {}", rank, why);
+  for (const auto& why : skipped) runtime.log().warn("skipped a damaged checkpoint: {}", why);
 
   unimsg::DistributedSampler sampler(samples, rank, world, /*seed=*/3);
   sampler.set_epoch(epoch, position);
@@ -250,7 +252,7 @@ int run(int argc, char** argv) {
                     static_cast<unsigned long long>(step), std::sqrt(norm));
       std::printf("%s\n", line);
     } else {
-      spdlog::info("[rank 0/{}] done: {} steps, |w| = {:.6f}", world, step, std::sqrt(norm));
+      runtime.log().info("done: {} steps, |w| = {:.6f}", step, std::sqrt(norm));
     }
   }
   return 0;
