@@ -2,6 +2,7 @@
 // packing fused), as the CUDA kernels will do.
 
 #if defined(__x86_64__)
+#include <cpuid.h>
 #include <immintrin.h>
 #endif
 
@@ -77,7 +78,6 @@ inline float corrected(std::span<const float> gradient, std::span<const float> r
   return residual.empty() ? gradient[i] : gradient[i] + residual[i];
 }
 
-
 #if defined(__x86_64__)
 // F16C converts 8 floats per instruction with IEEE round-to-nearest-even, NaN and infinity kept:
 // the scalar reference's semantics at ~20x its speed. Chosen at run time.
@@ -105,8 +105,8 @@ __attribute__((target("avx2,f16c"))) void to_f16_with_feedback(const float* g, f
   }
 }
 
-__attribute__((target("avx2,f16c"))) void from_f16(const std::byte* wire, float* out,
-                                                   std::size_t n, float scale) {
+__attribute__((target("avx2,f16c"))) void from_f16(const std::byte* wire, float* out, std::size_t n,
+                                                   float scale) {
   const __m256 inverse8 = _mm256_set1_ps(1.0f / scale);
   std::size_t i = 0;
   for (; i + 8 <= n; i += 8) {
@@ -121,7 +121,12 @@ __attribute__((target("avx2,f16c"))) void from_f16(const std::byte* wire, float*
 }
 
 bool has_f16c() noexcept {
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  // (clang's __builtin_cpu_supports knows no "f16c": ask cpuid, leaf 1, ECX bit 29.)
+  static const bool supported = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    return __builtin_cpu_supports("avx2") && __get_cpuid(1, &eax, &ebx, &ecx, &edx) != 0 &&
+           (ecx & (1u << 29)) != 0;
+  }();
   return supported;
 }
 #endif
@@ -240,7 +245,6 @@ class Int8Compressor final : public Compressor {
     }
   }
 };
-
 
 #if defined(__x86_64__)
 // One chunk of onebit with AVX2: the mean magnitude, then 8 signs per movemask and the residual.
