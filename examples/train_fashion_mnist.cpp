@@ -94,7 +94,7 @@ int run(int argc, char** argv) {
                        "Data-parallel CNN training on Fashion-MNIST over unimsg (run under "
                        "mpirun or unimsg-run).");
   cli.add_options()("epochs", "passes over the training set",
-                    cxxopts::value<std::uint64_t>()->default_value("3"))(
+                    cxxopts::value<std::uint64_t>()->default_value("5"))(
       "batch-size", "global batch (split evenly across the ranks)",
       cxxopts::value<std::uint64_t>()->default_value("256"))(
       "lr", "learning rate (SGD)", cxxopts::value<double>()->default_value("0.05"))(
