@@ -99,6 +99,8 @@ int run(int argc, char** argv) {
       cxxopts::value<std::uint64_t>()->default_value("256"))(
       "lr", "learning rate (SGD)", cxxopts::value<double>()->default_value("0.05"))(
       "momentum", "SGD momentum", cxxopts::value<double>()->default_value("0.9"))(
+      "lr-decay-epoch", "from this epoch (1-based) on, the learning rate is a fifth (0: never)",
+      cxxopts::value<std::uint64_t>()->default_value("4"))(
       "data-dir", "directory with the four IDX files (gzip or not)",
       cxxopts::value<std::string>()->default_value("/usr/share/datasets/fashion-mnist"))(
       "seed", "initialisation and shuffling seed",
@@ -260,6 +262,13 @@ int run(int argc, char** argv) {
     for (std::uint64_t epoch = first_epoch; epoch < epochs && !stop; ++epoch) {
       const auto start = Clock::now();
       sampler.set_epoch(epoch, epoch == first_epoch ? first_position : 0);
+      // A step decay: the last epochs settle at a fifth of the rate (derived from the epoch, so a
+      // resumed run decays at the same point).
+      const auto decay_epoch = args["lr-decay-epoch"].as<std::uint64_t>();
+      const double epoch_lr = decay_epoch > 0 && epoch + 1 >= decay_epoch ? lr / 5 : lr;
+      for (auto& group : optimizer.param_groups()) {
+        static_cast<torch::optim::SGDOptions&>(group.options()).lr(epoch_lr);
+      }
       const std::vector<std::size_t> mine = sampler.indices();
       const auto index = torch::from_blob(const_cast<std::size_t*>(mine.data()),
                                           {static_cast<std::int64_t>(mine.size())}, torch::kLong)
