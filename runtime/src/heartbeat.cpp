@@ -112,6 +112,9 @@ void HeartbeatMonitor::run() {
                    Message::make(Kind::kHeartbeat, kHeartbeatTopic, Payload(std::move(payload))));
     } catch (const ShutdownError&) {
       return;  // the bus is going away: so is this rank
+    } catch (const std::exception&) {
+      // A beat that could not be queued (a peer not reading fills our queue): watching matters
+      // more than this one beat, and the silent peer is what the watchdog is for.
     }
     lock.lock();
     const auto now = Clock::now();
