@@ -170,12 +170,8 @@ int run(int argc, char** argv) {
   // A rank that dies or hangs is noticed by the others' watchdogs, which report it and abort
   // the job for unimsg-run to relaunch on the survivors.
   const std::vector<std::string> hosts = unimsg::gather_host_names(MPI_COMM_WORLD);
-  unimsg::HeartbeatMonitor heartbeat(
-      runtime.bus(), unimsg::HeartbeatOptions::from_env(),
-      [&hosts](const std::vector<int>& silent, std::uint64_t last_step) {
-        unimsg::abort_restartable(
-            {silent, "no heartbeat within UNIMSG_HEARTBEAT_TIMEOUT", last_step}, hosts);
-      });
+  unimsg::HeartbeatMonitor heartbeat(runtime.bus(), unimsg::HeartbeatOptions::from_env(),
+                                     unimsg::abort_on_silence(hosts));
   unimsg::MpiCommunicator communicator(MPI_COMM_WORLD, runtime.bus());
   unimsg::Engine engine(communicator, runtime.bus());
   Net model;

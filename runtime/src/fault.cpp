@@ -76,6 +76,13 @@ std::optional<std::string> write_fault_report(const FaultInfo& fault,
   return final_path.string();
 }
 
+std::function<void(const std::vector<int>&, std::uint64_t)> abort_on_silence(
+    std::vector<std::string> host_of_rank) {
+  return [hosts = std::move(host_of_rank)](const std::vector<int>& silent, std::uint64_t step) {
+    abort_restartable({silent, "no heartbeat within UNIMSG_HEARTBEAT_TIMEOUT", step}, hosts);
+  };
+}
+
 void abort_restartable(const FaultInfo& fault, const std::vector<std::string>& host_of_rank) {
   std::string ranks;
   for (int rank : fault.lost_ranks) ranks += (ranks.empty() ? "" : ", ") + std::to_string(rank);

@@ -8,6 +8,7 @@
 // included, is brought down quickly.
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -32,6 +33,9 @@ std::vector<std::string> gather_host_names(MPI_Comm comm);
 // Writes the report (no-op without UNIMSG_RUN_DIR); returns where it went.
 std::optional<std::string> write_fault_report(const FaultInfo& fault,
                                               const std::vector<std::string>& host_of_rank);
+// The heartbeat watchdog's answer to silent ranks in a training job: report them and abort.
+std::function<void(const std::vector<int>&, std::uint64_t)> abort_on_silence(
+    std::vector<std::string> host_of_rank);
 // Report, log and abort the job with kRestartableExitStatus.
 [[noreturn]] void abort_restartable(const FaultInfo& fault,
                                     const std::vector<std::string>& host_of_rank);
