@@ -15,6 +15,7 @@
 #include <thread>
 #include <unordered_map>
 
+#include "unimsg/compressed_allreduce.hpp"
 #include "unimsg/config.hpp"
 #include "unimsg/error.hpp"
 #include "unimsg/log.hpp"
@@ -30,10 +31,21 @@ struct Signature {
   DType dtype = DType::kF32;
   std::size_t count = 0;
   ReduceOp op = ReduceOp::kSum;
+  std::string compression = "none";  // CompressionSpec::to_string()
 
   bool operator==(const Signature&) const = default;
   std::string describe() const {
-    return std::string(to_string(dtype)) + " x" + std::to_string(count) + " " + to_string(op);
+    std::string text =
+        std::string(to_string(dtype)) + " x" + std::to_string(count) + " " + to_string(op);
+    if (compression != "none") text += " compressed " + compression;
+    return text;
+  }
+  json to_json(const std::string& name) const {
+    return {{"name", name},
+            {"dtype", static_cast<int>(dtype)},
+            {"count", count},
+            {"op", static_cast<int>(op)},
+            {"compression", compression}};
   }
 };
 
@@ -102,6 +114,16 @@ ReduceOp parse_op(int value) {
   if (value < 0 || value > static_cast<int>(ReduceOp::kMax)) throw std::out_of_range("op");
   return static_cast<ReduceOp>(value);
 }
+Signature parse_signature(const json& item) {
+  Signature signature{parse_dtype(item.at("dtype").get<int>()), item.at("count").get<std::size_t>(),
+                      parse_op(item.at("op").get<int>()),
+                      item.at("compression").get<std::string>()};
+  // Canonical on the wire: a text that does not survive a round trip was not written by a rank.
+  if (kernels::CompressionSpec::parse(signature.compression).to_string() != signature.compression) {
+    throw std::invalid_argument("compression '" + signature.compression + "' is not canonical");
+  }
+  return signature;
+}
 
 }  // namespace
 
@@ -115,6 +137,7 @@ struct EngineCore {
   void coordinate(std::vector<Response>& responses);
   void execute(const std::vector<std::size_t>& hits, const std::vector<Response>& responses);
   void reduce_batch(std::vector<std::pair<Signature, LocalTensor*>>& batch);
+  void reduce_compressed(std::vector<std::pair<Signature, LocalTensor*>>& batch, std::size_t total);
   void complete(LocalTensor* tensor);
   void fail_tensor(const std::string& name, std::exception_ptr error);
   void fail_everything(std::exception_ptr error);
@@ -151,10 +174,17 @@ struct EngineCore {
   std::vector<LocalTensor*> slot_owner;  // this cycle: the pending tensor ready in each slot
   std::uint64_t use_clock = 0;
   std::vector<std::byte> fusion_buffer;
+  // Compression: one CompressedAllreduce per spec, error feedback per tensor, and a step count
+  // that advances alike on every rank (the same batches run in the same order everywhere).
+  std::map<std::string, std::unique_ptr<CompressedAllreduce>> compressors;
+  std::unordered_map<std::string, std::vector<float>> residuals;
+  std::vector<float> fused_values, fused_residual;
+  std::uint64_t compressed_steps = 0;
   std::vector<std::string> table_order;  // rank 0: first-seen order
   std::map<std::string, TableEntry> table;
 
-  std::atomic<std::uint64_t> cycles{0}, rounds{0}, hits{0}, reduced{0}, collectives{0}, bytes{0};
+  std::atomic<std::uint64_t> cycles{0}, rounds{0}, hits{0}, reduced{0}, collectives{0}, bytes{0},
+      wire{0}, nonfinite{0};
   std::mutex listener_mutex;
   std::shared_ptr<const EngineListener> listener;
   void notify(EngineEvent::Type type, const std::vector<std::pair<Signature, LocalTensor*>>& batch,
@@ -331,10 +361,7 @@ void EngineCore::negotiate(bool joined_here, std::vector<Response>& responses) {
   for (auto& [name, tensor] : pending) {
     if (tensor.sent || tensor.cached != SIZE_MAX) continue;
     tensor.sent = true;
-    requests.push_back({{"name", name},
-                        {"dtype", static_cast<int>(tensor.signature.dtype)},
-                        {"count", tensor.signature.count},
-                        {"op", static_cast<int>(tensor.signature.op)}});
+    requests.push_back(tensor.signature.to_json(name));
   }
   const json message = {{"joined", joined_here}, {"requests", std::move(requests)}};
   const int coordinator = comm->world_ranks()[0];
@@ -349,9 +376,7 @@ void EngineCore::negotiate(bool joined_here, std::vector<Response>& responses) {
     for (const auto& item : parsed.at("responses")) {
       Response response;
       response.name = item.at("name").get<std::string>();
-      response.signature = {parse_dtype(item.at("dtype").get<int>()),
-                            item.at("count").get<std::size_t>(),
-                            parse_op(item.at("op").get<int>())};
+      response.signature = parse_signature(item);
       response.error = item.at("error").get<std::string>();
       response.stalled = item.at("stalled").get<bool>();
       responses.push_back(std::move(response));
@@ -373,9 +398,7 @@ void EngineCore::coordinate(std::vector<Response>& responses) {
       if (parsed.at("joined").get<bool>()) joined.insert(r);
       for (const auto& item : parsed.at("requests")) {
         const auto name = item.at("name").get<std::string>();
-        const Signature signature{parse_dtype(item.at("dtype").get<int>()),
-                                  item.at("count").get<std::size_t>(),
-                                  parse_op(item.at("op").get<int>())};
+        const Signature signature = parse_signature(item);
         auto [it, inserted] = table.try_emplace(name);
         if (inserted) {
           it->second.first_seen = Clock::now();
@@ -433,12 +456,10 @@ void EngineCore::coordinate(std::vector<Response>& responses) {
         continue;
       }
     }
-    out.push_back({{"name", name},
-                   {"dtype", static_cast<int>(first.dtype)},
-                   {"count", first.count},
-                   {"op", static_cast<int>(first.op)},
-                   {"error", error},
-                   {"stalled", stalled}});
+    json response = first.to_json(name);
+    response["error"] = error;
+    response["stalled"] = stalled;
+    out.push_back(std::move(response));
     table.erase(it);
   }
   table_order = std::move(still_open);
@@ -514,6 +535,7 @@ void EngineCore::execute(const std::vector<std::size_t>& ready,
     const std::uint64_t item_bytes = item.first.count * dtype_size(item.first.dtype);
     const bool fits = !batch.empty() && batch.front().first.dtype == item.first.dtype &&
                       batch.front().first.op == item.first.op &&
+                      batch.front().first.compression == item.first.compression &&
                       batch_bytes + item_bytes <= fusion_threshold.load(std::memory_order_relaxed);
     if (!batch.empty() && !fits) {
       reduce_batch(batch);
@@ -535,7 +557,11 @@ void EngineCore::reduce_batch(std::vector<std::pair<Signature, LocalTensor*>>& b
   collectives.fetch_add(1, std::memory_order_relaxed);
   bytes.fetch_add(total * element, std::memory_order_relaxed);
   notify(EngineEvent::Type::kReduceStart, batch, total * element);
-  if (batch.size() == 1 && batch.front().second != nullptr) {
+  if (batch.front().first.compression != "none") {
+    reduce_compressed(batch, total);
+  } else if (batch.size() == 1 && batch.front().second != nullptr) {
+    wire.fetch_add(CompressedAllreduce::ring_allreduce_bytes(total * element, size),
+                   std::memory_order_relaxed);
     LocalTensor* local = batch.front().second;
     comm->allreduce_now(local->view, local->view, op, local->name);
   } else {
@@ -552,6 +578,8 @@ void EngineCore::reduce_batch(std::vector<std::pair<Signature, LocalTensor*>>& b
       offset += n;
     }
     const TensorView fused{fusion_buffer.data(), total, dtype, Device::kHost};
+    wire.fetch_add(CompressedAllreduce::ring_allreduce_bytes(total * element, size),
+                   std::memory_order_relaxed);
     comm->allreduce_now(fused, fused, op, "engine.fused");
     offset = 0;
     for (const auto& [signature, local] : batch) {
@@ -564,6 +592,68 @@ void EngineCore::reduce_batch(std::vector<std::pair<Signature, LocalTensor*>>& b
   notify(EngineEvent::Type::kReduceEnd, batch, total * element);
   for (const auto& [signature, local] : batch) {
     if (local != nullptr) complete(local);
+  }
+}
+
+void EngineCore::reduce_compressed(std::vector<std::pair<Signature, LocalTensor*>>& batch,
+                                   std::size_t total) {
+  const Signature& signature = batch.front().first;
+  auto& compressor = compressors[signature.compression];
+  if (!compressor) {
+    compressor = std::make_unique<CompressedAllreduce>(
+        *comm, kernels::CompressionSpec::parse(signature.compression));
+  }
+  const bool feedback = compressor->spec().error_feedback;
+  // Error feedback is kept per tensor (a tensor may be fused with others one step and not the
+  // next); the server side of the two-phase scheme per fused group.
+  const auto residual_of = [&](LocalTensor* local) -> std::span<float> {
+    if (!feedback || local == nullptr) return {};
+    auto& kept = residuals[local->name];
+    if (kept.size() != local->view.count) kept.assign(local->view.count, 0.0f);
+    return kept;
+  };
+  std::string key;
+  for (const auto& [item, local] : batch) key += (local ? local->name : "?") + "\n";
+  const std::uint64_t step = compressed_steps++;
+  CompressedAllreduceResult result;
+  if (batch.size() == 1 && batch.front().second != nullptr) {
+    LocalTensor* local = batch.front().second;
+    const std::span<float> data(static_cast<float*>(local->view.data), local->view.count);
+    result = compressor->allreduce(data, residual_of(local), signature.op, step, key);
+  } else {
+    // Pack gradients and residuals (a joined rank's missing tensors as zeros), reduce, unpack.
+    fused_values.assign(total, 0.0f);
+    fused_residual.assign(feedback ? total : 0, 0.0f);
+    std::size_t offset = 0;
+    for (const auto& [item, local] : batch) {
+      if (local != nullptr && item.count != 0) {
+        std::memcpy(fused_values.data() + offset, local->view.data, item.count * sizeof(float));
+        const auto kept = residual_of(local);
+        if (!kept.empty()) std::copy(kept.begin(), kept.end(), fused_residual.begin() + offset);
+      }
+      offset += item.count;
+    }
+    result = compressor->allreduce(fused_values, fused_residual, signature.op, step, key);
+    offset = 0;
+    for (const auto& [item, local] : batch) {
+      if (local != nullptr && item.count != 0) {
+        std::memcpy(local->view.data, fused_values.data() + offset, item.count * sizeof(float));
+        const auto kept = residual_of(local);
+        if (!kept.empty()) {
+          std::copy_n(fused_residual.begin() + static_cast<std::ptrdiff_t>(offset), item.count,
+                      kept.begin());
+        }
+      }
+      offset += item.count;
+    }
+  }
+  wire.fetch_add(result.wire_bytes, std::memory_order_relaxed);
+  if (result.nonfinite_ranks > 0) {
+    nonfinite.fetch_add(1, std::memory_order_relaxed);
+    log->warn(
+        "engine: NaN/Inf in the gradients of {} rank(s) for '{}': result set to NaN, error "
+        "feedback unchanged (skip this step)",
+        result.nonfinite_ranks, key.substr(0, key.find('\n')));
   }
 }
 
@@ -678,13 +768,16 @@ Engine::~Engine() {
   if (core_->thread.joinable()) core_->thread.join();
 }
 
-Work Engine::submit(std::string name, TensorView tensor, ReduceOp op) {
+Work Engine::submit(std::string name, TensorView tensor, ReduceOp op,
+                    const kernels::CompressionSpec& compression) {
   std::vector<std::pair<std::string, TensorView>> one;
   one.emplace_back(std::move(name), tensor);
-  return submit_group(std::move(one), op);
+  return submit_group(std::move(one), op, compression);
 }
 
-Work Engine::submit_group(std::vector<std::pair<std::string, TensorView>> tensors, ReduceOp op) {
+Work Engine::submit_group(std::vector<std::pair<std::string, TensorView>> tensors, ReduceOp op,
+                          const kernels::CompressionSpec& compression) {
+  const std::string compression_text = compression.to_string();
   auto completion = std::make_shared<detail::Completion>();
   completion->remaining = static_cast<int>(tensors.size());
   std::string description = std::string("engine allreduce ") + to_string(op);
@@ -701,6 +794,13 @@ Work Engine::submit_group(std::vector<std::pair<std::string, TensorView>> tensor
         throw Error(core_->bus.rank(), "engine.submit",
                     "tensor '" + name + "' is in device memory; the MPI engine takes host memory");
       }
+      if (compression.compresses() &&
+          (view.dtype != DType::kF32 || (op != ReduceOp::kSum && op != ReduceOp::kAvg))) {
+        throw Error(core_->bus.rank(), "engine.submit",
+                    "tensor '" + name + "': compression " + compression_text +
+                        " takes f32 tensors reduced with sum or avg, not " + to_string(view.dtype) +
+                        " " + to_string(op));
+      }
       if (core_->pending_names.count(name) || !names.insert(name).second) {
         throw Error(core_->bus.rank(), "engine.submit",
                     "tensor '" + name + "' is already pending on this rank");
@@ -713,7 +813,7 @@ Work Engine::submit_group(std::vector<std::pair<std::string, TensorView>> tensor
       detail::LocalTensor tensor;
       tensor.name = name;
       tensor.view = view;
-      tensor.signature = {view.dtype, view.count, op};
+      tensor.signature = {view.dtype, view.count, op, compression_text};
       tensor.completion = completion;
       tensor.submitted = now;
       core_->incoming.push_back(std::move(tensor));
@@ -777,6 +877,8 @@ EngineStats Engine::stats() const {
   out.tensors_reduced = core_->reduced.load();
   out.collectives = core_->collectives.load();
   out.bytes_reduced = core_->bytes.load();
+  out.wire_bytes = core_->wire.load();
+  out.nonfinite_steps = core_->nonfinite.load();
   return out;
 }
 

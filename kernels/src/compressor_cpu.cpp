@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <numeric>
@@ -432,9 +433,15 @@ class TopKCompressor final : public Compressor {
     return result;
   }
 
-  void decompress(std::span<const std::byte> wire, std::uint64_t,
+  void decompress(std::span<const std::byte> wire, std::uint64_t step,
                   std::span<float> out) const override {
     std::fill(out.begin(), out.end(), 0.0f);
+    decompress_add(wire, step, out);
+  }
+
+  void decompress_add(std::span<const std::byte> wire, std::uint64_t,
+                      std::span<float> out) const override {
+    if (wire.size() < 4) throw Error(kNoRank, "decompress topk", "the wire is shorter than k");
     const auto k = get<std::uint32_t>(wire, 0);
     if (wire.size() < 4 + 8 * static_cast<std::size_t>(k)) {
       throw Error(kNoRank, "decompress topk", "the wire is shorter than its k pairs");
@@ -503,6 +510,13 @@ class NoCompressor final : public Compressor {
 
 }  // namespace
 
+void Compressor::decompress_add(std::span<const std::byte> wire, std::uint64_t step,
+                                std::span<float> out) const {
+  std::vector<float> values(out.size());
+  decompress(wire, step, values);
+  for (std::size_t i = 0; i < out.size(); ++i) out[i] += values[i];
+}
+
 std::vector<std::uint32_t> randomk_positions(std::size_t count, std::size_t k, std::uint64_t seed,
                                              std::uint64_t step) {
   // Floyd's algorithm: k distinct positions with k draws, the same everywhere for (seed, step).
@@ -519,6 +533,19 @@ std::vector<std::uint32_t> randomk_positions(std::size_t count, std::size_t k, s
   }
   std::sort(picked.begin(), picked.end());
   return picked;
+}
+
+std::string CompressionSpec::to_string() const {
+  std::string text = name;
+  if (name == "topk" || name == "randomk") {
+    char ratio_text[32];
+    std::snprintf(ratio_text, sizeof ratio_text, ":%.17g", ratio);
+    text += ratio_text;
+  }
+  if (sampled) text += ":sampled";
+  if (!error_feedback) text += ":noef";
+  if (seed != 0) text += ":seed=" + std::to_string(seed);
+  return text;
 }
 
 CompressionSpec CompressionSpec::parse(std::string_view text) {

@@ -22,6 +22,7 @@
 
 #include "unimsg/bus.hpp"
 #include "unimsg/communicator.hpp"
+#include "unimsg/compressor.hpp"
 
 namespace unimsg {
 
@@ -50,6 +51,10 @@ struct EngineStats {
   std::uint64_t tensors_reduced = 0;
   std::uint64_t collectives = 0;  // allreduce calls issued for tensors (fused ones count once)
   std::uint64_t bytes_reduced = 0;
+  // Bytes this rank sent for tensors (uncompressed ones: the ring equivalent 2(n-1)/n x bytes).
+  std::uint64_t wire_bytes = 0;
+  // Compressed reductions whose gradients held NaN/Inf on some rank (result NaN, step to skip).
+  std::uint64_t nonfinite_steps = 0;
 };
 
 // What the engine thread did, for timelines and tests: one event when a (possibly fused)
@@ -79,10 +84,16 @@ class Engine {
   Engine& operator=(const Engine&) = delete;
 
   // Reduces `tensor` in place across ranks under `name`, which must be unique among this rank's
-  // pending tensors and name the same dtype, count and op on every rank.
-  Work submit(std::string name, TensorView tensor, ReduceOp op);
+  // pending tensors and name the same dtype, count, op and compression on every rank.
+  // With a compression (f32 tensors, sum or avg), the aggregation CompressedAllreduce describes,
+  // error feedback kept per tensor name (it restarts from zero with a new engine), tensors fused
+  // only with tensors of the same compression. A result of NaN means some rank's gradients held
+  // NaN/Inf: skip the step (error feedback is left as it was).
+  Work submit(std::string name, TensorView tensor, ReduceOp op,
+              const kernels::CompressionSpec& compression = {});
   // Several tensors as one unit: reduced in the same cycle, fused together where they fit.
-  Work submit_group(std::vector<std::pair<std::string, TensorView>> tensors, ReduceOp op);
+  Work submit_group(std::vector<std::pair<std::string, TensorView>> tensors, ReduceOp op,
+                    const kernels::CompressionSpec& compression = {});
   // For a rank out of data: until every rank has joined, this rank takes part in every reduction
   // the others make with zeros (avg still divides by the number of ranks). Blocks until all joined.
   void join();

@@ -39,6 +39,9 @@ struct CompressionSpec {
   std::uint64_t seed = 0;
   // "topk:0.01", "topk:0.01:sampled", "onebit:noef", "int8:seed=7" ... (ConfigError when bad)
   static CompressionSpec parse(std::string_view text);
+  // The canonical text: parse(to_string()) gives this spec back; equal specs, equal texts.
+  std::string to_string() const;
+  bool compresses() const noexcept { return name != "none"; }
 };
 
 struct CompressResult {
@@ -58,6 +61,10 @@ class Compressor {
   // Writes all out.size() elements (zeros where nothing was sent).
   virtual void decompress(std::span<const std::byte> wire, std::uint64_t step,
                           std::span<float> out) const = 0;
+  // Adds the decompressed values to `out` (a sparse sum for topk: only the sent pairs are
+  // touched).
+  virtual void decompress_add(std::span<const std::byte> wire, std::uint64_t step,
+                              std::span<float> out) const;
   const CompressionSpec& spec() const noexcept { return spec_; }
 
  protected:

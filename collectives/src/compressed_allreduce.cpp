@@ -1,0 +1,223 @@
+#include "unimsg/compressed_allreduce.hpp"
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+
+#include "unimsg/error.hpp"
+
+namespace unimsg {
+namespace {
+
+bool is_two_phase(const std::string& name) {
+  return name == "fp16" || name == "bf16" || name == "int8" || name == "onebit";
+}
+
+std::uint64_t mix(std::uint64_t x) noexcept {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+// On the bits, so that it vectorises: an exponent of all ones is NaN or infinity.
+bool has_nonfinite(std::span<const float> values) noexcept {
+  std::uint32_t bad = 0;
+  for (const float v : values) {
+    std::uint32_t bits;
+    std::memcpy(&bits, &v, 4);
+    bad |= static_cast<std::uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
+  }
+  return bad != 0;
+}
+
+TensorView bytes_view(std::byte* data, std::size_t count) {
+  return TensorView{data, count, DType::kU8, Device::kHost};
+}
+
+}  // namespace
+
+CompressedAllreduce::CompressedAllreduce(Communicator& communicator, kernels::CompressionSpec spec)
+    : comm_(communicator), spec_(std::move(spec)) {
+  // int8 rounds stochastically: ranks drawing the same noise would not average it away.
+  kernels::CompressionSpec worker = spec_;
+  kernels::CompressionSpec server = spec_;
+  if (spec_.name == "int8") {
+    const auto rank =
+        static_cast<std::uint64_t>(comm_.world_ranks()[static_cast<std::size_t>(comm_.rank())]);
+    worker.seed = spec_.seed ^ mix(2 * rank + 1);
+    server.seed = spec_.seed ^ mix(2 * rank + 2);
+  }
+  worker_ = kernels::make_cpu_compressor(worker);
+  if (is_two_phase(spec_.name)) {
+    server_ = kernels::make_cpu_compressor(server);
+    chunk_ = spec_.name == "onebit" ? 1024 : spec_.name == "int8" ? 256 : 1;
+  }
+}
+
+std::uint64_t CompressedAllreduce::ring_allreduce_bytes(std::uint64_t bytes, int ranks) noexcept {
+  if (ranks <= 1) return 0;
+  return bytes * 2 * static_cast<std::uint64_t>(ranks - 1) / static_cast<std::uint64_t>(ranks);
+}
+
+std::pair<std::size_t, std::size_t> CompressedAllreduce::partition(std::size_t count,
+                                                                   int rank) const {
+  // Whole chunks of the format per rank, so that a partition compresses as it would in one
+  // piece; the last chunk may be short.
+  const std::size_t chunks = (count + chunk_ - 1) / chunk_;
+  const int ranks = comm_.size();
+  const std::size_t first = Communicator::reduce_scatter_offset(chunks, ranks, rank);
+  const std::size_t share = Communicator::reduce_scatter_share(chunks, ranks, rank);
+  const std::size_t begin = std::min(count, first * chunk_);
+  const std::size_t end = std::min(count, (first + share) * chunk_);
+  return {begin, end};
+}
+
+std::span<const float> CompressedAllreduce::server_residual(const std::string& key) const {
+  const auto it = server_residuals_.find(key);
+  if (it == server_residuals_.end()) return {};
+  return it->second;
+}
+
+CompressedAllreduceResult CompressedAllreduce::allreduce(std::span<float> data,
+                                                         std::span<float> residual, ReduceOp op,
+                                                         std::uint64_t step,
+                                                         const std::string& key) {
+  const int rank = comm_.world_ranks()[static_cast<std::size_t>(comm_.rank())];
+  if (op != ReduceOp::kSum && op != ReduceOp::kAvg) {
+    throw Error(rank, "compressed allreduce " + spec_.to_string(),
+                std::string("compression reduces with sum or avg, not ") + to_string(op));
+  }
+  if (!residual.empty() && residual.size() != data.size()) {
+    throw Error(rank, "compressed allreduce " + spec_.to_string(),
+                "the residual holds " + std::to_string(residual.size()) + " elements, the data " +
+                    std::to_string(data.size()));
+  }
+  if (!spec_.error_feedback) residual = {};
+
+  CompressedAllreduceResult result;
+  if (spec_.compresses()) {
+    // Agree first whether any rank saw NaN/Inf, so that no rank's error feedback moves on a step
+    // that every rank then skips.
+    std::uint8_t bad = has_nonfinite(data) || has_nonfinite(residual) ? 1 : 0;
+    comm_.allreduce_now(TensorView{&bad, 1, DType::kU8}, TensorView{&bad, 1, DType::kU8},
+                        ReduceOp::kSum, "compress.nonfinite");
+    if (bad != 0) {
+      result.nonfinite_ranks = bad;
+      std::fill(data.begin(), data.end(), std::numeric_limits<float>::quiet_NaN());
+      return result;
+    }
+  }
+  if (!spec_.compresses()) {
+    result.wire_bytes = reduce_plain(data, op);
+  } else if (server_) {
+    result.wire_bytes = reduce_two_phase(data, residual, op, step, key);
+  } else if (spec_.name == "topk") {
+    result.wire_bytes = reduce_topk(data, residual, op, step);
+  } else {
+    result.wire_bytes = reduce_randomk(data, residual, op, step);
+  }
+  return result;
+}
+
+std::uint64_t CompressedAllreduce::reduce_plain(std::span<float> data, ReduceOp op) {
+  const TensorView view{data.data(), data.size(), DType::kF32};
+  comm_.allreduce_now(view, view, op, "compress.none");
+  return ring_allreduce_bytes(data.size_bytes(), comm_.size());
+}
+
+std::uint64_t CompressedAllreduce::reduce_two_phase(std::span<float> data,
+                                                    std::span<float> residual, ReduceOp op,
+                                                    std::uint64_t step, const std::string& key) {
+  const int ranks = comm_.size();
+  const auto n = static_cast<std::size_t>(ranks);
+  std::size_t block = 0;
+  for (int p = 0; p < ranks; ++p) {
+    const auto [begin, end] = partition(data.size(), p);
+    block = std::max(block, worker_->wire_bytes(end - begin));
+  }
+  // Worker: each partition compressed on its own (with its own scale) into its block.
+  send_.assign(n * block, std::byte{0});
+  recv_.resize(n * block);
+  for (int p = 0; p < ranks; ++p) {
+    const auto [begin, end] = partition(data.size(), p);
+    const auto length = end - begin;
+    worker_->compress(data.subspan(begin, length),
+                      residual.empty() ? residual : residual.subspan(begin, length), step,
+                      std::span(send_).subspan(static_cast<std::size_t>(p) * block, block));
+  }
+  comm_
+      .alltoall(bytes_view(send_.data(), n * block), bytes_view(recv_.data(), n * block),
+                "compress.alltoall")
+      .wait();
+
+  // Server: reduce this rank's partition in f32, recompress it with the server's feedback.
+  const auto [mine_begin, mine_end] = partition(data.size(), comm_.rank());
+  const std::size_t mine = mine_end - mine_begin;
+  scratch_.assign(mine, 0.0f);
+  for (std::size_t p = 0; p < n; ++p) {
+    worker_->decompress_add(std::span<const std::byte>(recv_).subspan(p * block, block), step,
+                            scratch_);
+  }
+  if (op == ReduceOp::kAvg) {
+    const float inverse = 1.0f / static_cast<float>(ranks);
+    for (float& v : scratch_) v *= inverse;
+  }
+  std::span<float> server_residual;
+  if (spec_.error_feedback) {
+    auto& kept = server_residuals_[key];
+    if (kept.size() != mine) kept.assign(mine, 0.0f);
+    server_residual = kept;
+  }
+  std::vector<std::byte>& gathered = send_;  // the worker blocks are spent
+  server_->compress(scratch_, server_residual, step, std::span(recv_).subspan(0, block));
+  comm_
+      .allgather(bytes_view(recv_.data(), block), bytes_view(gathered.data(), n * block),
+                 "compress.allgather")
+      .wait();
+  for (int p = 0; p < ranks; ++p) {
+    const auto [begin, end] = partition(data.size(), p);
+    server_->decompress(
+        std::span<const std::byte>(gathered).subspan(static_cast<std::size_t>(p) * block, block),
+        step, data.subspan(begin, end - begin));
+  }
+  return 2 * static_cast<std::uint64_t>(ranks - 1) * block;
+}
+
+std::uint64_t CompressedAllreduce::reduce_topk(std::span<float> data, std::span<float> residual,
+                                               ReduceOp op, std::uint64_t step) {
+  const int ranks = comm_.size();
+  const std::size_t block = worker_->wire_bytes(data.size());  // k is fixed by n and the ratio
+  wire_.resize(block);
+  recv_.resize(static_cast<std::size_t>(ranks) * block);
+  worker_->compress(data, residual, step, wire_);
+  comm_
+      .allgather(bytes_view(wire_.data(), block),
+                 bytes_view(recv_.data(), static_cast<std::size_t>(ranks) * block),
+                 "compress.topk.allgather")
+      .wait();
+  std::fill(data.begin(), data.end(), 0.0f);
+  for (std::size_t p = 0; p < static_cast<std::size_t>(ranks); ++p) {
+    worker_->decompress_add(std::span<const std::byte>(recv_).subspan(p * block, block), step,
+                            data);
+  }
+  if (op == ReduceOp::kAvg) {
+    const float inverse = 1.0f / static_cast<float>(ranks);
+    for (float& v : data) v *= inverse;
+  }
+  return static_cast<std::uint64_t>(ranks - 1) * block;
+}
+
+std::uint64_t CompressedAllreduce::reduce_randomk(std::span<float> data, std::span<float> residual,
+                                                  ReduceOp op, std::uint64_t step) {
+  const std::size_t block = worker_->wire_bytes(data.size());
+  wire_.resize(block);
+  worker_->compress(data, residual, step, wire_);
+  // The wire is k f32 values at the same positions on every rank: reduce them as they are.
+  const TensorView values{wire_.data(), block / sizeof(float), DType::kF32};
+  comm_.allreduce_now(values, values, op, "compress.randomk");
+  worker_->decompress(wire_, step, data);
+  return ring_allreduce_bytes(block, comm_.size());
+}
+
+}  // namespace unimsg
