@@ -111,14 +111,16 @@ struct DeviceBytes : unimsg::kernels::DeviceBuffer {
 #endif
 
 struct Variant {
-  std::string backend;  // "mpi" or "engine"
+  std::string backend;  // "mpi", "nccl" or "engine"
   int tensors = 1;
+  unimsg::kernels::CompressionSpec compress;  // the engine's; the raw backends never compress
 };
 
 struct Measurement {
   std::vector<double> times_us;
   std::uint64_t wrong = 0;
-  double extra_wire_bytes = 0;  // engine: bus negotiation bytes per iteration
+  double extra_wire_bytes = 0;   // engine: bus negotiation bytes per iteration
+  double engine_wire_bytes = 0;  // engine: what it counted for the tensors (compressed or ring)
 };
 
 double percentile(std::vector<double> values, double p) {
@@ -147,6 +149,11 @@ int run(int argc, char** argv) {
       "mpi, engine, nccl (device memory, one GPU per rank), or a comma list measured "
       "interleaved",
       cxxopts::value<std::string>()->default_value("mpi,engine"))(
+      "compress",
+      "the engine's compression: none, fp16, bf16, int8, onebit, topk[:ratio], randomk[:ratio] "
+      "(with :noef, :sampled) or a comma list, each an engine row; busbw is on the "
+      "uncompressed size",
+      cxxopts::value<std::string>()->default_value("none"))(
       "tensors", "split each size into K tensors (raw backends: K calls and 1 call)",
       cxxopts::value<int>()->default_value("1"))("json", "one JSON object per row, from rank 0")(
       "min-bw", "exit 1 when a backend's average bus bandwidth (GB/s) is below this",
@@ -187,13 +194,23 @@ int run(int argc, char** argv) {
                                     std::string("raw MPI has no datatype for ") +
                                         dtype_name(dtype) + "; use --backend engine");
         }
-        variants.push_back({"mpi", tensors});
-        if (tensors > 1) variants.push_back({"mpi", 1});
+        variants.push_back({"mpi", tensors, {}});
+        if (tensors > 1) variants.push_back({"mpi", 1, {}});
       } else if (name == "engine") {
-        variants.push_back({"engine", tensors});
+        std::stringstream compressors(args["compress"].as<std::string>());
+        std::string text;
+        while (std::getline(compressors, text, ',')) {
+          const auto spec = unimsg::kernels::CompressionSpec::parse(text);
+          if (spec.compresses() &&
+              (dtype != DType::kF32 || (op != ReduceOp::kSum && op != ReduceOp::kAvg))) {
+            throw unimsg::ConfigError(unimsg::kNoRank, "--compress",
+                                      "compression takes -d float with -o sum or avg");
+          }
+          variants.push_back({"engine", tensors, spec});
+        }
       } else if (name == "nccl") {
 #ifdef UNIMSG_WITH_NCCL
-        variants.push_back({"nccl", tensors});
+        variants.push_back({"nccl", tensors, {}});
 #else
         throw unimsg::ConfigError(unimsg::kNoRank, "--backend",
                                   "this build has no NCCL backend (UNIMSG_WITH_NCCL=OFF)");
@@ -282,6 +299,7 @@ int run(int argc, char** argv) {
       if (variant.backend == "nccl") device_send->copy_from_host(reference.data(), size_bytes);
 #endif
       const auto bus_before = runtime.bus().stats().sent_bytes;
+      const auto engine_before = engine ? engine->stats().wire_bytes : 0;
       MPI_Barrier(raw);
       const auto start = Clock::now();
       if (variant.backend == "mpi") {
@@ -317,8 +335,9 @@ int run(int argc, char** argv) {
         for (int k = 0; k < variant.tensors; ++k) {
           const auto [offset, n] = slice(k, variant.tensors);
           works.push_back(engine->submit(
-              "bench." + std::to_string(k),
-              unimsg::TensorView{result + offset * element, n, dtype, unimsg::Device::kHost}, op));
+              "bench." + std::to_string(v) + "." + std::to_string(k),
+              unimsg::TensorView{result + offset * element, n, dtype, unimsg::Device::kHost}, op,
+              variant.compress));
         }
         for (auto& work : works) work.wait();
       }
@@ -327,7 +346,24 @@ int run(int argc, char** argv) {
       Measurement& m = results[{v, inplace}];
       m.times_us.push_back(us);
       m.extra_wire_bytes += static_cast<double>(runtime.bus().stats().sent_bytes - bus_before);
-      if (check && iteration == 0) {
+      if (engine)
+        m.engine_wire_bytes += static_cast<double>(engine->stats().wire_bytes - engine_before);
+      if (check && iteration == 0 && variant.compress.compresses()) {
+        // Lossy by design: every rank must hold bitwise the same result, and fp16/bf16 must stay
+        // within their rounding (the inputs are small integers).
+        std::vector<std::byte> first(result, result + size_bytes);
+        MPI_Bcast(first.data(), static_cast<int>(size_bytes), MPI_BYTE, 0, raw);
+        const bool cast = variant.compress.name == "fp16" || variant.compress.name == "bf16";
+        const double tolerance = variant.compress.name == "fp16" ? 2e-3 : 1.6e-2;
+        for (std::size_t i = 0; i < count; ++i) {
+          const double got = unimsg::load_element(result, dtype, i);
+          const double want = expected(op, dtype, ranks, i);
+          if (std::memcmp(first.data() + i * element, result + i * element, element) != 0 ||
+              (cast && std::abs(got - want) > tolerance * std::abs(want) + 1e-6)) {
+            ++m.wrong;
+          }
+        }
+      } else if (check && iteration == 0) {
 #ifdef UNIMSG_WITH_NCCL
         if (variant.backend == "nccl") {
           (inplace ? device_send : device_recv)->copy_to_host(result, size_bytes);
@@ -374,13 +410,14 @@ int run(int argc, char** argv) {
         row_bus[i] = busbw;
         row_wrong[i] = m.wrong;
         total_wrong += m.wrong;
-        auto& sum = bw_sum[variant.backend + "/" + std::to_string(variant.tensors)];
+        auto& sum = bw_sum[variant.backend + "/" + std::to_string(variant.tensors) + "/" +
+                           variant.compress.to_string()];
         sum.first += busbw;
         sum.second += 1;
         if (json) {
           nlohmann::json row = {
               {"backend", variant.backend},
-              {"compress", "none"},
+              {"compress", variant.compress.to_string()},
               {"tensors", variant.tensors},
               {"inplace", inplace},
               {"bytes", size_bytes},
@@ -392,8 +429,12 @@ int run(int argc, char** argv) {
               {"algbw", algbw},
               {"busbw", busbw},
               {"wrong", m.wrong},
-              {"wire_bytes", static_cast<double>(size_bytes) * bus_factor +
-                                 m.extra_wire_bytes / static_cast<double>(m.times_us.size())}};
+              {"wire_bytes",
+               (variant.backend == "engine" ? m.engine_wire_bytes
+                                            : static_cast<double>(size_bytes) * bus_factor *
+                                                  static_cast<double>(m.times_us.size())) /
+                       static_cast<double>(m.times_us.size()) +
+                   m.extra_wire_bytes / static_cast<double>(m.times_us.size())}};
           if (stats) {
             row["p50_us"] = percentile(m.times_us, 0.5);
             row["p99_us"] = percentile(m.times_us, 0.99);
@@ -404,7 +445,10 @@ int run(int argc, char** argv) {
       if (!json) {
         std::printf(
             "  %-8s %4d %12zu %12zu %8s %6s %6d %9.1f %8.2f %8.2f %6llu %9.1f %8.2f %8.2f %6llu",
-            variant.backend.c_str(), variant.tensors, size_bytes, count, dtype_name(dtype),
+            variant.compress.compresses()
+                ? ("e:" + variant.compress.to_string().substr(0, 6)).c_str()
+                : variant.backend.c_str(),
+            variant.tensors, size_bytes, count, dtype_name(dtype),
             args["op"].as<std::string>().c_str(), -1, row_time[0], row_alg[0], row_bus[0],
             static_cast<unsigned long long>(row_wrong[0]), row_time[1], row_alg[1], row_bus[1],
             static_cast<unsigned long long>(row_wrong[1]));

@@ -608,7 +608,8 @@ void EngineCore::reduce_compressed(std::vector<std::pair<Signature, LocalTensor*
   // next); the server side of the two-phase scheme per fused group.
   const auto residual_of = [&](LocalTensor* local) -> std::span<float> {
     if (!feedback || local == nullptr) return {};
-    auto& kept = residuals[local->name];
+    // (A tensor reduced with another compression starts a feedback of its own.)
+    auto& kept = residuals[local->name + '\n' + signature.compression];
     if (kept.size() != local->view.count) kept.assign(local->view.count, 0.0f);
     return kept;
   };
