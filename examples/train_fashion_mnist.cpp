@@ -118,6 +118,10 @@ int run(int argc, char** argv) {
       "resume", "continue from the newest intact checkpoint in --checkpoint-dir, if any")(
       "max-steps", "stop after this many optimizer steps in all (0: no limit)",
       cxxopts::value<std::uint64_t>()->default_value("0"))(
+      "compress",
+      "gradient compression: none, fp16, bf16, int8, onebit, topk[:ratio], randomk[:ratio], "
+      "with :noef for no error feedback (e.g. topk:0.01)",
+      cxxopts::value<std::string>()->default_value("none"))(
       "min-accuracy", "exit with status 3 when the final test accuracy is below this",
       cxxopts::value<double>()->default_value("0"))(
       "json", "print one JSON object per epoch (rank 0)")("h,help", "show this help");
@@ -175,7 +179,10 @@ int run(int argc, char** argv) {
   unimsg::MpiCommunicator communicator(MPI_COMM_WORLD, runtime.bus());
   unimsg::Engine engine(communicator, runtime.bus());
   Net model;
-  unimsg::DistributedDataParallel ddp(*model, engine, communicator);
+  unimsg::DdpOptions ddp_options;
+  ddp_options.compression =
+      unimsg::kernels::CompressionSpec::parse(args["compress"].as<std::string>());
+  unimsg::DistributedDataParallel ddp(*model, engine, communicator, ddp_options);
   torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(lr).momentum(momentum));
   unimsg::DistributedSampler sampler(static_cast<std::size_t>(train.images.size(0)), rank, world,
                                      args["seed"].as<std::uint64_t>());
@@ -253,10 +260,12 @@ int run(int argc, char** argv) {
   };
 
   double accuracy = 0;
+  std::uint64_t skipped_steps = 0;
   bool stop = false;
   try {
     for (std::uint64_t epoch = first_epoch; epoch < epochs && !stop; ++epoch) {
       const auto start = Clock::now();
+      const auto wire_before = engine.stats().wire_bytes;
       sampler.set_epoch(epoch, epoch == first_epoch ? first_position : 0);
       // A step decay: the last epochs settle at a fifth of the rate (derived from the epoch, so a
       // resumed run decays at the same point).
@@ -282,8 +291,13 @@ int run(int argc, char** argv) {
         optimizer.zero_grad();
         const auto loss = torch::nn::functional::cross_entropy(model->forward(x), y);
         loss.backward();
-        ddp.synchronize();
-        optimizer.step();
+        if (ddp.synchronize()) {
+          optimizer.step();
+        } else {
+          ++skipped_steps;  // NaN/Inf in some rank's gradients, as AMP skips
+          runtime.log().warn("step {}: non-finite gradients on some rank, step skipped",
+                             global_step + 1);
+        }
         loss_sum += loss.item<double>();
         ++batches;
         ++global_step;
@@ -331,10 +345,16 @@ int run(int argc, char** argv) {
       const double samples_per_s = static_cast<double>(count) * world / seconds;
       if (rank == 0) {
         if (json) {
-          nlohmann::json line{{"epoch", epoch + 1},        {"loss", mean_loss},
-                              {"test_accuracy", accuracy}, {"samples_per_s", samples_per_s},
-                              {"seconds", seconds},        {"ranks", world},
-                              {"batch_size", global_batch}};
+          nlohmann::json line{{"epoch", epoch + 1},
+                              {"loss", mean_loss},
+                              {"test_accuracy", accuracy},
+                              {"samples_per_s", samples_per_s},
+                              {"seconds", seconds},
+                              {"ranks", world},
+                              {"batch_size", global_batch},
+                              {"compress", ddp_options.compression.to_string()},
+                              {"wire_bytes_rank0", engine.stats().wire_bytes - wire_before},
+                              {"skipped_steps", skipped_steps}};
           std::printf("%s\n", line.dump().c_str());
           std::fflush(stdout);
         } else {

@@ -51,6 +51,7 @@ struct DistributedDataParallel::Bucket {
   std::vector<std::size_t> slots;
   std::size_t elements = 0;  // gradient elements; then one "used" mark per slot
   torch::Tensor buffer;      // [elements + slots.size()]
+  Work marks_work;           // compressed buckets: the marks go as a tensor of their own
   std::vector<char> ready;   // per slot of this bucket, this step
   std::size_t ready_count = 0;
   bool submitted = false;
@@ -162,18 +163,33 @@ void DistributedDataParallel::on_gradient(std::size_t index, const torch::Tensor
 void DistributedDataParallel::submit(Bucket& bucket) {
   bucket.submitted = true;
   submit_times_[bucket.index] = std::chrono::steady_clock::now();
-  bucket.work = engine_.submit(bucket.name, to_view(bucket.buffer), ReduceOp::kAvg);
+  if (!options_.compression.compresses()) {
+    bucket.work = engine_.submit(bucket.name, to_view(bucket.buffer), ReduceOp::kAvg);
+    return;
+  }
+  // The "used" marks must arrive intact: they travel beside the compressed gradients, as a
+  // tensor of their own.
+  const auto elements = static_cast<std::int64_t>(bucket.elements);
+  const auto marks = static_cast<std::int64_t>(bucket.slots.size());
+  bucket.work = engine_.submit(bucket.name, to_view(bucket.buffer.narrow(0, 0, elements)),
+                               ReduceOp::kAvg, options_.compression);
+  bucket.marks_work = engine_.submit(
+      bucket.name + ".used", to_view(bucket.buffer.narrow(0, elements, marks)), ReduceOp::kAvg);
 }
 
-void DistributedDataParallel::synchronize() {
+bool DistributedDataParallel::synchronize() {
   torch::NoGradGuard no_grad;
+  const auto skipped_before = engine_.stats().nonfinite_steps;
   std::unique_lock lock(mutex_);
   synchronize_time_ = std::chrono::steady_clock::now();
   for (auto& bucket : buckets_) {
     if (!bucket->submitted) submit(*bucket);
   }
   lock.unlock();
-  for (auto& bucket : buckets_) bucket->work.wait();
+  for (auto& bucket : buckets_) {
+    bucket->work.wait();
+    if (bucket->marks_work.valid()) bucket->marks_work.wait();
+  }
   lock.lock();
   for (auto& bucket : buckets_) {
     for (std::size_t position = 0; position < bucket->slots.size(); ++position) {
@@ -196,7 +212,9 @@ void DistributedDataParallel::synchronize() {
     bucket->ready_count = 0;
     bucket->submitted = false;
     bucket->work = Work();
+    bucket->marks_work = Work();
   }
+  return engine_.stats().nonfinite_steps == skipped_before;
 }
 
 DistributedDataParallel::NoSync::NoSync(DistributedDataParallel& ddp) : ddp_(ddp) {

@@ -35,6 +35,9 @@ struct DdpOptions {
   // Prefix of the engine tensor names ("<name>.bucket<i>"); two wrappers in one process need
   // different names.
   std::string name = "ddp";
+  // Gradient compression for the buckets (the engine's CompressedAllreduce; error feedback per
+  // bucket). A step whose gradients held NaN/Inf on any rank is reported by synchronize().
+  kernels::CompressionSpec compression;
 };
 
 class DistributedDataParallel {
@@ -50,7 +53,9 @@ class DistributedDataParallel {
   // After backward: submits the buckets that did not fill (parameters unused in this step add
   // zeros, on this rank only), waits for all of them and writes each parameter's gradient,
   // averaged over the ranks, into .grad. A parameter no rank used keeps its .grad as it was.
-  void synchronize();
+  // Returns false when a compressed bucket held NaN/Inf on some rank: its gradients are NaN and
+  // the step should be skipped (every rank gets false; error feedback was left unchanged).
+  bool synchronize();
 
   // While a NoSync lives, backward accumulates gradients without communicating (gradient
   // accumulation); the next synchronize() averages everything accumulated since the last one.
