@@ -19,6 +19,8 @@ find_package(spdlog REQUIRED)
 find_package(cxxopts REQUIRED)
 find_package(nlohmann_json REQUIRED)
 find_package(ZLIB REQUIRED)  # gzip-compressed datasets
+set(BLA_VENDOR OpenBLAS)     # PowerSGD's matrix products on the CPU (libopenblas-dev)
+find_package(BLAS REQUIRED)
 
 set(UNIMSG_WITH_CUDA AUTO CACHE STRING "Compile CUDA kernels (AUTO, ON, OFF)")
 set(UNIMSG_WITH_NCCL AUTO CACHE STRING "Build the NCCL backend (AUTO, ON, OFF)")

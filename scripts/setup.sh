@@ -7,7 +7,7 @@ packages=(
   openmpi-bin libopenmpi-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libcxxopts-dev nlohmann-json3-dev libspdlog-dev libfmt-dev
-  libzstd-dev libxxhash-dev zlib1g-dev
+  libzstd-dev libxxhash-dev zlib1g-dev libopenblas-dev
   libtorch-dev dataset-fashion-mnist
   clang libclang-rt-14-dev clang-format
 )

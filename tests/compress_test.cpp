@@ -9,6 +9,7 @@
 
 #include "unimsg/compressor.hpp"
 #include "unimsg/error.hpp"
+#include "unimsg/powersgd.hpp"
 
 namespace unimsg::kernels {
 namespace {
@@ -189,7 +190,8 @@ TEST(CompressTest, SampledTopKFindsNearlyTheTrueTopK) {
 }
 
 TEST(CompressTest, BadSpecsAndWiresAreClearErrors) {
-  for (const char* bad : {"gzip", "topk:2", "topk:0", "topk:fast", "int8:seed=x", "powersgd"}) {
+  for (const char* bad :
+       {"gzip", "topk:2", "topk:0", "topk:fast", "int8:seed=x", "powersgd:0", "powersgd:0.5"}) {
     EXPECT_THROW(CompressionSpec::parse(bad), ConfigError) << bad;
   }
   auto topk = make_cpu_compressor(CompressionSpec::parse("topk:0.5"));
@@ -198,6 +200,65 @@ TEST(CompressTest, BadSpecsAndWiresAreClearErrors) {
   EXPECT_THROW(topk->decompress(rt.wire, 3, out), Error);
   std::vector<std::byte> small(3);
   EXPECT_THROW(topk->compress(gradient(10), {}, 0, small), Error);
+}
+
+// PowerSGD on one rank (no averaging between the stages).
+TEST(CompressTest, PowerSgdRecoversALowRankMatrixAndKeepsTheRest) {
+  // A rank-2 matrix of 60 x 60 (the flat view of 3600 elements): after a few warm-started power
+  // steps the rank-2 approximation is the matrix itself.
+  const std::size_t n = 3600;
+  std::vector<float> matrix(n);
+  for (std::size_t i = 0; i < 60; ++i) {
+    for (std::size_t j = 0; j < 60; ++j) {
+      matrix[i * 60 + j] = static_cast<float>(std::sin(0.1 * i) * std::cos(0.2 * j) +
+                                              0.5 * std::cos(0.3 * i) * std::sin(0.05 * j + 1));
+    }
+  }
+  PowerSgd power(n, 2, 7);
+  EXPECT_EQ(power.rows(), 60u);
+  EXPECT_EQ(power.cols(), 60u);
+  std::vector<float> out(n);
+  for (int step = 0; step < 4; ++step) {
+    power.begin(matrix, {});
+    power.project();
+    power.finish(out, {});
+  }
+  for (std::size_t i = 0; i < n; ++i) ASSERT_NEAR(out[i], matrix[i], 1e-3) << i;
+
+  // Error feedback: what the approximation leaves out stays in the residual, exactly.
+  PowerSgd rank1(n, 1, 7);
+  std::vector<float> residual(n, 0.0f), gradient_in = matrix;
+  for (std::size_t i = 0; i < n; ++i) gradient_in[i] += 0.01f * static_cast<float>(i % 13);
+  std::vector<float> before = residual;
+  rank1.begin(gradient_in, residual);
+  rank1.project();
+  rank1.finish(out, residual);
+  for (std::size_t i = 0; i < n; ++i) {
+    ASSERT_NEAR(out[i] + residual[i], gradient_in[i] + before[i], 1e-5) << i;
+  }
+}
+
+TEST(CompressTest, PowerSgdSpecsAndSizes) {
+  EXPECT_EQ(CompressionSpec::parse("powersgd").powersgd_rank, 4);
+  EXPECT_EQ(CompressionSpec::parse("powersgd:2").to_string(), "powersgd:2");
+  EXPECT_EQ(CompressionSpec::parse("powersgd:1:noef").to_string(), "powersgd:1:noef");
+  EXPECT_THROW(make_cpu_compressor(CompressionSpec::parse("powersgd")), ConfigError);
+  EXPECT_FALSE(PowerSgd::compresses(0, 4));
+  EXPECT_FALSE(PowerSgd::compresses(10, 4));    // 4 x 3: factors of 4 + 3 rows > 10
+  EXPECT_TRUE(PowerSgd::compresses(10000, 4));  // 100 x 100: 800 < 10000
+  EXPECT_THROW(PowerSgd(100, 0, 1), ConfigError);
+  PowerSgd power(100, 1, 1);
+  std::vector<float> wrong(99);
+  EXPECT_THROW(power.begin(wrong, {}), Error);
+}
+
+TEST(CompressTest, SpecsSurviveTheirCanonicalText) {
+  for (const char* text : {"none", "fp16", "bf16", "int8:seed=9", "onebit:noef", "topk:0.01",
+                           "topk:0.25:sampled", "randomk:0.5", "powersgd:3"}) {
+    const auto spec = CompressionSpec::parse(text);
+    EXPECT_EQ(CompressionSpec::parse(spec.to_string()).to_string(), spec.to_string()) << text;
+  }
+  EXPECT_EQ(CompressionSpec::parse("topk").to_string(), "topk:0.01");
 }
 
 }  // namespace

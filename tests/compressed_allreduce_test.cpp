@@ -74,7 +74,8 @@ class CompressedAllreduceTest : public testing_support::WorldTest {
 };
 
 const char* kSpecs[] = {
-    "none", "fp16", "bf16", "int8", "onebit", "topk:0.1", "topk:0.1:sampled", "randomk:0.1"};
+    "none",        "fp16",      "bf16", "int8", "onebit", "topk:0.1", "topk:0.1:sampled",
+    "randomk:0.1", "powersgd:2"};
 const std::size_t kSizes[] = {0, 1, 3, 1001, 5000};
 
 // Over several steps: sum of results + avg of worker residuals + server residuals (two-phase)
@@ -282,6 +283,7 @@ TEST_F(EngineCompressTest, EngineCompressErrorFeedbackConverges) {
     EXPECT_LT(run("topk:0.1", threshold), 0.2);
     EXPECT_LT(run("fp16", threshold), 1e-3);
     EXPECT_LT(run("int8", threshold), 0.05);
+    EXPECT_LT(run("powersgd:2", threshold), 0.25);
   }
   EXPECT_GT(run("onebit:noef", 64 << 20), 4 * onebit_error)
       << "without error feedback onebit should stay far more biased";

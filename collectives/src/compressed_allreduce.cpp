@@ -5,6 +5,7 @@
 #include <limits>
 
 #include "unimsg/error.hpp"
+#include "unimsg/powersgd.hpp"
 
 namespace unimsg {
 namespace {
@@ -48,6 +49,7 @@ CompressedAllreduce::CompressedAllreduce(Communicator& communicator, kernels::Co
     worker.seed = spec_.seed ^ mix(2 * rank + 1);
     server.seed = spec_.seed ^ mix(2 * rank + 2);
   }
+  if (spec_.name == "powersgd") return;  // state per key, made on first use
   worker_ = kernels::make_cpu_compressor(worker);
   if (is_two_phase(spec_.name)) {
     server_ = kernels::make_cpu_compressor(server);
@@ -112,6 +114,8 @@ CompressedAllreduceResult CompressedAllreduce::allreduce(std::span<float> data,
     result.wire_bytes = reduce_plain(data, op);
   } else if (server_) {
     result.wire_bytes = reduce_two_phase(data, residual, op, step, key);
+  } else if (spec_.name == "powersgd") {
+    result.wire_bytes = reduce_powersgd(data, residual, op, key);
   } else if (spec_.name == "topk") {
     result.wire_bytes = reduce_topk(data, residual, op, step);
   } else {
@@ -182,6 +186,37 @@ std::uint64_t CompressedAllreduce::reduce_two_phase(std::span<float> data,
         step, data.subspan(begin, end - begin));
   }
   return 2 * static_cast<std::uint64_t>(ranks - 1) * block;
+}
+
+std::uint64_t CompressedAllreduce::reduce_powersgd(std::span<float> data, std::span<float> residual,
+                                                   ReduceOp op, const std::string& key) {
+  const int rank = spec_.powersgd_rank;
+  if (!kernels::PowerSgd::compresses(data.size(), rank)) {
+    // Vectors and small matrices: the factors would not be smaller (PyTorch's hook, too, sends
+    // these as they are). Nothing is lost, so the residual has nothing to keep.
+    if (!residual.empty()) std::fill(residual.begin(), residual.end(), 0.0f);
+    return reduce_plain(data, op);
+  }
+  auto it = powersgd_.find(key);
+  if (it == powersgd_.end() || it->second.count() != data.size()) {
+    // The first Q must be the same on every rank: drawn from the seed and the size.
+    const std::uint64_t seed = spec_.seed ^ mix(data.size());
+    it = powersgd_.insert_or_assign(key, kernels::PowerSgd(data.size(), rank, seed)).first;
+  }
+  kernels::PowerSgd& state = it->second;
+  const auto average = [&](std::span<float> factor, const char* name) {
+    const TensorView view{factor.data(), factor.size(), DType::kF32};
+    comm_.allreduce_now(view, view, ReduceOp::kAvg, name);
+    return ring_allreduce_bytes(factor.size_bytes(), comm_.size());
+  };
+  std::uint64_t wire = average(state.begin(data, residual), "compress.powersgd.p");
+  wire += average(state.project(), "compress.powersgd.q");
+  state.finish(data, residual);
+  if (op == ReduceOp::kSum) {
+    const auto ranks = static_cast<float>(comm_.size());
+    for (float& v : data) v *= ranks;
+  }
+  return wire;
 }
 
 std::uint64_t CompressedAllreduce::reduce_topk(std::span<float> data, std::span<float> residual,

@@ -542,6 +542,7 @@ std::string CompressionSpec::to_string() const {
     std::snprintf(ratio_text, sizeof ratio_text, ":%.17g", ratio);
     text += ratio_text;
   }
+  if (name == "powersgd") text += ":" + std::to_string(powersgd_rank);
   if (sampled) text += ":sampled";
   if (!error_feedback) text += ":noef";
   if (seed != 0) text += ":seed=" + std::to_string(seed);
@@ -556,12 +557,13 @@ CompressionSpec CompressionSpec::parse(std::string_view text) {
     const std::size_t colon = std::min(text.find(':', start), text.size());
     const std::string part(text.substr(start, colon - start));
     if (first) {
-      static const char* kNames[] = {"none", "fp16", "bf16", "int8", "onebit", "topk", "randomk"};
+      static const char* kNames[] = {"none",   "fp16", "bf16",    "int8",
+                                     "onebit", "topk", "randomk", "powersgd"};
       if (std::find(std::begin(kNames), std::end(kNames), part) == std::end(kNames)) {
         throw ConfigError(kNoRank, "compression",
                           "'" + part +
                               "' is not one of none, fp16, bf16, int8, onebit, topk, "
-                              "randomk (powersgd is not built yet)");
+                              "randomk, powersgd");
       }
       spec.name = part;
       first = false;
@@ -575,6 +577,15 @@ CompressionSpec CompressionSpec::parse(std::string_view text) {
       } catch (const std::exception&) {
         throw ConfigError(kNoRank, "compression", "bad seed in '" + std::string(text) + "'");
       }
+    } else if (spec.name == "powersgd") {
+      char* end = nullptr;
+      const long rank = std::strtol(part.c_str(), &end, 10);
+      if (part.empty() || end != part.c_str() + part.size() || rank < 1 || rank > 256) {
+        throw ConfigError(kNoRank, "compression",
+                          "'" + part + "' in '" + std::string(text) +
+                              "' is not a PowerSGD rank from 1 to 256, 'noef' or 'seed=N'");
+      }
+      spec.powersgd_rank = static_cast<int>(rank);
     } else {
       char* end = nullptr;
       const double ratio = std::strtod(part.c_str(), &end);
@@ -598,6 +609,11 @@ std::unique_ptr<Compressor> make_cpu_compressor(const CompressionSpec& spec) {
   if (spec.name == "onebit") return std::make_unique<OneBitCompressor>(spec);
   if (spec.name == "topk") return std::make_unique<TopKCompressor>(spec);
   if (spec.name == "randomk") return std::make_unique<RandomKCompressor>(spec);
+  if (spec.name == "powersgd") {
+    throw ConfigError(kNoRank, "compression",
+                      "powersgd needs the ranks between its stages: use it through "
+                      "CompressedAllreduce or the engine (kernels::PowerSgd holds its steps)");
+  }
   throw ConfigError(kNoRank, "compression", "unknown compressor '" + spec.name + "'");
 }
 

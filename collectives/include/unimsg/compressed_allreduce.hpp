@@ -9,6 +9,8 @@
 //                 recompresses it with its server error feedback, allgather
 //   topk          allgather of the (index, value) pairs and a sparse sum
 //   randomk       allreduce of the values at the positions every rank draws alike
+//   powersgd      two allreduces, of the factors P and Q (kernels/powersgd.hpp), Q warm-started
+//                 per key; buffers too small for the factors to be smaller go uncompressed
 //
 // Every call first agrees, in one tiny allreduce, whether any rank's gradient holds NaN or Inf:
 // then nothing is compressed, no error-feedback state changes on any rank, and the result is
@@ -23,6 +25,7 @@
 
 #include "unimsg/communicator.hpp"
 #include "unimsg/compressor.hpp"
+#include "unimsg/powersgd.hpp"
 
 namespace unimsg {
 
@@ -48,7 +51,10 @@ class CompressedAllreduce {
 
   const kernels::CompressionSpec& spec() const noexcept { return spec_; }
   // Forgets the server-side state (after a change of world or a restore).
-  void reset_state() { server_residuals_.clear(); }
+  void reset_state() {
+    server_residuals_.clear();
+    powersgd_.clear();
+  }
   // The server residual kept for `key` (this rank's partition), for tests.
   std::span<const float> server_residual(const std::string& key) const;
   // The elements [begin, end) of a two-phase buffer of `count` that rank `rank` serves.
@@ -63,6 +69,8 @@ class CompressedAllreduce {
                                  std::uint64_t step, const std::string& key);
   std::uint64_t reduce_topk(std::span<float> data, std::span<float> residual, ReduceOp op,
                             std::uint64_t step);
+  std::uint64_t reduce_powersgd(std::span<float> data, std::span<float> residual, ReduceOp op,
+                                const std::string& key);
   std::uint64_t reduce_randomk(std::span<float> data, std::span<float> residual, ReduceOp op,
                                std::uint64_t step);
 
@@ -72,6 +80,7 @@ class CompressedAllreduce {
   std::unique_ptr<kernels::Compressor> server_;  // two-phase: the partition's recompression
   std::size_t chunk_ = 1;  // two-phase: partitions start at multiples of the format's chunk
   std::map<std::string, std::vector<float>> server_residuals_;
+  std::map<std::string, kernels::PowerSgd> powersgd_;  // warm-started Q per key
   std::vector<std::byte> wire_, send_, recv_;
   std::vector<float> scratch_;
 };

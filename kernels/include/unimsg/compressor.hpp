@@ -32,9 +32,10 @@
 namespace unimsg::kernels {
 
 struct CompressionSpec {
-  std::string name = "none";  // none fp16 bf16 int8 onebit topk randomk
+  std::string name = "none";  // none fp16 bf16 int8 onebit topk randomk powersgd
   double ratio = 0.01;        // topk, randomk: fraction of the elements sent
   bool sampled = false;       // topk: threshold from a sample instead of an exact selection
+  int powersgd_rank = 4;      // powersgd: rank of the approximation ("powersgd:2")
   bool error_feedback = true;
   std::uint64_t seed = 0;
   // "topk:0.01", "topk:0.01:sampled", "onebit:noef", "int8:seed=7" ... (ConfigError when bad)

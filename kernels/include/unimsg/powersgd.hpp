@@ -1,0 +1,51 @@
+#pragma once
+
+// PowerSGD (Vogels et al., 2019): a rank-r approximation P Q^T of a gradient matrix M, found by
+// one step of power iteration warm-started from the previous step's Q, with error feedback.
+// Unlike the single-pass compressors it needs the ranks between its stages, so it exposes them:
+//
+//   P = (M = gradient + residual) Q        -> allreduce-average P
+//   orthonormalise P, Q = M^T P            -> allreduce-average Q
+//   out = P Q^T, residual = M - out
+//
+// Averaging P and Q is averaging the approximation: P P^T avg(M) with P orthonormal. A flat
+// buffer of n elements is viewed as a rows x cols matrix, cols = ceil(sqrt(n)), padded with
+// zeros. CPU reference over BLAS (OpenBLAS); the CUDA version is to use cuBLAS.
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+namespace unimsg::kernels {
+
+class PowerSgd {
+ public:
+  // `count` elements, approximation rank `rank`; the first Q is drawn from `seed`, which must be
+  // the same on every rank.
+  PowerSgd(std::size_t count, int rank, std::uint64_t seed);
+
+  std::size_t count() const noexcept { return count_; }
+  std::size_t rows() const noexcept { return rows_; }
+  std::size_t cols() const noexcept { return cols_; }
+  int rank() const noexcept { return rank_; }
+  // Worth it: the factors are smaller than the matrix (else send it uncompressed).
+  static bool compresses(std::size_t count, int rank) noexcept;
+
+  // Stage 1: M = gradient + residual (residual may be empty), P = M Q. Returns P (rows x rank,
+  // row-major) for the caller to average across ranks in place.
+  std::span<float> begin(std::span<const float> gradient, std::span<const float> residual);
+  // Stage 2, after P was averaged: orthonormalises P's columns, Q = M^T P. Returns Q
+  // (cols x rank) to average in place.
+  std::span<float> project();
+  // Stage 3, after Q was averaged: out = P Q^T (count elements), residual = M - out when the
+  // residual is not empty. Q stays for the next step's warm start.
+  void finish(std::span<float> out, std::span<float> residual);
+
+ private:
+  std::size_t count_, rows_, cols_;
+  int rank_;
+  std::vector<float> matrix_, p_, q_;
+};
+
+}  // namespace unimsg::kernels

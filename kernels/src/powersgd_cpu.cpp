@@ -1,0 +1,102 @@
+#include "unimsg/powersgd.hpp"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <string>
+
+#include "unimsg/error.hpp"
+
+namespace unimsg::kernels {
+namespace {
+
+std::size_t cols_for(std::size_t count) {
+  auto cols = static_cast<std::size_t>(std::ceil(std::sqrt(static_cast<double>(count))));
+  return std::max<std::size_t>(cols, 1);
+}
+
+// Gram-Schmidt on the columns of a row-major rows x rank matrix. The epsilon keeps a zero column
+// (a zero gradient) at zero instead of dividing by zero, as PyTorch's PowerSGD hook does.
+void orthonormalise(std::vector<float>& p, std::size_t rows, int rank) {
+  const auto r = static_cast<std::size_t>(rank);
+  for (std::size_t c = 0; c < r; ++c) {
+    for (std::size_t previous = 0; previous < c; ++previous) {
+      double dot = 0;
+      for (std::size_t i = 0; i < rows; ++i) dot += double(p[i * r + c]) * p[i * r + previous];
+      for (std::size_t i = 0; i < rows; ++i) p[i * r + c] -= float(dot) * p[i * r + previous];
+    }
+    double norm = 0;
+    for (std::size_t i = 0; i < rows; ++i) norm += double(p[i * r + c]) * p[i * r + c];
+    const float inverse = static_cast<float>(1.0 / (std::sqrt(norm) + 1e-8));
+    for (std::size_t i = 0; i < rows; ++i) p[i * r + c] *= inverse;
+  }
+}
+
+}  // namespace
+
+bool PowerSgd::compresses(std::size_t count, int rank) noexcept {
+  if (count == 0 || rank < 1) return false;
+  const std::size_t cols = cols_for(count);
+  const std::size_t rows = (count + cols - 1) / cols;
+  return (rows + cols) * static_cast<std::size_t>(rank) < count;
+}
+
+PowerSgd::PowerSgd(std::size_t count, int rank, std::uint64_t seed)
+    : count_(count), cols_(cols_for(count)), rank_(rank) {
+  if (rank < 1) throw ConfigError(kNoRank, "powersgd", "the rank must be at least 1");
+  rows_ = (count + cols_ - 1) / cols_;
+  const auto r = static_cast<std::size_t>(rank);
+  matrix_.assign(rows_ * cols_, 0.0f);
+  p_.assign(rows_ * r, 0.0f);
+  q_.resize(cols_ * r);
+  // (The standard library's engine and distribution: the same draw on every rank of one build.)
+  std::mt19937_64 engine(seed);
+  std::normal_distribution<float> normal;
+  for (float& v : q_) v = normal(engine);
+}
+
+std::span<float> PowerSgd::begin(std::span<const float> gradient, std::span<const float> residual) {
+  if (gradient.size() != count_ || (!residual.empty() && residual.size() != count_)) {
+    throw Error(
+        kNoRank, "powersgd",
+        "expected " + std::to_string(count_) + " elements, got " + std::to_string(gradient.size()));
+  }
+  for (std::size_t i = 0; i < count_; ++i) {
+    matrix_[i] = residual.empty() ? gradient[i] : gradient[i] + residual[i];
+  }
+  const auto r = static_cast<int>(rank_);
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(rows_), r,
+              static_cast<int>(cols_), 1.0f, matrix_.data(), static_cast<int>(cols_), q_.data(), r,
+              0.0f, p_.data(), r);
+  return p_;
+}
+
+std::span<float> PowerSgd::project() {
+  orthonormalise(p_, rows_, rank_);
+  const auto r = static_cast<int>(rank_);
+  cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(cols_), r,
+              static_cast<int>(rows_), 1.0f, matrix_.data(), static_cast<int>(cols_), p_.data(), r,
+              0.0f, q_.data(), r);
+  return q_;
+}
+
+void PowerSgd::finish(std::span<float> out, std::span<float> residual) {
+  if (out.size() != count_ || (!residual.empty() && residual.size() != count_)) {
+    throw Error(kNoRank, "powersgd", "expected " + std::to_string(count_) + " elements");
+  }
+  // M's padding is not needed any more: the approximation overwrites the matrix, and the
+  // residual is M - approximation, computed before.
+  std::vector<float> approximation(rows_ * cols_);
+  const auto r = static_cast<int>(rank_);
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(rows_),
+              static_cast<int>(cols_), r, 1.0f, p_.data(), r, q_.data(), r, 0.0f,
+              approximation.data(), static_cast<int>(cols_));
+  for (std::size_t i = 0; i < count_; ++i) {
+    if (!residual.empty()) residual[i] = matrix_[i] - approximation[i];
+    out[i] = approximation[i];
+  }
+}
+
+}  // namespace unimsg::kernels
