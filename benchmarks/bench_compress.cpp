@@ -19,6 +19,7 @@
 #include "unimsg/compressor.hpp"
 #include "unimsg/config.hpp"
 #include "unimsg/error.hpp"
+#include "unimsg/powersgd.hpp"
 
 namespace {
 
@@ -55,7 +56,7 @@ int run(int argc, char** argv) {
       "f", "size factor", cxxopts::value<std::uint64_t>()->default_value("4"))(
       "compressors", "comma list",
       cxxopts::value<std::string>()->default_value(
-          "fp16,bf16,int8,onebit,topk,topk:0.01:sampled,randomk"))(
+          "fp16,bf16,int8,onebit,topk,topk:0.01:sampled,randomk,powersgd:4"))(
       "json", "one JSON object per row")("h,help", "show this help");
   const auto args = cli.parse(argc, argv);
   if (args.count("help")) {
@@ -85,6 +86,7 @@ int run(int argc, char** argv) {
     std::printf("%-18s %12s %14s %16s %10s %9s %9s\n", "compressor", "bytes", "compress_gbps",
                 "decompress_gbps", "copy_gbps", "compress", "wire/in");
   }
+  unimsg::kernels::set_blas_threads(1);  // one thread, as for every compressor here
   std::mt19937 rng(1);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   for (std::uint64_t bytes = smallest; bytes <= largest; bytes *= factor) {
@@ -95,14 +97,28 @@ int run(int argc, char** argv) {
     const double copy_s = time_median([&] { std::memcpy(copy.data(), gradient.data(), n * 4); });
     const double copy_gbps = static_cast<double>(n * 4) / copy_s / 1e9;
     for (const auto& name : names) {
-      const auto compressor =
-          unimsg::kernels::make_cpu_compressor(unimsg::kernels::CompressionSpec::parse(name));
+      const auto spec = unimsg::kernels::CompressionSpec::parse(name);
       std::vector<float> residual(n, 0.0f);
-      std::vector<std::byte> wire(compressor->wire_bytes(n));
       std::vector<float> out(n);
-      const double compress_s =
-          time_median([&] { compressor->compress(gradient, residual, 1, wire); });
-      const double decompress_s = time_median([&] { compressor->decompress(wire, 1, out); });
+      double compress_s = 0, decompress_s = 0;
+      std::size_t wire_bytes = 0;
+      if (spec.name == "powersgd") {
+        // Compress: M = gradient + residual, P = M Q, orthonormalise, Q = M^T P (one rank: no
+        // averaging between); decompress: P Q^T and the new residual.
+        unimsg::kernels::PowerSgd power(n, spec.powersgd_rank, 1);
+        wire_bytes = (power.rows() + power.cols()) * static_cast<std::size_t>(power.rank()) * 4;
+        compress_s = time_median([&] {
+          power.begin(gradient, residual);
+          power.project();
+        });
+        decompress_s = time_median([&] { power.finish(out, residual); });
+      } else {
+        const auto compressor = unimsg::kernels::make_cpu_compressor(spec);
+        std::vector<std::byte> wire(compressor->wire_bytes(n));
+        wire_bytes = wire.size();
+        compress_s = time_median([&] { compressor->compress(gradient, residual, 1, wire); });
+        decompress_s = time_median([&] { compressor->decompress(wire, 1, out); });
+      }
       const double in = static_cast<double>(n * 4);
       const double compress_gbps = in / compress_s / 1e9;
       const double decompress_gbps = in / decompress_s / 1e9;
@@ -113,13 +129,13 @@ int run(int argc, char** argv) {
                                            {"compress_gbps", compress_gbps},
                                            {"decompress_gbps", decompress_gbps},
                                            {"copy_gbps", copy_gbps},
-                                           {"wire_bytes", wire.size()}}
+                                           {"wire_bytes", wire_bytes}}
                                 .dump()
                                 .c_str());
       } else {
         std::printf("%-18s %12zu %14.2f %16.2f %10.2f %8.0f%% %9.4f\n", name.c_str(), n * 4,
                     compress_gbps, decompress_gbps, copy_gbps, 100 * compress_gbps / copy_gbps,
-                    static_cast<double>(wire.size()) / in);
+                    static_cast<double>(wire_bytes) / in);
       }
       std::fflush(stdout);
     }

@@ -99,4 +99,8 @@ void PowerSgd::finish(std::span<float> out, std::span<float> residual) {
   }
 }
 
+void set_blas_threads(int threads) {
+  openblas_set_num_threads(std::max(threads, 1));
+}
+
 }  // namespace unimsg::kernels

@@ -244,6 +244,13 @@ int run(int argc, char** argv) {
   }
   plan.environment["UNIMSG_RUN_DIR"] = run_dir.string();
   plan.environment["UNIMSG_RESTART_COUNT"] = "0";
+  // As torchrun sets OMP_NUM_THREADS=1: ranks share the host's cores, and OpenBLAS's own pool
+  // (PowerSGD's products) spinning in every rank would take them from each other. An explicit
+  // value (in this environment or through -x) wins.
+  if (!plan.environment.count("OPENBLAS_NUM_THREADS") &&
+      std::getenv("OPENBLAS_NUM_THREADS") == nullptr) {
+    plan.environment["OPENBLAS_NUM_THREADS"] = "1";
+  }
 
   if (args.count("dry-run")) {
     std::string line;

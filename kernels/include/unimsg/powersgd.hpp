@@ -48,4 +48,8 @@ class PowerSgd {
   std::vector<float> matrix_, p_, q_;
 };
 
+// Threads of the BLAS library's pool for this process (OpenBLAS's setting: process-wide). One
+// per rank is right when ranks share a host's cores; unimsg-run sets OPENBLAS_NUM_THREADS=1.
+void set_blas_threads(int threads);
+
 }  // namespace unimsg::kernels
