@@ -122,8 +122,12 @@ int run(int argc, char** argv) {
       "gradient compression: none, fp16, bf16, int8, onebit, topk[:ratio], randomk[:ratio], "
       "with :noef for no error feedback (e.g. topk:0.01)",
       cxxopts::value<std::string>()->default_value("none"))(
-      "min-accuracy", "exit with status 3 when the final test accuracy is below this",
-      cxxopts::value<double>()->default_value("0"))(
+      "compress-warmup", "with --compress: optimizer steps reduced uncompressed first",
+      cxxopts::value<std::uint64_t>()->default_value("0"))(
+      "momentum-correction",
+      "with --compress: momentum applied on each rank before compression (DGC) instead of by the "
+      "optimizer")("min-accuracy", "exit with status 3 when the final test accuracy is below this",
+                   cxxopts::value<double>()->default_value("0"))(
       "json", "print one JSON object per epoch (rank 0)")("h,help", "show this help");
   const auto args = cli.parse(argc, argv);
   if (args.count("help")) {
@@ -182,8 +186,14 @@ int run(int argc, char** argv) {
   unimsg::DdpOptions ddp_options;
   ddp_options.compression =
       unimsg::kernels::CompressionSpec::parse(args["compress"].as<std::string>());
+  ddp_options.compression_warmup_steps = args["compress-warmup"].as<std::uint64_t>();
+  if (ddp_options.compression.compresses() && args.count("momentum-correction")) {
+    ddp_options.momentum_correction = momentum;
+  }
   unimsg::DistributedDataParallel ddp(*model, engine, communicator, ddp_options);
-  torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(lr).momentum(momentum));
+  torch::optim::SGD optimizer(
+      model->parameters(),
+      torch::optim::SGDOptions(lr).momentum(ddp_options.momentum_correction > 0 ? 0 : momentum));
   unimsg::DistributedSampler sampler(static_cast<std::size_t>(train.images.size(0)), rank, world,
                                      args["seed"].as<std::uint64_t>());
   const auto local_batch =

@@ -52,6 +52,7 @@ struct DistributedDataParallel::Bucket {
   std::size_t elements = 0;  // gradient elements; then one "used" mark per slot
   torch::Tensor buffer;      // [elements + slots.size()]
   Work marks_work;           // compressed buckets: the marks go as a tensor of their own
+  torch::Tensor velocity;    // momentum correction: this rank's velocity
   std::vector<char> ready;   // per slot of this bucket, this step
   std::size_t ready_count = 0;
   bool submitted = false;
@@ -163,13 +164,23 @@ void DistributedDataParallel::on_gradient(std::size_t index, const torch::Tensor
 void DistributedDataParallel::submit(Bucket& bucket) {
   bucket.submitted = true;
   submit_times_[bucket.index] = std::chrono::steady_clock::now();
-  if (!options_.compression.compresses()) {
+  const auto elements = static_cast<std::int64_t>(bucket.elements);
+  if (options_.momentum_correction > 0) {
+    // DGC's momentum correction: what is reduced (compressed, and kept by error feedback) is
+    // this rank's velocity, not the raw gradient; during a warm-up too, as the optimizer runs
+    // without momentum throughout.
+    auto gradients = bucket.buffer.narrow(0, 0, elements);
+    if (!bucket.velocity.defined()) bucket.velocity = torch::zeros_like(gradients);
+    bucket.velocity.mul_(options_.momentum_correction).add_(gradients);
+    gradients.copy_(bucket.velocity);
+  }
+  if (!options_.compression.compresses() ||
+      synchronized_steps_ < options_.compression_warmup_steps) {
     bucket.work = engine_.submit(bucket.name, to_view(bucket.buffer), ReduceOp::kAvg);
     return;
   }
   // The "used" marks must arrive intact: they travel beside the compressed gradients, as a
   // tensor of their own.
-  const auto elements = static_cast<std::int64_t>(bucket.elements);
   const auto marks = static_cast<std::int64_t>(bucket.slots.size());
   bucket.work = engine_.submit(bucket.name, to_view(bucket.buffer.narrow(0, 0, elements)),
                                ReduceOp::kAvg, options_.compression);
@@ -214,6 +225,7 @@ bool DistributedDataParallel::synchronize() {
     bucket->work = Work();
     bucket->marks_work = Work();
   }
+  ++synchronized_steps_;
   return engine_.stats().nonfinite_steps == skipped_before;
 }
 

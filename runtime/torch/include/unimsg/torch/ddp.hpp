@@ -38,6 +38,16 @@ struct DdpOptions {
   // Gradient compression for the buckets (the engine's CompressedAllreduce; error feedback per
   // bucket). A step whose gradients held NaN/Inf on any rank is reported by synchronize().
   kernels::CompressionSpec compression;
+  // Momentum correction (Lin et al., Deep Gradient Compression, 2018), for compressed buckets:
+  // each rank keeps a velocity v = m v + g and that is what is compressed and averaged, so
+  // error feedback works on a smoothed signal rather than on raw gradients that momentum would
+  // integrate with their compression error. The optimizer must then run without momentum (the
+  // averaged velocity is the update direction). Uncompressed, it is the same as momentum SGD.
+  // 0: off.
+  double momentum_correction = 0;
+  // Steps reduced uncompressed before compression starts (1-bit Adam's and DGC's warm-up: error
+  // feedback on the large, fast-changing gradients of the first steps destabilises training).
+  std::uint64_t compression_warmup_steps = 0;
 };
 
 class DistributedDataParallel {
@@ -98,6 +108,7 @@ class DistributedDataParallel {
   Communicator& communicator_;
   DdpOptions options_;
   std::vector<Slot> slots_;
+  std::uint64_t synchronized_steps_ = 0;
   std::vector<std::unique_ptr<Bucket>> buckets_;
   mutable std::mutex mutex_;  // hooks may run on autograd worker threads
   bool accumulating_ = false;
