@@ -203,6 +203,22 @@ TEST(CompressTest, BadSpecsAndWiresAreClearErrors) {
 }
 
 // PowerSGD on one rank (no averaging between the stages).
+TEST(CompressTest, DecompressAddEqualsDecompressPlusOut) {
+  for (const char* text : {"fp16", "bf16", "int8", "onebit", "topk:0.1", "randomk:0.1"}) {
+    auto compressor = make_cpu_compressor(CompressionSpec::parse(text));
+    for (const std::size_t n : {std::size_t{1}, std::size_t{13}, std::size_t{3000}}) {
+      const auto rt = round_trip(*compressor, gradient(n));
+      std::vector<float> base(n), added(n), plain(n);
+      for (std::size_t i = 0; i < n; ++i) base[i] = added[i] = 0.25f * static_cast<float>(i % 7);
+      compressor->decompress(rt.wire, 3, plain);
+      compressor->decompress_add(rt.wire, 3, added);
+      for (std::size_t i = 0; i < n; ++i) {
+        ASSERT_FLOAT_EQ(added[i], base[i] + plain[i]) << text << " n=" << n << " i=" << i;
+      }
+    }
+  }
+}
+
 TEST(CompressTest, PowerSgdRecoversALowRankMatrixAndKeepsTheRest) {
   // A rank-2 matrix of 60 x 60 (the flat view of 3600 elements): after a few warm-started power
   // steps the rank-2 approximation is the matrix itself.
