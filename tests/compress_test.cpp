@@ -190,8 +190,8 @@ TEST(CompressTest, SampledTopKFindsNearlyTheTrueTopK) {
 }
 
 TEST(CompressTest, BadSpecsAndWiresAreClearErrors) {
-  for (const char* bad :
-       {"gzip", "topk:2", "topk:0", "topk:fast", "int8:seed=x", "powersgd:0", "powersgd:0.5"}) {
+  for (const char* bad : {"gzip", "topk:2", "topk:0", "topk:fast", "int8:seed=x", "powersgd:0",
+                          "powersgd:rows=0", "topk:rows=3", "powersgd:0.5"}) {
     EXPECT_THROW(CompressionSpec::parse(bad), ConfigError) << bad;
   }
   auto topk = make_cpu_compressor(CompressionSpec::parse("topk:0.5"));
@@ -263,14 +263,20 @@ TEST(CompressTest, PowerSgdSpecsAndSizes) {
   EXPECT_FALSE(PowerSgd::compresses(10, 4));    // 4 x 3: factors of 4 + 3 rows > 10
   EXPECT_TRUE(PowerSgd::compresses(10000, 4));  // 100 x 100: 800 < 10000
   EXPECT_THROW(PowerSgd(100, 0, 1), ConfigError);
+  const PowerSgd shaped(64 * 288, 4, 1, 64);  // a 64x32x3x3 convolution's gradient
+  EXPECT_EQ(shaped.rows(), 64u);
+  EXPECT_EQ(shaped.cols(), 288u);
+  EXPECT_TRUE(PowerSgd::compresses(64 * 288, 4, 64));
+  EXPECT_FALSE(PowerSgd::compresses(10 * 3, 4, 10));  // 10 x 3: (10 + 3) x 4 > 30
   PowerSgd power(100, 1, 1);
   std::vector<float> wrong(99);
   EXPECT_THROW(power.begin(wrong, {}), Error);
 }
 
 TEST(CompressTest, SpecsSurviveTheirCanonicalText) {
-  for (const char* text : {"none", "fp16", "bf16", "int8:seed=9", "onebit:noef", "topk:0.01",
-                           "topk:0.25:sampled", "randomk:0.5", "powersgd:3"}) {
+  for (const char* text :
+       {"none", "fp16", "bf16", "int8:seed=9", "onebit:noef", "topk:0.01", "topk:0.25:sampled",
+        "randomk:0.5", "powersgd:3", "powersgd:2:rows=64:noef"}) {
     const auto spec = CompressionSpec::parse(text);
     EXPECT_EQ(CompressionSpec::parse(spec.to_string()).to_string(), spec.to_string()) << text;
   }

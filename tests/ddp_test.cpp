@@ -106,12 +106,14 @@ TEST_F(DdpTest, CompressMomentumCorrectionEqualsMomentumSgdUncompressed) {
 }
 
 // fp16 buckets (error feedback, used-marks beside them) train to nearly the same parameters as
-// f32; topk at 25 % with a warm-up stays close too. Every rank ends with the same parameters.
+// f32; topk at 25 % and PowerSGD rank 2 (per matrix) with a warm-up stay close too. Every rank ends
+// with the same parameters.
 TEST_F(DdpTest, CompressedBucketsTrainCloseToUncompressed) {
   torch::manual_seed(3);
   Mlp reference_model;
   const auto expected = train_compressed(reference_model, *engine_, *comm_, {}, rank(), size());
-  for (const auto& [text, tolerance] : {std::pair{"fp16", 2e-3}, std::pair{"topk:0.25", 0.05}}) {
+  for (const auto& [text, tolerance] :
+       {std::pair{"fp16", 1e-4}, std::pair{"topk:0.25", 0.03}, std::pair{"powersgd:2", 0.03}}) {
     SCOPED_TRACE(text);
     torch::manual_seed(3);
     Mlp model;

@@ -191,7 +191,7 @@ std::uint64_t CompressedAllreduce::reduce_two_phase(std::span<float> data,
 std::uint64_t CompressedAllreduce::reduce_powersgd(std::span<float> data, std::span<float> residual,
                                                    ReduceOp op, const std::string& key) {
   const int rank = spec_.powersgd_rank;
-  if (!kernels::PowerSgd::compresses(data.size(), rank)) {
+  if (!kernels::PowerSgd::compresses(data.size(), rank, spec_.matrix_rows)) {
     // Vectors and small matrices: the factors would not be smaller (PyTorch's hook, too, sends
     // these as they are). Nothing is lost, so the residual has nothing to keep.
     if (!residual.empty()) std::fill(residual.begin(), residual.end(), 0.0f);
@@ -201,7 +201,9 @@ std::uint64_t CompressedAllreduce::reduce_powersgd(std::span<float> data, std::s
   if (it == powersgd_.end() || it->second.count() != data.size()) {
     // The first Q must be the same on every rank: drawn from the seed and the size.
     const std::uint64_t seed = spec_.seed ^ mix(data.size());
-    it = powersgd_.insert_or_assign(key, kernels::PowerSgd(data.size(), rank, seed)).first;
+    it = powersgd_
+             .insert_or_assign(key, kernels::PowerSgd(data.size(), rank, seed, spec_.matrix_rows))
+             .first;
   }
   kernels::PowerSgd& state = it->second;
   const auto average = [&](std::span<float> factor, const char* name) {

@@ -586,6 +586,7 @@ std::string CompressionSpec::to_string() const {
     text += ratio_text;
   }
   if (name == "powersgd") text += ":" + std::to_string(powersgd_rank);
+  if (matrix_rows != 0) text += ":rows=" + std::to_string(matrix_rows);
   if (sampled) text += ":sampled";
   if (!error_feedback) text += ":noef";
   if (seed != 0) text += ":seed=" + std::to_string(seed);
@@ -620,6 +621,14 @@ CompressionSpec CompressionSpec::parse(std::string_view text) {
       } catch (const std::exception&) {
         throw ConfigError(kNoRank, "compression", "bad seed in '" + std::string(text) + "'");
       }
+    } else if (spec.name == "powersgd" && part.rfind("rows=", 0) == 0) {
+      char* end = nullptr;
+      const unsigned long long rows = std::strtoull(part.c_str() + 5, &end, 10);
+      if (end != part.c_str() + part.size() || part.size() == 5 || rows == 0) {
+        throw ConfigError(kNoRank, "compression",
+                          "'" + part + "' in '" + std::string(text) + "' is not rows=N, N >= 1");
+      }
+      spec.matrix_rows = static_cast<std::size_t>(rows);
     } else if (spec.name == "powersgd") {
       char* end = nullptr;
       const long rank = std::strtol(part.c_str(), &end, 10);

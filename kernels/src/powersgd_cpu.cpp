@@ -12,7 +12,8 @@
 namespace unimsg::kernels {
 namespace {
 
-std::size_t cols_for(std::size_t count) {
+std::size_t cols_for(std::size_t count, std::size_t rows) {
+  if (rows > 0 && count % rows == 0) return std::max<std::size_t>(count / rows, 1);
   auto cols = static_cast<std::size_t>(std::ceil(std::sqrt(static_cast<double>(count))));
   return std::max<std::size_t>(cols, 1);
 }
@@ -36,15 +37,15 @@ void orthonormalise(std::vector<float>& p, std::size_t rows, int rank) {
 
 }  // namespace
 
-bool PowerSgd::compresses(std::size_t count, int rank) noexcept {
+bool PowerSgd::compresses(std::size_t count, int rank, std::size_t rows_hint) noexcept {
   if (count == 0 || rank < 1) return false;
-  const std::size_t cols = cols_for(count);
+  const std::size_t cols = cols_for(count, rows_hint);
   const std::size_t rows = (count + cols - 1) / cols;
   return (rows + cols) * static_cast<std::size_t>(rank) < count;
 }
 
-PowerSgd::PowerSgd(std::size_t count, int rank, std::uint64_t seed)
-    : count_(count), cols_(cols_for(count)), rank_(rank) {
+PowerSgd::PowerSgd(std::size_t count, int rank, std::uint64_t seed, std::size_t rows)
+    : count_(count), cols_(cols_for(count, rows)), rank_(rank) {
   if (rank < 1) throw ConfigError(kNoRank, "powersgd", "the rank must be at least 1");
   rows_ = (count + cols_ - 1) / cols_;
   const auto r = static_cast<std::size_t>(rank);

@@ -36,6 +36,8 @@ struct CompressionSpec {
   double ratio = 0.01;        // topk, randomk: fraction of the elements sent
   bool sampled = false;       // topk: threshold from a sample instead of an exact selection
   int powersgd_rank = 4;      // powersgd: rank of the approximation ("powersgd:2")
+  // powersgd: the buffer is a matrix of this many rows ("rows=64"; 0: near-square)
+  std::size_t matrix_rows = 0;
   bool error_feedback = true;
   std::uint64_t seed = 0;
   // "topk:0.01", "topk:0.01:sampled", "onebit:noef", "int8:seed=7" ... (ConfigError when bad)

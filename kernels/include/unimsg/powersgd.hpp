@@ -9,8 +9,9 @@
 //   out = P Q^T, residual = M - out
 //
 // Averaging P and Q is averaging the approximation: P P^T avg(M) with P orthonormal. A flat
-// buffer of n elements is viewed as a rows x cols matrix, cols = ceil(sqrt(n)), padded with
-// zeros. CPU reference over BLAS (OpenBLAS); the CUDA version is to use cuBLAS.
+// buffer of n elements is the matrix its caller names (a parameter's first dimension x the
+// rest, as PyTorch's PowerSGD hook views it), or else rows x cols with cols = ceil(sqrt(n)),
+// padded with zeros. CPU reference over BLAS (OpenBLAS); the CUDA version is to use cuBLAS.
 
 #include <cstddef>
 #include <cstdint>
@@ -23,14 +24,16 @@ class PowerSgd {
  public:
   // `count` elements, approximation rank `rank`; the first Q is drawn from `seed`, which must be
   // the same on every rank.
-  PowerSgd(std::size_t count, int rank, std::uint64_t seed);
+  // `rows` > 0 dividing `count`: the buffer is that matrix (a parameter's first dimension);
+  // otherwise near-square.
+  PowerSgd(std::size_t count, int rank, std::uint64_t seed, std::size_t rows = 0);
 
   std::size_t count() const noexcept { return count_; }
   std::size_t rows() const noexcept { return rows_; }
   std::size_t cols() const noexcept { return cols_; }
   int rank() const noexcept { return rank_; }
   // Worth it: the factors are smaller than the matrix (else send it uncompressed).
-  static bool compresses(std::size_t count, int rank) noexcept;
+  static bool compresses(std::size_t count, int rank, std::size_t rows = 0) noexcept;
 
   // Stage 1: M = gradient + residual (residual may be empty), P = M Q. Returns P (rows x rank,
   // row-major) for the caller to average across ranks in place.

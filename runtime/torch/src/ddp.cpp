@@ -51,12 +51,11 @@ struct DistributedDataParallel::Bucket {
   std::vector<std::size_t> slots;
   std::size_t elements = 0;  // gradient elements; then one "used" mark per slot
   torch::Tensor buffer;      // [elements + slots.size()]
-  Work marks_work;           // compressed buckets: the marks go as a tensor of their own
   torch::Tensor velocity;    // momentum correction: this rank's velocity
   std::vector<char> ready;   // per slot of this bucket, this step
   std::size_t ready_count = 0;
   bool submitted = false;
-  Work work;
+  std::vector<Work> works;  // the bucket, or its parts when compressed
 };
 
 DistributedDataParallel::DistributedDataParallel(torch::nn::Module& module, Engine& engine,
@@ -125,9 +124,10 @@ DistributedDataParallel::~DistributedDataParallel() {
   // Work still pending refers to our buffers: let it finish (a failure was reported already or
   // will be by whoever synchronizes).
   for (auto& bucket : buckets_) {
-    if (bucket->submitted && bucket->work.valid()) {
+    if (!bucket->submitted) continue;
+    for (auto& work : bucket->works) {
       try {
-        bucket->work.wait();
+        if (work.valid()) work.wait();
       } catch (const std::exception&) {
       }
     }
@@ -176,16 +176,35 @@ void DistributedDataParallel::submit(Bucket& bucket) {
   }
   if (!options_.compression.compresses() ||
       synchronized_steps_ < options_.compression_warmup_steps) {
-    bucket.work = engine_.submit(bucket.name, to_view(bucket.buffer), ReduceOp::kAvg);
+    bucket.works.push_back(engine_.submit(bucket.name, to_view(bucket.buffer), ReduceOp::kAvg));
     return;
   }
   // The "used" marks must arrive intact: they travel beside the compressed gradients, as a
   // tensor of their own.
   const auto marks = static_cast<std::int64_t>(bucket.slots.size());
-  bucket.work = engine_.submit(bucket.name, to_view(bucket.buffer.narrow(0, 0, elements)),
-                               ReduceOp::kAvg, options_.compression);
-  bucket.marks_work = engine_.submit(
-      bucket.name + ".used", to_view(bucket.buffer.narrow(0, elements, marks)), ReduceOp::kAvg);
+  bucket.works.push_back(engine_.submit(
+      bucket.name + ".used", to_view(bucket.buffer.narrow(0, elements, marks)), ReduceOp::kAvg));
+  if (options_.compression.name != "powersgd") {
+    bucket.works.push_back(engine_.submit(bucket.name,
+                                          to_view(bucket.buffer.narrow(0, 0, elements)),
+                                          ReduceOp::kAvg, options_.compression));
+    return;
+  }
+  // PowerSGD approximates matrices: each parameter of two or more dimensions goes as its own
+  // (rows = first dimension, as PyTorch's PowerSGD hook views it); vectors (biases) uncompressed.
+  for (std::size_t position = 0; position < bucket.slots.size(); ++position) {
+    const Slot& slot = slots_[bucket.slots[position]];
+    const auto part =
+        bucket.buffer.narrow(0, static_cast<std::int64_t>(slot.offset), slot.parameter.numel());
+    const std::string name = bucket.name + "." + std::to_string(position);
+    if (slot.parameter.dim() < 2) {
+      bucket.works.push_back(engine_.submit(name, to_view(part), ReduceOp::kAvg));
+      continue;
+    }
+    auto spec = options_.compression;
+    spec.matrix_rows = static_cast<std::size_t>(slot.parameter.size(0));
+    bucket.works.push_back(engine_.submit(name, to_view(part), ReduceOp::kAvg, spec));
+  }
 }
 
 bool DistributedDataParallel::synchronize() {
@@ -198,8 +217,7 @@ bool DistributedDataParallel::synchronize() {
   }
   lock.unlock();
   for (auto& bucket : buckets_) {
-    bucket->work.wait();
-    if (bucket->marks_work.valid()) bucket->marks_work.wait();
+    for (auto& work : bucket->works) work.wait();
   }
   lock.lock();
   for (auto& bucket : buckets_) {
@@ -222,8 +240,7 @@ bool DistributedDataParallel::synchronize() {
     std::fill(bucket->ready.begin(), bucket->ready.end(), 0);
     bucket->ready_count = 0;
     bucket->submitted = false;
-    bucket->work = Work();
-    bucket->marks_work = Work();
+    bucket->works.clear();
   }
   ++synchronized_steps_;
   return engine_.stats().nonfinite_steps == skipped_before;
