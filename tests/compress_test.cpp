@@ -172,6 +172,13 @@ TEST(CompressTest, SignOfZeroAndHalfOverflow) {
   const auto big = round_trip(*fp16, std::vector<float>{1e6f, -3e5f, 1.0f});
   EXPECT_NEAR(big.out[0], 1e6f, 1e6f * 1e-3f);  // pre-scaled: no overflow to infinity
   EXPECT_NEAR(big.out[1], -3e5f, 3e5f * 1e-3f);
+  // The same inside the vectorised part of the scan (8 lanes), with a NaN in the scalar tail.
+  std::vector<float> lanes(21, 0.5f);
+  lanes[5] = -2e6f;
+  lanes[20] = std::numeric_limits<float>::quiet_NaN();
+  const auto mixed = round_trip(*fp16, lanes);
+  EXPECT_NEAR(mixed.out[5], -2e6f, 2e6f * 1e-3f);
+  EXPECT_EQ(mixed.result.nonfinite, 1u);
 }
 
 TEST(CompressTest, SampledTopKFindsNearlyTheTrueTopK) {

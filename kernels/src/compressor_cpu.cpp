@@ -134,6 +134,80 @@ bool has_f16c() noexcept {
 }
 #endif
 
+// The non-finite gradients, and the bits of the largest finite |gradient + residual|. In blocks
+// with 32-bit counters and without branches, so that it vectorises.
+template <bool kResidual>
+inline __attribute__((always_inline)) std::size_t scan_magnitudes_body(
+    const float* g, const float* r, std::size_t n, std::uint32_t& largest_bits) {
+  std::size_t nonfinite = 0;
+  std::uint32_t largest = 0;
+  constexpr std::size_t kBlock = std::size_t{1} << 20;
+  for (std::size_t begin = 0; begin < n; begin += kBlock) {
+    const std::size_t end = std::min(n, begin + kBlock);
+    std::uint32_t bad = 0;
+    for (std::size_t i = begin; i < end; ++i) {
+      std::uint32_t gradient_bits;
+      std::memcpy(&gradient_bits, g + i, 4);
+      bad += static_cast<std::uint32_t>((gradient_bits & 0x7f800000u) == 0x7f800000u);
+      const float v = kResidual ? g[i] + r[i] : g[i];
+      std::uint32_t bits;
+      std::memcpy(&bits, &v, 4);
+      bits &= 0x7fffffffu;
+      largest = std::max(largest, bits < 0x7f800000u ? bits : 0u);
+    }
+    nonfinite += bad;
+  }
+  largest_bits = largest;
+  return nonfinite;
+}
+
+#if defined(__x86_64__)
+// The same with AVX2 intrinsics (GCC leaves the two reductions of the loop above scalar).
+template <bool kResidual>
+__attribute__((target("avx2"))) std::size_t scan_magnitudes_avx2(const float* g, const float* r,
+                                                                 std::size_t n,
+                                                                 std::uint32_t& largest_bits) {
+  const __m256i exponent = _mm256_set1_epi32(0x7f800000);
+  const __m256i magnitude = _mm256_set1_epi32(0x7fffffff);
+  __m256i largest8 = _mm256_setzero_si256();
+  __m256i bad8 = _mm256_setzero_si256();
+  std::size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 gradient = _mm256_loadu_ps(g + i);
+    const __m256i gradient_bits = _mm256_castps_si256(gradient);
+    // cmpeq gives -1 per non-finite lane: subtracting counts them.
+    bad8 = _mm256_sub_epi32(
+        bad8, _mm256_cmpeq_epi32(_mm256_and_si256(gradient_bits, exponent), exponent));
+    const __m256 v = kResidual ? _mm256_add_ps(gradient, _mm256_loadu_ps(r + i)) : gradient;
+    const __m256i bits = _mm256_and_si256(_mm256_castps_si256(v), magnitude);
+    const __m256i finite = _mm256_cmpgt_epi32(exponent, bits);  // both below 2^31: signed is fine
+    largest8 = _mm256_max_epu32(largest8, _mm256_and_si256(bits, finite));
+  }
+  alignas(32) std::uint32_t largest_lanes[8], bad_lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(largest_lanes), largest8);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(bad_lanes), bad8);
+  std::uint32_t tail_largest = 0;
+  std::size_t nonfinite =
+      scan_magnitudes_body<kResidual>(g + i, r == nullptr ? nullptr : r + i, n - i, tail_largest);
+  for (int lane = 0; lane < 8; ++lane) {
+    tail_largest = std::max(tail_largest, largest_lanes[lane]);
+    nonfinite += bad_lanes[lane];
+  }
+  largest_bits = tail_largest;
+  return nonfinite;
+}
+bool has_avx2() noexcept;
+#endif
+
+template <bool kResidual>
+std::size_t scan_magnitudes(const float* g, const float* r, std::size_t n,
+                            std::uint32_t& largest_bits) {
+#if defined(__x86_64__)
+  if (has_avx2()) return scan_magnitudes_avx2<kResidual>(g, r, n, largest_bits);
+#endif
+  return scan_magnitudes_body<kResidual>(g, r, n, largest_bits);
+}
+
 class HalfCompressor final : public Compressor {
  public:
   HalfCompressor(CompressionSpec spec, bool bf16) : Compressor(std::move(spec)), bf16_(bf16) {}
@@ -143,18 +217,22 @@ class HalfCompressor final : public Compressor {
   CompressResult compress(std::span<const float> g, std::span<float> r, std::uint64_t,
                           std::span<std::byte> wire) const override {
     check_sizes(g.size(), r, wire.size(), wire_bytes(g.size()), bf16_ ? "bf16" : "fp16");
-    CompressResult result{wire_bytes(g.size()), count_nonfinite(g)};
-    // The largest finite magnitude, on the bits (vectorised): for non-negative floats the bit
-    // patterns order as the values do, and finite ones lie below the exponent's all-ones.
+    CompressResult result{wire_bytes(g.size()), 0};
+    if (bf16_) {
+      // f32's range: no scaling, so one pass after the count of non-finite values.
+      result.nonfinite = count_nonfinite(g);
+      put(wire, 0, 1.0f);
+      to_bf16_with_feedback(g, r, wire.subspan(4), !r.empty() && result.nonfinite == 0);
+      return result;
+    }
+    // One pass for the largest finite magnitude and the non-finite count, on the bits
+    // (vectorised): for non-negative floats the bit patterns order as the values do, and finite
+    // ones lie below the exponent's all-ones.
     std::uint32_t largest_bits = 0;
-    const float* gp = g.data();
-    const float* rp = r.empty() ? nullptr : r.data();
-    for (std::size_t i = 0; i < g.size(); ++i) {
-      const float v = rp != nullptr ? gp[i] + rp[i] : gp[i];
-      std::uint32_t bits;
-      std::memcpy(&bits, &v, 4);
-      bits &= 0x7fffffffu;
-      largest_bits = std::max(largest_bits, bits < 0x7f800000u ? bits : 0u);
+    if (r.empty()) {
+      result.nonfinite = scan_magnitudes<false>(g.data(), nullptr, g.size(), largest_bits);
+    } else {
+      result.nonfinite = scan_magnitudes<true>(g.data(), r.data(), g.size(), largest_bits);
     }
     float largest;
     std::memcpy(&largest, &largest_bits, 4);
@@ -198,9 +276,56 @@ class HalfCompressor final : public Compressor {
       return;
     }
 #endif
+    if (bf16_) {
+      from_bf16(wire.subspan(4), out, add);  // (the scale is always 1)
+      return;
+    }
     for (std::size_t i = 0; i < out.size(); ++i) {
       const auto h = get<std::uint16_t>(wire, 4 + 2 * i);
-      out[i] = (add ? out[i] : 0.0f) + (bf16_ ? bf16_to_f32(h) : f16_to_f32(h)) / scale;
+      out[i] = (add ? out[i] : 0.0f) + f16_to_f32(h) / scale;
+    }
+  }
+
+  // bf16 is f32's upper half: rounding to nearest even and quieting NaN are integer operations,
+  // written branch-free over blocks so that the compiler vectorises them.
+  static constexpr std::size_t kBlock = 512;
+  static void to_bf16_with_feedback(std::span<const float> g, std::span<float> r,
+                                    std::span<std::byte> wire, bool update) {
+    std::uint16_t block[kBlock];
+    for (std::size_t begin = 0; begin < g.size(); begin += kBlock) {
+      const std::size_t n = std::min(kBlock, g.size() - begin);
+      const float* gp = g.data() + begin;
+      float* rp = r.empty() ? nullptr : r.data() + begin;
+      for (std::size_t i = 0; i < n; ++i) {
+        const float v = rp != nullptr ? gp[i] + rp[i] : gp[i];
+        std::uint32_t bits;
+        std::memcpy(&bits, &v, 4);
+        const bool nan = (bits & 0x7fffffffu) > 0x7f800000u;
+        const std::uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+        const std::uint32_t h = nan ? ((bits >> 16) | 0x40u) : rounded;
+        block[i] = static_cast<std::uint16_t>(h);
+        if (update) {
+          const std::uint32_t back_bits = h << 16;
+          float back;
+          std::memcpy(&back, &back_bits, 4);
+          rp[i] = v - back;
+        }
+      }
+      std::memcpy(wire.data() + 2 * begin, block, 2 * n);
+    }
+  }
+  static void from_bf16(std::span<const std::byte> wire, std::span<float> out, bool add) {
+    std::uint16_t block[kBlock];
+    for (std::size_t begin = 0; begin < out.size(); begin += kBlock) {
+      const std::size_t n = std::min(kBlock, out.size() - begin);
+      std::memcpy(block, wire.data() + 2 * begin, 2 * n);
+      float* o = out.data() + begin;
+      for (std::size_t i = 0; i < n; ++i) {
+        const std::uint32_t bits = static_cast<std::uint32_t>(block[i]) << 16;
+        float value;
+        std::memcpy(&value, &bits, 4);
+        o[i] = add ? o[i] + value : value;
+      }
     }
   }
 
