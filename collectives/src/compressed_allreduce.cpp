@@ -101,11 +101,15 @@ CompressedAllreduceResult CompressedAllreduce::allreduce(std::span<float> data,
   if (spec_.compresses()) {
     // Agree first whether any rank saw NaN/Inf, so that no rank's error feedback moves on a step
     // that every rank then skips.
-    std::uint8_t bad = has_nonfinite(data) || has_nonfinite(residual) ? 1 : 0;
-    comm_.allreduce_now(TensorView{&bad, 1, DType::kU8}, TensorView{&bad, 1, DType::kU8},
-                        ReduceOp::kSum, "compress.nonfinite");
+    // (Waited for with the communicator's timeout: the first collective of a call is where a
+    // missing rank shows.)
+    std::int32_t bad = has_nonfinite(data) || has_nonfinite(residual) ? 1 : 0;
+    comm_
+        .allreduce(TensorView{&bad, 1, DType::kI32}, TensorView{&bad, 1, DType::kI32},
+                   ReduceOp::kSum, "compress.nonfinite")
+        .wait();
     if (bad != 0) {
-      result.nonfinite_ranks = bad;
+      result.nonfinite_ranks = static_cast<std::uint64_t>(bad);
       std::fill(data.begin(), data.end(), std::numeric_limits<float>::quiet_NaN());
       return result;
     }
