@@ -15,12 +15,15 @@ set(UNIMSG_MPIRUN_ENV OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 
 find_package(PkgConfig REQUIRED)
 pkg_check_modules(XXHASH REQUIRED IMPORTED_TARGET libxxhash)
 pkg_check_modules(ZSTD REQUIRED IMPORTED_TARGET libzstd)
+pkg_check_modules(HTTPLIB REQUIRED IMPORTED_TARGET cpp-httplib)  # the download tests' server
 find_package(spdlog REQUIRED)
 find_package(cxxopts REQUIRED)
 find_package(nlohmann_json REQUIRED)
 find_package(ZLIB REQUIRED)  # gzip-compressed datasets
 set(BLA_VENDOR OpenBLAS)     # PowerSGD's matrix products on the CPU (libopenblas-dev)
 find_package(BLAS REQUIRED)
+find_package(CURL REQUIRED)     # downloads (libcurl4-openssl-dev)
+find_package(OpenSSL REQUIRED)  # SHA-256 of downloads (libssl-dev)
 
 set(UNIMSG_WITH_CUDA AUTO CACHE STRING "Compile CUDA kernels (AUTO, ON, OFF)")
 set(UNIMSG_WITH_NCCL AUTO CACHE STRING "Build the NCCL backend (AUTO, ON, OFF)")

@@ -8,6 +8,7 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libcxxopts-dev nlohmann-json3-dev libspdlog-dev libfmt-dev
   libzstd-dev libxxhash-dev zlib1g-dev libopenblas-dev
+  libcurl4-openssl-dev libssl-dev libcpp-httplib-dev curl
   libtorch-dev dataset-fashion-mnist
   clang libclang-rt-14-dev clang-format
 )
