@@ -1,0 +1,152 @@
+// unimsg-fetch: downloads the files of a manifest into a content-addressed cache through the
+// task queue: alone (one process, --workers threads) or under mpirun (workers on every rank,
+// rank 0 keeping the queue). docs/fetch.md.
+//
+//   unimsg-fetch --manifest files.json --cache DIR [--workers N] [--retries R] [--timeout S]
+//                [--max-rate BYTES] [--json]
+
+#include <mpi.h>
+
+#include <spdlog/spdlog.h>
+
+#include <cxxopts.hpp>
+#include <nlohmann/json.hpp>
+
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "unimsg/cli.hpp"
+#include "unimsg/config.hpp"
+#include "unimsg/error.hpp"
+#include "unimsg/fetch_queue.hpp"
+#include "unimsg/runtime.hpp"
+
+namespace {
+
+// Rank 0's manifest text on every rank (a bad manifest then fails on every rank alike).
+std::string read_manifest_everywhere(const std::string& path, int rank) {
+  std::string text;
+  int status = 0;  // 0 read, 1 could not
+  if (rank == 0) {
+    std::ifstream in(path, std::ios::binary);
+    if (in) {
+      std::ostringstream buffer;
+      buffer << in.rdbuf();
+      text = buffer.str();
+    } else {
+      status = 1;
+    }
+  }
+  MPI_Bcast(&status, 1, MPI_INT, 0, MPI_COMM_WORLD);
+  if (status != 0) {
+    throw unimsg::ConfigError(rank, "--manifest", "cannot read '" + path + "'");
+  }
+  unsigned long long length = text.size();
+  MPI_Bcast(&length, 1, MPI_UNSIGNED_LONG_LONG, 0, MPI_COMM_WORLD);
+  text.resize(length);
+  MPI_Bcast(text.data(), static_cast<int>(length), MPI_CHAR, 0, MPI_COMM_WORLD);
+  return text;
+}
+
+int run(int argc, char** argv) {
+  cxxopts::Options cli("unimsg-fetch",
+                       "Download a manifest's files into a content-addressed cache through the "
+                       "unimsg task queue (alone, or under mpirun with workers on every rank).");
+  cli.add_options()("manifest", "JSON: {\"files\":[{\"name\",\"url\",\"sha256\",\"size\"?}]}",
+                    cxxopts::value<std::string>())("cache", "cache directory (objects/<sha256>)",
+                                                   cxxopts::value<std::string>())(
+      "workers", "concurrent downloads per rank", cxxopts::value<int>()->default_value("4"))(
+      "retries", "retries of a file after its first attempt",
+      cxxopts::value<int>()->default_value("4"))("timeout", "seconds one attempt may take",
+                                                 cxxopts::value<double>()->default_value("300"))(
+      "max-rate", "bytes per second per transfer (K/M/G suffixes; 0: unlimited)",
+      cxxopts::value<std::string>()->default_value("0"))(
+      "lease", "seconds a silent worker keeps a task before it is re-queued",
+      cxxopts::value<double>()->default_value("30"))("json", "one JSON object per file (rank 0)")(
+      "h,help", "show this help");
+  const auto args = cli.parse(argc, argv);
+  if (args.count("help")) {
+    std::puts(cli.help().c_str());
+    return 0;
+  }
+  if (!args.count("manifest") || !args.count("cache")) {
+    throw unimsg::ConfigError(unimsg::kNoRank, "unimsg-fetch",
+                              "--manifest and --cache are required");
+  }
+  const int retries = args["retries"].as<int>();
+  const double timeout = args["timeout"].as<double>();
+  const double lease = args["lease"].as<double>();
+  const int workers = args["workers"].as<int>();
+  if (retries < 0 || retries > 100) {
+    throw unimsg::ConfigError(unimsg::kNoRank, "--retries", "must be from 0 to 100");
+  }
+  if (!(timeout > 0) || !(lease > 0)) {
+    throw unimsg::ConfigError(unimsg::kNoRank, "--timeout/--lease", "must be positive seconds");
+  }
+  if (workers < 1 || workers > 256) {
+    throw unimsg::ConfigError(unimsg::kNoRank, "--workers", "must be from 1 to 256");
+  }
+  unimsg::FetchQueueOptions options;
+  options.workers = workers;
+  options.lease = std::chrono::milliseconds(static_cast<long long>(lease * 1000));
+  options.fetch.cache = args["cache"].as<std::string>();
+  options.fetch.max_attempts = retries + 1;
+  options.fetch.attempt_timeout = std::chrono::milliseconds(static_cast<long long>(timeout * 1000));
+  options.fetch.max_bytes_per_second =
+      unimsg::parse_size(args["max-rate"].as<std::string>(), "--max-rate");
+  const bool json = args.count("json") > 0;
+
+  unimsg::Runtime runtime(&argc, &argv);
+  const int rank = runtime.rank();
+  const auto files =
+      unimsg::parse_manifest(read_manifest_everywhere(args["manifest"].as<std::string>(), rank));
+  options.fetch.progress = [&runtime](const unimsg::FetchSpec& spec, std::uint64_t bytes,
+                                      std::uint64_t total) {
+    runtime.log().info("fetch {}: {:.1f} of {:.1f} MB", spec.name, bytes / 1e6, total / 1e6);
+  };
+
+  int failed = 0;
+  {
+    unimsg::FetchQueue queue(runtime.bus(), options);
+    std::vector<std::future<unimsg::FetchResult>> results;
+    if (rank == 0) {
+      for (const auto& file : files) results.push_back(queue.submit(file));
+    }
+    queue.drain();
+    for (auto& future : results) {
+      const unimsg::FetchResult result = future.get();
+      const auto& outcome = result.outcome;
+      failed += outcome.status == unimsg::FetchStatus::kFailed;
+      if (json) {
+        std::printf("%s\n", nlohmann::json{{"name", outcome.name},
+                                           {"status", unimsg::to_string(outcome.status)},
+                                           {"attempts", outcome.attempts},
+                                           {"bytes", outcome.bytes},
+                                           {"seconds", outcome.seconds},
+                                           {"path", outcome.path.string()},
+                                           {"error", outcome.error},
+                                           {"worker_rank", result.worker_rank},
+                                           {"deliveries", result.deliveries}}
+                                .dump()
+                                .c_str());
+      } else {
+        runtime.log().info("{}: {} ({} attempts, {} bytes, {:.2f} s){}{}", outcome.name,
+                           unimsg::to_string(outcome.status), outcome.attempts, outcome.bytes,
+                           outcome.seconds, outcome.path.empty() ? "" : " -> ",
+                           outcome.path.empty() ? outcome.error : outcome.path.string());
+      }
+    }
+    std::fflush(stdout);
+  }
+  MPI_Bcast(&failed, 1, MPI_INT, 0, MPI_COMM_WORLD);
+  return failed == 0 ? 0 : 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  return unimsg::run_program("unimsg-fetch", argc, argv, run);
+}
