@@ -17,6 +17,8 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <future>
+#include <map>
 #include <optional>
 #include <string>
 #include <thread>
@@ -29,6 +31,7 @@
 #include "unimsg/error.hpp"
 #include "unimsg/fault.hpp"
 #include "unimsg/fault_injection.hpp"
+#include "unimsg/fetch_queue.hpp"
 #include "unimsg/heartbeat.hpp"
 #include "unimsg/idx.hpp"
 #include "unimsg/mpi_communicator.hpp"
@@ -85,6 +88,60 @@ Dataset load(const std::filesystem::path& images, const std::filesystem::path& l
   return data;
 }
 
+// Fashion-MNIST as Zalando publishes it (and Debian ships it): the SHA-256 of each gzip file.
+const std::pair<const char*, const char*> kFashionMnistFiles[] = {
+    {"train-images-idx3-ubyte", "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7"},
+    {"train-labels-idx1-ubyte", "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056"},
+    {"t10k-images-idx3-ubyte", "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa"},
+    {"t10k-labels-idx1-ubyte", "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05"}};
+
+// With --data-url: every rank asks the download queue for the four files in its host's cache
+// (each host downloads each file once) and gets their paths; a failure anywhere stops every rank.
+std::map<std::string, std::filesystem::path> fetch_dataset(unimsg::Runtime& runtime,
+                                                           const std::string& url,
+                                                           std::string cache) {
+  std::map<std::string, std::filesystem::path> paths;
+  if (url.empty()) return paths;
+  if (cache.empty()) {
+    const auto run_dir = unimsg::env_value("UNIMSG_RUN_DIR");
+    cache = run_dir ? (std::filesystem::path(*run_dir) / "data-cache").string()
+                    : std::string("unimsg-data-cache");
+  }
+  unimsg::FetchQueueOptions options;
+  options.fetch.cache = cache;
+  options.fetch.progress = [&runtime](const unimsg::FetchSpec& spec, std::uint64_t bytes,
+                                      std::uint64_t total) {
+    runtime.log().info("fetch {}: {:.1f} of {:.1f} MB", spec.name, bytes / 1e6, total / 1e6);
+  };
+  std::string error;
+  {
+    unimsg::FetchQueue queue(runtime.bus(), options);
+    std::vector<std::future<unimsg::FetchResult>> results;
+    const std::string base = url.back() == '/' ? url : url + "/";
+    for (const auto& [stem, sha256] : kFashionMnistFiles) {
+      results.push_back(queue.submit({stem, base + stem + ".gz", sha256, std::nullopt},
+                                     unimsg::FetchQueue::Placement::kThisHost));
+    }
+    queue.drain();
+    for (auto& future : results) {
+      const auto result = future.get();
+      if (result.outcome.status == unimsg::FetchStatus::kFailed) {
+        error += result.outcome.name + ": " + result.outcome.error + "; ";
+      } else {
+        paths[result.outcome.name] = result.outcome.path;
+      }
+    }
+  }
+  int failed = error.empty() ? 0 : 1;
+  MPI_Allreduce(MPI_IN_PLACE, &failed, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+  if (failed != 0) {
+    throw unimsg::DataError(runtime.rank(), "--data-url",
+                            error.empty() ? "another rank could not fetch the data" : error);
+  }
+  if (runtime.rank() == 0) runtime.log().info("data: the four files are in {}", cache);
+  return paths;
+}
+
 int run(int argc, char** argv) {
   unimsg::Runtime runtime(&argc, &argv);
   const int rank = runtime.rank();
@@ -103,6 +160,12 @@ int run(int argc, char** argv) {
       cxxopts::value<std::uint64_t>()->default_value("4"))(
       "data-dir", "directory with the four IDX files (gzip or not)",
       cxxopts::value<std::string>()->default_value("/usr/share/datasets/fashion-mnist"))(
+      "data-url",
+      "fetch the four IDX files from URL/<name>.gz through the download queue first (http, "
+      "https or file), into --data-cache",
+      cxxopts::value<std::string>()->default_value(""))(
+      "data-cache", "the download cache (default: <run dir>/data-cache, or ./unimsg-data-cache)",
+      cxxopts::value<std::string>()->default_value(""))(
       "seed", "initialisation and shuffling seed",
       cxxopts::value<std::uint64_t>()->default_value("1"))(
       "threads", "intra-op threads per rank (0: the cores divided by the ranks on this machine)",
@@ -163,7 +226,10 @@ int run(int argc, char** argv) {
   torch::manual_seed(args["seed"].as<std::uint64_t>());
 
   const std::filesystem::path dir = args["data-dir"].as<std::string>();
+  const auto fetched = fetch_dataset(runtime, args["data-url"].as<std::string>(),
+                                     args["data-cache"].as<std::string>());
   const auto find = [&](const std::string& stem) {
+    if (const auto it = fetched.find(stem); it != fetched.end()) return it->second;
     for (const auto& name : {stem + ".gz", stem}) {
       if (std::filesystem::exists(dir / name)) return dir / name;
     }

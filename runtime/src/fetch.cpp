@@ -376,7 +376,7 @@ FetchOutcome fetch_file(const FetchSpec& spec, const FetchOptions& options,
                       "cannot move " + part.string() + " into the cache: " + error.message());
         }
         if (log) {
-          log->info("fetch {}: attempt {} done, {} bytes verified", spec.name, attempt, size);
+          log->debug("fetch {}: attempt {} done, {} bytes verified", spec.name, attempt, size);
         }
         outcome.path = object;
         return finish(FetchStatus::kDownloaded);

@@ -11,6 +11,8 @@
 #include <set>
 #include <thread>
 
+#include <unistd.h>
+
 #include "unimsg/error.hpp"
 #include "unimsg/log.hpp"
 
@@ -57,6 +59,12 @@ FetchOutcome outcome_from_json(const json& in) {
   return outcome;
 }
 
+std::string host_name() {
+  char name[256] = {0};
+  if (::gethostname(name, sizeof name - 1) != 0) return "localhost";
+  return name;
+}
+
 Message make_message(Kind kind, Topic topic, const json& body) {
   return Message::make(kind, topic, Payload::from_string(body.dump()));
 }
@@ -70,6 +78,7 @@ struct FetchQueue::Server {
     int submitter = 0;
     std::uint64_t submitter_id = 0;
     int deliveries = 0;
+    std::string host;  // only a worker on this host may take it (empty: any)
     bool done = false;
     std::uint64_t lease = 0;  // the current lease (0: none)
     int worker = -1;
@@ -147,15 +156,21 @@ struct FetchQueue::Server {
       task.spec = spec_from_json(request.at("spec"));
       task.submitter = rank;
       task.submitter_id = request.at("submitter_id").get<std::uint64_t>();
+      task.host = request.value("host", "");
       tasks.emplace(id, std::move(task));
       queue.push_back(id);
       ++stats.submitted;
       return {{"status", "queued"}, {"task", id}};
     }
     if (op == "take") {
-      if (queue.empty()) return {{"status", "wait"}};
-      const std::uint64_t id = queue.front();
-      queue.pop_front();
+      const std::string host = request.value("host", "");
+      const auto it = std::find_if(queue.begin(), queue.end(), [&](std::uint64_t id) {
+        const std::string& wanted = tasks.at(id).host;
+        return wanted.empty() || wanted == host;
+      });
+      if (it == queue.end()) return {{"status", "wait"}};
+      const std::uint64_t id = *it;
+      queue.erase(it);
       Task& task = tasks.at(id);
       task.lease = next_lease++;
       task.worker = rank;
@@ -264,12 +279,13 @@ FetchQueue::FetchQueue(Bus& bus, FetchQueueOptions options)
     }
   };
   auto log = make_rank_logger(bus_.rank(), bus_.size());
+  const std::string host = host_name();
   for (int w = 0; w < options_.workers; ++w) {
-    workers_.emplace_back([this, ask, log] {
+    workers_.emplace_back([this, ask, log, host] {
       while (!client_->stopping.load()) {
         json answer;
         try {
-          answer = ask({{"op", "take"}});
+          answer = ask({{"op", "take"}, {"host", host}});
         } catch (const std::exception& error) {
           if (client_->stopping.load()) return;
           log->error("fetch queue worker: {}", error.what());
@@ -368,7 +384,7 @@ FetchQueue::~FetchQueue() {
   }
 }
 
-std::future<FetchResult> FetchQueue::submit(FetchSpec spec) {
+std::future<FetchResult> FetchQueue::submit(FetchSpec spec, Placement placement) {
   std::uint64_t id = 0;
   std::future<FetchResult> future;
   {
@@ -377,11 +393,13 @@ std::future<FetchResult> FetchQueue::submit(FetchSpec spec) {
     future = client_->promises[id].get_future();
   }
   const Message reply =
-      bus_.request(
-              0,
-              make_message(Kind::kTask, kQueueTopic,
-                           {{"op", "submit"}, {"submitter_id", id}, {"spec", spec_to_json(spec)}}),
-              options_.request_timeout)
+      bus_.request(0,
+                   make_message(Kind::kTask, kQueueTopic,
+                                {{"op", "submit"},
+                                 {"submitter_id", id},
+                                 {"host", placement == Placement::kThisHost ? host_name() : ""},
+                                 {"spec", spec_to_json(spec)}}),
+                   options_.request_timeout)
           .get();
   (void)reply;
   return future;

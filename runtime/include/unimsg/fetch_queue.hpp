@@ -65,7 +65,12 @@ class FetchQueue {
   FetchQueue(const FetchQueue&) = delete;
   FetchQueue& operator=(const FetchQueue&) = delete;
 
-  std::future<FetchResult> submit(FetchSpec spec);
+  // Where the file is needed: anywhere (the first free worker takes it), or in this host's
+  // cache (a worker on this host takes it: every node that needs a file gets it, once).
+  enum class Placement { kAnyHost, kThisHost };
+  // Any rank. The future holds the outcome (a failed one too) or, if the queue stops first,
+  // ShutdownError.
+  std::future<FetchResult> submit(FetchSpec spec, Placement placement = Placement::kAnyHost);
   // Collective, once, at the end: returns on every rank once every rank has called it and every
   // task submitted before is completed or dead.
   void drain();
