@@ -376,7 +376,8 @@ FetchOutcome fetch_file(const FetchSpec& spec, const FetchOptions& options,
                       "cannot move " + part.string() + " into the cache: " + error.message());
         }
         if (log) {
-          log->debug("fetch {}: attempt {} done, {} bytes verified", spec.name, attempt, size);
+          log->debug("fetch name={} attempt={}/{} result=verified bytes={} received={}", spec.name,
+                     attempt, options.max_attempts, size, outcome.bytes);
         }
         outcome.path = object;
         return finish(FetchStatus::kDownloaded);
@@ -386,7 +387,11 @@ FetchOutcome fetch_file(const FetchSpec& spec, const FetchOptions& options,
               ? "size " + std::to_string(size) + " instead of " + std::to_string(*spec.size)
               : "sha256 " + digest + " instead of " + spec.sha256;
       fs::remove(part, error);  // never resume onto bad bytes
-      if (log) log->warn("fetch {}: attempt {}: {}", spec.name, attempt, last_error);
+      if (log) {
+        log->warn("fetch name={} attempt={}/{} result={} error=\"{}\"", spec.name, attempt,
+                  options.max_attempts, mismatch_before ? "failed" : "retry-from-scratch",
+                  last_error);
+      }
       if (mismatch_before) return finish(FetchStatus::kFailed, "checksum mismatch: " + last_error);
       mismatch_before = true;
       continue;
@@ -397,9 +402,9 @@ FetchOutcome fetch_file(const FetchSpec& spec, const FetchOptions& options,
       fs::remove(part, error);
     }
     if (log) {
-      log->warn("fetch {}: attempt {} of {} failed ({}): {}", spec.name, attempt,
+      log->warn("fetch name={} attempt={}/{} result={} error=\"{}\"", spec.name, attempt,
                 options.max_attempts,
-                result.verdict == Verdict::kPermanent ? "permanent" : "will retry", result.error);
+                result.verdict == Verdict::kPermanent ? "failed-permanent" : "retry", result.error);
     }
     if (result.verdict == Verdict::kPermanent) {
       std::error_code error;
