@@ -226,6 +226,7 @@ struct FetchQueue::Client {
   std::atomic<bool> stopping{false};
   std::atomic<int> abandon_next{0};  // tests: tasks to take and then go silent on
   std::condition_variable stop_cv;
+  std::condition_variable results_cv;  // a result arrived
 };
 
 FetchQueue::FetchQueue(Bus& bus, FetchQueueOptions options)
@@ -266,6 +267,7 @@ FetchQueue::FetchQueue(Bus& bus, FetchQueueOptions options)
         if (it == client->promises.end()) return;
         it->second.set_value(std::move(result));
         client->promises.erase(it);
+        client->results_cv.notify_all();
       });
 
   const auto ask = [this](const json& request) {
@@ -374,6 +376,12 @@ FetchQueue::~FetchQueue() {
     server_->stopped_cv.wait_for(lock, options_.request_timeout, [&] {
       return static_cast<int>(server_->stopped.size()) == bus_.size();
     });
+  }
+  {
+    // After drain() every result has been sent; one may still be on its way here.
+    std::unique_lock lock(client_->mutex);
+    client_->results_cv.wait_for(lock, std::chrono::seconds(2),
+                                 [&] { return client_->promises.empty(); });
   }
   server_subscription_.reset();
   result_subscription_.reset();
