@@ -80,16 +80,59 @@ class FileLock {
   int fd_ = -1;
 };
 
+// SHA-256 fed as bytes arrive (OpenSSL's EVP).
+class Sha256 {
+ public:
+  Sha256() : context_(EVP_MD_CTX_new(), &EVP_MD_CTX_free) { reset(); }
+  void reset() {
+    if (!context_ || EVP_DigestInit_ex(context_.get(), EVP_sha256(), nullptr) != 1) {
+      throw Error(kNoRank, "fetch", "cannot start a SHA-256 digest");
+    }
+  }
+  void update(const void* data, std::size_t size) { EVP_DigestUpdate(context_.get(), data, size); }
+  std::string hex() {
+    unsigned char digest[EVP_MAX_MD_SIZE];
+    unsigned int length = 0;
+    EVP_DigestFinal_ex(context_.get(), digest, &length);
+    static const char* kHex = "0123456789abcdef";
+    std::string text;
+    for (unsigned int i = 0; i < length; ++i) {
+      text += kHex[digest[i] >> 4];
+      text += kHex[digest[i] & 15];
+    }
+    return text;
+  }
+  // Feeds the first `limit` bytes of `path`.
+  void update_from_file(const fs::path& path, std::uint64_t limit) {
+    std::ifstream in(path, std::ios::binary);
+    if (!in) throw Error(kNoRank, "fetch", "cannot read " + path.string());
+    std::vector<char> buffer(1 << 20);
+    while (limit > 0 && in) {
+      in.read(buffer.data(),
+              static_cast<std::streamsize>(std::min<std::uint64_t>(buffer.size(), limit)));
+      const auto got = static_cast<std::uint64_t>(in.gcount());
+      update(buffer.data(), got);
+      limit -= got;
+    }
+    if (in.bad()) throw Error(kNoRank, "fetch", "error reading " + path.string());
+  }
+
+ private:
+  std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> context_;
+};
+
 enum class Verdict { kDone, kRetry, kRetryFromScratch, kPermanent };
 
 struct Attempt {
   Verdict verdict = Verdict::kPermanent;
   std::string error;
   std::uint64_t received = 0;
+  std::string digest;  // of the whole file, when done
 };
 
 struct TransferState {
   std::FILE* file = nullptr;
+  Sha256* hash = nullptr;  // hashed as it streams: no second pass over the file
   std::uint64_t resume_from = 0;
   std::uint64_t received = 0;
   bool checked_status = false;
@@ -112,10 +155,12 @@ std::size_t write_body(char* data, std::size_t size, std::size_t count, void* us
         return 0;
       }
       state.restarted = true;
+      state.hash->reset();
     }
   }
   const std::size_t bytes = size * count;
   if (std::fwrite(data, 1, bytes, state.file) != bytes) return 0;  // disk full: abort
+  state.hash->update(data, bytes);
   state.received += bytes;
   return bytes;
 }
@@ -169,8 +214,11 @@ Attempt transfer(const FetchSpec& spec, const FetchOptions& options, const fs::p
   }
   CurlHandle curl(curl_easy_init());
   if (!curl) throw Error(kNoRank, "fetch", "curl_easy_init failed");
+  Sha256 hash;
+  if (have > 0) hash.update_from_file(part, have);
   TransferState state;
   state.file = file.get();
+  state.hash = &hash;
   state.resume_from = have;
   state.curl = curl.get();
   state.spec = &spec;
@@ -208,6 +256,7 @@ Attempt transfer(const FetchSpec& spec, const FetchOptions& options, const fs::p
   }
   if (result == CURLE_OK) {
     attempt.verdict = Verdict::kDone;
+    attempt.digest = hash.hex();
     return attempt;
   }
   const std::string detail = error_text[0] != 0 ? error_text : curl_easy_strerror(result);
@@ -287,30 +336,12 @@ std::vector<FetchSpec> parse_manifest(std::string_view json_text) {
 }
 
 std::string sha256_file(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error(kNoRank, "fetch", "cannot read " + path.string());
-  std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> context(EVP_MD_CTX_new(),
-                                                                  &EVP_MD_CTX_free);
-  if (!context || EVP_DigestInit_ex(context.get(), EVP_sha256(), nullptr) != 1) {
-    throw Error(kNoRank, "fetch", "cannot start a SHA-256 digest");
-  }
-  std::vector<char> buffer(1 << 20);
-  while (in) {
-    in.read(buffer.data(), static_cast<std::streamsize>(buffer.size()));
-    const auto got = in.gcount();
-    if (got > 0) EVP_DigestUpdate(context.get(), buffer.data(), static_cast<std::size_t>(got));
-  }
-  if (in.bad()) throw Error(kNoRank, "fetch", "error reading " + path.string());
-  unsigned char digest[EVP_MAX_MD_SIZE];
-  unsigned int length = 0;
-  EVP_DigestFinal_ex(context.get(), digest, &length);
-  static const char* kHex = "0123456789abcdef";
-  std::string text;
-  for (unsigned int i = 0; i < length; ++i) {
-    text += kHex[digest[i] >> 4];
-    text += kHex[digest[i] & 15];
-  }
-  return text;
+  std::error_code error;
+  const auto size = fs::file_size(path, error);
+  if (error) throw Error(kNoRank, "fetch", "cannot read " + path.string() + ": " + error.message());
+  Sha256 hash;
+  hash.update_from_file(path, size);
+  return hash.hex();
 }
 
 std::optional<fs::path> cached_object(const fs::path& cache, const std::string& sha256) {
@@ -368,7 +399,7 @@ FetchOutcome fetch_file(const FetchSpec& spec, const FetchOptions& options,
     if (result.verdict == Verdict::kDone) {
       std::error_code error;
       const std::uint64_t size = fs::file_size(part, error);
-      const std::string digest = sha256_file(part);
+      const std::string& digest = result.digest;
       if ((!spec.size || *spec.size == size) && digest == spec.sha256) {
         fs::rename(part, object, error);
         if (error) {
