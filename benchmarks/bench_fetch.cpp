@@ -161,11 +161,16 @@ int run(int argc, char** argv) {
       fs::create_directories(out);
       std::string command =
           "curl -s -S --fail --parallel --parallel-max " + std::to_string(workers);
-      for (const auto& spec : specs)
+      for (const auto& spec : specs) {
         command += " -o " + (out / spec.name).string() + " " + spec.url;
+      }
+      // (--parallel draws a progress meter even when silent: its stderr goes to a file.)
+      command += " 2> " + (work / "curl.err").string();
       start = Clock::now();
       if (std::system(command.c_str()) != 0) {
-        std::fprintf(stderr, "unimsg-bench-fetch: curl failed\n");
+        std::ifstream err(work / "curl.err");
+        std::fprintf(stderr, "unimsg-bench-fetch: curl failed: %s\n",
+                     std::string(std::istreambuf_iterator<char>(err), {}).c_str());
         exit_code = 1;
       }
       theirs.push_back(total_mb / std::chrono::duration<double>(Clock::now() - start).count());
