@@ -14,6 +14,8 @@
 
 #include <cstdio>
 #include <fstream>
+#include <memory>
+#include <mutex>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -21,6 +23,7 @@
 #include "unimsg/cli.hpp"
 #include "unimsg/config.hpp"
 #include "unimsg/error.hpp"
+#include "unimsg/fault_injection.hpp"
 #include "unimsg/fetch_queue.hpp"
 #include "unimsg/runtime.hpp"
 
@@ -103,9 +106,23 @@ int run(int argc, char** argv) {
   const int rank = runtime.rank();
   const auto files =
       unimsg::parse_manifest(read_manifest_everywhere(args["manifest"].as<std::string>(), rank));
-  options.fetch.progress = [&runtime](const unimsg::FetchSpec& spec, std::uint64_t bytes,
-                                      std::uint64_t total) {
-    runtime.log().info("fetch {}: {:.1f} of {:.1f} MB", spec.name, bytes / 1e6, total / 1e6);
+  // Progress every 2 s per file. UNIMSG_FAULT_INJECT's step counts this rank's progress reports
+  // (one per 250 ms of transfer), so a fault lands in the middle of a download.
+  const auto fault = unimsg::FaultInjection::from_env();
+  options.fetch.progress_interval = std::chrono::milliseconds(250);
+  auto progress_state = std::make_shared<std::pair<std::mutex, std::uint64_t>>();
+  options.fetch.progress = [&runtime, fault, progress_state, rank](const unimsg::FetchSpec& spec,
+                                                                   std::uint64_t bytes,
+                                                                   std::uint64_t total) {
+    std::uint64_t reports = 0;
+    {
+      std::lock_guard lock(progress_state->first);
+      reports = ++progress_state->second;
+    }
+    if (fault) fault->at_step(rank, reports);
+    if (reports % 8 == 0) {
+      runtime.log().info("fetch {}: {:.1f} of {:.1f} MB", spec.name, bytes / 1e6, total / 1e6);
+    }
   };
 
   int failed = 0;
