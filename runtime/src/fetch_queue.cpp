@@ -300,8 +300,14 @@ FetchQueue::FetchQueue(Bus& bus, FetchQueueOptions options)
                                     [&] { return client_->stopping.load(); });
           continue;
         }
-        const auto task = answer.at("task").get<std::uint64_t>();
-        const auto lease = answer.at("lease").get<std::uint64_t>();
+        std::uint64_t task = 0, lease = 0;
+        try {
+          task = answer.at("task").get<std::uint64_t>();
+          lease = answer.at("lease").get<std::uint64_t>();
+        } catch (const std::exception& error) {
+          log->error("fetch queue worker: a malformed task from rank 0: {}", error.what());
+          continue;
+        }
         int abandon = client_->abandon_next.load();
         while (abandon > 0 && !client_->abandon_next.compare_exchange_weak(abandon, abandon - 1)) {
         }
@@ -418,7 +424,14 @@ void FetchQueue::drain() {
     const Message reply = bus_.request(0, make_message(Kind::kTask, kQueueTopic, {{"op", "drain"}}),
                                        options_.request_timeout)
                               .get();
-    if (json::parse(reply.payload.as_string()).value("status", "") == "done") return;
+    std::string status;
+    try {
+      status = json::parse(reply.payload.as_string()).value("status", "");
+    } catch (const std::exception& error) {
+      throw Error(bus_.rank(), "fetch queue.drain",
+                  std::string("rank 0 answered: ") + error.what());
+    }
+    if (status == "done") return;
     std::this_thread::sleep_for(options_.idle_poll);
   }
 }
