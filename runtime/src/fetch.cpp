@@ -255,6 +255,12 @@ Attempt transfer(const FetchSpec& spec, const FetchOptions& options, const fs::p
     return attempt;
   }
   if (result == CURLE_OK) {
+    // On disk before it is renamed into the cache, which trusts what it holds.
+    if (::fsync(::fileno(file.get())) != 0) {
+      attempt.verdict = Verdict::kPermanent;
+      attempt.error = "cannot sync " + part.string() + ": " + std::strerror(errno);
+      return attempt;
+    }
     attempt.verdict = Verdict::kDone;
     attempt.digest = hash.hex();
     return attempt;
