@@ -134,8 +134,8 @@ bool has_f16c() noexcept {
 }
 #endif
 
-// The non-finite gradients, and the bits of the largest finite |gradient + residual|. In blocks
-// with 32-bit counters and without branches, so that it vectorises.
+// The non-finite gradients, and the bits of the largest finite |gradient + residual|: the
+// portable version (and the AVX2 one's tail).
 template <bool kResidual>
 inline __attribute__((always_inline)) std::size_t scan_magnitudes_body(
     const float* g, const float* r, std::size_t n, std::uint32_t& largest_bits) {
