@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "unimsg/checkpoint.hpp"
+#include "unimsg/checkpoint_restore.hpp"
 #include "unimsg/cli.hpp"
 #include "unimsg/config.hpp"
 #include "unimsg/engine.hpp"
@@ -298,7 +299,17 @@ int run(int argc, char** argv) {
   std::size_t first_position = 0;
   if (resume) {
     std::vector<std::string> skipped;
-    const auto restored = checkpointer->load_latest(&skipped);
+    // The newest intact checkpoint any rank holds (a fast tier may be on one host only).
+    std::optional<unimsg::Checkpoint> restored;
+    if (auto found = unimsg::restore_newest_anywhere(
+            MPI_COMM_WORLD,
+            [&](std::vector<std::string>* s) { return checkpointer->load_latest(s); }, &skipped)) {
+      if (found->received && rank != 0) {
+        runtime.log().info("checkpoint of step {} received from rank {}", found->checkpoint.step,
+                           found->source_rank);
+      }
+      restored = std::move(found->checkpoint);
+    }
     for (const auto& why : skipped) runtime.log().warn("skipped a damaged checkpoint: {}", why);
     if (restored) {
       unimsg::load_training_state(restored->blobs.at("training"), *model, optimizer);

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "unimsg/checkpoint.hpp"
+#include "unimsg/checkpoint_restore.hpp"
 #include "unimsg/cli.hpp"
 #include "unimsg/config.hpp"
 #include "unimsg/engine.hpp"
@@ -145,7 +146,14 @@ int run(int argc, char** argv) {
   std::size_t position = 0;
   const auto restart = unimsg::env_uint("UNIMSG_RESTART_COUNT", 0, 1u << 30).value_or(0);
   std::vector<std::string> skipped;
-  if (const auto restored = checkpoints.load_latest(&skipped)) {
+  // The newest intact checkpoint any rank holds (a fast tier may be on one host only).
+  std::optional<unimsg::Checkpoint> restored;
+  if (auto found = unimsg::restore_newest_anywhere(
+          MPI_COMM_WORLD, [&](std::vector<std::string>* s) { return checkpoints.load_latest(s); },
+          &skipped)) {
+    restored = std::move(found->checkpoint);
+  }
+  if (restored) {
     const auto& blob = restored->blobs.at("w");
     if (blob.size() != dim * sizeof(double)) {
       throw unimsg::CheckpointError(rank, "train_linear", "the checkpoint is for another --dim");
