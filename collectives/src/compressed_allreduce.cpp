@@ -5,6 +5,7 @@
 #include <limits>
 
 #include "unimsg/error.hpp"
+#include "unimsg/mix.hpp"
 #include "unimsg/powersgd.hpp"
 
 namespace unimsg {
@@ -12,24 +13,6 @@ namespace {
 
 bool is_two_phase(const std::string& name) {
   return name == "fp16" || name == "bf16" || name == "int8" || name == "onebit";
-}
-
-std::uint64_t mix(std::uint64_t x) noexcept {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-
-// On the bits, so that it vectorises: an exponent of all ones is NaN or infinity.
-bool has_nonfinite(std::span<const float> values) noexcept {
-  std::uint32_t bad = 0;
-  for (const float v : values) {
-    std::uint32_t bits;
-    std::memcpy(&bits, &v, 4);
-    bad |= static_cast<std::uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
-  }
-  return bad != 0;
 }
 
 TensorView bytes_view(std::byte* data, std::size_t count) {
@@ -46,8 +29,8 @@ CompressedAllreduce::CompressedAllreduce(Communicator& communicator, kernels::Co
   if (spec_.name == "int8") {
     const auto rank =
         static_cast<std::uint64_t>(comm_.world_ranks()[static_cast<std::size_t>(comm_.rank())]);
-    worker.seed = spec_.seed ^ mix(2 * rank + 1);
-    server.seed = spec_.seed ^ mix(2 * rank + 2);
+    worker.seed = spec_.seed ^ splitmix64(2 * rank + 1);
+    server.seed = spec_.seed ^ splitmix64(2 * rank + 2);
   }
   if (spec_.name == "powersgd") return;  // state per key, made on first use
   worker_ = kernels::make_cpu_compressor(worker);
@@ -103,7 +86,8 @@ CompressedAllreduceResult CompressedAllreduce::allreduce(std::span<float> data,
     // that every rank then skips.
     // (Waited for with the communicator's timeout: the first collective of a call is where a
     // missing rank shows.)
-    std::int32_t bad = has_nonfinite(data) || has_nonfinite(residual) ? 1 : 0;
+    std::int32_t bad =
+        kernels::count_nonfinite(data) + kernels::count_nonfinite(residual) > 0 ? 1 : 0;
     comm_
         .allreduce(TensorView{&bad, 1, DType::kI32}, TensorView{&bad, 1, DType::kI32},
                    ReduceOp::kSum, "compress.nonfinite")
@@ -204,7 +188,7 @@ std::uint64_t CompressedAllreduce::reduce_powersgd(std::span<float> data, std::s
   auto it = powersgd_.find(key);
   if (it == powersgd_.end() || it->second.count() != data.size()) {
     // The first Q must be the same on every rank: drawn from the seed and the size.
-    const std::uint64_t seed = spec_.seed ^ mix(data.size());
+    const std::uint64_t seed = spec_.seed ^ splitmix64(data.size());
     it = powersgd_
              .insert_or_assign(key, kernels::PowerSgd(data.size(), rank, seed, spec_.matrix_rows))
              .first;

@@ -19,6 +19,7 @@
 #include "unimsg/cast.hpp"
 #include "unimsg/compressor.hpp"
 #include "unimsg/error.hpp"
+#include "unimsg/mix.hpp"
 
 namespace unimsg::kernels {
 namespace {
@@ -26,12 +27,7 @@ namespace {
 constexpr std::size_t kInt8Chunk = 256;
 constexpr std::size_t kOneBitChunk = 1024;
 
-std::uint64_t mix(std::uint64_t x) noexcept {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
+constexpr auto mix = splitmix64;
 
 // Uniform in [0, 1) from a counter: the same on every platform and for any thread split.
 float uniform01(std::uint64_t seed, std::uint64_t step, std::uint64_t index) noexcept {
@@ -61,8 +57,9 @@ void check_sizes(std::size_t count, std::span<float> residual, std::size_t wire,
   }
 }
 
-// On the bits, so that the compiler vectorises it: an exponent of all ones is NaN or infinity.
-std::size_t count_nonfinite(std::span<const float> gradient) {
+}  // namespace
+
+std::size_t count_nonfinite(std::span<const float> gradient) noexcept {
   std::size_t bad = 0;
   const float* p = gradient.data();
   for (std::size_t i = 0; i < gradient.size(); ++i) {
@@ -72,6 +69,8 @@ std::size_t count_nonfinite(std::span<const float> gradient) {
   }
   return bad;
 }
+
+namespace {
 
 // Gradient plus residual (error feedback) at i.
 inline float corrected(std::span<const float> gradient, std::span<const float> residual,
@@ -208,9 +207,27 @@ std::size_t scan_magnitudes(const float* g, const float* r, std::size_t n,
   return scan_magnitudes_body<kResidual>(g, r, n, largest_bits);
 }
 
-class HalfCompressor final : public Compressor {
+// Formats decompressed in one pass that either writes or adds: decompress and decompress_add
+// are the same expand().
+class DenseCompressor : public Compressor {
  public:
-  HalfCompressor(CompressionSpec spec, bool bf16) : Compressor(std::move(spec)), bf16_(bf16) {}
+  void decompress(std::span<const std::byte> wire, std::uint64_t,
+                  std::span<float> out) const final {
+    expand(wire, out, false);
+  }
+  void decompress_add(std::span<const std::byte> wire, std::uint64_t,
+                      std::span<float> out) const final {
+    expand(wire, out, true);
+  }
+
+ protected:
+  using Compressor::Compressor;
+  virtual void expand(std::span<const std::byte> wire, std::span<float> out, bool add) const = 0;
+};
+
+class HalfCompressor final : public DenseCompressor {
+ public:
+  HalfCompressor(CompressionSpec spec, bool bf16) : DenseCompressor(std::move(spec)), bf16_(bf16) {}
   std::string_view name() const noexcept override { return bf16_ ? "bf16" : "fp16"; }
   std::size_t wire_bytes(std::size_t n) const noexcept override { return 4 + 2 * n; }
 
@@ -258,17 +275,8 @@ class HalfCompressor final : public Compressor {
     return result;
   }
 
-  void decompress(std::span<const std::byte> wire, std::uint64_t,
-                  std::span<float> out) const override {
-    expand(wire, out, false);
-  }
-  void decompress_add(std::span<const std::byte> wire, std::uint64_t,
-                      std::span<float> out) const override {
-    expand(wire, out, true);
-  }
-
  private:
-  void expand(std::span<const std::byte> wire, std::span<float> out, bool add) const {
+  void expand(std::span<const std::byte> wire, std::span<float> out, bool add) const override {
     const float scale = get<float>(wire, 0);
 #if defined(__x86_64__)
     if (!bf16_ && has_f16c()) {
@@ -332,9 +340,9 @@ class HalfCompressor final : public Compressor {
   bool bf16_;
 };
 
-class Int8Compressor final : public Compressor {
+class Int8Compressor final : public DenseCompressor {
  public:
-  explicit Int8Compressor(CompressionSpec spec) : Compressor(std::move(spec)) {}
+  explicit Int8Compressor(CompressionSpec spec) : DenseCompressor(std::move(spec)) {}
   std::string_view name() const noexcept override { return "int8"; }
   std::size_t wire_bytes(std::size_t n) const noexcept override {
     return (n + kInt8Chunk - 1) / kInt8Chunk * 4 + n;
@@ -369,17 +377,8 @@ class Int8Compressor final : public Compressor {
     return result;
   }
 
-  void decompress(std::span<const std::byte> wire, std::uint64_t,
-                  std::span<float> out) const override {
-    expand(wire, out, false);
-  }
-  void decompress_add(std::span<const std::byte> wire, std::uint64_t,
-                      std::span<float> out) const override {
-    expand(wire, out, true);
-  }
-
  private:
-  static void expand(std::span<const std::byte> wire, std::span<float> out, bool add) {
+  void expand(std::span<const std::byte> wire, std::span<float> out, bool add) const override {
     for (std::size_t begin = 0, chunk = 0; begin < out.size(); begin += kInt8Chunk, ++chunk) {
       const std::size_t at = chunk_offset(chunk);
       const float scale = get<float>(wire, at);
@@ -439,9 +438,9 @@ bool has_avx2() noexcept {
 }
 #endif
 
-class OneBitCompressor final : public Compressor {
+class OneBitCompressor final : public DenseCompressor {
  public:
-  explicit OneBitCompressor(CompressionSpec spec) : Compressor(std::move(spec)) {}
+  explicit OneBitCompressor(CompressionSpec spec) : DenseCompressor(std::move(spec)) {}
   std::string_view name() const noexcept override { return "onebit"; }
   static constexpr std::size_t kChunkBytes = 4 + kOneBitChunk / 8;
   std::size_t wire_bytes(std::size_t n) const noexcept override {
@@ -495,17 +494,8 @@ class OneBitCompressor final : public Compressor {
     return result;
   }
 
-  void decompress(std::span<const std::byte> wire, std::uint64_t,
-                  std::span<float> out) const override {
-    expand(wire, out, false);
-  }
-  void decompress_add(std::span<const std::byte> wire, std::uint64_t,
-                      std::span<float> out) const override {
-    expand(wire, out, true);
-  }
-
  private:
-  static void expand(std::span<const std::byte> wire, std::span<float> out, bool add) {
+  void expand(std::span<const std::byte> wire, std::span<float> out, bool add) const override {
     for (std::size_t begin = 0, chunk = 0; begin < out.size(); begin += kOneBitChunk, ++chunk) {
       const std::size_t at = chunk * kChunkBytes;
       const float scale = get<float>(wire, at);

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "unimsg/error.hpp"
+#include "unimsg/mix.hpp"
 
 namespace unimsg {
 namespace {
@@ -17,14 +18,8 @@ void check_world(int rank, int world_size) {
   }
 }
 
-// splitmix64: a fixed, portable mixing function, so that every rank (and every build) derives
-// the same permutation from the same seed and epoch.
-std::uint64_t mix(std::uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
+// Every rank (and every build) derives the same permutation from the same seed and epoch.
+constexpr auto mix = splitmix64;
 
 }  // namespace
 

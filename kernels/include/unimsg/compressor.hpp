@@ -77,6 +77,9 @@ class Compressor {
 
 std::unique_ptr<Compressor> make_cpu_compressor(const CompressionSpec& spec);
 
+// Elements that are NaN or infinite (on the bits: an exponent of all ones).
+std::size_t count_nonfinite(std::span<const float> values) noexcept;
+
 // Positions randomk sends at `step`: k distinct, sorted, the same on every rank.
 std::vector<std::uint32_t> randomk_positions(std::size_t count, std::size_t k, std::uint64_t seed,
                                              std::uint64_t step);
