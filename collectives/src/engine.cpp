@@ -625,14 +625,21 @@ void EngineCore::reduce_compressed(std::vector<std::pair<Signature, LocalTensor*
     result = compressor->allreduce(data, residual_of(local), signature.op, step, key);
   } else {
     // Pack gradients and residuals (a joined rank's missing tensors as zeros), reduce, unpack.
-    fused_values.assign(total, 0.0f);
-    fused_residual.assign(feedback ? total : 0, 0.0f);
+    fused_values.resize(total);
+    fused_residual.resize(feedback ? total : 0);
     std::size_t offset = 0;
     for (const auto& [item, local] : batch) {
-      if (local != nullptr && item.count != 0) {
-        std::memcpy(fused_values.data() + offset, local->view.data, item.count * sizeof(float));
+      // (Empty tensors are skipped: memmove must not see their null data, UBSan says.)
+      if (item.count == 0) continue;
+      float* values = fused_values.data() + offset;
+      float* residuals = feedback ? fused_residual.data() + offset : nullptr;
+      if (local != nullptr) {
+        std::copy_n(static_cast<const float*>(local->view.data), item.count, values);
         const auto kept = residual_of(local);
-        if (!kept.empty()) std::copy(kept.begin(), kept.end(), fused_residual.begin() + offset);
+        if (!kept.empty()) std::copy(kept.begin(), kept.end(), residuals);
+      } else {  // a joined rank's missing tensor: zeros
+        std::fill_n(values, item.count, 0.0f);
+        if (residuals != nullptr) std::fill_n(residuals, item.count, 0.0f);
       }
       offset += item.count;
     }
