@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "unimsg/error.hpp"
+#include "unimsg/mpi.hpp"
 
 namespace unimsg {
 namespace {
@@ -52,11 +53,12 @@ class Reader {
 };
 
 // MPI counts are ints: large buffers go in pieces.
-void broadcast_bytes(std::vector<std::byte>& bytes, int root, MPI_Comm comm) {
+void broadcast_bytes(std::vector<std::byte>& bytes, int root, MPI_Comm comm, int rank) {
   constexpr std::size_t kPiece = std::size_t{1} << 30;
   for (std::size_t offset = 0; offset < bytes.size(); offset += kPiece) {
     const auto count = static_cast<int>(std::min(kPiece, bytes.size() - offset));
-    MPI_Bcast(bytes.data() + offset, count, MPI_BYTE, root, comm);
+    check_mpi(MPI_Bcast(bytes.data() + offset, count, MPI_BYTE, root, comm), rank,
+              "restore: MPI_Bcast");
   }
 }
 
@@ -113,18 +115,22 @@ std::optional<RestoredCheckpoint> restore_newest_anywhere(MPI_Comm comm,
   }
   long long mine = local ? static_cast<long long>(local->step) : -1;
   long long newest = -1;
-  MPI_Allreduce(&mine, &newest, 1, MPI_LONG_LONG, MPI_MAX, comm);
+  check_mpi(MPI_Allreduce(&mine, &newest, 1, MPI_LONG_LONG, MPI_MAX, comm), rank,
+            "restore: MPI_Allreduce");
   int failed = failure ? 1 : 0;
-  MPI_Allreduce(MPI_IN_PLACE, &failed, 1, MPI_INT, MPI_MAX, comm);
+  check_mpi(MPI_Allreduce(MPI_IN_PLACE, &failed, 1, MPI_INT, MPI_MAX, comm), rank,
+            "restore: MPI_Allreduce");
   if (failure) std::rethrow_exception(failure);
   if (failed) {
     throw CheckpointError(rank, "restore", "another rank could not read its checkpoints");
   }
   if (newest < 0) return std::nullopt;
   int holder = mine == newest ? rank : INT_MAX;
-  MPI_Allreduce(MPI_IN_PLACE, &holder, 1, MPI_INT, MPI_MIN, comm);
+  check_mpi(MPI_Allreduce(MPI_IN_PLACE, &holder, 1, MPI_INT, MPI_MIN, comm), rank,
+            "restore: MPI_Allreduce");
   int lacking = mine == newest ? 0 : 1;
-  MPI_Allreduce(MPI_IN_PLACE, &lacking, 1, MPI_INT, MPI_SUM, comm);
+  check_mpi(MPI_Allreduce(MPI_IN_PLACE, &lacking, 1, MPI_INT, MPI_SUM, comm), rank,
+            "restore: MPI_Allreduce");
   RestoredCheckpoint restored;
   restored.source_rank = mine == newest ? rank : holder;
   if (lacking == 0) {
@@ -136,9 +142,9 @@ std::optional<RestoredCheckpoint> restore_newest_anywhere(MPI_Comm comm,
   std::vector<std::byte> bytes;
   if (rank == holder) bytes = serialize_checkpoint(*local);
   unsigned long long size = bytes.size();
-  MPI_Bcast(&size, 1, MPI_UNSIGNED_LONG_LONG, holder, comm);
+  check_mpi(MPI_Bcast(&size, 1, MPI_UNSIGNED_LONG_LONG, holder, comm), rank, "restore: MPI_Bcast");
   bytes.resize(size);
-  broadcast_bytes(bytes, holder, comm);
+  broadcast_bytes(bytes, holder, comm, rank);
   if (mine == newest) {
     restored.checkpoint = std::move(*local);
   } else {
