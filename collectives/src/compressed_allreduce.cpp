@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <optional>
 
 #include "unimsg/error.hpp"
 #include "unimsg/mix.hpp"
@@ -113,6 +114,7 @@ CompressedAllreduceResult CompressedAllreduce::allreduce(std::span<float> data,
 }
 
 std::uint64_t CompressedAllreduce::reduce_plain(std::span<float> data, ReduceOp op) {
+  TraceSpan span(trace_, "engine", "allreduce");
   const TensorView view{data.data(), data.size(), DType::kF32};
   comm_.allreduce_now(view, view, op, "compress.none");
   return ring_allreduce_bytes(data.size_bytes(), comm_.size());
@@ -132,6 +134,7 @@ std::uint64_t CompressedAllreduce::reduce_two_phase(std::span<float> data,
   // (A partition's padding up to the block length travels but is never read: no need to clear.)
   send_.resize(n * block);
   recv_.resize(n * block);
+  std::optional<TraceSpan> span(std::in_place, trace_, "engine", "compress");
   for (int p = 0; p < ranks; ++p) {
     const auto [begin, end] = partition(data.size(), p);
     const auto length = end - begin;
@@ -139,10 +142,12 @@ std::uint64_t CompressedAllreduce::reduce_two_phase(std::span<float> data,
                       residual.empty() ? residual : residual.subspan(begin, length), step,
                       std::span(send_).subspan(static_cast<std::size_t>(p) * block, block));
   }
+  span.emplace(trace_, "engine", "alltoall");
   comm_
       .alltoall(bytes_view(send_.data(), n * block), bytes_view(recv_.data(), n * block),
                 "compress.alltoall")
       .wait();
+  span.emplace(trace_, "engine", "decompress");
 
   // Server: reduce this rank's partition in f32, recompress it with the server's feedback.
   const auto [mine_begin, mine_end] = partition(data.size(), comm_.rank());
@@ -163,11 +168,14 @@ std::uint64_t CompressedAllreduce::reduce_two_phase(std::span<float> data,
     server_residual = kept;
   }
   std::vector<std::byte>& gathered = send_;  // the worker blocks are spent
+  span.emplace(trace_, "engine", "compress");
   server_->compress(scratch_, server_residual, step, std::span(recv_).subspan(0, block));
+  span.emplace(trace_, "engine", "allgather");
   comm_
       .allgather(bytes_view(recv_.data(), block), bytes_view(gathered.data(), n * block),
                  "compress.allgather")
       .wait();
+  span.emplace(trace_, "engine", "decompress");
   for (int p = 0; p < ranks; ++p) {
     const auto [begin, end] = partition(data.size(), p);
     server_->decompress(
@@ -196,12 +204,20 @@ std::uint64_t CompressedAllreduce::reduce_powersgd(std::span<float> data, std::s
   }
   kernels::PowerSgd& state = it->second;
   const auto average = [&](std::span<float> factor, const char* name) {
+    TraceSpan span(trace_, "engine", "allreduce");
     const TensorView view{factor.data(), factor.size(), DType::kF32};
     comm_.allreduce_now(view, view, ReduceOp::kAvg, name);
     return ring_allreduce_bytes(factor.size_bytes(), comm_.size());
   };
-  std::uint64_t wire = average(state.begin(data, residual), "compress.powersgd.p");
-  wire += average(state.project(), "compress.powersgd.q");
+  std::optional<TraceSpan> span(std::in_place, trace_, "engine", "compress");
+  const auto p = state.begin(data, residual);
+  span.reset();
+  std::uint64_t wire = average(p, "compress.powersgd.p");
+  span.emplace(trace_, "engine", "compress");
+  const auto q = state.project();
+  span.reset();
+  wire += average(q, "compress.powersgd.q");
+  span.emplace(trace_, "engine", "decompress");
   state.finish(data, residual);
   if (op == ReduceOp::kSum) {
     const auto ranks = static_cast<float>(comm_.size());
@@ -216,12 +232,15 @@ std::uint64_t CompressedAllreduce::reduce_topk(std::span<float> data, std::span<
   const std::size_t block = worker_->wire_bytes(data.size());  // k is fixed by n and the ratio
   wire_.resize(block);
   recv_.resize(static_cast<std::size_t>(ranks) * block);
+  std::optional<TraceSpan> span(std::in_place, trace_, "engine", "compress");
   worker_->compress(data, residual, step, wire_);
+  span.emplace(trace_, "engine", "allgather");
   comm_
       .allgather(bytes_view(wire_.data(), block),
                  bytes_view(recv_.data(), static_cast<std::size_t>(ranks) * block),
                  "compress.topk.allgather")
       .wait();
+  span.emplace(trace_, "engine", "decompress");
   std::fill(data.begin(), data.end(), 0.0f);
   for (std::size_t p = 0; p < static_cast<std::size_t>(ranks); ++p) {
     worker_->decompress_add(std::span<const std::byte>(recv_).subspan(p * block, block), step,
@@ -238,10 +257,13 @@ std::uint64_t CompressedAllreduce::reduce_randomk(std::span<float> data, std::sp
                                                   ReduceOp op, std::uint64_t step) {
   const std::size_t block = worker_->wire_bytes(data.size());
   wire_.resize(block);
+  std::optional<TraceSpan> span(std::in_place, trace_, "engine", "compress");
   worker_->compress(data, residual, step, wire_);
   // The wire is k f32 values at the same positions on every rank: reduce them as they are.
   const TensorView values{wire_.data(), block / sizeof(float), DType::kF32};
+  span.emplace(trace_, "engine", "allreduce");
   comm_.allreduce_now(values, values, op, "compress.randomk");
+  span.emplace(trace_, "engine", "decompress");
   worker_->decompress(wire_, step, data);
   return ring_allreduce_bytes(block, comm_.size());
 }

@@ -10,6 +10,7 @@
 #include <exception>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <set>
 #include <thread>
@@ -184,7 +185,11 @@ struct EngineCore {
   std::map<std::string, TableEntry> table;
 
   std::atomic<std::uint64_t> cycles{0}, rounds{0}, hits{0}, reduced{0}, collectives{0}, bytes{0},
-      wire{0}, nonfinite{0};
+      wire{0}, dense_wire{0}, nonfinite{0}, busy_ns{0};
+  // (Shared with the Work handles, which may outlive the engine.)
+  std::shared_ptr<std::atomic<std::uint64_t>> wait_ns =
+      std::make_shared<std::atomic<std::uint64_t>>(0);
+  Clock::time_point wait_lane_end;  // the timeline's wait_for_data lane is busy until then
   std::mutex listener_mutex;
   std::shared_ptr<const EngineListener> listener;
   void notify(EngineEvent::Type type, const std::vector<std::pair<Signature, LocalTensor*>>& batch,
@@ -343,6 +348,7 @@ bool EngineCore::cycle() {
   std::vector<Response> responses;
   if (has_new) {
     rounds.fetch_add(1, std::memory_order_relaxed);
+    TraceSpan span(options.trace, "engine", "negotiate");
     negotiate(joined_here, responses);
   }
   execute(ready, responses);
@@ -558,16 +564,46 @@ void EngineCore::reduce_batch(std::vector<std::pair<Signature, LocalTensor*>>& b
   for (const auto& [signature, local] : batch) total += signature.count;
   collectives.fetch_add(1, std::memory_order_relaxed);
   bytes.fetch_add(total * element, std::memory_order_relaxed);
+  const std::uint64_t dense = CompressedAllreduce::ring_allreduce_bytes(total * element, size);
+  dense_wire.fetch_add(dense, std::memory_order_relaxed);
   notify(EngineEvent::Type::kReduceStart, batch, total * element);
+  const auto started = Clock::now();
+  std::string names;  // for the timeline
+  if (options.trace != nullptr) {
+    // Time this rank's tensors waited for the other ranks (from the earliest submission; the
+    // lane is clipped so that consecutive batches do not overlap on it).
+    auto submitted = started;
+    for (const auto& [signature, local] : batch) {
+      if (local == nullptr) continue;
+      submitted = std::min(submitted, local->submitted);
+      if (names.size() < 200) names += (names.empty() ? "" : ",") + local->name;
+    }
+    submitted = std::max(submitted, wait_lane_end);
+    if (started > submitted) {
+      options.trace->record({"engine.wait", "wait_for_data", submitted, started - submitted,
+                             nlohmann::json{{"tensors", names}}.dump()});
+    }
+    wait_lane_end = started;
+  }
+  const auto args = [&] {
+    return options.trace ? nlohmann::json{{"tensors", names},
+                                          {"count", batch.size()},
+                                          {"bytes", total * element},
+                                          {"compression", batch.front().first.compression}}
+                               .dump()
+                         : std::string();
+  };
   if (batch.front().first.compression != "none") {
+    TraceSpan span(options.trace, "engine", "compressed_allreduce", args());
     reduce_compressed(batch, total);
   } else if (batch.size() == 1 && batch.front().second != nullptr) {
-    wire.fetch_add(CompressedAllreduce::ring_allreduce_bytes(total * element, size),
-                   std::memory_order_relaxed);
+    wire.fetch_add(dense, std::memory_order_relaxed);
     LocalTensor* local = batch.front().second;
+    TraceSpan span(options.trace, "engine", "allreduce", args());
     comm->allreduce_now(local->view, local->view, op, local->name);
   } else {
     // Pack (a joined rank's missing tensors as zeros), reduce once, unpack.
+    std::optional<TraceSpan> fuse(std::in_place, options.trace, "engine", "fuse");
     if (fusion_buffer.size() < total * element) fusion_buffer.resize(total * element);
     std::size_t offset = 0;
     for (const auto& [signature, local] : batch) {
@@ -579,10 +615,14 @@ void EngineCore::reduce_batch(std::vector<std::pair<Signature, LocalTensor*>>& b
       }
       offset += n;
     }
+    fuse.reset();
     const TensorView fused{fusion_buffer.data(), total, dtype, Device::kHost};
-    wire.fetch_add(CompressedAllreduce::ring_allreduce_bytes(total * element, size),
-                   std::memory_order_relaxed);
-    comm->allreduce_now(fused, fused, op, "engine.fused");
+    wire.fetch_add(dense, std::memory_order_relaxed);
+    {
+      TraceSpan span(options.trace, "engine", "allreduce", args());
+      comm->allreduce_now(fused, fused, op, "engine.fused");
+    }
+    TraceSpan unfuse(options.trace, "engine", "unfuse");
     offset = 0;
     for (const auto& [signature, local] : batch) {
       const std::size_t n = signature.count * element;
@@ -591,6 +631,9 @@ void EngineCore::reduce_batch(std::vector<std::pair<Signature, LocalTensor*>>& b
       offset += n;
     }
   }
+  busy_ns.fetch_add(
+      static_cast<std::uint64_t>(std::chrono::nanoseconds(Clock::now() - started).count()),
+      std::memory_order_relaxed);
   notify(EngineEvent::Type::kReduceEnd, batch, total * element);
   for (const auto& [signature, local] : batch) {
     if (local != nullptr) complete(local);
@@ -604,6 +647,7 @@ void EngineCore::reduce_compressed(std::vector<std::pair<Signature, LocalTensor*
   if (!compressor) {
     compressor = std::make_unique<CompressedAllreduce>(
         *comm, kernels::CompressionSpec::parse(signature.compression));
+    compressor->set_trace(options.trace);
   }
   const bool feedback = compressor->spec().error_feedback;
   // Error feedback is kept per tensor (a tensor may be fused with others one step and not the
@@ -844,8 +888,14 @@ Work Engine::submit_group(std::vector<std::pair<std::string, TensorView>> tensor
     }
     return completion->remaining.load(std::memory_order_acquire) == 0;
   };
-  operation.block = [completion](std::chrono::steady_clock::time_point deadline) {
-    return completion->wait_until(deadline);
+  operation.block = [completion,
+                     wait_ns = core_->wait_ns](std::chrono::steady_clock::time_point deadline) {
+    const auto blocked = detail::Clock::now();
+    const bool done = completion->wait_until(deadline);
+    wait_ns->fetch_add(static_cast<std::uint64_t>(
+                           std::chrono::nanoseconds(detail::Clock::now() - blocked).count()),
+                       std::memory_order_relaxed);
+    return done;
   };
   operation.default_timeout = core_->comm->default_timeout();
   operation.missing_ranks = [] {
@@ -879,6 +929,10 @@ void Engine::set_cycle_time(std::chrono::microseconds cycle_time) {
   core_->cycle_us = cycle_time.count();
 }
 
+TraceRecorder* Engine::trace() const noexcept {
+  return core_->options.trace;
+}
+
 EngineStats Engine::stats() const {
   EngineStats out;
   out.cycles = core_->cycles.load();
@@ -888,6 +942,9 @@ EngineStats Engine::stats() const {
   out.collectives = core_->collectives.load();
   out.bytes_reduced = core_->bytes.load();
   out.wire_bytes = core_->wire.load();
+  out.dense_wire_bytes = core_->dense_wire.load();
+  out.communication_seconds = static_cast<double>(core_->busy_ns.load()) * 1e-9;
+  out.wait_seconds = static_cast<double>(core_->wait_ns->load()) * 1e-9;
   out.nonfinite_steps = core_->nonfinite.load();
   return out;
 }

@@ -213,6 +213,14 @@ void Checkpointer::flush() {
 
 void Checkpointer::write(const Checkpoint& checkpoint) {
   const int rank = options_.rank;
+  std::uint64_t bytes = 0;
+  for (const auto& [name, blob] : checkpoint.blobs) bytes += blob.size();
+  TraceSpan span(options_.trace, "checkpoint", "checkpoint",
+                 options_.trace ? nlohmann::json{{"step", checkpoint.step},
+                                                 {"bytes", bytes},
+                                                 {"directory", directory_.string()}}
+                                      .dump()
+                                : std::string());
   try {
     (void)nlohmann::json::parse(checkpoint.metadata_json).is_object();
   } catch (const nlohmann::json::exception& error) {

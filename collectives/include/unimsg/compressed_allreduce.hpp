@@ -26,6 +26,7 @@
 #include "unimsg/communicator.hpp"
 #include "unimsg/compressor.hpp"
 #include "unimsg/powersgd.hpp"
+#include "unimsg/trace.hpp"
 
 namespace unimsg {
 
@@ -50,6 +51,8 @@ class CompressedAllreduce {
                                       std::uint64_t step, const std::string& key);
 
   const kernels::CompressionSpec& spec() const noexcept { return spec_; }
+  // Records compress / alltoall / decompress / allgather spans on the "engine" lane (null: off).
+  void set_trace(TraceRecorder* trace) noexcept { trace_ = trace; }
   // Forgets the server-side state (after a change of world or a restore).
   void reset_state() {
     server_residuals_.clear();
@@ -76,6 +79,7 @@ class CompressedAllreduce {
 
   Communicator& comm_;
   kernels::CompressionSpec spec_;
+  TraceRecorder* trace_ = nullptr;
   std::unique_ptr<kernels::Compressor> worker_;  // seeded per rank (int8's rounding)
   std::unique_ptr<kernels::Compressor> server_;  // two-phase: the partition's recompression
   std::size_t chunk_ = 1;  // two-phase: partitions start at multiples of the format's chunk

@@ -23,6 +23,7 @@
 #include "unimsg/bus.hpp"
 #include "unimsg/communicator.hpp"
 #include "unimsg/compressor.hpp"
+#include "unimsg/trace.hpp"
 
 namespace unimsg {
 
@@ -40,6 +41,9 @@ struct EngineOptions {
   // ...and fails it on the ranks that did submit it after this long (UNIMSG_STALL_SHUTDOWN_TIME_S;
   // 0 = only warn).
   std::chrono::seconds stall_abort{0};
+  // Where the engine records its activity for a timeline (negotiate, wait_for_data, fuse,
+  // allreduce, compress...); null: nothing is recorded. Must outlive the engine.
+  TraceRecorder* trace = nullptr;
 
   static EngineOptions from_env();
 };
@@ -53,6 +57,14 @@ struct EngineStats {
   std::uint64_t bytes_reduced = 0;
   // Bytes this rank sent for tensors (uncompressed ones: the ring equivalent 2(n-1)/n x bytes).
   std::uint64_t wire_bytes = 0;
+  // What wire_bytes would have been without compression (the ring equivalent of every tensor):
+  // dense_wire_bytes / wire_bytes is the compression ratio.
+  std::uint64_t dense_wire_bytes = 0;
+  // Time the engine thread spent reducing tensors (collectives, fusion copies, compression).
+  double communication_seconds = 0;
+  // Time callers spent blocked in wait() on the engine's work (waiting for peers and for the
+  // reductions that did not overlap their computation).
+  double wait_seconds = 0;
   // Compressed reductions whose gradients held NaN/Inf on some rank (result NaN, step to skip).
   std::uint64_t nonfinite_steps = 0;
 };
@@ -103,6 +115,7 @@ class Engine {
   // Replaces the listener (an empty one removes it).
   void set_listener(EngineListener listener);
   EngineStats stats() const;
+  TraceRecorder* trace() const noexcept;
 
  private:
   std::shared_ptr<detail::EngineCore> core_;

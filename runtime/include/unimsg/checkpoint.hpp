@@ -27,6 +27,8 @@
 #include <thread>
 #include <vector>
 
+#include "unimsg/trace.hpp"
+
 namespace unimsg {
 
 struct Checkpoint {
@@ -39,6 +41,8 @@ struct CheckpointOptions {
   std::size_t keep = 3;            // complete checkpoints kept (the newest)
   std::size_t queue_capacity = 2;  // asynchronous saves waiting; save_async() blocks beyond
   int rank = -1;                   // for error messages and logs
+  // Each write is a "checkpoint" span on this timeline (monitor.hpp), when set.
+  TraceRecorder* trace = nullptr;
 };
 
 class Checkpointer {

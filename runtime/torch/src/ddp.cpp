@@ -208,6 +208,7 @@ void DistributedDataParallel::submit(Bucket& bucket) {
 }
 
 bool DistributedDataParallel::synchronize() {
+  TraceSpan span(engine_.trace(), "training", "synchronize");
   torch::NoGradGuard no_grad;
   const auto skipped_before = engine_.stats().nonfinite_steps;
   std::unique_lock lock(mutex_);
