@@ -35,6 +35,7 @@
 #include "unimsg/fetch_queue.hpp"
 #include "unimsg/heartbeat.hpp"
 #include "unimsg/idx.hpp"
+#include "unimsg/monitor.hpp"
 #include "unimsg/mpi_communicator.hpp"
 #include "unimsg/runtime.hpp"
 #include "unimsg/sampler.hpp"
@@ -247,8 +248,15 @@ int run(int argc, char** argv) {
   const std::vector<std::string> hosts = unimsg::gather_host_names(MPI_COMM_WORLD);
   unimsg::HeartbeatMonitor heartbeat(runtime.bus(), unimsg::HeartbeatOptions::from_env(),
                                      unimsg::abort_on_silence(hosts));
+  // Status to rank 0 (metrics.jsonl, UNIMSG_METRICS_PORT's page, UNIMSG_TIMELINE): see
+  // docs/monitoring.md.
+  unimsg::Monitor monitor(runtime.bus());
   unimsg::MpiCommunicator communicator(MPI_COMM_WORLD, runtime.bus());
-  unimsg::Engine engine(communicator, runtime.bus());
+  auto engine_options = unimsg::EngineOptions::from_env();
+  engine_options.trace = monitor.trace();
+  unimsg::Engine engine(communicator, runtime.bus(), engine_options);
+  monitor.watch(engine);
+  monitor.watch(heartbeat);
   Net model;
   unimsg::DdpOptions ddp_options;
   ddp_options.compression =
@@ -292,6 +300,7 @@ int run(int argc, char** argv) {
     unimsg::CheckpointOptions checkpoint_options;
     checkpoint_options.rank = rank;
     checkpoint_options.keep = static_cast<std::size_t>(args["checkpoint-keep"].as<std::uint64_t>());
+    checkpoint_options.trace = monitor.trace();
     checkpointer.emplace(checkpoint_dir, checkpoint_options);
   }
   std::uint64_t global_step = 0;
@@ -370,6 +379,18 @@ int run(int argc, char** argv) {
       std::int64_t batches = 0;
       const auto count = static_cast<std::int64_t>(mine.size());
       const std::int64_t steps = (count + local_batch - 1) / local_batch;
+      {
+        // (A resumed epoch starts part-way: its steps are those left.)
+        std::uint64_t total = global_step + static_cast<std::uint64_t>(steps);
+        if (epochs > epoch + 1) {
+          const std::size_t full =  // per rank (the sampler drops the remainder)
+              static_cast<std::size_t>(train.images.size(0)) / static_cast<std::size_t>(world);
+          total += (epochs - epoch - 1) * ((full + static_cast<std::size_t>(local_batch) - 1) /
+                                           static_cast<std::size_t>(local_batch));
+        }
+        monitor.set_total_steps(max_steps > 0 ? std::min(total, max_steps) : total);
+      }
+      monitor.start_timing();
       for (std::int64_t step = 0; step < steps; ++step) {
         const auto batch_index =
             index.narrow(0, step * local_batch, std::min(local_batch, count - step * local_batch));
@@ -384,11 +405,17 @@ int run(int argc, char** argv) {
           ++skipped_steps;  // NaN/Inf in some rank's gradients, as AMP skips
           runtime.log().warn("step {}: non-finite gradients on some rank, step skipped",
                              global_step + 1);
+          if (rank == 0) {
+            monitor.event("fault", "step " + std::to_string(global_step + 1) +
+                                       ": non-finite gradients on some rank, step skipped");
+          }
         }
-        loss_sum += loss.item<double>();
+        const double step_loss = loss.item<double>();
+        loss_sum += step_loss;
         ++batches;
         ++global_step;
         heartbeat.report_step(global_step);
+        monitor.step(global_step, step_loss, static_cast<std::uint64_t>(x.size(0)));
         if (fault) fault->at_step(rank, global_step);
         const std::size_t position = sampler.position_after(
             static_cast<std::size_t>(std::min(count, (step + 1) * local_batch)));
@@ -431,6 +458,12 @@ int run(int argc, char** argv) {
       accuracy = totals[2] / static_cast<double>(test.images.size(0));
       const double samples_per_s = static_cast<double>(count) * world / seconds;
       if (rank == 0) {
+        char summary[160];
+        std::snprintf(summary, sizeof summary,
+                      "epoch %llu/%llu: loss %.4f, test accuracy %.4f, %.0f samples/s",
+                      static_cast<unsigned long long>(epoch + 1),
+                      static_cast<unsigned long long>(epochs), mean_loss, accuracy, samples_per_s);
+        monitor.event("epoch", summary);
         if (json) {
           nlohmann::json line{{"epoch", epoch + 1},
                               {"loss", mean_loss},
@@ -467,6 +500,7 @@ int run(int argc, char** argv) {
                   static_cast<unsigned long long>(global_step), std::sqrt(squares));
     std::printf("%s\n", line);
   }
+  monitor.finish();
   // Every rank is done before any stops its heartbeats: a rank still busy (rank 0 flushing a
   // checkpoint) must not take a finished one for a lost one.
   communicator.barrier().wait();

@@ -29,6 +29,7 @@
 #include "unimsg/fault.hpp"
 #include "unimsg/fault_injection.hpp"
 #include "unimsg/heartbeat.hpp"
+#include "unimsg/monitor.hpp"
 #include "unimsg/mpi_communicator.hpp"
 #include "unimsg/runtime.hpp"
 #include "unimsg/sampler.hpp"
@@ -122,6 +123,10 @@ int run(int argc, char** argv) {
   std::string persistent_dir = args["checkpoint-dir"].as<std::string>();
   if (persistent_dir.empty())
     persistent_dir = unimsg::env_value("UNIMSG_CHECKPOINT_DIR").value_or("");
+  const std::vector<std::string> hosts = unimsg::gather_host_names(MPI_COMM_WORLD);
+  unimsg::HeartbeatMonitor heartbeat(runtime.bus(), unimsg::HeartbeatOptions::from_env(),
+                                     unimsg::abort_on_silence(hosts));
+  unimsg::Monitor monitor(runtime.bus());  // status to rank 0: docs/monitoring.md
   unimsg::TieredCheckpointOptions tiers;
   tiers.persistent_directory = persistent_dir;
   tiers.persistent_every =
@@ -129,14 +134,17 @@ int run(int argc, char** argv) {
   tiers.fast_directory = args["fast-dir"].as<std::string>();
   tiers.fast_every = tiers.fast_directory.empty() ? 0 : args["fast-every"].as<std::uint64_t>();
   tiers.options.rank = rank;
+  tiers.options.trace = monitor.trace();
   tiers.options.keep = static_cast<std::size_t>(args["checkpoint-keep"].as<std::uint64_t>());
   unimsg::TieredCheckpointer checkpoints(tiers);
 
-  const std::vector<std::string> hosts = unimsg::gather_host_names(MPI_COMM_WORLD);
-  unimsg::HeartbeatMonitor heartbeat(runtime.bus(), unimsg::HeartbeatOptions::from_env(),
-                                     unimsg::abort_on_silence(hosts));
   unimsg::MpiCommunicator communicator(MPI_COMM_WORLD, runtime.bus());
-  unimsg::Engine engine(communicator, runtime.bus());
+  auto engine_options = unimsg::EngineOptions::from_env();
+  engine_options.trace = monitor.trace();
+  unimsg::Engine engine(communicator, runtime.bus(), engine_options);
+  monitor.watch(engine);
+  monitor.watch(heartbeat);
+  monitor.set_total_steps(steps);
   const auto fault = unimsg::FaultInjection::from_env();
 
   const Data data = make_data(samples, dim);
@@ -211,6 +219,7 @@ int run(int argc, char** argv) {
       for (std::size_t j = 0; j < dim; ++j) w[j] -= lr * gradient[j];
       ++step;
       heartbeat.report_step(step);
+      monitor.step(step, gradient[dim], local_batch);
       if (rank == 0 && json) {
         std::printf("%s\n", nlohmann::json{{"step", step},
                                            {"loss", gradient[dim]},
@@ -245,6 +254,7 @@ int run(int argc, char** argv) {
     unimsg::abort_restartable({{}, error.what(), step}, hosts);
   }
   checkpoints.flush();
+  monitor.finish();
   communicator.barrier().wait();
   heartbeat.stop();
   if (rank == 0) {

@@ -17,7 +17,12 @@ TEST(FaultInjectionTest, ParsesAndRejects) {
   EXPECT_EQ(fault.restart, 1u);
   EXPECT_EQ(fault.mode, FaultInjection::Mode::kHang);
   EXPECT_EQ(FaultInjection::parse("step:3,rank:0").mode, FaultInjection::Mode::kKill);
+  const auto slow = FaultInjection::parse("rank:1,step:5,mode:slow,ms:30");
+  EXPECT_EQ(slow.mode, FaultInjection::Mode::kSlow);
+  EXPECT_EQ(slow.slow_ms, 30u);
+  EXPECT_EQ(FaultInjection::parse("rank:1,step:5,mode:slow").slow_ms, 50u);
   for (const char* bad : {"", "rank:1", "step:1", "rank:x,step:1", "rank:1,step:1,mode:boom",
+                          "rank:1,step:1,mode:slow,ms:0", "rank:1,step:1,mode:slow,ms:x",
                           "rank:1,step:1,colour:red", "rank1,step:1"}) {
     EXPECT_THROW(FaultInjection::parse(bad), ConfigError) << bad;
   }

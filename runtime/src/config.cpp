@@ -4,6 +4,9 @@
 #include <charconv>
 #include <cstdlib>
 #include <limits>
+#include <sstream>
+#include <stdexcept>
+#include <string>
 
 #include "unimsg/error.hpp"
 
@@ -33,6 +36,24 @@ std::uint64_t parse_uint(std::string_view text, std::string_view what, std::uint
   const std::uint64_t value = parse_digits(text, what, text);
   if (value < min || value > max) {
     bad_value(what, text, "must be between " + std::to_string(min) + " and " + std::to_string(max));
+  }
+  return value;
+}
+
+double parse_double(std::string_view text, std::string_view what, double min, double max) {
+  const std::string copy(text);
+  double value = 0;
+  try {
+    std::size_t used = 0;
+    value = std::stod(copy, &used);
+    if (used != copy.size()) throw std::invalid_argument("trailing characters");
+  } catch (const std::exception&) {
+    bad_value(what, text, "expected a number");
+  }
+  if (!(value >= min && value <= max)) {  // (NaN fails too)
+    std::ostringstream range;
+    range << "must be between " << min << " and " << max;
+    bad_value(what, text, range.str());
   }
   return value;
 }
@@ -92,6 +113,12 @@ std::optional<std::uint64_t> env_uint(const char* name, std::uint64_t min, std::
   const auto text = env_value(name);
   if (!text) return std::nullopt;
   return parse_uint(*text, name, min, max);
+}
+
+std::optional<double> env_double(const char* name, double min, double max) {
+  const auto text = env_value(name);
+  if (!text) return std::nullopt;
+  return parse_double(*text, name, min, max);
 }
 
 std::optional<bool> env_bool(const char* name) {

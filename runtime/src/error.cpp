@@ -46,6 +46,8 @@ const char* to_string(DecodeErrorCode code) noexcept {
       return "checksum mismatch";
     case DecodeErrorCode::kBadCompressedPayload:
       return "bad compressed payload";
+    case DecodeErrorCode::kBadPayload:
+      return "bad payload";
   }
   return "unknown decode error";
 }

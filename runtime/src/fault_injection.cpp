@@ -3,8 +3,10 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdio>
 #include <string>
+#include <thread>
 
 #include "unimsg/config.hpp"
 #include "unimsg/error.hpp"
@@ -22,9 +24,9 @@ FaultInjection FaultInjection::parse(std::string_view text) {
     const std::string_view item = text.substr(start, comma - start);
     const std::size_t colon = item.find(':');
     if (colon == std::string_view::npos) {
-      throw ConfigError(
-          kNoRank, kWhat,
-          "'" + std::string(item) + "' is not key:value (rank:R,step:S,mode:kill|exit|hang)");
+      throw ConfigError(kNoRank, kWhat,
+                        "'" + std::string(item) +
+                            "' is not key:value (rank:R,step:S,mode:kill|exit|hang|slow[,ms:M])");
     }
     const std::string_view key = item.substr(0, colon);
     const std::string_view value = item.substr(colon + 1);
@@ -43,10 +45,14 @@ FaultInjection FaultInjection::parse(std::string_view text) {
         fault.mode = Mode::kExit;
       } else if (value == "hang") {
         fault.mode = Mode::kHang;
+      } else if (value == "slow") {
+        fault.mode = Mode::kSlow;
       } else {
         throw ConfigError(kNoRank, kWhat,
-                          "mode '" + std::string(value) + "' is not kill, exit or hang");
+                          "mode '" + std::string(value) + "' is not kill, exit, hang or slow");
       }
+    } else if (key == "ms") {
+      fault.slow_ms = parse_uint(value, kWhat, 1, 3600000);
     } else {
       throw ConfigError(kNoRank, kWhat, "unknown key '" + std::string(key) + "'");
     }
@@ -74,7 +80,18 @@ std::optional<FaultInjection> FaultInjection::from_env() {
 }
 
 void FaultInjection::at_step(int here, std::uint64_t now) const {
-  if (here != rank || now != step) return;
+  if (here != rank) return;
+  if (mode == Mode::kSlow) {
+    if (now < step) return;
+    if (now == step) {
+      std::fprintf(stderr,
+                   "[rank %d] UNIMSG_FAULT_INJECT: %llu ms slower per step from step %llu\n", here,
+                   static_cast<unsigned long long>(slow_ms), static_cast<unsigned long long>(now));
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(slow_ms));
+    return;
+  }
+  if (now != step) return;
   const char* what = mode == Mode::kKill   ? "killing this rank"
                      : mode == Mode::kHang ? "stopping this rank (SIGSTOP)"
                                            : "exiting";

@@ -17,6 +17,8 @@ std::uint64_t parse_size(std::string_view text, std::string_view what);
 // An unsigned integer within [min, max].
 std::uint64_t parse_uint(std::string_view text, std::string_view what, std::uint64_t min,
                          std::uint64_t max);
+// A finite decimal number within [min, max] ("2.5", "1e-3").
+double parse_double(std::string_view text, std::string_view what, double min, double max);
 // "1", "true", "yes", "on" / "0", "false", "no", "off" (case-insensitive).
 bool parse_bool(std::string_view text, std::string_view what);
 
@@ -25,5 +27,6 @@ std::optional<std::string> env_value(const char* name);
 std::optional<std::uint64_t> env_size(const char* name, std::uint64_t min, std::uint64_t max);
 std::optional<std::uint64_t> env_uint(const char* name, std::uint64_t min, std::uint64_t max);
 std::optional<bool> env_bool(const char* name);
+std::optional<double> env_double(const char* name, double min, double max);
 
 }  // namespace unimsg

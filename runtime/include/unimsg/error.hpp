@@ -37,6 +37,7 @@ enum class DecodeErrorCode {
   kPayloadTooLarge,
   kChecksumMismatch,
   kBadCompressedPayload,
+  kBadPayload,  // the payload's content is malformed for its kind (a status report, ...)
 };
 const char* to_string(DecodeErrorCode code) noexcept;
 
