@@ -6,9 +6,42 @@
 
 #include "unimsg/error.hpp"
 #include "unimsg/launcher.hpp"
+#include "unimsg/progress.hpp"
 
 namespace unimsg::launcher {
 namespace {
+
+TEST(Progress, LineFromTheMonitorsStatus) {
+  const std::string status = R"({"job":"train","step":1200,"total_steps":4800,
+      "samples_per_second":2345.4,"eta_seconds":90.2,"world_size":4,"restart":0,
+      "ranks":[{"rank":0,"reported":true,"straggler":false},{"rank":1,"reported":true,
+      "straggler":true},{"rank":2,"reported":true},{"rank":3,"reported":false}],"events":[]})";
+  EXPECT_EQ(progress_text(status),
+            "step 1200/4800 (25.0%) | 2345 samples/s | ETA 1m30s | 4 ranks | 1 straggler");
+  // Unknown total and ETA: just what is known.
+  EXPECT_EQ(progress_text(R"({"step":7,"total_steps":0,"eta_seconds":null,
+                              "ranks":[{"reported":true}]})"),
+            "step 7 | 1 rank");
+  // Nothing to show: no rank reported yet, or not a status at all (a partial or damaged file).
+  for (const char* bad :
+       {R"({"step":0,"ranks":[{"reported":false}]})", "", "{\"step\":", "[]",
+        R"({"step":-1,"ranks":[]})", R"({"step":1,"ranks":{}})", R"({"step":1,"ranks":[3]})"}) {
+    EXPECT_FALSE(progress_text(bad)) << bad;
+  }
+}
+
+TEST(Progress, DurationsAndModes) {
+  EXPECT_EQ(format_duration(42.4), "42s");
+  EXPECT_EQ(format_duration(185), "3m05s");
+  EXPECT_EQ(format_duration(3720), "1h02m");
+  EXPECT_EQ(format_duration(-1), "?");
+  EXPECT_EQ(parse_progress_mode("auto", true), ProgressMode::kTerminal);
+  EXPECT_EQ(parse_progress_mode("auto", false), ProgressMode::kPlain);
+  EXPECT_EQ(parse_progress_mode("tty", false), ProgressMode::kTerminal);
+  EXPECT_EQ(parse_progress_mode("plain", true), ProgressMode::kPlain);
+  EXPECT_EQ(parse_progress_mode("off", true), ProgressMode::kOff);
+  EXPECT_THROW(parse_progress_mode("fancy", true), ConfigError);
+}
 
 TEST(Launcher, HostListsParseAndMerge) {
   EXPECT_EQ(parse_host_list("a:2,b,c:4"), (std::vector<Host>{{"a", 2}, {"b", 1}, {"c", 4}}));

@@ -5,6 +5,7 @@
 //   unimsg-run -np 4 [-H host:slots,...|--hostfile F] [--max-restarts 3] [--min-np 2]
 //              [--checkpoint-dir D] [--run-dir R] [-x VAR[=value]] [--dry-run] -- program args
 
+#include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
@@ -19,8 +20,10 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -28,6 +31,7 @@
 #include "unimsg/config.hpp"
 #include "unimsg/error.hpp"
 #include "unimsg/launcher.hpp"
+#include "unimsg/progress.hpp"
 
 extern char** environ;
 
@@ -56,6 +60,8 @@ SplitArgs split_arguments(int argc, char** argv) {
                                                 "--run-dir",
                                                 "--heartbeat-timeout",
                                                 "--collective-timeout",
+                                                "--progress",
+                                                "--progress-interval",
                                                 "-x",
                                                 "--mpirun"};
   SplitArgs split;
@@ -100,8 +106,16 @@ class EventLog {
   std::ofstream out_;
 };
 
-// Runs `command` and waits, forwarding SIGINT/SIGTERM to it. Returns the wait status.
-int run_and_wait(const std::vector<std::string>& command, bool& interrupted) {
+struct ProgressSettings {
+  ProgressMode mode = ProgressMode::kOff;
+  fs::path status_file;
+  std::chrono::seconds plain_interval{10};
+};
+
+// Runs `command` and waits, forwarding SIGINT/SIGTERM to it, showing progress meanwhile. Returns
+// the wait status.
+int run_and_wait(const std::vector<std::string>& command, bool& interrupted,
+                 const ProgressSettings& progress) {
   sigset_t handled;
   sigemptyset(&handled);
   sigaddset(&handled, SIGINT);
@@ -114,16 +128,45 @@ int run_and_wait(const std::vector<std::string>& command, bool& interrupted) {
   posix_spawnattr_init(&attributes);
   posix_spawnattr_setsigmask(&attributes, &previous);
   posix_spawnattr_setflags(&attributes, POSIX_SPAWN_SETSIGMASK);
+  // On a terminal the job's output passes through us, so that the progress line can stay below
+  // it (pipes close-on-exec here; dup2 makes the child's copies inheritable).
+  int out_pipe[2] = {-1, -1};
+  int err_pipe[2] = {-1, -1};
+  posix_spawn_file_actions_t files;
+  posix_spawn_file_actions_init(&files);
+  const bool through_us = progress.mode == ProgressMode::kTerminal &&
+                          ::pipe2(out_pipe, O_CLOEXEC) == 0 && ::pipe2(err_pipe, O_CLOEXEC) == 0;
+  if (through_us) {
+    posix_spawn_file_actions_adddup2(&files, out_pipe[1], STDOUT_FILENO);
+    posix_spawn_file_actions_adddup2(&files, err_pipe[1], STDERR_FILENO);
+  }
   std::vector<char*> args;
   for (const auto& word : command) args.push_back(const_cast<char*>(word.c_str()));
   args.push_back(nullptr);
   pid_t child = 0;
-  const int error = posix_spawnp(&child, args[0], nullptr, &attributes, args.data(), environ);
+  const int error = posix_spawnp(&child, args[0], &files, &attributes, args.data(), environ);
   posix_spawnattr_destroy(&attributes);
+  posix_spawn_file_actions_destroy(&files);
+  for (int* ends : {out_pipe, err_pipe}) {
+    if (ends[1] >= 0) ::close(ends[1]);
+    if (error != 0 && ends[0] >= 0) ::close(ends[0]);
+  }
   if (error != 0) {
     pthread_sigmask(SIG_SETMASK, &previous, nullptr);
     throw unimsg::Error(unimsg::kNoRank, "unimsg-run",
                         "cannot start " + command[0] + ": " + std::strerror(error));
+  }
+  // (Started with SIGINT/SIGTERM/SIGCHLD blocked: its thread leaves them to sigwaitinfo below.)
+  std::optional<ProgressDisplay> display;
+  if (through_us) {
+    display.emplace(ProgressMode::kTerminal, progress.status_file, progress.plain_interval,
+                    out_pipe[0], err_pipe[0]);
+  } else if (progress.mode == ProgressMode::kPlain) {
+    display.emplace(ProgressMode::kPlain, progress.status_file, progress.plain_interval);
+  } else if (out_pipe[0] >= 0 || err_pipe[0] >= 0) {
+    for (const int fd : {out_pipe[0], err_pipe[0]}) {
+      if (fd >= 0) ::close(fd);
+    }
   }
   int status = 0;
   while (true) {
@@ -137,6 +180,7 @@ int run_and_wait(const std::vector<std::string>& command, bool& interrupted) {
     const pid_t done = waitpid(child, &status, WNOHANG);
     if (done == child) break;
   }
+  display.reset();  // relays the rest of the output first
   pthread_sigmask(SIG_SETMASK, &previous, nullptr);
   return status;
 }
@@ -171,6 +215,12 @@ int run(int argc, char** argv) {
       "slurm", "launch with srun --mpi=pmix (default inside a Slurm allocation)")(
       "no-slurm", "launch with mpirun even inside a Slurm allocation")(
       "mpirun", "the mpirun to use", cxxopts::value<std::string>()->default_value("mpirun"))(
+      "progress",
+      "a progress line (step, samples/s, ETA) from the job's monitor: auto (on a terminal: one "
+      "line kept below the output; otherwise plain lines), tty, plain or off",
+      cxxopts::value<std::string>()->default_value("auto"))(
+      "progress-interval", "seconds between plain progress lines",
+      cxxopts::value<int>()->default_value("10"))(
       "dry-run", "print the command that would run, and exit")("h,help", "show this help");
   std::vector<char*> our_argv;
   for (const auto& word : split.ours) our_argv.push_back(const_cast<char*>(word.c_str()));
@@ -266,6 +316,12 @@ int run(int argc, char** argv) {
                               "cannot create " + run_dir.string() + ": " + error.message());
   }
   EventLog events(run_dir / "events.jsonl");
+  ProgressSettings progress;
+  progress.mode = parse_progress_mode(args["progress"].as<std::string>(), ::isatty(STDERR_FILENO));
+  progress.status_file = run_dir / "status.json";
+  const int interval = args["progress-interval"].as<int>();
+  if (interval < 1) throw unimsg::ConfigError(unimsg::kNoRank, "--progress-interval", "< 1");
+  progress.plain_interval = std::chrono::seconds(interval);
   const fs::path report_path = run_dir / "fault-report.json";
   for (int restart = 0;; ++restart) {
     plan.environment["UNIMSG_RESTART_COUNT"] = std::to_string(restart);
@@ -273,6 +329,7 @@ int run(int argc, char** argv) {
       for (const auto& [name, value] : plan.environment) setenv(name.c_str(), value.c_str(), 1);
     }
     fs::remove(report_path, error);
+    fs::remove(progress.status_file, error);  // the previous launch's
     const auto command = build_command(plan);
     events.write("launch", plan.np, restart);
     spdlog::info("[unimsg-run] launch {} of {}: {} rank(s)", restart + 1, max_restarts + 1,
@@ -280,7 +337,7 @@ int run(int argc, char** argv) {
     bool interrupted = false;
     int status = 0;
     try {
-      status = run_and_wait(command, interrupted);
+      status = run_and_wait(command, interrupted, progress);
     } catch (const unimsg::Error& failure) {
       events.write("gave_up", plan.np, restart, {{"reason", failure.what()}});
       spdlog::error("[unimsg-run] {}", failure.what());
