@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Installs what unimsg needs on Debian 12 (only what is missing), as root or through sudo.
+#   scripts/setup.sh        to build and run
+#   scripts/setup.sh test   and to run every test (adds headless Chromium for the monitor's page)
 set -euo pipefail
 
 packages=(
@@ -12,6 +14,9 @@ packages=(
   libtorch-dev dataset-fashion-mnist
   clang libclang-rt-14-dev clang-format
 )
+if [[ ${1:-} == test ]]; then
+  packages+=(chromium)
+fi
 
 missing=()
 for package in "${packages[@]}"; do

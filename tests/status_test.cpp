@@ -260,10 +260,10 @@ TEST(Trace, WritesChromeTraceCompleteEventsWithLanesAsThreads) {
   const auto origin = std::chrono::steady_clock::now();
   recorder.record({"engine", "allreduce", origin + std::chrono::microseconds(10),
                    std::chrono::microseconds(5), R"({"bytes":64})"});
-  recorder.record(
-      {"training", "step", origin + std::chrono::microseconds(2), std::chrono::microseconds(20)});
+  recorder.record({"training", "step", origin + std::chrono::microseconds(2),
+                   std::chrono::microseconds(20), ""});
   recorder.record({"engine", "negotiate", origin, std::chrono::microseconds(1), "not json"});
-  recorder.record({"engine", "dropped", origin, std::chrono::microseconds(1)});
+  recorder.record({"engine", "dropped", origin, std::chrono::microseconds(1), ""});
   EXPECT_EQ(recorder.dropped(), 1u);
   const auto events = recorder.take();
   ASSERT_EQ(events.size(), 3u);
@@ -290,7 +290,9 @@ TEST(Trace, WritesChromeTraceCompleteEventsWithLanesAsThreads) {
         EXPECT_EQ(event.at("args").at("bytes"), 64);
         EXPECT_EQ(thread_names.at(event.at("tid").get<int>()), "engine");
       }
-      if (event.at("name") == "negotiate") EXPECT_FALSE(event.contains("args"));
+      if (event.at("name") == "negotiate") {
+        EXPECT_FALSE(event.contains("args"));
+      }
     }
   }
   EXPECT_TRUE(process_named);
