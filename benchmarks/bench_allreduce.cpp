@@ -111,7 +111,7 @@ struct DeviceBytes : unimsg::kernels::DeviceBuffer {
 #endif
 
 struct Variant {
-  std::string backend;  // "mpi", "nccl" or "engine"
+  std::string backend;  // "mpi", "nccl", "engine" or "engine+trace"
   int tensors = 1;
   unimsg::kernels::CompressionSpec compress;  // the engine's; the raw backends never compress
 };
@@ -196,7 +196,7 @@ int run(int argc, char** argv) {
         }
         variants.push_back({"mpi", tensors, {}});
         if (tensors > 1) variants.push_back({"mpi", 1, {}});
-      } else if (name == "engine") {
+      } else if (name == "engine" || name == "engine+trace") {
         std::stringstream compressors(args["compress"].as<std::string>());
         std::string text;
         while (std::getline(compressors, text, ',')) {
@@ -206,7 +206,7 @@ int run(int argc, char** argv) {
             throw unimsg::ConfigError(unimsg::kNoRank, "--compress",
                                       "compression takes -d float with -o sum or avg");
           }
-          variants.push_back({"engine", tensors, spec});
+          variants.push_back({name, tensors, spec});
         }
       } else if (name == "nccl") {
 #ifdef UNIMSG_WITH_NCCL
@@ -217,7 +217,8 @@ int run(int argc, char** argv) {
 #endif
       } else {
         throw unimsg::ConfigError(unimsg::kNoRank, "--backend",
-                                  "unknown backend '" + name + "' (mpi, engine, nccl)");
+                                  "unknown backend '" + name +
+                                      "' (mpi, engine, engine+trace, nccl)");
       }
     }
   }
@@ -227,9 +228,17 @@ int run(int argc, char** argv) {
   const int ranks = runtime.size();
   unimsg::MpiCommunicator communicator(MPI_COMM_WORLD, runtime.bus());
   std::unique_ptr<unimsg::Engine> engine;
+  // engine+trace: a second engine recording timeline spans (UNIMSG_TIMELINE's cost).
+  unimsg::TraceRecorder recorder;
+  std::unique_ptr<unimsg::Engine> traced_engine;
   for (const auto& v : variants) {
     if (v.backend == "engine" && !engine) {
       engine = std::make_unique<unimsg::Engine>(communicator, runtime.bus());
+    }
+    if (v.backend == "engine+trace" && !traced_engine) {
+      auto options = unimsg::EngineOptions::from_env();
+      options.trace = &recorder;
+      traced_engine = std::make_unique<unimsg::Engine>(communicator, runtime.bus(), options);
     }
   }
 #ifdef UNIMSG_WITH_NCCL
@@ -299,7 +308,9 @@ int run(int argc, char** argv) {
       if (variant.backend == "nccl") device_send->copy_from_host(reference.data(), size_bytes);
 #endif
       const auto bus_before = runtime.bus().stats().sent_bytes;
-      const auto engine_before = engine ? engine->stats().wire_bytes : 0;
+      unimsg::Engine* const chosen =
+          variant.backend == "engine+trace" ? traced_engine.get() : engine.get();
+      const auto engine_before = chosen ? chosen->stats().wire_bytes : 0;
       MPI_Barrier(raw);
       const auto start = Clock::now();
       if (variant.backend == "mpi") {
@@ -334,7 +345,7 @@ int run(int argc, char** argv) {
         std::vector<unimsg::Work> works;
         for (int k = 0; k < variant.tensors; ++k) {
           const auto [offset, n] = slice(k, variant.tensors);
-          works.push_back(engine->submit(
+          works.push_back(chosen->submit(
               "bench." + std::to_string(v) + "." + std::to_string(k),
               unimsg::TensorView{result + offset * element, n, dtype, unimsg::Device::kHost}, op,
               variant.compress));
@@ -342,12 +353,13 @@ int run(int argc, char** argv) {
         for (auto& work : works) work.wait();
       }
       const double us = std::chrono::duration<double, std::micro>(Clock::now() - start).count();
+      if (chosen == traced_engine.get() && chosen != nullptr) recorder.take();  // bounded memory
       if (!timed) return;
       Measurement& m = results[{v, inplace}];
       m.times_us.push_back(us);
       m.extra_wire_bytes += static_cast<double>(runtime.bus().stats().sent_bytes - bus_before);
-      if (engine)
-        m.engine_wire_bytes += static_cast<double>(engine->stats().wire_bytes - engine_before);
+      if (chosen)
+        m.engine_wire_bytes += static_cast<double>(chosen->stats().wire_bytes - engine_before);
       if (check && iteration == 0 && variant.compress.compresses()) {
         // Lossy by design: every rank must hold bitwise the same result, and fp16/bf16 must stay
         // within their rounding (the inputs are small integers).
@@ -430,7 +442,7 @@ int run(int argc, char** argv) {
               {"busbw", busbw},
               {"wrong", m.wrong},
               {"wire_bytes",
-               (variant.backend == "engine" ? m.engine_wire_bytes
+               (variant.backend.rfind("engine", 0) == 0 ? m.engine_wire_bytes
                                             : static_cast<double>(size_bytes) * bus_factor *
                                                   static_cast<double>(m.times_us.size())) /
                        static_cast<double>(m.times_us.size()) +
@@ -489,6 +501,14 @@ int run(int argc, char** argv) {
             name.c_str(), avg, min_bw);
         exit_code = 1;
       }
+    }
+    // The timeline's cost: the traced engine against the same engine untraced, same run.
+    for (const auto& [name, sum] : bw_sum) {
+      if (name.rfind("engine+trace/", 0) != 0) continue;
+      const auto plain = bw_sum.find("engine/" + name.substr(std::string("engine+trace/").size()));
+      if (plain == bw_sum.end() || plain->second.first <= 0) continue;
+      const double ratio = (sum.first / sum.second) / (plain->second.first / plain->second.second);
+      if (!json) std::printf("# engine+trace / engine busbw: %.3f (%s)\n", ratio, name.c_str());
     }
     if (total_wrong) exit_code = 1;
   }

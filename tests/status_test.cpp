@@ -124,7 +124,9 @@ TEST(StragglerDetector, FlagsAfterTheConfiguredStepsAndClearsWhenBackInLine) {
   EXPECT_NEAR(flagged->median_of_others, 0.010, 1e-12);
   EXPECT_TRUE(detector.flagged(2));
   EXPECT_FALSE(detector.add(2, 10, 0.050));  // still flagged: no new change
-  // Back in line: one change, then quiet.
+  // One short window back in line is not enough; `steps` steps are.
+  EXPECT_FALSE(detector.add(2, 10, 0.011));
+  EXPECT_TRUE(detector.flagged(2));
   const auto cleared = detector.add(2, 10, 0.011);
   ASSERT_TRUE(cleared);
   EXPECT_FALSE(cleared->straggler);
@@ -241,6 +243,23 @@ TEST(StatusBoard, SnapshotSummarisesAndFlagsStragglers) {
   EXPECT_DOUBLE_EQ(snapshot.at("history").at("1")[0][3].get<double>(), 0.1);
   // Without history, no points.
   EXPECT_FALSE(board.snapshot(12.0, false).contains("history"));
+}
+
+TEST(StatusBoard, AnEmptyLastWindowKeepsThePreviousFigures) {
+  StatusBoard board(1, {}, "job", 0);
+  board.add(sample_report(0), 1.0);
+  StatusReport last = sample_report(0);
+  last.step = 41;
+  last.steps = 0;
+  last.samples = 0;
+  last.seconds = 0;
+  last.final_report = true;
+  EXPECT_FALSE(board.add(last, 2.0));
+  const json rank = board.snapshot(2.0, false).at("ranks")[0];
+  EXPECT_EQ(rank.at("step"), 41);
+  EXPECT_TRUE(rank.at("final").get<bool>());
+  EXPECT_DOUBLE_EQ(rank.at("samples_per_second").get<double>(), 1280.0);
+  EXPECT_DOUBLE_EQ(rank.at("step_seconds").get<double>(), 0.05);
 }
 
 TEST(StatusBoard, HistoryAndEventsAreBounded) {

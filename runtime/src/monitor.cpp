@@ -49,10 +49,9 @@ std::uint64_t resident_bytes() {
 }
 
 std::string program_name() {
-  std::ifstream comm("/proc/self/comm");
-  std::string name;
-  std::getline(comm, name);
-  return name.empty() ? "unimsg" : name;
+  // (Not /proc/self/comm: the kernel cuts it at 15 characters.)
+  const char* name = program_invocation_short_name;
+  return name != nullptr && *name != '\0' ? name : "unimsg";
 }
 
 // A launcher event (events.jsonl) as the page shows it; nullopt for lines it cannot read.
@@ -412,7 +411,7 @@ void Monitor::on_event(const Message& message) {
 void Monitor::handle_event(int source, std::string kind, std::string text) {
   const double now = unix_now();
   text = "rank " + std::to_string(source) + ": " + text;
-  log_->info("monitor: {} {}", kind, text);
+  log_->debug("monitor: event {}: {}", kind, text);  // (its sender logs it)
   record(json{{"type", "event"}, {"time", now}, {"kind", kind}, {"rank", source}, {"text", text}}
              .dump());
   board_->add_event({now, std::move(kind), std::move(text)});

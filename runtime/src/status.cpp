@@ -160,8 +160,11 @@ std::optional<StragglerDetector::Change> StragglerDetector::add(int rank, std::u
   const bool slow = compute_per_step > options_.factor * reference &&
                     compute_per_step - reference >= options_.min_excess.count();
   Change change{rank, false, compute_per_step, reference, 0};
+  // Both verdicts need `steps` consecutive steps: one short window (the first step after an
+  // evaluation pause) neither flags a rank nor clears it.
   if (slow) {
     state.slow_steps += steps;
+    state.fast_steps = 0;
     change.steps = state.slow_steps;
     if (!state.flagged && state.slow_steps >= options_.steps) {
       state.flagged = true;
@@ -170,7 +173,9 @@ std::optional<StragglerDetector::Change> StragglerDetector::add(int rank, std::u
     }
   } else {
     state.slow_steps = 0;
-    if (state.flagged) {
+    state.fast_steps += steps;
+    change.steps = state.fast_steps;
+    if (state.flagged && state.fast_steps >= options_.steps) {
       state.flagged = false;
       return change;
     }
@@ -193,6 +198,21 @@ std::optional<StragglerDetector::Change> StatusBoard::add(const StatusReport& re
   std::lock_guard lock(mutex_);
   if (report.rank < 0 || report.rank >= static_cast<int>(ranks_.size())) return std::nullopt;
   RankView& view = ranks_[static_cast<std::size_t>(report.rank)];
+  if (report.steps == 0 && view.latest) {
+    // An empty window (a last report right after a step's) says nothing about speed: the
+    // figures of the previous window stand.
+    const StatusReport& previous = *view.latest;
+    StatusReport merged = report;
+    merged.steps = previous.steps;
+    merged.samples = previous.samples;
+    merged.seconds = previous.seconds;
+    merged.compute_seconds = previous.compute_seconds;
+    merged.communication_seconds = previous.communication_seconds;
+    merged.wait_seconds = previous.wait_seconds;
+    view.latest = merged;
+    view.received = now;
+    return std::nullopt;
+  }
   view.latest = report;
   view.received = now;
   const auto change =
@@ -211,8 +231,9 @@ std::optional<StragglerDetector::Change> StatusBoard::add(const StatusReport& re
     } else {
       std::snprintf(text, sizeof text,
                     "rank %d is back in line: %.1f ms of compute per step, the others' median "
-                    "%.1f ms",
-                    change->rank, change->compute_per_step * 1e3, change->median_of_others * 1e3);
+                    "%.1f ms, for %llu steps",
+                    change->rank, change->compute_per_step * 1e3, change->median_of_others * 1e3,
+                    static_cast<unsigned long long>(change->steps));
     }
     events_.push_back({now, change->straggler ? "straggler" : "straggler_cleared", text});
     if (events_.size() > kEventsKept) events_.pop_front();

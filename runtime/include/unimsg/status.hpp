@@ -51,7 +51,7 @@ struct StatusReport {
 
 struct StragglerOptions {
   // A rank is flagged when its compute time per step stays above `factor` x the median of the
-  // other ranks' for `steps` steps in a row (UNIMSG_STRAGGLER_FACTOR, UNIMSG_STRAGGLER_STEPS),
+  // other ranks' for `steps` steps in a row (and cleared after as many steps back in line) (UNIMSG_STRAGGLER_FACTOR, UNIMSG_STRAGGLER_STEPS),
   // and is at least `min_excess` slower (UNIMSG_STRAGGLER_MIN_MS: scheduling noise on
   // millisecond steps is not a straggler).
   double factor = 1.5;
@@ -82,6 +82,7 @@ class StragglerDetector {
   struct RankState {
     std::optional<double> latest;
     std::uint64_t slow_steps = 0;
+    std::uint64_t fast_steps = 0;
     bool flagged = false;
   };
   StragglerOptions options_;
