@@ -106,10 +106,13 @@ TEST_F(MonitorTest, StatusReachesRankZeroAndTheTimelineMerges) {
     checkpoint_options.trace = monitor.trace();
     std::optional<Checkpointer> checkpointer;
     if (rank == 0) checkpointer.emplace(dir / "checkpoints", checkpoint_options);
-    std::vector<float> plain(1000, 1.0f), compressed(4096, 0.5f);
+    std::vector<float> plain(1000, 1.0f), plain2(300, 2.0f), compressed(4096, 0.5f);
     monitor.start_timing();
     for (std::uint64_t step = 1; step <= kSteps; ++step) {
-      Work a = engine.submit("plain", host_view(plain.data(), plain.size()), ReduceOp::kSum);
+      // (A group is reduced in one cycle, fused: the timeline gets fuse and unfuse spans.)
+      Work a = engine.submit_group({{"plain", host_view(plain.data(), plain.size())},
+                                    {"plain2", host_view(plain2.data(), plain2.size())}},
+                                   ReduceOp::kAvg);
       Work b = engine.submit("compressed", host_view(compressed.data(), compressed.size()),
                              ReduceOp::kAvg, kernels::CompressionSpec::parse("fp16"));
       a.wait();
@@ -123,6 +126,8 @@ TEST_F(MonitorTest, StatusReachesRankZeroAndTheTimelineMerges) {
       }
     }
     if (checkpointer) checkpointer->flush();
+    EXPECT_FLOAT_EQ(plain.front(), 1.0f);  // averages of equal values
+    EXPECT_FLOAT_EQ(plain2.back(), 2.0f);
     monitor.event("info", "hello from rank " + std::to_string(rank));
     EXPECT_EQ(engine.stats().dense_wire_bytes > engine.stats().wire_bytes, size > 1);
 
@@ -223,8 +228,8 @@ TEST_F(MonitorTest, StatusReachesRankZeroAndTheTimelineMerges) {
     }
     ASSERT_EQ(names.size(), static_cast<std::size_t>(size));
     for (int r = 0; r < size; ++r) {
-      for (const char* name : {"negotiate", "wait_for_data", "allreduce", "compressed_allreduce",
-                               "compress", "decompress", "step"}) {
+      for (const char* name : {"negotiate", "wait_for_data", "fuse", "allreduce", "unfuse",
+                               "compressed_allreduce", "compress", "decompress", "step"}) {
         EXPECT_TRUE(names[r].count(name)) << "rank " << r << " has no " << name;
       }
       // The ranks started their steps together (generously: within a minute of each other).

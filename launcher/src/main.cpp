@@ -3,7 +3,8 @@
 // succeeds, --max-restarts is spent or fewer than --min-np slots remain. docs/launcher.md.
 //
 //   unimsg-run -np 4 [-H host:slots,...|--hostfile F] [--max-restarts 3] [--min-np 2]
-//              [--checkpoint-dir D] [--run-dir R] [-x VAR[=value]] [--dry-run] -- program args
+//              [--checkpoint-dir D] [--run-dir R] [-x VAR[=value]] [--progress auto|tty|plain|off]
+//              [--dry-run] -- program args
 
 #include <fcntl.h>
 #include <signal.h>
@@ -302,6 +303,15 @@ int run(int argc, char** argv) {
     plan.environment["OPENBLAS_NUM_THREADS"] = "1";
   }
 
+  ProgressSettings progress;
+  progress.mode = parse_progress_mode(args["progress"].as<std::string>(), ::isatty(STDERR_FILENO));
+  progress.status_file = run_dir / "status.json";
+  const int interval = args["progress-interval"].as<int>();
+  if (interval < 1) {
+    throw unimsg::ConfigError(unimsg::kNoRank, "--progress-interval", "must be at least 1 second");
+  }
+  progress.plain_interval = std::chrono::seconds(interval);
+
   if (args.count("dry-run")) {
     std::string line;
     for (const auto& word : build_command(plan)) line += (line.empty() ? "" : " ") + word;
@@ -316,12 +326,6 @@ int run(int argc, char** argv) {
                               "cannot create " + run_dir.string() + ": " + error.message());
   }
   EventLog events(run_dir / "events.jsonl");
-  ProgressSettings progress;
-  progress.mode = parse_progress_mode(args["progress"].as<std::string>(), ::isatty(STDERR_FILENO));
-  progress.status_file = run_dir / "status.json";
-  const int interval = args["progress-interval"].as<int>();
-  if (interval < 1) throw unimsg::ConfigError(unimsg::kNoRank, "--progress-interval", "< 1");
-  progress.plain_interval = std::chrono::seconds(interval);
   const fs::path report_path = run_dir / "fault-report.json";
   for (int restart = 0;; ++restart) {
     plan.environment["UNIMSG_RESTART_COUNT"] = std::to_string(restart);

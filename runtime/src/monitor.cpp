@@ -31,6 +31,10 @@ namespace fs = std::filesystem;
 constexpr std::size_t kSpansPerFragment = 20000;
 constexpr std::size_t kMaxEventText = 4096;
 
+std::int64_t nanoseconds_of(Clock::time_point time) {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(time.time_since_epoch()).count();
+}
+
 double unix_now() {
   return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
 }
@@ -166,8 +170,8 @@ Monitor::Monitor(Bus& bus, MonitorOptions options)
     if (trace_) {
       clock_ = bus_.subscribe(
           Filter{Kind::kStatus, kClockTopic, std::nullopt}, [this](const Message& message) {
-            const std::int64_t times[2] = {Clock::now().time_since_epoch().count(),
-                                           timeline_origin_.time_since_epoch().count()};
+            const std::int64_t times[2] = {nanoseconds_of(Clock::now()),
+                                           nanoseconds_of(timeline_origin_)};
             std::vector<std::byte> payload(sizeof times);
             std::memcpy(payload.data(), times, sizeof times);
             bus_.reply(message.header,
@@ -508,8 +512,9 @@ void Monitor::sync_clock() {
       if (!best_rtt || rtt < *best_rtt) {
         best_rtt = rtt;
         const auto midpoint = sent + rtt / 2;
-        clock_offset_ = std::chrono::nanoseconds(times[0]) - midpoint.time_since_epoch();
-        timeline_origin_ = Clock::time_point(std::chrono::nanoseconds(times[1]));
+        clock_offset_ = std::chrono::nanoseconds(times[0] - nanoseconds_of(midpoint));
+        timeline_origin_ = Clock::time_point(
+            std::chrono::duration_cast<Clock::duration>(std::chrono::nanoseconds(times[1])));
       }
     } catch (const std::exception& error) {
       log_->warn("monitor: timeline clock not aligned with rank 0 ({}): spans may be shifted",
