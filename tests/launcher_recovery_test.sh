@@ -21,6 +21,9 @@ events=$(grep -o '"event":"[a-z_]*"' "$work/run/events.jsonl" | cut -d'"' -f4 | 
 [[ $events == "launch failure rerank restart launch done" ]] || fail "events: $events"
 grep -q '"event":"launch","restart":1,.*"world_size":3' "$work/run/events.jsonl" ||
   fail "the relaunch did not run on 3 ranks"
+# mpirun ended the job before any watchdog could report: the launcher read mpirun's own word.
+grep -q '"event":"failure".*"lost_ranks":\[2\].*"reason":"rank 2 on [^ ]*: signal 9' \
+  "$work/run/events.jsonl" || { cat "$work/run/events.jsonl"; fail "the killed rank 2 not named"; }
 grep -q "resumed from step 20" "$work/err" || fail "did not resume from step 20"
 recovered=$(grep -o '"w_l2":[-0-9.e+]*' "$work/out" | tail -1 | cut -d: -f2)
 

@@ -11,6 +11,34 @@
 namespace unimsg::launcher {
 namespace {
 
+TEST(Launcher, DeadProcessFromMpirunAndSrunOutput) {
+  EXPECT_EQ(parse_dead_process("mpirun noticed that process rank 2 with PID 4242 on node n3 exited "
+                               "on signal 9 (Killed)."),
+            (DeadProcess{2, "n3", "signal 9 (Killed)"}));
+  EXPECT_EQ(parse_dead_process("  Process name: [[31335,1],3]"),
+            (DeadProcess{3, "", "a non-zero exit"}));
+  EXPECT_EQ(parse_dead_process("srun: error: n7: task 5: Killed"),
+            (DeadProcess{5, "n7", "Killed"}));
+  for (const char* other :
+       {"", "[rank 2] UNIMSG_FAULT_INJECT: killing this rank at step 25",
+        "mpirun noticed that process rank x with PID 1", "  Process name: [[31335,1],]",
+        "srun: error: Unable to create step", "{\"step\":3}"}) {
+    EXPECT_FALSE(parse_dead_process(other)) << other;
+  }
+}
+
+TEST(Launcher, ShrinkTakesTheLostRanksSlotFromItsOwnHost) {
+  const std::vector<Host> hosts{{"a", 2}, {"b", 2}, {"c", 2}};
+  FaultReport report;
+  report.lost_ranks = {1};
+  report.rank_hosts = {"a"};
+  const Shrink next = shrink(hosts, 6, report);
+  EXPECT_EQ(next.np, 5);
+  EXPECT_EQ(next.hosts, (std::vector<Host>{{"a", 1}, {"b", 2}, {"c", 2}}));
+  report.rank_hosts = {"elsewhere"};  // unknown host: the last one gives a slot
+  EXPECT_EQ(shrink(hosts, 6, report).hosts, (std::vector<Host>{{"a", 2}, {"b", 2}, {"c", 1}}));
+}
+
 TEST(Progress, LineFromTheMonitorsStatus) {
   const std::string status = R"({"job":"train","step":1200,"total_steps":4800,
       "samples_per_second":2345.4,"eta_seconds":90.2,"world_size":4,"restart":0,

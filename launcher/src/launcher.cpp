@@ -3,6 +3,7 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <cctype>
 #include <charconv>
 #include <fstream>
 #include <sstream>
@@ -177,6 +178,16 @@ Shrink shrink(const std::vector<Host>& hosts, int np, const FaultReport& report)
   if (lost == 0 && report.lost_hosts.empty()) lost = 1;  // something died: at least one slot
   for (int i = 0; i < lost && next.np > 0; ++i) {
     --next.np;
+    // The lost rank's own host when known (and still there), else the last host with slots.
+    const std::string known =
+        static_cast<std::size_t>(i) < report.rank_hosts.size() ? report.rank_hosts[i] : "";
+    const auto own = std::find_if(next.hosts.begin(), next.hosts.end(), [&](const Host& h) {
+      return !known.empty() && h.name == known && h.slots > 0;
+    });
+    if (own != next.hosts.end()) {
+      --own->slots;
+      continue;
+    }
     for (auto it = next.hosts.rbegin(); it != next.hosts.rend(); ++it) {
       if (it->slots > 0) {
         --it->slots;
@@ -187,6 +198,69 @@ Shrink shrink(const std::vector<Host>& hosts, int np, const FaultReport& report)
   std::erase_if(next.hosts, [](const Host& h) { return h.slots == 0; });
   if (!next.hosts.empty()) next.np = std::min(next.np, total_slots(next.hosts));
   return next;
+}
+
+std::optional<DeadProcess> parse_dead_process(std::string_view line) {
+  const auto number_after = [&](std::string_view prefix, std::size_t from,
+                                std::size_t* end) -> std::optional<int> {
+    const std::size_t at = line.find(prefix, from);
+    if (at == std::string_view::npos) return std::nullopt;
+    std::size_t i = at + prefix.size();
+    std::size_t digits = 0;
+    long long value = 0;
+    while (i < line.size() && std::isdigit(static_cast<unsigned char>(line[i])) && digits < 9) {
+      value = value * 10 + (line[i] - '0');
+      ++i;
+      ++digits;
+    }
+    if (digits == 0) return std::nullopt;
+    if (end != nullptr) *end = i;
+    return static_cast<int>(value);
+  };
+  const auto word_after = [&](std::string_view prefix, std::size_t from) -> std::string {
+    const std::size_t at = line.find(prefix, from);
+    if (at == std::string_view::npos) return {};
+    std::size_t i = at + prefix.size();
+    std::size_t start = i;
+    while (i < line.size() && !std::isspace(static_cast<unsigned char>(line[i]))) ++i;
+    return std::string(line.substr(start, i - start));
+  };
+  // Open MPI: "mpirun noticed that process rank 2 with PID 4242 on node n3 exited on signal 9
+  // (Killed)."
+  if (line.find("noticed that process rank ") != std::string_view::npos) {
+    std::size_t end = 0;
+    const auto rank = number_after("noticed that process rank ", 0, &end);
+    if (!rank) return std::nullopt;
+    DeadProcess dead{*rank, word_after(" on node ", end), ""};
+    const std::size_t how = line.find("exited on ", end);
+    if (how != std::string_view::npos) {
+      std::string_view text = line.substr(how + 10);
+      while (!text.empty() &&
+             (text.back() == '.' || std::isspace(static_cast<unsigned char>(text.back())))) {
+        text.remove_suffix(1);
+      }
+      dead.how = std::string(text);
+    }
+    return dead;
+  }
+  // Open MPI: the first process to exit non-zero, "  Process name: [[31335,1],2]".
+  if (const std::size_t at = line.find("Process name: [["); at != std::string_view::npos) {
+    const std::size_t close = line.find("],", at);
+    if (close == std::string_view::npos) return std::nullopt;
+    const auto rank = number_after("],", close, nullptr);
+    if (!rank) return std::nullopt;
+    return DeadProcess{*rank, "", "a non-zero exit"};
+  }
+  // Slurm: "srun: error: n3: task 2: Killed".
+  if (line.rfind("srun: error: ", 0) == 0) {
+    const std::string host = word_after("srun: error: ", 0);
+    std::size_t end = 0;
+    const auto rank = number_after(": task ", 0, &end);
+    if (!rank || host.size() < 2 || host.back() != ':') return std::nullopt;
+    std::string_view how = end + 2 <= line.size() ? line.substr(end + 2) : std::string_view();
+    return DeadProcess{*rank, host.substr(0, host.size() - 1), std::string(how)};
+  }
+  return std::nullopt;
 }
 
 }  // namespace unimsg::launcher

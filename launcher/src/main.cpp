@@ -113,10 +113,11 @@ struct ProgressSettings {
   std::chrono::seconds plain_interval{10};
 };
 
-// Runs `command` and waits, forwarding SIGINT/SIGTERM to it, showing progress meanwhile. Returns
-// the wait status.
+// Runs `command` and waits, forwarding SIGINT/SIGTERM to it, showing progress meanwhile. Its
+// output passes through us; the first rank death mpirun or srun reports there lands in `dead`.
+// Returns the wait status.
 int run_and_wait(const std::vector<std::string>& command, bool& interrupted,
-                 const ProgressSettings& progress) {
+                 const ProgressSettings& progress, std::optional<DeadProcess>& dead) {
   sigset_t handled;
   sigemptyset(&handled);
   sigaddset(&handled, SIGINT);
@@ -129,14 +130,14 @@ int run_and_wait(const std::vector<std::string>& command, bool& interrupted,
   posix_spawnattr_init(&attributes);
   posix_spawnattr_setsigmask(&attributes, &previous);
   posix_spawnattr_setflags(&attributes, POSIX_SPAWN_SETSIGMASK);
-  // On a terminal the job's output passes through us, so that the progress line can stay below
-  // it (pipes close-on-exec here; dup2 makes the child's copies inheritable).
+  // The job's output passes through us: the progress line stays below it on a terminal, and
+  // mpirun's report of a dead rank can be read (pipes close-on-exec here; dup2 makes the child's
+  // copies inheritable). Without pipes the output goes straight to ours.
   int out_pipe[2] = {-1, -1};
   int err_pipe[2] = {-1, -1};
   posix_spawn_file_actions_t files;
   posix_spawn_file_actions_init(&files);
-  const bool through_us = progress.mode == ProgressMode::kTerminal &&
-                          ::pipe2(out_pipe, O_CLOEXEC) == 0 && ::pipe2(err_pipe, O_CLOEXEC) == 0;
+  const bool through_us = ::pipe2(out_pipe, O_CLOEXEC) == 0 && ::pipe2(err_pipe, O_CLOEXEC) == 0;
   if (through_us) {
     posix_spawn_file_actions_adddup2(&files, out_pipe[1], STDOUT_FILENO);
     posix_spawn_file_actions_adddup2(&files, err_pipe[1], STDERR_FILENO);
@@ -159,15 +160,20 @@ int run_and_wait(const std::vector<std::string>& command, bool& interrupted,
   }
   // (Started with SIGINT/SIGTERM/SIGCHLD blocked: its thread leaves them to sigwaitinfo below.)
   std::optional<ProgressDisplay> display;
+  const auto watch = [&dead](std::string_view line) {
+    if (!dead) dead = parse_dead_process(line);
+  };
   if (through_us) {
-    display.emplace(ProgressMode::kTerminal, progress.status_file, progress.plain_interval,
-                    out_pipe[0], err_pipe[0]);
-  } else if (progress.mode == ProgressMode::kPlain) {
-    display.emplace(ProgressMode::kPlain, progress.status_file, progress.plain_interval);
-  } else if (out_pipe[0] >= 0 || err_pipe[0] >= 0) {
+    display.emplace(progress.mode, progress.status_file, progress.plain_interval, out_pipe[0],
+                    err_pipe[0], watch);
+  } else {
     for (const int fd : {out_pipe[0], err_pipe[0]}) {
       if (fd >= 0) ::close(fd);
     }
+    // (No terminal line without the output passing through: it would be drawn over.)
+    const auto mode =
+        progress.mode == ProgressMode::kTerminal ? ProgressMode::kPlain : progress.mode;
+    display.emplace(mode, progress.status_file, progress.plain_interval);
   }
   int status = 0;
   while (true) {
@@ -340,8 +346,9 @@ int run(int argc, char** argv) {
                  plan.np);
     bool interrupted = false;
     int status = 0;
+    std::optional<DeadProcess> dead;
     try {
-      status = run_and_wait(command, interrupted, progress);
+      status = run_and_wait(command, interrupted, progress, dead);
     } catch (const unimsg::Error& failure) {
       events.write("gave_up", plan.np, restart, {{"reason", failure.what()}});
       spdlog::error("[unimsg-run] {}", failure.what());
@@ -354,6 +361,14 @@ int run(int argc, char** argv) {
     }
     const auto report = read_fault_report(report_path);
     FaultReport lost = report.value_or(FaultReport{});
+    if (!report && dead) {
+      // No watchdog got to write a report (mpirun ended the job first): mpirun's word for it.
+      lost.lost_ranks = {dead->rank};
+      lost.rank_hosts = {dead->host};
+      lost.reason = "rank " + std::to_string(dead->rank) +
+                    (dead->host.empty() ? "" : " on " + dead->host) + ": " + dead->how +
+                    " (reported by " + (plan.slurm ? "srun" : "mpirun") + ")";
+    }
     if (lost.reason.empty()) lost.reason = "the job ended with " + describe(status);
     nlohmann::json details{{"reason", lost.reason},
                            {"lost_ranks", lost.lost_ranks},

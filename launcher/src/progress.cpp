@@ -101,13 +101,17 @@ ProgressMode parse_progress_mode(std::string_view text, bool stderr_is_terminal)
 }
 
 ProgressDisplay::ProgressDisplay(ProgressMode mode, std::filesystem::path status_file,
-                                 std::chrono::seconds plain_interval, int out_pipe, int err_pipe)
+                                 std::chrono::seconds plain_interval, int out_pipe, int err_pipe,
+                                 LineHandler on_line)
     : mode_(mode),
       status_file_(std::move(status_file)),
       plain_interval_(plain_interval),
       out_pipe_(out_pipe),
-      err_pipe_(err_pipe) {
-  if (mode_ != ProgressMode::kOff) thread_ = std::thread([this] { run(); });
+      err_pipe_(err_pipe),
+      on_line_(std::move(on_line)) {
+  if (mode_ != ProgressMode::kOff || out_pipe_ >= 0 || err_pipe_ >= 0) {
+    thread_ = std::thread([this] { run(); });
+  }
 }
 
 ProgressDisplay::~ProgressDisplay() {
@@ -134,7 +138,7 @@ void ProgressDisplay::clear() {
 }
 
 void ProgressDisplay::draw() {
-  if (line_.empty()) return;
+  if (mode_ != ProgressMode::kTerminal || line_.empty()) return;
   std::string shown = line_;
   // Wider than the terminal, the line would wrap and "\r" could no longer take it back.
   const std::size_t width = terminal_width() - 1;
@@ -156,7 +160,19 @@ bool ProgressDisplay::relay(int fd, int to, std::string& pending) {
   const std::size_t end = end_of_output ? pending.size() : pending.rfind('\n') + 1;
   if (end > 0) {
     clear();
-    write_all(to, std::string_view(pending).substr(0, end));
+    const std::string_view lines = std::string_view(pending).substr(0, end);
+    write_all(to, lines);
+    if (on_line_) {
+      std::size_t start = 0;
+      while (start < lines.size()) {
+        std::size_t stop = lines.find('\n', start);
+        if (stop == std::string_view::npos) stop = lines.size();
+        std::string_view line = lines.substr(start, stop - start);
+        if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
+        on_line_(line);
+        start = stop + 1;
+      }
+    }
     pending.erase(0, end);
   }
   return end_of_output;
@@ -167,7 +183,7 @@ void ProgressDisplay::run() {
   auto next_plain = Clock::now();
   Clock::time_point stop_deadline{};
   while (true) {
-    if (mode_ == ProgressMode::kTerminal && (out_pipe_ >= 0 || err_pipe_ >= 0)) {
+    if (out_pipe_ >= 0 || err_pipe_ >= 0) {
       pollfd fds[2] = {{out_pipe_, POLLIN, 0}, {err_pipe_, POLLIN, 0}};
       const int ready = ::poll(fds, 2, 250);
       const int targets[2] = {STDOUT_FILENO, STDERR_FILENO};
@@ -198,7 +214,7 @@ void ProgressDisplay::run() {
       std::this_thread::sleep_for(std::chrono::milliseconds(250));
     }
     const auto now = Clock::now();
-    if (now >= next_status) {
+    if (mode_ != ProgressMode::kOff && now >= next_status) {
       refresh_status();
       next_status = now + std::chrono::seconds(1);
       if (mode_ == ProgressMode::kTerminal) {
@@ -221,7 +237,7 @@ void ProgressDisplay::run() {
         }
       }
       const bool drained = out_pipe_ < 0 && err_pipe_ < 0;
-      if (mode_ != ProgressMode::kTerminal || drained || now >= stop_deadline) break;
+      if (drained || now >= stop_deadline) break;
     }
   }
   clear();

@@ -42,6 +42,9 @@ std::vector<std::string> build_command(const LaunchPlan& plan);
 struct FaultReport {
   std::vector<int> lost_ranks;
   std::vector<std::string> lost_hosts;
+  // The host each lost rank ran on, where known (same order as lost_ranks; "" unknown): a rank
+  // lost alone costs a slot on its own host.
+  std::vector<std::string> rank_hosts;
   std::string reason;
   std::optional<long long> last_step;
   std::optional<double> time;  // when the fault was detected (Unix seconds)
@@ -52,6 +55,19 @@ std::optional<FaultReport> read_fault_report(const std::filesystem::path& path);
 // The hosts for the next attempt: lost hosts removed, then one slot less for each lost rank
 // that was not on a lost host (from the host that held it when known, else the last host with
 // slots). With no hosts (one local host) the world just shrinks.
+
+// A rank's death as mpirun or srun tells it on its output, when a rank dies before any
+// watchdog can write a fault report (a killed rank: mpirun ends the job at once):
+//   "mpirun noticed that process rank 2 with PID 4242 on node n3 exited on signal 9 (Killed)."
+//   "  Process name: [[31335,1],2]"      (mpirun: the first rank to exit non-zero)
+//   "srun: error: n3: task 2: Killed"
+struct DeadProcess {
+  int rank = -1;
+  std::string host;  // "" when the line does not say
+  std::string how;   // "signal 9 (Killed)", "a non-zero exit", "Killed"
+  bool operator==(const DeadProcess&) const = default;
+};
+std::optional<DeadProcess> parse_dead_process(std::string_view line);
 struct Shrink {
   std::vector<Host> hosts;
   int np = 0;

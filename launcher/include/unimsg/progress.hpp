@@ -2,13 +2,15 @@
 
 // unimsg-run's progress display: rank 0's monitor rewrites <run dir>/status.json every second
 // (monitor.hpp); the launcher turns it into one line. On a terminal the line stays at the bottom
-// and is redrawn in place while the job's output scrolls above it (the job's stdout and stderr
-// pass through the launcher for that); elsewhere (a log file, CI) a plain line is printed every
-// interval, only when the step moved.
+// and is redrawn in place while the job's output scrolls above it; elsewhere (a log file, CI) a
+// plain line is printed every interval, only when the step moved. The job's stdout and stderr
+// pass through here line by line (so that the launcher can also read mpirun's word on a rank
+// that died, docs/launcher.md).
 
 #include <atomic>
 #include <chrono>
 #include <filesystem>
+#include <functional>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -31,10 +33,13 @@ ProgressMode parse_progress_mode(std::string_view text, bool stderr_is_terminal)
 
 class ProgressDisplay {
  public:
-  // kTerminal: the child's stdout and stderr must be the write ends of `out_pipe`/`err_pipe`
-  // (their read ends are given here); kPlain: nothing passes through.
+  using LineHandler = std::function<void(std::string_view line)>;
+  // `out_pipe`/`err_pipe`: the read ends of the pipes the child's stdout and stderr write to
+  // (-1: that stream does not pass through here); their lines go to our stdout and stderr, and
+  // each to `on_line` (on the display's thread).
   ProgressDisplay(ProgressMode mode, std::filesystem::path status_file,
-                  std::chrono::seconds plain_interval, int out_pipe = -1, int err_pipe = -1);
+                  std::chrono::seconds plain_interval, int out_pipe = -1, int err_pipe = -1,
+                  LineHandler on_line = {});
   // Relays what is left of the output, clears the line.
   ~ProgressDisplay();
   ProgressDisplay(const ProgressDisplay&) = delete;
@@ -52,6 +57,7 @@ class ProgressDisplay {
   std::filesystem::path status_file_;
   std::chrono::seconds plain_interval_;
   int out_pipe_, err_pipe_;
+  LineHandler on_line_;
   std::string out_pending_, err_pending_;
   std::string line_;        // the progress line as last read
   std::string printed_;     // plain mode: the last line printed
