@@ -170,6 +170,10 @@ int run(int argc, char** argv) {
       cxxopts::value<std::string>()->default_value(""))(
       "seed", "initialisation and shuffling seed",
       cxxopts::value<std::uint64_t>()->default_value("1"))(
+      "device",
+      "cpu, or cuda (each rank on GPU local-rank mod GPUs; gradients staged through host memory "
+      "for the MPI engine)",
+      cxxopts::value<std::string>()->default_value("cpu"))(
       "threads", "intra-op threads per rank (0: the cores divided by the ranks on this machine)",
       cxxopts::value<std::uint64_t>()->default_value("0"))(
       "limit", "use only the first N training samples (0: all)",
@@ -226,6 +230,26 @@ int run(int argc, char** argv) {
   }
   torch::set_num_threads(static_cast<int>(threads));
   torch::manual_seed(args["seed"].as<std::uint64_t>());
+  const std::string device_name = args["device"].as<std::string>();
+  torch::Device device(torch::kCPU);
+  if (device_name == "cuda") {
+    if (!torch::cuda::is_available()) {
+      throw unimsg::ConfigError(rank, "--device",
+                                "cuda: libtorch sees no CUDA device (a CPU-only libtorch, such as "
+                                "Debian's, or no GPU visible to this rank)");
+    }
+    int local_rank = rank;
+    if (const auto v = unimsg::env_value("OMPI_COMM_WORLD_LOCAL_RANK")) {
+      local_rank =
+          static_cast<int>(unimsg::parse_uint(*v, "OMPI_COMM_WORLD_LOCAL_RANK", 0, 1u << 20));
+    }
+    device = torch::Device(torch::kCUDA,
+                           static_cast<torch::DeviceIndex>(
+                               local_rank % static_cast<int>(torch::cuda::device_count())));
+  } else if (device_name != "cpu") {
+    throw unimsg::ConfigError(rank, "--device",
+                              "invalid value '" + device_name + "': expected cpu or cuda");
+  }
 
   const std::filesystem::path dir = args["data-dir"].as<std::string>();
   const auto fetched = fetch_dataset(runtime, args["data-url"].as<std::string>(),
@@ -258,6 +282,7 @@ int run(int argc, char** argv) {
   monitor.watch(engine);
   monitor.watch(heartbeat);
   Net model;
+  model->to(device);  // before the wrapper and the optimizer see the parameters
   unimsg::DdpOptions ddp_options;
   ddp_options.compression =
       unimsg::kernels::CompressionSpec::parse(args["compress"].as<std::string>());
@@ -276,8 +301,8 @@ int run(int argc, char** argv) {
   if (rank == 0 && !json) {
     runtime.log().info(
         "training on {} samples, {} ranks x {} per step, {} thread(s) per rank, "
-        "{} bucket(s)",
-        train.images.size(0), world, local_batch, threads, ddp.buckets().size());
+        "{} bucket(s), on {}",
+        train.images.size(0), world, local_batch, threads, ddp.buckets().size(), device.str());
   }
 
   // Checkpoints: model + optimizer, RNG, and where the data stands (epoch, global position).
@@ -394,8 +419,8 @@ int run(int argc, char** argv) {
       for (std::int64_t step = 0; step < steps; ++step) {
         const auto batch_index =
             index.narrow(0, step * local_batch, std::min(local_batch, count - step * local_batch));
-        const auto x = train.images.index_select(0, batch_index);
-        const auto y = train.labels.index_select(0, batch_index);
+        const auto x = train.images.index_select(0, batch_index).to(device);
+        const auto y = train.labels.index_select(0, batch_index).to(device);
         optimizer.zero_grad();
         const auto loss = torch::nn::functional::cross_entropy(model->forward(x), y);
         loss.backward();
@@ -443,8 +468,10 @@ int run(int argc, char** argv) {
       for (std::int64_t from = 0; from < test_index.size(0); from += 1000) {
         const auto chunk =
             test_index.narrow(0, from, std::min<std::int64_t>(1000, test_index.size(0) - from));
-        const auto predicted = model->forward(test.images.index_select(0, chunk)).argmax(1);
-        correct += predicted.eq(test.labels.index_select(0, chunk)).sum().item<std::int64_t>();
+        const auto predicted =
+            model->forward(test.images.index_select(0, chunk).to(device)).argmax(1);
+        correct +=
+            predicted.eq(test.labels.index_select(0, chunk).to(device)).sum().item<std::int64_t>();
       }
       std::array<double, 3> totals{loss_sum,
                                    static_cast<double>(std::max<std::int64_t>(batches, 1)),
@@ -473,6 +500,7 @@ int run(int argc, char** argv) {
                               {"ranks", world},
                               {"batch_size", global_batch},
                               {"compress", ddp_options.compression.to_string()},
+                              {"device", device.str()},
                               {"wire_bytes_rank0", engine.stats().wire_bytes - wire_before},
                               {"skipped_steps", skipped_steps}};
           std::printf("%s\n", line.dump().c_str());

@@ -63,14 +63,21 @@ DistributedDataParallel::DistributedDataParallel(torch::nn::Module& module, Engi
     : engine_(engine), communicator_(communicator), options_(std::move(options)) {
   torch::NoGradGuard no_grad;
   // Every replica starts from rank 0's state: parameters and buffers (batch-norm statistics).
+  // Tensors in device memory are staged through host copies (the MPI engine takes host memory).
   std::vector<Work> broadcasts;
-  for (auto& tensor : module.parameters()) {
-    broadcasts.push_back(communicator_.broadcast(to_view(tensor), 0, "ddp.init"));
-  }
-  for (auto& tensor : module.buffers()) {
-    broadcasts.push_back(communicator_.broadcast(to_view(tensor), 0, "ddp.init"));
-  }
+  std::vector<std::pair<torch::Tensor, torch::Tensor>> staged;  // (device tensor, host copy)
+  const auto broadcast = [&](torch::Tensor& tensor) {
+    if (tensor.device().is_cpu()) {
+      broadcasts.push_back(communicator_.broadcast(to_view(tensor), 0, "ddp.init"));
+      return;
+    }
+    staged.emplace_back(tensor, tensor.to(torch::kCPU).contiguous());
+    broadcasts.push_back(communicator_.broadcast(to_view(staged.back().second), 0, "ddp.init"));
+  };
+  for (auto& tensor : module.parameters()) broadcast(tensor);
+  for (auto& tensor : module.buffers()) broadcast(tensor);
   for (auto& work : broadcasts) work.wait();
+  for (auto& [device_tensor, host] : staged) device_tensor.copy_(host);
 
   // Buckets in reverse registration order; a new bucket when the limit or the dtype changes.
   std::vector<torch::Tensor> parameters;
@@ -93,7 +100,9 @@ DistributedDataParallel::DistributedDataParallel(torch::nn::Module& module, Engi
       auto bucket = std::make_unique<Bucket>();
       bucket->index = buckets_.size();
       bucket->name = options_.name + ".bucket" + std::to_string(buckets_.size());
-      bucket->buffer = torch::empty({0}, parameter.options());
+      // Buckets live in host memory whatever the parameters' device: gradients of device
+      // parameters are copied in as they arrive and the averages copied back.
+      bucket->buffer = torch::empty({0}, parameter.options().device(torch::kCPU));
       buckets_.push_back(std::move(bucket));
       current = buckets_.back().get();
     }
@@ -147,7 +156,7 @@ void DistributedDataParallel::on_gradient(std::size_t index, const torch::Tensor
   }
   const auto numel = slot.parameter.numel();
   bucket.buffer.narrow(0, static_cast<std::int64_t>(slot.offset), numel)
-      .add_(gradient.reshape({numel}));
+      .add_(gradient.reshape({numel}).to(torch::kCPU));
   const std::size_t position = static_cast<std::size_t>(
       std::find(bucket.slots.begin(), bucket.slots.end(), index) - bucket.slots.begin());
   bucket.buffer[static_cast<std::int64_t>(bucket.elements + position)] = 1;
@@ -231,11 +240,10 @@ bool DistributedDataParallel::synchronize() {
           bucket->buffer.narrow(0, static_cast<std::int64_t>(slot.offset), slot.parameter.numel())
               .view(slot.parameter.sizes());
       auto& grad = slot.parameter.mutable_grad();
-      if (grad.defined()) {
-        grad.copy_(averaged);
-      } else {
-        grad = averaged.clone();
-      }
+      // (A new gradient is the parameter's own tensor, on its device: not a view of the bucket,
+      // which is cleared below.)
+      if (!grad.defined()) grad = torch::empty_like(slot.parameter);
+      grad.copy_(averaged);
     }
     bucket->buffer.zero_();
     std::fill(bucket->ready.begin(), bucket->ready.end(), 0);
