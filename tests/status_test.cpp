@@ -176,13 +176,16 @@ TEST(StragglerOptions, ReadsTheEnvironmentStrictly) {
 TEST(StatusBoard, RendersPrometheusSeriesPerRank) {
   StatusBoard board(3, {}, "job", 1);
   board.add(sample_report(0), 1000.0);
-  board.add(sample_report(2), 1000.0);
+  StatusReport big = sample_report(2);
+  big.wire_bytes = 123456789012345;  // a counter keeps every digit
+  big.dense_wire_bytes = 123456789012345;
+  board.add(big, 1000.0);
   board.set_heartbeat_ages({0.0, 12.5, 0.3});
   const std::string text = board.prometheus(1001.0);
   for (const char* line :
        {"# TYPE unimsg_step gauge\n", "unimsg_step{rank=\"0\"} 40\n",
         "unimsg_step{rank=\"2\"} 40\n", "# TYPE unimsg_allreduce_bytes_total counter\n",
-        "unimsg_allreduce_bytes_total{rank=\"2\"} 1000\n",
+        "unimsg_allreduce_bytes_total{rank=\"2\"} 123456789012345\n",
         "unimsg_samples_per_second{rank=\"0\"} 1280\n", "unimsg_step_seconds{rank=\"0\"} 0.05\n",
         "unimsg_compute_seconds{rank=\"0\"} 0.03\n", "unimsg_wait_seconds{rank=\"0\"} 0.02\n",
         "unimsg_compression_ratio{rank=\"0\"} 32\n", "unimsg_loss{rank=\"2\"} 0.25\n",

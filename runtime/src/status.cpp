@@ -44,7 +44,12 @@ std::string number(double value) {
   if (std::isnan(value)) return "NaN";
   if (std::isinf(value)) return value > 0 ? "+Inf" : "-Inf";
   char text[32];
-  std::snprintf(text, sizeof text, "%.9g", value);
+  // Counters (bytes) exactly, as integers; the rest to 9 significant digits.
+  if (std::floor(value) == value && std::fabs(value) < 1e15) {
+    std::snprintf(text, sizeof text, "%.0f", value);
+  } else {
+    std::snprintf(text, sizeof text, "%.9g", value);
+  }
   return text;
 }
 
