@@ -131,6 +131,13 @@ void ProgressDisplay::refresh_status() {
   if (auto line = progress_text(text.str())) line_ = std::move(*line);
 }
 
+bool ProgressDisplay::print_plain() {
+  if (line_.empty() || line_ == printed_) return false;
+  spdlog::info("[unimsg-run] {}", line_);
+  printed_ = line_;
+  return true;
+}
+
 void ProgressDisplay::clear() {
   if (!drawn_) return;
   write_all(STDERR_FILENO, "\r\033[K");
@@ -219,9 +226,7 @@ void ProgressDisplay::run() {
       next_status = now + std::chrono::seconds(1);
       if (mode_ == ProgressMode::kTerminal) {
         if (!drawn_ || line_ != drawn_line_) draw();
-      } else if (now >= next_plain && !line_.empty() && line_ != printed_) {
-        spdlog::info("[unimsg-run] {}", line_);
-        printed_ = line_;
+      } else if (now >= next_plain && print_plain()) {
         next_plain = now + plain_interval_;
       }
     }
@@ -231,10 +236,7 @@ void ProgressDisplay::run() {
       if (stop_deadline == Clock::time_point{}) {
         stop_deadline = now + std::chrono::seconds(2);
         refresh_status();  // the job's last word (the monitor's final status)
-        if (mode_ == ProgressMode::kPlain && !line_.empty() && line_ != printed_) {
-          spdlog::info("[unimsg-run] {}", line_);
-          printed_ = line_;
-        }
+        if (mode_ == ProgressMode::kPlain) print_plain();
       }
       const bool drained = out_pipe_ < 0 && err_pipe_ < 0;
       if (drained || now >= stop_deadline) break;

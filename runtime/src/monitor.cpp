@@ -262,11 +262,6 @@ void Monitor::start_timing() {
 void Monitor::step(std::uint64_t step, double loss, std::uint64_t samples) {
   std::optional<EngineStats> stats;
   if (engine_ != nullptr) stats = engine_->stats();
-  double heartbeat_age = 0;
-  if (heartbeat_ != nullptr) {
-    for (const double age : heartbeat_->heartbeat_ages())
-      heartbeat_age = std::max(heartbeat_age, age);
-  }
   std::lock_guard lock(report_mutex_);
   const auto now = Clock::now();
   const double seconds = std::chrono::duration<double>(now - last_step_end_).count();
@@ -280,7 +275,6 @@ void Monitor::step(std::uint64_t step, double loss, std::uint64_t samples) {
     wire_bytes_ = stats->wire_bytes;
     dense_wire_bytes_ = stats->dense_wire_bytes;
   }
-  heartbeat_age_ = heartbeat_age;
   window_.steps += 1;
   window_.samples += samples;
   window_.seconds += seconds;
@@ -295,7 +289,15 @@ void Monitor::step(std::uint64_t step, double loss, std::uint64_t samples) {
   last_step_end_ = now;
   last_step_ = step;
   last_loss_ = loss;
-  if (!reported_once_ || now - last_report_ >= options_.report_interval) send_report(false);
+  if (reported_once_ && now - last_report_ < options_.report_interval) return;
+  // Heartbeat ages only for a report (a locked copy per rank: not on every step).
+  if (heartbeat_ != nullptr) {
+    heartbeat_age_ = 0;
+    for (const double age : heartbeat_->heartbeat_ages()) {
+      heartbeat_age_ = std::max(heartbeat_age_, age);
+    }
+  }
+  send_report(false);
 }
 
 void Monitor::flush_if_stale() {
@@ -354,13 +356,12 @@ void Monitor::on_report(const Message& message) {
 void Monitor::handle_report(const StatusReport& report) {
   const double now = unix_now();
   const auto change = board_->add(report, now);
-  json line = json::parse(report.to_json());
+  json line = report.to_json_value();
   line["type"] = "report";
   line["time"] = now;
   record(line.dump());
   if (change) {
-    const auto snapshot = board_->snapshot(now, false);
-    const std::string text = snapshot.at("events").back().at("text").get<std::string>();
+    const std::string& text = change->text;
     if (change->straggler) {
       log_->warn("monitor: {}", text);
     } else {

@@ -76,6 +76,10 @@ double median(std::vector<double> values) {
 }  // namespace
 
 std::string StatusReport::to_json() const {
+  return to_json_value().dump();
+}
+
+json StatusReport::to_json_value() const {
   json out{{"rank", rank},
            {"step", step},
            {"total_steps", total_steps},
@@ -92,7 +96,7 @@ std::string StatusReport::to_json() const {
            {"host", host},
            {"final", final_report}};
   out["loss"] = std::isfinite(loss) ? json(loss) : json(nullptr);
-  return out.dump();
+  return out;
 }
 
 StatusReport StatusReport::parse(std::string_view payload, int source_rank, int world_size) {
@@ -164,7 +168,7 @@ std::optional<StragglerDetector::Change> StragglerDetector::add(int rank, std::u
   const double reference = median(std::move(others));
   const bool slow = compute_per_step > options_.factor * reference &&
                     compute_per_step - reference >= options_.min_excess.count();
-  Change change{rank, false, compute_per_step, reference, 0};
+  Change change{rank, false, compute_per_step, reference, 0, {}};
   // Both verdicts need `steps` consecutive steps: one short window (the first step after an
   // evaluation pause) neither flags a rank nor clears it.
   if (slow) {
@@ -220,7 +224,7 @@ std::optional<StragglerDetector::Change> StatusBoard::add(const StatusReport& re
   }
   view.latest = report;
   view.received = now;
-  const auto change =
+  auto change =
       detector_.add(report.rank, report.steps, per_step(report.compute_seconds, report.steps));
   if (change) {
     view.straggler = change->straggler;
@@ -240,6 +244,7 @@ std::optional<StragglerDetector::Change> StatusBoard::add(const StatusReport& re
                     change->rank, change->compute_per_step * 1e3, change->median_of_others * 1e3,
                     static_cast<unsigned long long>(change->steps));
     }
+    change->text = text;
     events_.push_back({now, change->straggler ? "straggler" : "straggler_cleared", text});
     if (events_.size() > kEventsKept) events_.pop_front();
   }

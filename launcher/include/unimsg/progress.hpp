@@ -50,6 +50,8 @@ class ProgressDisplay {
   // Reads what `fd` has and writes its whole lines to `to`; true at the end of the output.
   bool relay(int fd, int to, std::string& pending);
   void draw();
+  // Plain mode: prints the line if it changed since the last one printed; whether it did.
+  bool print_plain();
   void clear();
   void refresh_status();
 

@@ -43,7 +43,8 @@ struct StatusReport {
   std::string host;
   bool final_report = false;  // the rank's last report
 
-  std::string to_json() const;
+  nlohmann::json to_json_value() const;
+  std::string to_json() const;  // to_json_value().dump()
   // Validates a payload off the wire: every field of the right type and range, the rank equal
   // to `source_rank` (the envelope's). A DecodeError names what was wrong.
   static StatusReport parse(std::string_view payload, int source_rank, int world_size);
@@ -51,9 +52,9 @@ struct StatusReport {
 
 struct StragglerOptions {
   // A rank is flagged when its compute time per step stays above `factor` x the median of the
-  // other ranks' for `steps` steps in a row (and cleared after as many steps back in line) (UNIMSG_STRAGGLER_FACTOR, UNIMSG_STRAGGLER_STEPS),
-  // and is at least `min_excess` slower (UNIMSG_STRAGGLER_MIN_MS: scheduling noise on
-  // millisecond steps is not a straggler).
+  // other ranks' for `steps` steps in a row (and cleared after as many steps back in line)
+  // (UNIMSG_STRAGGLER_FACTOR, UNIMSG_STRAGGLER_STEPS), and is at least `min_excess` slower
+  // (UNIMSG_STRAGGLER_MIN_MS: scheduling noise on millisecond steps is not a straggler).
   double factor = 1.5;
   std::uint64_t steps = 20;
   std::chrono::duration<double> min_excess{0.005};
@@ -73,6 +74,7 @@ class StragglerDetector {
     double compute_per_step = 0;
     double median_of_others = 0;
     std::uint64_t steps = 0;  // consecutive slow steps behind the verdict
+    std::string text;         // the verdict in words (set by StatusBoard::add)
   };
   // One report's window: `steps` steps that took `compute_per_step` seconds each on `rank`.
   std::optional<Change> add(int rank, std::uint64_t steps, double compute_per_step);
