@@ -68,8 +68,8 @@ double bus_pingpong(unimsg::Bus& bus, MPI_Comm comm, const Payload& payload, int
       bus.send(1, Message::make(Kind::kUser, kPingTopic, payload));
       bus.receive({Kind::kUser, kPingTopic, 1}, kWait);
     } else if (rank == 1) {
-      const Message ping = bus.receive({Kind::kUser, kPingTopic, 0}, kWait);
-      bus.send(0, Message::make(Kind::kUser, kPingTopic, ping.payload));
+      Message ping = bus.receive({Kind::kUser, kPingTopic, 0}, kWait);
+      bus.send(0, Message::make(Kind::kUser, kPingTopic, std::move(ping.payload)));
     }
   }
   return seconds_since(start) * 1e6 / (2.0 * iterations);

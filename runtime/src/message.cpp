@@ -176,7 +176,13 @@ Payload Payload::slice(std::size_t offset, std::size_t size) const {
 }
 
 Payload Payload::copy_of(std::span<const std::byte> bytes) {
-  return Payload(std::vector<std::byte>(bytes.begin(), bytes.end()));
+  if (bytes.empty()) return Payload();
+  // One allocation holding the count and the bytes: a vector inside a shared_ptr takes two,
+  // which shows on the small-message receive path.
+  auto storage = std::make_shared_for_overwrite<std::byte[]>(bytes.size());
+  std::memcpy(storage.get(), bytes.data(), bytes.size());
+  const std::span<const std::byte> view(storage.get(), bytes.size());
+  return Payload(std::shared_ptr<const void>(std::move(storage)), view);
 }
 
 Payload Payload::from_string(std::string_view text) {
