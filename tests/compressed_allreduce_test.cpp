@@ -251,8 +251,8 @@ TEST_F(EngineCompressTest, EngineCompressErrorFeedbackConverges) {
       for (std::size_t t = 0; t < sizes.size(); ++t) {
         data[t].resize(sizes[t]);
         for (std::size_t i = 0; i < sizes[t]; ++i) data[t][i] = steady(rank(), t, i);
-        works.push_back(engine.submit("g" + std::to_string(t), host_view(data[t].data(), sizes[t]),
-                                      ReduceOp::kAvg, spec));
+        works.push_back(engine.submit(std::string("g").append(std::to_string(t)),
+                                      host_view(data[t].data(), sizes[t]), ReduceOp::kAvg, spec));
       }
       for (auto& work : works) work.wait(kWait);
       for (std::size_t t = 0; t < sizes.size(); ++t) {
