@@ -96,13 +96,22 @@ std::uint64_t WallClock::reanchor() noexcept {
     // First call, or the counter or the clock went back (a migration, a clock step): start over.
     ns_per_tick = 0.0;
     moved = true;
-  } else if (ns_per_tick > 0.0 || now - anchor_ns >= kFirstCalibrationNs) {
-    const double measured =
-        static_cast<double>(now - anchor_ns) / static_cast<double>(now_ticks - anchor_ticks);
-    // A rate far from the last one means the system clock was stepped, not slewed: follow the
-    // step now and measure the rate afresh.
-    const bool stepped = ns_per_tick > 0.0 && std::abs(measured / ns_per_tick - 1.0) > 1e-3;
-    ns_per_tick = stepped ? 0.0 : measured;
+  } else if (ns_per_tick == 0.0) {
+    // Calibrating: the anchor stays put until the interval is long enough to measure the rate.
+    if (now - anchor_ns >= kFirstCalibrationNs) {
+      ns_per_tick =
+          static_cast<double>(now - anchor_ns) / static_cast<double>(now_ticks - anchor_ticks);
+      moved = true;
+    }
+  } else {
+    // Calibrated: always re-based on the system clock. The rate is measured again only over a
+    // long interval (a short one, when threads race to re-anchor, would measure it badly); one
+    // far from the last means the clock was stepped, not slewed: measure it afresh.
+    if (now - anchor_ns >= kAnchorIntervalNs / 2) {
+      const double measured =
+          static_cast<double>(now - anchor_ns) / static_cast<double>(now_ticks - anchor_ticks);
+      ns_per_tick = std::abs(measured / ns_per_tick - 1.0) > 1e-3 ? 0.0 : measured;
+    }
     moved = true;
   }
   if (moved) {
