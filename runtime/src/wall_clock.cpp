@@ -15,13 +15,14 @@
 namespace unimsg {
 namespace {
 
-// The first rate is measured over at least this long (error ~20 ns / 20 ms = 1 ppm, i.e. 1 µs
-// by the next anchor); later ones over a whole anchor interval.
+// A (counter, clock) pair is taken between two counter reads; a clock read takes ~70 ticks here,
+// so a bracket wider than 2 000 ticks (under 1 µs at any plausible rate) means the thread was
+// interrupted and the pair is not used. A pair is then off by at most half a bracket: the first
+// rate, measured over 20 ms, is good to ~25 ppm (25 µs by the next anchor; ~1 µs typically), later
+// ones, over a second each, to below 1 ppm.
 constexpr std::uint64_t kFirstCalibrationNs = 20'000'000;
 constexpr std::uint64_t kAnchorIntervalNs = 1'000'000'000;
-// A clock read takes ~100 ticks; 20 000 (~10 µs at any plausible rate) means the thread was
-// interrupted.
-constexpr std::uint64_t kWidestBracketTicks = 20'000;
+constexpr std::uint64_t kWidestBracketTicks = 2'000;
 
 std::uint64_t read_counter() noexcept {
 #if UNIMSG_HAS_TSC
@@ -78,8 +79,7 @@ std::uint64_t WallClock::reanchor() noexcept {
   }
   // Readers that see any of the stores below must also see the odd version.
   std::atomic_thread_fence(std::memory_order_release);
-  // The pair (counter, clock) is taken between two counter reads; a thread preempted in between
-  // would pair them milliseconds apart and skew the rate, so a wide bracket is not used.
+  // A thread preempted between the reads would pair them far apart and skew the rate.
   const std::uint64_t before = read_counter();
   const std::uint64_t now = system_ns();
   const std::uint64_t after = read_counter();
