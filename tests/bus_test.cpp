@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cstring>
 #include <map>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -101,6 +102,61 @@ TEST(BusTest, OrderedPerSourceAndTopic) {
       }
     }
   }
+}
+
+// receive() takes a message straight off the wire when its thread is the one driving progress
+// and nothing older could match: this checks that the shortcut keeps order per source and topic,
+// leaves subscribed messages to their handler even when the receive's filter matches them too,
+// and gives way to the mailbox once it holds messages.
+TEST(BusTest, WaitingReceiveKeepsOrderBesideSubscriptionsAndTheMailbox) {
+  Bus bus(MPI_COMM_WORLD, quiet_options());
+  const int rank = bus.rank();
+  const int size = bus.size();
+  const int right = (rank + 1) % size;
+  const int left = (rank + size - 1) % size;
+  constexpr Topic kReceived = 31, kSubscribed = 32, kParked = 33;
+  constexpr int kRounds = 400;
+  std::mutex seen_mutex;
+  std::vector<std::uint64_t> handled;
+  auto subscription = bus.subscribe(Filter{Kind::kUser, kSubscribed, left}, [&](const Message& m) {
+    std::lock_guard lock(seen_mutex);
+    handled.push_back(u64_at(m, 0));
+  });
+  MPI_Barrier(MPI_COMM_WORLD);
+  // Phase 0 with an empty mailbox; phase 1 with parked messages in it that nobody reads yet.
+  for (int phase = 0; phase < 2; ++phase) {
+    for (int i = 0; i < kRounds; ++i) {
+      const auto index = static_cast<std::uint64_t>(phase * kRounds + i);
+      if (i % 3 == 0) bus.send(right, Message::make(Kind::kUser, kSubscribed, u64_payload(index)));
+      if (phase == 1 && i % 7 == 0) {
+        bus.send(right, Message::make(Kind::kUser, kParked, u64_payload(index)));
+      }
+      bus.send(right, Message::make(Kind::kUser, kReceived, u64_payload(index)));
+      // Phase 0 takes any topic from the left: the subscribed messages must still go to the
+      // handler. Phase 1 takes only its topic, so the parked messages stay in the mailbox.
+      const Filter filter{Kind::kUser, phase == 0 ? std::nullopt : std::optional(kReceived), left};
+      const Message got = bus.receive(filter, kLongWait);
+      ASSERT_EQ(got.header.topic, kReceived) << "round " << index;
+      ASSERT_EQ(u64_at(got, 0), index);
+    }
+  }
+  // The parked messages all waited in the mailbox, in order.
+  std::vector<std::uint64_t> parked;
+  EXPECT_TRUE(eventually([&] {
+    while (auto message = bus.try_receive(Filter{Kind::kUser, kParked, left})) {
+      parked.push_back(u64_at(*message, 0));
+    }
+    return parked.size() == (kRounds + 6) / 7;
+  }));
+  for (std::size_t i = 0; i < parked.size(); ++i) EXPECT_EQ(parked[i], kRounds + 7 * i);
+  const std::size_t expected_handled = 2 * ((kRounds + 2) / 3);
+  EXPECT_TRUE(eventually([&] {
+    std::lock_guard lock(seen_mutex);
+    return handled.size() == expected_handled;
+  }));
+  std::lock_guard lock(seen_mutex);
+  for (std::size_t i = 1; i < handled.size(); ++i) EXPECT_LT(handled[i - 1], handled[i]);
+  EXPECT_EQ(bus.stats().rejected_messages, 0u);
 }
 
 TEST(BusTest, BroadcastReachesAllRanksIncludingSender) {
