@@ -21,6 +21,7 @@
 #include "unimsg/config.hpp"
 #include "unimsg/error.hpp"
 #include "unimsg/runtime.hpp"
+#include "unimsg/wall_clock.hpp"
 
 namespace {
 
@@ -42,14 +43,9 @@ struct Seen {
   std::string text;
 };
 
-std::uint64_t now_ns() {
-  return static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
-                                        std::chrono::system_clock::now().time_since_epoch())
-                                        .count());
-}
-
 Seen record(const Message& m) {
-  const double latency = static_cast<double>(now_ns() - m.header.timestamp_ns) / 1000.0;
+  const double latency =
+      static_cast<double>(unimsg::WallClock::system_ns() - m.header.timestamp_ns) / 1000.0;
   std::string text(m.payload.as_string().substr(0, 48));
   if (m.header.kind == Kind::kData) text = std::to_string(m.payload.size()) + " bytes of data";
   return {m.header.kind, m.header.source, m.header.topic, m.payload.size(), latency, text};

@@ -223,6 +223,11 @@ struct BusCore : std::enable_shared_from_this<BusCore> {
   bool post_sends();
   std::unique_ptr<InFlight> take_spare_flight();
   void post_flight(std::unique_ptr<InFlight> flight);
+  // Whether the next message posted to `peer` is the one that goes with MPI_Issend.
+  bool next_post_synchronises(const PeerState& peer) const noexcept {
+    return peer.posted + 1 - peer.last_sync_mark >= options.window_per_peer / 2;
+  }
+  void count_sent(bool counted, std::uint64_t wire_bytes);
   // The fast path of send(): a small message posted at once, without queueing or allocating.
   bool try_send_now(int destination, const Message& message, bool internal);
   bool complete_sends();
@@ -238,6 +243,8 @@ struct BusCore : std::enable_shared_from_this<BusCore> {
   // --- delivery
   void deliver(Message message);
   void deliver_received(Message message);
+  // A message for the mailbox, or for the handlers when `subscribed`.
+  void to_inbox(Message message, bool subscribed);
   void run_handlers(Message message);
   bool has_subscriber(const Header& header);
 
@@ -595,8 +602,9 @@ std::unique_ptr<InFlight> BusCore::take_spare_flight() {
 void BusCore::post_flight(std::unique_ptr<InFlight> flight) {
   Outgoing& out = flight->message;
   PeerState& peer = peers[static_cast<std::size_t>(out.destination)];
+  const bool synchronising = next_post_synchronises(peer);
   ++peer.posted;
-  if (peer.posted - peer.last_sync_mark >= options.window_per_peer / 2) {
+  if (synchronising) {
     flight->synchronous = true;
     flight->sync_mark = peer.posted;
     peer.last_sync_mark = peer.posted;
@@ -617,10 +625,7 @@ void BusCore::post_flight(std::unique_ptr<InFlight> flight) {
                         out.destination, tag, comm.get(), &flight->requests[1]),
               rank, "bus: MPI_Isend");
   }
-  if (out.counted) {
-    add_guarded(stats.sent_messages, 1);
-    add_guarded(stats.sent_bytes, flight->wire_bytes());
-  }
+  count_sent(out.counted, flight->wire_bytes());
   in_flight.push_back(std::move(flight));
 }
 
@@ -650,7 +655,7 @@ bool BusCore::try_send_now(int destination, const Message& message, bool interna
     }
   };
   PeerState& target = peers[static_cast<std::size_t>(destination)];
-  if (target.posted + 1 - target.last_sync_mark < options.window_per_peer / 2) {
+  if (!next_post_synchronises(target)) {
     // Not this peer's synchronising message: a blocking MPI_Send, which for a message this small
     // is an eager copy into the peer's queue (or MPI's own buffering) and returns at once, and
     // needs no request to allocate, test and free (0.05-0.2x of raw MPI's latency, measured).
@@ -662,10 +667,7 @@ bool BusCore::try_send_now(int destination, const Message& message, bool interna
                        kTagEnvelope, comm.get()),
               rank, "bus: MPI_Send");
     ++target.posted;
-    if (message.header.topic < kReservedTopicBase) {
-      add_guarded(stats.sent_messages, 1);
-      add_guarded(stats.sent_bytes, wire_size);
-    }
+    count_sent(message.header.topic < kReservedTopicBase, wire_size);
     return true;
   }
   auto flight = take_spare_flight();
@@ -706,6 +708,12 @@ bool BusCore::complete_sends() {
     completed = true;
   }
   return completed;
+}
+
+void BusCore::count_sent(bool counted, std::uint64_t wire_bytes) {
+  if (!counted) return;  // the bus's own messages stay out of the stats
+  add_guarded(stats.sent_messages, 1);
+  add_guarded(stats.sent_bytes, wire_bytes);
 }
 
 void BusCore::reject(int source, const std::string& reason) {
@@ -929,6 +937,10 @@ void BusCore::deliver(Message message) {
     return;
   }
   const bool subscribed = has_subscriber(header);
+  to_inbox(std::move(message), subscribed);
+}
+
+void BusCore::to_inbox(Message message, bool subscribed) {
   bool wake_drivers = false;
   bool wake_progress = false;
   {
@@ -951,16 +963,17 @@ void BusCore::deliver(Message message) {
 void BusCore::deliver_received(Message message) {
   const Header& header = message.header;
   DirectReceive* waiter = direct_receive;
-  const bool direct = waiter != nullptr && !waiter->out->has_value() && !header.is_reply() &&
-                      !(header.kind == Kind::kControl && header.topic == kTopicGoodbye) &&
-                      waiter->filter->matches(header) &&
-                      inbox_messages.load(std::memory_order_acquire) == 0 &&
-                      !has_subscriber(header);
-  if (!direct) {
+  const bool for_waiter = waiter != nullptr && !waiter->out->has_value() && !header.is_reply() &&
+                          !(header.kind == Kind::kControl && header.topic == kTopicGoodbye) &&
+                          waiter->filter->matches(header) &&
+                          inbox_messages.load(std::memory_order_acquire) == 0;
+  if (!for_waiter) {
     deliver(std::move(message));
-    return;
+  } else if (has_subscriber(header)) {
+    to_inbox(std::move(message), true);
+  } else {
+    waiter->out->emplace(std::move(message));
   }
-  waiter->out->emplace(std::move(message));
 }
 
 void BusCore::run_handlers(Message message) {
