@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <numeric>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "unimsg/bus.hpp"
@@ -112,6 +113,52 @@ TEST_F(EngineTest, SteadyStateNeedsNoNegotiation) {
       << "steady-state steps went back to rank 0";
   EXPECT_EQ(after_six.cache_hits - after_first.cache_hits, 25u);
   EXPECT_EQ(after_six.tensors_reduced, 30u);
+}
+
+TEST_F(EngineTest, StepThatIsWaitedOnGoesOutInOneCycle) {
+  // With a cycle time far longer than the test, only a thread's wait() can start a cycle: each
+  // rank's submissions are then all in when its cycle starts, so a step of 64 tensors takes one
+  // cycle and one fused collective, however the submitting threads were scheduled.
+  EngineOptions options = quick_options();
+  options.cycle_time = std::chrono::duration_cast<std::chrono::microseconds>(kWait);
+  Engine engine(*comm_, *bus_, options);
+  std::vector<std::size_t> sizes;
+  for (int t = 0; t < 64; ++t) sizes.push_back(static_cast<std::size_t>(1 + (t * 37) % 500));
+  for (int step = 0; step < 4; ++step) {
+    const EngineStats before = engine.stats();
+    expect_sums(run_step(engine, sizes, ReduceOp::kSum));
+    const EngineStats after = engine.stats();
+    EXPECT_EQ(after.cycles - before.cycles, 1u) << "step " << step;
+    EXPECT_EQ(after.collectives - before.collectives, 1u) << "step " << step;
+  }
+}
+
+TEST_F(EngineTest, TensorsNobodyWaitsOnGoOutAfterTheCycleTime) {
+  // No wait(): the cycle starts one cycle time after the submission; the caller only polls.
+  EngineOptions options = quick_options();
+  options.cycle_time = 2ms;
+  Engine engine(*comm_, *bus_, options);
+  std::vector<float> value(9, static_cast<float>(comm_->rank() + 1));
+  Work work = engine.submit("polled", host_view(value.data(), value.size()), ReduceOp::kSum);
+  const auto deadline = std::chrono::steady_clock::now() + kWait;
+  while (!work.test() && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(1ms);
+  }
+  ASSERT_TRUE(work.test()) << "not reduced within " << kWait.count() << " s without a wait()";
+  const int n = comm_->size();
+  EXPECT_EQ(value[8], static_cast<float>(n * (n + 1) / 2));
+}
+
+TEST_F(EngineTest, IdleEngineDoesNotCycleEveryCycleTime) {
+  // Every cycle is a collective, so an idle rank that cycled every 1 ms would hold up every
+  // other rank's next step; idle, the engine cycles only on a slow tick (50 ms).
+  EngineOptions options = quick_options();
+  options.cycle_time = 1ms;
+  Engine engine(*comm_, *bus_, options);
+  const EngineStats before = engine.stats();
+  std::this_thread::sleep_for(500ms);
+  const EngineStats after = engine.stats();
+  EXPECT_LT(after.cycles - before.cycles, 50u) << "an idle engine cycled every cycle time";
 }
 
 TEST_F(EngineTest, ChangedTensorIsRenegotiated) {

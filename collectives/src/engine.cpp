@@ -28,6 +28,9 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using nlohmann::json;
 
+// With nothing pending, a rank still takes part in a cycle this often (see wait_for_next_cycle).
+constexpr auto kIdleCycle = std::chrono::milliseconds(50);
+
 struct Signature {
   DType dtype = DType::kF32;
   std::size_t count = 0;
@@ -61,6 +64,9 @@ struct Completion {
   void finish_one() {
     std::lock_guard lock(mutex);
     if (remaining.fetch_sub(1, std::memory_order_acq_rel) == 1) done_cv.notify_all();
+  }
+  bool finished() const {
+    return failed.load(std::memory_order_acquire) || remaining.load(std::memory_order_acquire) == 0;
   }
   void fail(std::exception_ptr cause) {
     std::lock_guard lock(mutex);
@@ -133,6 +139,8 @@ struct EngineCore {
 
   void run();
   void wait_for_next_cycle(Clock::time_point next);
+  // A user thread starts (+1) or ends (-1) blocking on the engine's work.
+  void user_waits(int change);
   bool cycle();
   void negotiate(bool joined_here, std::vector<Response>& responses);
   void coordinate(std::vector<Response>& responses);
@@ -158,11 +166,12 @@ struct EngineCore {
   std::mutex mutex;
   std::condition_variable join_cv;
   std::condition_variable wake_cv;  // submissions and shutdown wake the engine thread
-  Clock::time_point last_submit;
   std::vector<LocalTensor> incoming;
   std::set<std::string> pending_names;  // this rank's tensors not yet complete
   bool stopping = false;
   bool join_requested = false;
+  int waiting_users = 0;             // threads blocked in wait() on this engine's work
+  Clock::time_point first_incoming;  // when `incoming` last became non-empty
   bool join_done = false;
   std::exception_ptr fatal;  // set once the engine thread failed
   std::atomic<std::uint64_t> fusion_threshold{0};
@@ -189,7 +198,9 @@ struct EngineCore {
   // (Shared with the Work handles, which may outlive the engine.)
   std::shared_ptr<std::atomic<std::uint64_t>> wait_ns =
       std::make_shared<std::atomic<std::uint64_t>>(0);
-  Clock::time_point wait_lane_end;  // the timeline's wait_for_data lane is busy until then
+  Clock::time_point wait_lane_end;
+  Clock::time_point last_cycle_start;  // engine thread only  // the timeline's wait_for_data lane
+                                       // is busy until then
   std::mutex listener_mutex;
   std::shared_ptr<const EngineListener> listener;
   void notify(EngineEvent::Type type, const std::vector<std::pair<Signature, LocalTensor*>>& batch,
@@ -223,8 +234,12 @@ std::string EngineCore::rank_list(const std::set<int>& ranks) const {
 }
 
 void EngineCore::run() {
-  auto next = Clock::now();
+  // No cycle at start: like every other, the first one waits for a reason (a first cycle taken
+  // at once would split the first step's submissions wherever it fell among them).
+  last_cycle_start = Clock::now();
+  auto next = last_cycle_start + std::chrono::microseconds(cycle_us.load());
   while (true) {
+    wait_for_next_cycle(next);
     bool keep_going = false;
     try {
       keep_going = cycle();
@@ -234,36 +249,54 @@ void EngineCore::run() {
       return;
     }
     if (!keep_going) return;
-    next += std::chrono::microseconds(cycle_us.load(std::memory_order_relaxed));
-    const auto now = Clock::now();
-    if (next < now) next = now;  // never try to catch up with missed cycles
-    wait_for_next_cycle(next);
+    // Never a burst to catch up with missed cycles.
+    next = std::max(next + std::chrono::microseconds(cycle_us.load(std::memory_order_relaxed)),
+                    Clock::now());
   }
 }
 
 void EngineCore::wait_for_next_cycle(Clock::time_point next) {
-  // Sleep until the next cycle, or sooner once submissions have arrived and paused for a moment:
-  // a step's tensors then go out together at once instead of waiting out the cycle. Tensors still
-  // pending here (other ranks had not submitted them yet) also start the next cycle at once; the
-  // cycle's allreduce paces it to the slowest rank, so this never spins.
-  constexpr auto kQuiet = std::chrono::microseconds(30);
-  const bool waiting_here = !pending.empty();
+  // Every cycle is a collective: a rank that starts one holds up until all have, so a cycle is
+  // started only for a reason.
+  // - A thread of this rank blocks in wait() on tensors still to reduce: whatever it submits
+  //   before waiting is in, so the cycle starts at once (the cycle's allreduce then paces it to
+  //   the slowest rank). A step's tensors thus go out in one cycle, not split by when a timer or
+  //   a preempted submitting thread happened to fall.
+  // - Tensors are pending and nobody waits yet (submitted during the backward pass, say): one
+  //   cycle time after the first of them came in (or after the last cycle, for tensors that
+  //   other ranks have not submitted yet), so that reduction overlaps the rest of the step.
+  // - Nothing pending: only a slow idle tick (kIdleCycle), which rank 0's stall inspector needs
+  //   when a tensor submitted elsewhere never comes here. An idle cycle every cycle time would
+  //   make every other rank's next step wait for it.
+  const bool pending_here = !pending.empty();
   std::unique_lock lock(mutex);
-  while (!stopping) {
-    const auto now = Clock::now();
-    if (now >= next) return;
-    if (incoming.empty() && !waiting_here) {
-      wake_cv.wait_until(lock, next);
-      continue;
+  const auto idle_until = std::max(next, last_cycle_start + kIdleCycle);
+  while (!stopping && !join_requested) {
+    const bool work = pending_here || !incoming.empty();
+    if (work && waiting_users > 0) return;
+    auto until = idle_until;
+    if (pending_here) until = next;
+    if (!incoming.empty()) {
+      until = std::min(until, first_incoming + std::chrono::microseconds(cycle_us.load()));
     }
-    const auto quiet_until = last_submit + kQuiet;
-    if (now >= quiet_until) return;
-    wake_cv.wait_until(lock, std::min(next, quiet_until));
+    if (Clock::now() >= until) return;
+    wake_cv.wait_until(lock, until);
   }
+}
+
+void EngineCore::user_waits(int change) {
+  bool wake = false;
+  {
+    std::lock_guard lock(mutex);
+    waiting_users += change;
+    wake = change > 0 && waiting_users == 1;
+  }
+  if (wake) wake_cv.notify_one();
 }
 
 bool EngineCore::cycle() {
   cycles.fetch_add(1, std::memory_order_relaxed);
+  last_cycle_start = Clock::now();
   bool stop_here = false;
   bool joined_here = false;
   {
@@ -862,7 +895,7 @@ Work Engine::submit_group(std::vector<std::pair<std::string, TensorView>> tensor
     // Only the first submission of a batch wakes the engine thread (a wake-up is a context
     // switch); it then waits for the submissions to pause by itself.
     first_of_batch = core_->incoming.size() == tensors.size();
-    core_->last_submit = now;
+    if (first_of_batch) core_->first_incoming = now;
   }
   if (first_of_batch) core_->wake_cv.notify_one();
   Work::Operation operation;
@@ -875,10 +908,15 @@ Work Engine::submit_group(std::vector<std::pair<std::string, TensorView>> tensor
     }
     return completion->remaining.load(std::memory_order_acquire) == 0;
   };
-  operation.block = [completion,
-                     wait_ns = core_->wait_ns](std::chrono::steady_clock::time_point deadline) {
+  operation.block = [completion, wait_ns = core_->wait_ns,
+                     weak_core = std::weak_ptr<detail::EngineCore>(core_)](
+                        std::chrono::steady_clock::time_point deadline) {
+    if (completion->finished()) return true;
     const auto blocked = detail::Clock::now();
+    // The engine starts a cycle at once for a thread that waits (see wait_for_next_cycle).
+    if (auto core = weak_core.lock()) core->user_waits(+1);
     const bool done = completion->wait_until(deadline);
+    if (auto core = weak_core.lock()) core->user_waits(-1);
     wait_ns->fetch_add(static_cast<std::uint64_t>(
                            std::chrono::nanoseconds(detail::Clock::now() - blocked).count()),
                        std::memory_order_relaxed);
@@ -897,6 +935,7 @@ void Engine::join() {
   if (core_->fatal) std::rethrow_exception(core_->fatal);
   core_->join_requested = true;
   core_->join_done = false;
+  core_->wake_cv.notify_one();
   core_->join_cv.wait(lock, [&] { return core_->join_done; });
   core_->join_done = false;
   if (core_->fatal) std::rethrow_exception(core_->fatal);
