@@ -216,9 +216,9 @@ int run(int argc, char** argv) {
                                   "this build has no NCCL backend (UNIMSG_WITH_NCCL=OFF)");
 #endif
       } else {
-        throw unimsg::ConfigError(unimsg::kNoRank, "--backend",
-                                  "unknown backend '" + name +
-                                      "' (mpi, engine, engine+trace, nccl)");
+        throw unimsg::ConfigError(
+            unimsg::kNoRank, "--backend",
+            "unknown backend '" + name + "' (mpi, engine, engine+trace, nccl)");
       }
     }
   }
@@ -340,15 +340,14 @@ int run(int argc, char** argv) {
         for (auto& work : works) work.wait();
 #endif
       } else {
-        // The engine reduces in place: out of place costs it a copy first, as it would a user.
-        if (!inplace) std::memcpy(result, send.data(), size_bytes);
         std::vector<unimsg::Work> works;
         for (int k = 0; k < variant.tensors; ++k) {
           const auto [offset, n] = slice(k, variant.tensors);
-          works.push_back(chosen->submit(
-              "bench." + std::to_string(v) + "." + std::to_string(k),
-              unimsg::TensorView{result + offset * element, n, dtype, unimsg::Device::kHost}, op,
-              variant.compress));
+          const unimsg::TensorView in{send.data() + offset * element, n, dtype,
+                                      unimsg::Device::kHost};
+          const unimsg::TensorView out{result + offset * element, n, dtype, unimsg::Device::kHost};
+          works.push_back(chosen->submit("bench." + std::to_string(v) + "." + std::to_string(k), in,
+                                         out, op, variant.compress));
         }
         for (auto& work : works) work.wait();
       }
@@ -441,12 +440,12 @@ int run(int argc, char** argv) {
               {"algbw", algbw},
               {"busbw", busbw},
               {"wrong", m.wrong},
-              {"wire_bytes",
-               (variant.backend.rfind("engine", 0) == 0 ? m.engine_wire_bytes
-                                            : static_cast<double>(size_bytes) * bus_factor *
-                                                  static_cast<double>(m.times_us.size())) /
-                       static_cast<double>(m.times_us.size()) +
-                   m.extra_wire_bytes / static_cast<double>(m.times_us.size())}};
+              {"wire_bytes", (variant.backend.rfind("engine", 0) == 0
+                                  ? m.engine_wire_bytes
+                                  : static_cast<double>(size_bytes) * bus_factor *
+                                        static_cast<double>(m.times_us.size())) /
+                                     static_cast<double>(m.times_us.size()) +
+                                 m.extra_wire_bytes / static_cast<double>(m.times_us.size())}};
           if (stats) {
             row["p50_us"] = percentile(m.times_us, 0.5);
             row["p99_us"] = percentile(m.times_us, 0.99);
@@ -479,12 +478,13 @@ int run(int argc, char** argv) {
     if (!json) {
       std::printf(
           "# engine: %llu cycles, %llu negotiation rounds, %llu cache hits, %llu tensors in "
-          "%llu collectives\n",
+          "%llu collectives (%llu fused where the tensors lay)\n",
           static_cast<unsigned long long>(s.cycles),
           static_cast<unsigned long long>(s.negotiation_rounds),
           static_cast<unsigned long long>(s.cache_hits),
           static_cast<unsigned long long>(s.tensors_reduced),
-          static_cast<unsigned long long>(s.collectives));
+          static_cast<unsigned long long>(s.collectives),
+          static_cast<unsigned long long>(s.fused_in_place));
     }
   }
   if (rank == 0) {

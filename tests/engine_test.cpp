@@ -161,6 +161,106 @@ TEST_F(EngineTest, IdleEngineDoesNotCycleEveryCycleTime) {
   EXPECT_LT(after.cycles - before.cycles, 50u) << "an idle engine cycled every cycle time";
 }
 
+TEST_F(EngineTest, OutOfPlaceLeavesTheInputAndFillsTheOutput) {
+  Engine engine(*comm_, *bus_, quick_options());
+  const int rank = comm_->rank();
+  const int n = comm_->size();
+  // Two tensors out of place (fused together) and a lone one, with max and sum.
+  std::vector<float> in_a(300), in_b(5), out_a(300, -1.0f), out_b(5, -1.0f);
+  for (std::size_t i = 0; i < in_a.size(); ++i) in_a[i] = input(rank, 0, i);
+  for (std::size_t i = 0; i < in_b.size(); ++i) in_b[i] = input(rank, 1, i);
+  const std::vector<float> kept_a = in_a, kept_b = in_b;
+  Work a = engine.submit("oop.a", host_view(in_a.data(), in_a.size()),
+                         host_view(out_a.data(), out_a.size()), ReduceOp::kSum);
+  Work b = engine.submit("oop.b", host_view(in_b.data(), in_b.size()),
+                         host_view(out_b.data(), out_b.size()), ReduceOp::kSum);
+  a.wait(kWait);
+  b.wait(kWait);
+  EXPECT_EQ(in_a, kept_a);
+  EXPECT_EQ(in_b, kept_b);
+  for (std::size_t i = 0; i < out_a.size(); ++i) {
+    float expected = 0;
+    for (int r = 0; r < n; ++r) expected += input(r, 0, i);
+    ASSERT_EQ(out_a[i], expected) << "element " << i;
+  }
+  for (std::size_t i = 0; i < out_b.size(); ++i) {
+    float expected = 0;
+    for (int r = 0; r < n; ++r) expected += input(r, 1, i);
+    ASSERT_EQ(out_b[i], expected) << "element " << i;
+  }
+  std::vector<std::int32_t> in_max(7, rank), out_max(7, -1);
+  engine
+      .submit("oop.max", TensorView{in_max.data(), in_max.size(), DType::kI32},
+              TensorView{out_max.data(), out_max.size(), DType::kI32}, ReduceOp::kMax)
+      .wait(kWait);
+  EXPECT_EQ(out_max, std::vector<std::int32_t>(7, n - 1));
+  EXPECT_EQ(in_max, std::vector<std::int32_t>(7, rank));
+}
+
+TEST_F(EngineTest, OutOfPlaceMismatchesAndOverlapsAreRefused) {
+  Engine engine(*comm_, *bus_, quick_options());
+  std::vector<float> data(16, 1.0f);
+  std::vector<double> wide(16, 1.0);
+  const auto refused = [&](TensorView in, TensorView out, const std::string& why) {
+    try {
+      engine.submit("bad", in, out, ReduceOp::kSum);
+      ADD_FAILURE() << "accepted: " << why;
+    } catch (const Error& error) {
+      EXPECT_NE(std::string(error.what()).find("'bad'"), std::string::npos) << error.what();
+    }
+  };
+  refused(host_view(data.data(), 8), host_view(data.data() + 4, 8), "overlapping halves");
+  refused(host_view(data.data(), 8), host_view(data.data() + 8, 7), "different counts");
+  refused(host_view(data.data(), 8), TensorView{wide.data(), 8, DType::kF64}, "different dtypes");
+  // Adjacent but not overlapping is fine.
+  engine.submit("ok", host_view(data.data(), 8), host_view(data.data() + 8, 8), ReduceOp::kSum)
+      .wait(kWait);
+  EXPECT_EQ(data[15], static_cast<float>(comm_->size()));
+}
+
+TEST_F(EngineTest, TensorsBackToBackInMemoryAreReducedWhereTheyLie) {
+  // 64 tensors cut from one buffer and submitted in memory order (as a flattened model's
+  // gradients): fused without a copy, in place and out of place, with sums equal to the packed
+  // path's (a gap between two tensors forces it).
+  Engine engine(*comm_, *bus_, quick_options());
+  const int rank = comm_->rank();
+  const int n = comm_->size();
+  constexpr int kTensors = 64;
+  std::vector<std::size_t> begin(kTensors + 1, 0);
+  for (int t = 0; t < kTensors; ++t) begin[t + 1] = begin[t] + 1 + (t * 37) % 200;
+  for (const bool gap : {false, true}) {
+    for (const bool in_place : {true, false}) {
+      const std::size_t total = begin[kTensors] + (gap ? 1 : 0);
+      std::vector<float> in(total), out(total, -1.0f);
+      const auto at = [&](int t) { return begin[t] + (gap && t >= kTensors / 2 ? 1 : 0); };
+      for (int t = 0; t < kTensors; ++t) {
+        for (std::size_t i = 0; i < begin[t + 1] - begin[t]; ++i) in[at(t) + i] = input(rank, t, i);
+      }
+      float* result = in_place ? in.data() : out.data();
+      const EngineStats before = engine.stats();
+      std::vector<Work> works;
+      for (int t = 0; t < kTensors; ++t) {
+        const std::size_t count = begin[t + 1] - begin[t];
+        works.push_back(engine.submit("flat." + std::to_string(t),
+                                      host_view(in.data() + at(t), count),
+                                      host_view(result + at(t), count), ReduceOp::kSum));
+      }
+      for (auto& work : works) work.wait(kWait);
+      const EngineStats after = engine.stats();
+      const std::string label = std::string(gap ? "with a gap" : "back to back") + ", " +
+                                (in_place ? "in place" : "out of place");
+      EXPECT_EQ(after.fused_in_place - before.fused_in_place, gap ? 0u : 1u) << label;
+      for (int t = 0; t < kTensors; ++t) {
+        for (std::size_t i = 0; i < begin[t + 1] - begin[t]; ++i) {
+          float expected = 0;
+          for (int r = 0; r < n; ++r) expected += input(r, t, i);
+          ASSERT_EQ(result[at(t) + i], expected) << label << ": tensor " << t << " element " << i;
+        }
+      }
+    }
+  }
+}
+
 TEST_F(EngineTest, ChangedTensorIsRenegotiated) {
   Engine engine(*comm_, *bus_, quick_options());
   std::vector<float> small(8, 1.0f), large(16, 1.0f);

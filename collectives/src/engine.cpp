@@ -84,12 +84,14 @@ struct Completion {
 
 struct LocalTensor {
   std::string name;
-  TensorView view;
+  TensorView input;  // what this rank contributes...
+  TensorView view;   // ...and where the result goes (the same tensor when in place)
   Signature signature;
   std::shared_ptr<Completion> completion;
   Clock::time_point submitted;
   bool sent = false;              // announced to rank 0
   std::size_t cached = SIZE_MAX;  // cache slot it is ready in, this cycle
+  std::uint64_t order = 0;        // submissions numbered on this rank
 };
 
 struct CacheEntry {
@@ -147,6 +149,9 @@ struct EngineCore {
   void execute(const std::vector<std::size_t>& hits, const std::vector<Response>& responses);
   void reduce_batch(std::vector<std::pair<Signature, LocalTensor*>>& batch);
   void reduce_compressed(std::vector<std::pair<Signature, LocalTensor*>>& batch, std::size_t total);
+  // The batch's inputs and outputs when each lies in one piece, in batch order.
+  std::optional<std::pair<TensorView, TensorView>> contiguous_span(
+      const std::vector<std::pair<Signature, LocalTensor*>>& batch, std::size_t total) const;
   void complete(LocalTensor* tensor);
   void fail_tensor(const std::string& name, std::exception_ptr error);
   void fail_everything(std::exception_ptr error);
@@ -170,7 +175,8 @@ struct EngineCore {
   std::set<std::string> pending_names;  // this rank's tensors not yet complete
   bool stopping = false;
   bool join_requested = false;
-  int waiting_users = 0;             // threads blocked in wait() on this engine's work
+  int waiting_users = 0;  // threads blocked in wait() on this engine's work
+  std::uint64_t next_order = 0;
   Clock::time_point first_incoming;  // when `incoming` last became non-empty
   bool join_done = false;
   std::exception_ptr fatal;  // set once the engine thread failed
@@ -193,8 +199,8 @@ struct EngineCore {
   std::vector<std::string> table_order;  // rank 0: first-seen order
   std::map<std::string, TableEntry> table;
 
-  std::atomic<std::uint64_t> cycles{0}, rounds{0}, hits{0}, reduced{0}, collectives{0}, bytes{0},
-      wire{0}, dense_wire{0}, nonfinite{0}, busy_ns{0};
+  std::atomic<std::uint64_t> cycles{0}, rounds{0}, hits{0}, reduced{0}, collectives{0},
+      fused_in_place{0}, bytes{0}, wire{0}, dense_wire{0}, nonfinite{0}, busy_ns{0};
   // (Shared with the Work handles, which may outlive the engine.)
   std::shared_ptr<std::atomic<std::uint64_t>> wait_ns =
       std::make_shared<std::atomic<std::uint64_t>>(0);
@@ -207,6 +213,41 @@ struct EngineCore {
               std::uint64_t batch_bytes);
   std::thread thread;
 };
+
+// One tensor as submitted: `input` and `output` are the same view when reduced in place.
+struct Submitted {
+  std::string name;
+  TensorView input;
+  TensorView output;
+};
+
+// Both submit()s and submit_group().
+Work submit_tensors(const std::shared_ptr<EngineCore>& engine, std::vector<Submitted> tensors,
+                    ReduceOp op, const kernels::CompressionSpec& compression);
+
+// An out-of-place pair must match and must not overlap (MPI would read what it is writing).
+void check_out_of_place(const TensorView& input, const TensorView& output, int rank,
+                        const std::string& name) {
+  if (input.data == output.data && input.count == output.count && input.dtype == output.dtype &&
+      input.device == output.device) {
+    return;  // in place
+  }
+  const auto fail = [&](const std::string& why) {
+    throw Error(rank, "engine.submit", "tensor '" + name + "': " + why);
+  };
+  if (input.dtype != output.dtype || input.count != output.count) {
+    fail("input (" + std::string(to_string(input.dtype)) + " x" + std::to_string(input.count) +
+         ") and output (" + std::string(to_string(output.dtype)) + " x" +
+         std::to_string(output.count) + ") differ in dtype or count");
+  }
+  if (input.device != output.device) fail("input and output are on different devices");
+  const std::size_t bytes = input.count * dtype_size(input.dtype);
+  const auto* in = static_cast<const std::byte*>(input.data);
+  const auto* out = static_cast<const std::byte*>(output.data);
+  if (bytes != 0 && in < out + bytes && out < in + bytes) {
+    fail("input and output overlap without being the same buffer");
+  }
+}
 
 EngineCore::EngineCore(Communicator& parent, Bus& bus_ref, EngineOptions opts)
     : bus(bus_ref), options(std::move(opts)) {
@@ -396,11 +437,19 @@ bool EngineCore::cycle() {
 }
 
 void EngineCore::negotiate(bool joined_here, std::vector<Response>& responses) {
-  json requests = json::array();
+  // In the order submitted: rank 0's order becomes the order of the responses, and so of the
+  // cache and of every later batch, so that tensors laid out in memory in the order they are
+  // submitted can be reduced where they lie (contiguous_span).
+  std::vector<LocalTensor*> unsent;
   for (auto& [name, tensor] : pending) {
-    if (tensor.sent || tensor.cached != SIZE_MAX) continue;
-    tensor.sent = true;
-    requests.push_back(tensor.signature.to_json(name));
+    if (!tensor.sent && tensor.cached == SIZE_MAX) unsent.push_back(&tensor);
+  }
+  std::sort(unsent.begin(), unsent.end(),
+            [](const LocalTensor* a, const LocalTensor* b) { return a->order < b->order; });
+  json requests = json::array();
+  for (LocalTensor* tensor : unsent) {
+    tensor->sent = true;
+    requests.push_back(tensor->signature.to_json(tensor->name));
   }
   const json message = {{"joined", joined_here}, {"requests", std::move(requests)}};
   const int coordinator = comm->world_ranks()[0];
@@ -633,7 +682,14 @@ void EngineCore::reduce_batch(std::vector<std::pair<Signature, LocalTensor*>>& b
     wire.fetch_add(dense, std::memory_order_relaxed);
     LocalTensor* local = batch.front().second;
     TraceSpan span(options.trace, "engine", "allreduce", args());
-    comm->allreduce_now(local->view, local->view, op, local->name);
+    comm->allreduce_now(local->input, local->view, op, local->name);
+  } else if (const auto span = contiguous_span(batch, total)) {
+    // The tensors lie back to back in memory, in batch order (as a model's flattened gradients
+    // do): reduced where they are, with no copy into or out of a fusion buffer.
+    wire.fetch_add(dense, std::memory_order_relaxed);
+    fused_in_place.fetch_add(1, std::memory_order_relaxed);
+    TraceSpan span_trace(options.trace, "engine", "allreduce", args());
+    comm->allreduce_now(span->first, span->second, op, "engine.fused");
   } else {
     // Pack (a joined rank's missing tensors as zeros), reduce once, unpack.
     std::optional<TraceSpan> fuse(std::in_place, options.trace, "engine", "fuse");
@@ -642,7 +698,7 @@ void EngineCore::reduce_batch(std::vector<std::pair<Signature, LocalTensor*>>& b
     for (const auto& [signature, local] : batch) {
       const std::size_t n = signature.count * element;
       if (local != nullptr) {
-        if (n != 0) std::memcpy(fusion_buffer.data() + offset, local->view.data, n);
+        if (n != 0) std::memcpy(fusion_buffer.data() + offset, local->input.data, n);
       } else {
         std::memset(fusion_buffer.data() + offset, 0, n);
       }
@@ -673,9 +729,35 @@ void EngineCore::reduce_batch(std::vector<std::pair<Signature, LocalTensor*>>& b
   }
 }
 
+std::optional<std::pair<TensorView, TensorView>> EngineCore::contiguous_span(
+    const std::vector<std::pair<Signature, LocalTensor*>>& batch, std::size_t total) const {
+  const LocalTensor* first = batch.front().second;
+  if (first == nullptr || first->input.data == nullptr || first->view.data == nullptr) return {};
+  auto* const input = static_cast<std::byte*>(first->input.data);
+  auto* const output = static_cast<std::byte*>(first->view.data);
+  const std::size_t element = dtype_size(first->input.dtype);
+  std::size_t offset = 0;
+  for (const auto& [signature, local] : batch) {
+    if (local == nullptr) return {};  // a joined rank's zeros must be packed
+    const std::size_t n = signature.count * element;
+    if (n != 0 && (local->input.data != input + offset || local->view.data != output + offset)) {
+      return {};
+    }
+    offset += n;
+  }
+  return std::pair{TensorView{input, total, first->input.dtype, Device::kHost},
+                   TensorView{output, total, first->view.dtype, Device::kHost}};
+}
+
 void EngineCore::reduce_compressed(std::vector<std::pair<Signature, LocalTensor*>>& batch,
                                    std::size_t total) {
   const Signature& signature = batch.front().first;
+  // Compressors work in place (with error feedback per tensor): out of place starts from a copy.
+  for (const auto& [item, local] : batch) {
+    if (local != nullptr && local->input.data != local->view.data && item.count != 0) {
+      std::memcpy(local->view.data, local->input.data, item.count * sizeof(float));
+    }
+  }
   auto& compressor = compressors[signature.compression];
   if (!compressor) {
     compressor = std::make_unique<CompressedAllreduce>(
@@ -844,63 +926,83 @@ Engine::~Engine() {
 
 Work Engine::submit(std::string name, TensorView tensor, ReduceOp op,
                     const kernels::CompressionSpec& compression) {
-  std::vector<std::pair<std::string, TensorView>> one;
-  one.emplace_back(std::move(name), tensor);
-  return submit_group(std::move(one), op, compression);
+  std::vector<detail::Submitted> one;
+  one.push_back({std::move(name), tensor, tensor});
+  return detail::submit_tensors(core_, std::move(one), op, compression);
+}
+
+Work Engine::submit(std::string name, TensorView input, TensorView output, ReduceOp op,
+                    const kernels::CompressionSpec& compression) {
+  std::vector<detail::Submitted> one;
+  one.push_back({std::move(name), input, output});
+  return detail::submit_tensors(core_, std::move(one), op, compression);
 }
 
 Work Engine::submit_group(std::vector<std::pair<std::string, TensorView>> tensors, ReduceOp op,
                           const kernels::CompressionSpec& compression) {
+  std::vector<detail::Submitted> group;
+  group.reserve(tensors.size());
+  for (auto& [name, view] : tensors) group.push_back({std::move(name), view, view});
+  return detail::submit_tensors(core_, std::move(group), op, compression);
+}
+
+namespace detail {
+
+Work submit_tensors(const std::shared_ptr<EngineCore>& engine, std::vector<Submitted> tensors,
+                    ReduceOp op, const kernels::CompressionSpec& compression) {
   const std::string compression_text = compression.to_string();
-  auto completion = std::make_shared<detail::Completion>();
+  auto completion = std::make_shared<Completion>();
   completion->remaining = static_cast<int>(tensors.size());
   std::string description = std::string("engine allreduce ") + to_string(op);
   bool first_of_batch = false;
   {
-    std::lock_guard lock(core_->mutex);
-    if (core_->fatal) std::rethrow_exception(core_->fatal);
-    if (core_->stopping)
-      throw ShutdownError(core_->bus.rank(), "engine.submit", "the engine is shutting down");
+    std::lock_guard lock(engine->mutex);
+    if (engine->fatal) std::rethrow_exception(engine->fatal);
+    if (engine->stopping)
+      throw ShutdownError(engine->bus.rank(), "engine.submit", "the engine is shutting down");
     std::set<std::string> names;
-    for (const auto& [name, view] : tensors) {
-      if (name.empty()) throw Error(core_->bus.rank(), "engine.submit", "a tensor needs a name");
+    for (const auto& [name, input, view] : tensors) {
+      if (name.empty()) throw Error(engine->bus.rank(), "engine.submit", "a tensor needs a name");
+      check_out_of_place(input, view, engine->bus.rank(), name);
       if (view.device != Device::kHost) {
-        throw Error(core_->bus.rank(), "engine.submit",
+        throw Error(engine->bus.rank(), "engine.submit",
                     "tensor '" + name + "' is in device memory; the MPI engine takes host memory");
       }
       if (compression.compresses() &&
           (view.dtype != DType::kF32 || (op != ReduceOp::kSum && op != ReduceOp::kAvg))) {
-        throw Error(core_->bus.rank(), "engine.submit",
+        throw Error(engine->bus.rank(), "engine.submit",
                     "tensor '" + name + "': compression " + compression_text +
                         " takes f32 tensors reduced with sum or avg, not " + to_string(view.dtype) +
                         " " + to_string(op));
       }
-      if (core_->pending_names.count(name) || !names.insert(name).second) {
-        throw Error(core_->bus.rank(), "engine.submit",
+      if (engine->pending_names.count(name) || !names.insert(name).second) {
+        throw Error(engine->bus.rank(), "engine.submit",
                     "tensor '" + name + "' is already pending on this rank");
       }
     }
-    const auto now = detail::Clock::now();
-    for (auto& [name, view] : tensors) {
+    const auto now = Clock::now();
+    for (auto& [name, input, view] : tensors) {
       description += " '" + name + "'";
-      core_->pending_names.insert(name);
-      detail::LocalTensor tensor;
+      engine->pending_names.insert(name);
+      LocalTensor tensor;
       tensor.name = name;
+      tensor.input = input;
       tensor.view = view;
       tensor.signature = {view.dtype, view.count, op, compression_text};
       tensor.completion = completion;
       tensor.submitted = now;
-      core_->incoming.push_back(std::move(tensor));
+      tensor.order = engine->next_order++;
+      engine->incoming.push_back(std::move(tensor));
     }
     // Only the first submission of a batch wakes the engine thread (a wake-up is a context
     // switch); it then waits for the submissions to pause by itself.
-    first_of_batch = core_->incoming.size() == tensors.size();
-    if (first_of_batch) core_->first_incoming = now;
+    first_of_batch = engine->incoming.size() == tensors.size();
+    if (first_of_batch) engine->first_incoming = now;
   }
-  if (first_of_batch) core_->wake_cv.notify_one();
+  if (first_of_batch) engine->wake_cv.notify_one();
   Work::Operation operation;
   operation.description = description;
-  operation.rank = core_->bus.rank();
+  operation.rank = engine->bus.rank();
   operation.poll = [completion] {
     if (completion->failed.load(std::memory_order_acquire)) {
       std::lock_guard lock(completion->mutex);
@@ -908,27 +1010,28 @@ Work Engine::submit_group(std::vector<std::pair<std::string, TensorView>> tensor
     }
     return completion->remaining.load(std::memory_order_acquire) == 0;
   };
-  operation.block = [completion, wait_ns = core_->wait_ns,
-                     weak_core = std::weak_ptr<detail::EngineCore>(core_)](
+  operation.block = [completion, wait_ns = engine->wait_ns,
+                     weak_core = std::weak_ptr<EngineCore>(engine)](
                         std::chrono::steady_clock::time_point deadline) {
     if (completion->finished()) return true;
-    const auto blocked = detail::Clock::now();
+    const auto blocked = Clock::now();
     // The engine starts a cycle at once for a thread that waits (see wait_for_next_cycle).
     if (auto core = weak_core.lock()) core->user_waits(+1);
     const bool done = completion->wait_until(deadline);
     if (auto core = weak_core.lock()) core->user_waits(-1);
-    wait_ns->fetch_add(static_cast<std::uint64_t>(
-                           std::chrono::nanoseconds(detail::Clock::now() - blocked).count()),
-                       std::memory_order_relaxed);
+    wait_ns->fetch_add(
+        static_cast<std::uint64_t>(std::chrono::nanoseconds(Clock::now() - blocked).count()),
+        std::memory_order_relaxed);
     return done;
   };
-  operation.default_timeout = core_->comm->default_timeout();
+  operation.default_timeout = engine->comm->default_timeout();
   operation.missing_ranks = [] {
     return std::string("see rank 0's engine stall warnings (UNIMSG_STALL_CHECK_TIME_S)");
   };
-  Work work(std::move(operation));
-  return work;
+  return Work(std::move(operation));
 }
+
+}  // namespace detail
 
 void Engine::join() {
   std::unique_lock lock(core_->mutex);
@@ -966,6 +1069,7 @@ EngineStats Engine::stats() const {
   out.cache_hits = core_->hits.load();
   out.tensors_reduced = core_->reduced.load();
   out.collectives = core_->collectives.load();
+  out.fused_in_place = core_->fused_in_place.load();
   out.bytes_reduced = core_->bytes.load();
   out.wire_bytes = core_->wire.load();
   out.dense_wire_bytes = core_->dense_wire.load();

@@ -54,6 +54,8 @@ struct EngineStats {
   std::uint64_t cache_hits = 0;          // tensors reduced without negotiation
   std::uint64_t tensors_reduced = 0;
   std::uint64_t collectives = 0;  // allreduce calls issued for tensors (fused ones count once)
+  // Fused collectives over tensors that lay back to back in memory: no fusion-buffer copies.
+  std::uint64_t fused_in_place = 0;
   std::uint64_t bytes_reduced = 0;
   // Bytes this rank sent for tensors (uncompressed ones: the ring equivalent 2(n-1)/n x bytes).
   std::uint64_t wire_bytes = 0;
@@ -103,7 +105,14 @@ class Engine {
   // NaN/Inf: skip the step (error feedback is left as it was).
   Work submit(std::string name, TensorView tensor, ReduceOp op,
               const kernels::CompressionSpec& compression = {});
+  // The same, out of place: `output` gets the result and `input` is left as it was. They must
+  // not overlap unless they are the same buffer (then it is the in-place submit above).
+  Work submit(std::string name, TensorView input, TensorView output, ReduceOp op,
+              const kernels::CompressionSpec& compression = {});
   // Several tensors as one unit: reduced in the same cycle, fused together where they fit.
+  // Tensors that lie back to back in memory, in the order the engine reduces them (the order
+  // submitted, for a group or the first step), are reduced where they are, with no copy into a
+  // fusion buffer.
   Work submit_group(std::vector<std::pair<std::string, TensorView>> tensors, ReduceOp op,
                     const kernels::CompressionSpec& compression = {});
   // For a rank out of data: until every rank has joined, this rank takes part in every reduction
