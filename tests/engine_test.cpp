@@ -221,8 +221,11 @@ TEST_F(EngineTest, OutOfPlaceMismatchesAndOverlapsAreRefused) {
 TEST_F(EngineTest, TensorsBackToBackInMemoryAreReducedWhereTheyLie) {
   // 64 tensors cut from one buffer and submitted in memory order (as a flattened model's
   // gradients): fused without a copy, in place and out of place, with sums equal to the packed
-  // path's (a gap between two tensors forces it).
-  Engine engine(*comm_, *bus_, quick_options());
+  // path's (a gap between two tensors forces it). Only wait() starts a cycle (the cycle time is
+  // longer than the test), so that a slow submitting thread cannot split the step in two.
+  EngineOptions options = quick_options();
+  options.cycle_time = std::chrono::duration_cast<std::chrono::microseconds>(kWait);
+  Engine engine(*comm_, *bus_, options);
   const int rank = comm_->rank();
   const int n = comm_->size();
   constexpr int kTensors = 64;

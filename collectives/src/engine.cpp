@@ -204,9 +204,8 @@ struct EngineCore {
   // (Shared with the Work handles, which may outlive the engine.)
   std::shared_ptr<std::atomic<std::uint64_t>> wait_ns =
       std::make_shared<std::atomic<std::uint64_t>>(0);
-  Clock::time_point wait_lane_end;
-  Clock::time_point last_cycle_start;  // engine thread only  // the timeline's wait_for_data lane
-                                       // is busy until then
+  Clock::time_point wait_lane_end;     // the timeline's wait_for_data lane is busy until then
+  Clock::time_point last_cycle_start;  // engine thread only
   std::mutex listener_mutex;
   std::shared_ptr<const EngineListener> listener;
   void notify(EngineEvent::Type type, const std::vector<std::pair<Signature, LocalTensor*>>& batch,
@@ -995,7 +994,7 @@ Work submit_tensors(const std::shared_ptr<EngineCore>& engine, std::vector<Submi
       engine->incoming.push_back(std::move(tensor));
     }
     // Only the first submission of a batch wakes the engine thread (a wake-up is a context
-    // switch); it then waits for the submissions to pause by itself.
+    // switch): from then on it waits for a thread to wait() or for one cycle time.
     first_of_batch = engine->incoming.size() == tensors.size();
     if (first_of_batch) engine->first_incoming = now;
   }
