@@ -75,10 +75,7 @@ struct Completion {
   }
   bool wait_until(Clock::time_point deadline) {
     std::unique_lock lock(mutex);
-    return done_cv.wait_until(lock, deadline, [&] {
-      return failed.load(std::memory_order_acquire) ||
-             remaining.load(std::memory_order_acquire) == 0;
-    });
+    return done_cv.wait_until(lock, deadline, [&] { return finished(); });
   }
 };
 
