@@ -151,15 +151,15 @@ TEST_F(CompressedAllreduceTest, CompressOneStepBounds) {
       std::count_if(topk.begin(), topk.end(), [](float v) { return v != 0.0f; }));
   EXPECT_LE(nonzero, static_cast<std::size_t>(ranks()) * 410);
   EXPECT_GE(nonzero, 410u);
-  // onebit: what arrives is the server's recompression: within each 1024-chunk of a rank's
+  // onebit: what arrives is the server's recompression: within each 256-chunk of a rank's
   // partition, one magnitude (the chunk's scale) with signs.
   CompressedAllreduce onebit_reducer(*comm_, kernels::CompressionSpec::parse("onebit"));
   const auto onebit = run("onebit", ReduceOp::kAvg);
   for (int p = 0; p < ranks(); ++p) {
     const auto [begin, end] = onebit_reducer.partition(n, p);
-    for (std::size_t chunk = begin; chunk < end; chunk += 1024) {
+    for (std::size_t chunk = begin; chunk < end; chunk += 256) {
       const float scale = std::fabs(onebit[chunk]);
-      for (std::size_t i = chunk; i < std::min(end, chunk + 1024); ++i) {
+      for (std::size_t i = chunk; i < std::min(end, chunk + 256); ++i) {
         ASSERT_EQ(std::fabs(onebit[i]), scale) << "partition " << p << " element " << i;
       }
     }

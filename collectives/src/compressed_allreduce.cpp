@@ -37,7 +37,7 @@ CompressedAllreduce::CompressedAllreduce(Communicator& communicator, kernels::Co
   worker_ = kernels::make_cpu_compressor(worker);
   if (is_two_phase(spec_.name)) {
     server_ = kernels::make_cpu_compressor(server);
-    chunk_ = spec_.name == "onebit" ? 1024 : spec_.name == "int8" ? 256 : 1;
+    chunk_ = worker_->block_elements();
   }
 }
 

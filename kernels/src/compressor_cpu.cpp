@@ -25,7 +25,7 @@ namespace unimsg::kernels {
 namespace {
 
 constexpr std::size_t kInt8Chunk = 256;
-constexpr std::size_t kOneBitChunk = 1024;
+constexpr std::size_t kOneBitChunk = 256;
 
 constexpr auto mix = splitmix64;
 
@@ -348,6 +348,7 @@ class Int8Compressor final : public DenseCompressor {
     return (n + kInt8Chunk - 1) / kInt8Chunk * 4 + n;
   }
   static std::size_t chunk_offset(std::size_t chunk) { return chunk * (4 + kInt8Chunk); }
+  std::size_t block_elements() const noexcept override { return kInt8Chunk; }
 
   CompressResult compress(std::span<const float> g, std::span<float> r, std::uint64_t step,
                           std::span<std::byte> wire) const override {
@@ -395,23 +396,26 @@ class Int8Compressor final : public DenseCompressor {
 };
 
 #if defined(__x86_64__)
-// One chunk of onebit with AVX2: the mean magnitude, then 8 signs per movemask and the residual.
+// One chunk of onebit with AVX2: the root mean square, then 8 signs per movemask and the
+// residual.
 __attribute__((target("avx2"))) float onebit_chunk(const float* g, float* r, std::byte* bits,
                                                    std::size_t n, bool update) {
-  const __m256 sign_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   __m256 sum8 = _mm256_setzero_ps();
   std::size_t i = 0;
   for (; i + 8 <= n; i += 8) {
     __m256 v = _mm256_loadu_ps(g + i);
     if (r != nullptr) v = _mm256_add_ps(v, _mm256_loadu_ps(r + i));
-    sum8 = _mm256_add_ps(sum8, _mm256_and_ps(v, sign_mask));
+    sum8 = _mm256_add_ps(sum8, _mm256_mul_ps(v, v));
   }
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, sum8);
   double sum = 0;
   for (float lane : lanes) sum += lane;
-  for (std::size_t j = i; j < n; ++j) sum += std::fabs(r != nullptr ? g[j] + r[j] : g[j]);
-  const float scale = static_cast<float>(sum / static_cast<double>(n));
+  for (std::size_t j = i; j < n; ++j) {
+    const float v = r != nullptr ? g[j] + r[j] : g[j];
+    sum += static_cast<double>(v) * v;
+  }
+  const float scale = static_cast<float>(std::sqrt(sum / static_cast<double>(n)));
   const __m256 plus = _mm256_set1_ps(scale);
   const __m256 minus = _mm256_set1_ps(-scale);
   const __m256 zero = _mm256_setzero_ps();
@@ -443,6 +447,7 @@ class OneBitCompressor final : public DenseCompressor {
   explicit OneBitCompressor(CompressionSpec spec) : DenseCompressor(std::move(spec)) {}
   std::string_view name() const noexcept override { return "onebit"; }
   static constexpr std::size_t kChunkBytes = 4 + kOneBitChunk / 8;
+  std::size_t block_elements() const noexcept override { return kOneBitChunk; }
   std::size_t wire_bytes(std::size_t n) const noexcept override {
     return (n + kOneBitChunk - 1) / kOneBitChunk * kChunkBytes;
   }
@@ -467,12 +472,11 @@ class OneBitCompressor final : public DenseCompressor {
 #endif
       // (The caller skips a step with NaN/Inf anyway: no finiteness test in this hot loop.)
       double sum = 0;
-      if (r.empty()) {
-        for (std::size_t i = begin; i < end; ++i) sum += std::fabs(g[i]);
-      } else {
-        for (std::size_t i = begin; i < end; ++i) sum += std::fabs(g[i] + r[i]);
+      for (std::size_t i = begin; i < end; ++i) {
+        const float v = r.empty() ? g[i] : g[i] + r[i];
+        sum += static_cast<double>(v) * v;
       }
-      const float scale = static_cast<float>(sum / static_cast<double>(end - begin));
+      const float scale = static_cast<float>(std::sqrt(sum / static_cast<double>(end - begin)));
       const std::size_t at = chunk * kChunkBytes;
       put(wire, at, scale);
       std::byte* bits = wire.data() + at + 4;
