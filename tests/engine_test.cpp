@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
+#include <mutex>
 #include <numeric>
 #include <string>
 #include <thread>
@@ -57,7 +58,8 @@ class EngineTest : public testing_support::WorldTest {
       works.push_back(engine.submit("tensor." + std::to_string(t),
                                     host_view(tensor.data(), tensor.size()), op));
     }
-    for (auto& work : works) work.wait(kWait);
+    // wait(): the waiting thread runs the cycles (its deadline is the collective timeout).
+    for (auto& work : works) work.wait();
     return data;
   }
   void expect_sums(const std::vector<std::vector<float>>& data) {
@@ -131,6 +133,55 @@ TEST_F(EngineTest, StepThatIsWaitedOnGoesOutInOneCycle) {
     EXPECT_EQ(after.cycles - before.cycles, 1u) << "step " << step;
     EXPECT_EQ(after.collectives - before.collectives, 1u) << "step " << step;
   }
+}
+
+TEST_F(EngineTest, WaitRunsTheCycleItselfAndAShorterTimeoutHandsItToTheEngineThread) {
+  // wait() (its deadline: the collective timeout) runs the step's cycle on the waiting thread,
+  // with no hand-off to the engine thread and back; wait(timeout) with a shorter timeout of its
+  // own hands the cycle to the engine thread, so that a cycle held up by a missing rank cannot
+  // keep that wait past its deadline.
+  ASSERT_GT(comm_->default_timeout(), kWait);
+  EngineOptions options = quick_options();
+  options.cycle_time = std::chrono::duration_cast<std::chrono::microseconds>(kWait);
+  Engine engine(*comm_, *bus_, options);
+  std::mutex mutex;
+  std::vector<std::thread::id> reducers;  // the threads that ran the reductions
+  engine.set_listener([&](const EngineEvent& event) {
+    if (event.type != EngineEvent::Type::kReduceStart) return;
+    std::lock_guard lock(mutex);
+    reducers.push_back(std::this_thread::get_id());
+  });
+  const int n = comm_->size();
+  for (const bool plain_wait : {true, false, true}) {
+    SCOPED_TRACE(plain_wait ? "wait()" : "wait(120 s)");
+    {
+      std::lock_guard lock(mutex);
+      reducers.clear();
+    }
+    std::vector<float> a(100, static_cast<float>(comm_->rank() + 1));
+    std::vector<float> b(7, 2.0f);
+    Work first = engine.submit("a", host_view(a.data(), a.size()), ReduceOp::kSum);
+    Work second = engine.submit("b", host_view(b.data(), b.size()), ReduceOp::kSum);
+    if (plain_wait) {
+      first.wait();
+      second.wait();
+    } else {
+      first.wait(kWait);
+      second.wait(kWait);
+    }
+    EXPECT_EQ(a[99], static_cast<float>(n * (n + 1) / 2));
+    EXPECT_EQ(b[6], 2.0f * static_cast<float>(n));
+    std::lock_guard lock(mutex);
+    ASSERT_FALSE(reducers.empty());
+    for (const auto& id : reducers) {
+      if (plain_wait) {
+        EXPECT_EQ(id, std::this_thread::get_id()) << "wait() handed its cycle off";
+      } else {
+        EXPECT_NE(id, std::this_thread::get_id()) << "wait(timeout) ran the cycle itself";
+      }
+    }
+  }
+  engine.set_listener(nullptr);
 }
 
 TEST_F(EngineTest, TensorsNobodyWaitsOnGoOutAfterTheCycleTime) {
