@@ -1008,7 +1008,18 @@ namespace detail {
 Work submit_tensors(const std::shared_ptr<EngineCore>& engine, std::vector<Submitted> tensors,
                     ReduceOp op, const kernels::CompressionSpec& compression) {
   const std::string compression_text = compression.to_string();
-  auto completion = std::make_shared<Completion>();
+  // One allocation per submission for what its Work needs; the functions point into it.
+  struct Waiter {
+    Completion completion;
+    std::shared_ptr<std::atomic<std::uint64_t>> wait_ns;
+    std::weak_ptr<EngineCore> core;  // (the Work may outlive the engine)
+    std::chrono::nanoseconds collective_timeout{};
+  };
+  const auto waiter = std::make_shared<Waiter>();
+  waiter->wait_ns = engine->wait_ns;
+  waiter->core = engine;
+  waiter->collective_timeout = engine->comm->default_timeout();
+  const std::shared_ptr<Completion> completion(waiter, &waiter->completion);
   completion->remaining = static_cast<int>(tensors.size());
   std::string description = std::string("engine allreduce ") + to_string(op);
   bool first_of_batch = false;
@@ -1060,8 +1071,7 @@ Work submit_tensors(const std::shared_ptr<EngineCore>& engine, std::vector<Submi
   Work::Operation operation;
   operation.description = description;
   operation.rank = engine->bus.rank();
-  // (A plain pointer fits std::function's inline storage, one allocation less per tensor; the
-  // block function below holds the completion for as long as the operation lives.)
+  operation.keep_alive = waiter;
   operation.poll = [completion = completion.get()] {
     if (completion->failed.load(std::memory_order_acquire)) {
       std::lock_guard lock(completion->mutex);
@@ -1069,10 +1079,10 @@ Work submit_tensors(const std::shared_ptr<EngineCore>& engine, std::vector<Submi
     }
     return completion->remaining.load(std::memory_order_acquire) == 0;
   };
-  operation.block = [completion, wait_ns = engine->wait_ns,
-                     weak_core = std::weak_ptr<EngineCore>(engine),
-                     collective_timeout = engine->comm->default_timeout()](
-                        std::chrono::steady_clock::time_point deadline) {
+  operation.block = [waiter = waiter.get()](std::chrono::steady_clock::time_point deadline) {
+    Completion* const completion = &waiter->completion;
+    const auto& weak_core = waiter->core;
+    const auto collective_timeout = waiter->collective_timeout;
     if (completion->finished()) return true;
     const auto blocked = Clock::now();
     bool done = false;
@@ -1089,7 +1099,7 @@ Work submit_tensors(const std::shared_ptr<EngineCore>& engine, std::vector<Submi
       done = completion->wait_until(deadline);
       if (auto again = weak_core.lock()) again->user_waits(-1);
     }
-    wait_ns->fetch_add(
+    waiter->wait_ns->fetch_add(
         static_cast<std::uint64_t>(std::chrono::nanoseconds(Clock::now() - blocked).count()),
         std::memory_order_relaxed);
     return done;

@@ -33,6 +33,9 @@ class Work {
     std::function<void()> on_timeout;
     std::function<bool(std::chrono::steady_clock::time_point)> block;
     std::function<std::string()> missing_ranks;  // for timeout messages
+    // Kept alive as long as the operation: what the functions above point to (a function that
+    // captures only a plain pointer needs no allocation of its own).
+    std::shared_ptr<const void> keep_alive;
     int rank = -1;
     std::chrono::nanoseconds default_timeout = std::chrono::seconds(300);  // for wait()
   };
