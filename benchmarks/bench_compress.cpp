@@ -1,8 +1,8 @@
 // unimsg-bench-compress: throughput of each compressor (compress with error feedback, and
-// decompress) in GB/s of uncompressed f32 data, against memcpy of the same bytes measured in the
-// same run, single thread.
+// decompress) in GB/s of uncompressed f32 data, against a copy of the same bytes measured in the
+// same run: memcpy on one CPU thread, or a device-to-device copy with the CUDA kernels.
 //
-//   unimsg-bench-compress [--device cpu] [-b 64K] [-e 64M] [-f 4] [--json]
+//   unimsg-bench-compress [--device cpu|cuda] [-b 64K] [-e 64M] [-f 4] [--json]
 
 #include <cxxopts.hpp>
 #include <nlohmann/json.hpp>
@@ -11,13 +11,17 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <optional>
 #include <random>
+#include <span>
 #include <string>
 #include <vector>
 
 #include "unimsg/cli.hpp"
 #include "unimsg/compressor.hpp"
 #include "unimsg/config.hpp"
+#include "unimsg/device.hpp"
+#include "unimsg/device_memory.hpp"
 #include "unimsg/error.hpp"
 #include "unimsg/powersgd.hpp"
 
@@ -49,7 +53,7 @@ double time_median(Body&& body, int trials = 5) {
 int run(int argc, char** argv) {
   cxxopts::Options cli("unimsg-bench-compress",
                        "Compressor throughput (GB/s of f32 input) against memcpy, one thread.");
-  cli.add_options()("device", "cpu (CUDA kernels are not built yet)",
+  cli.add_options()("device", "cpu (one thread) or cuda (the CUDA kernels on GPU 0)",
                     cxxopts::value<std::string>()->default_value("cpu"))(
       "b", "smallest size", cxxopts::value<std::string>()->default_value("64K"))(
       "e", "largest size", cxxopts::value<std::string>()->default_value("64M"))(
@@ -63,9 +67,19 @@ int run(int argc, char** argv) {
     std::puts(cli.help().c_str());
     return 0;
   }
-  if (args["device"].as<std::string>() != "cpu") {
-    throw unimsg::ConfigError(unimsg::kNoRank, "--device",
-                              "only cpu: the CUDA kernels are not built yet");
+  const std::string device = args["device"].as<std::string>();
+  if (device != "cpu" && device != "cuda") {
+    throw unimsg::ConfigError(unimsg::kNoRank, "--device", "'" + device + "' is not cpu or cuda");
+  }
+  const bool cuda = device == "cuda";
+  std::string device_name = "cpu, one thread";
+  if (cuda) {
+    const auto info = unimsg::kernels::query_devices();
+    if (info.count == 0) {
+      throw unimsg::Error(unimsg::kNoRank, "--device cuda", "no GPU: " + info.reason);
+    }
+    unimsg::kernels::set_device(0);
+    device_name = info.name;
   }
   const auto smallest = unimsg::parse_size(args["b"].as<std::string>(), "-b");
   const auto largest = unimsg::parse_size(args["e"].as<std::string>(), "-e");
@@ -82,7 +96,7 @@ int run(int argc, char** argv) {
   }
   const bool json = args.count("json") > 0;
   if (!json) {
-    std::printf("# unimsg-bench-compress: device cpu, one thread, GB/s of f32 input\n");
+    std::printf("# unimsg-bench-compress: device %s, GB/s of f32 input\n", device_name.c_str());
     std::printf("%-18s %12s %14s %16s %10s %9s %9s\n", "compressor", "bytes", "compress_gbps",
                 "decompress_gbps", "copy_gbps", "compress", "wire/in");
   }
@@ -94,7 +108,22 @@ int run(int argc, char** argv) {
     std::vector<float> gradient(n);
     for (auto& v : gradient) v = normal(rng);
     std::vector<float> copy(n);
-    const double copy_s = time_median([&] { std::memcpy(copy.data(), gradient.data(), n * 4); });
+    // On the GPU: the gradient, a residual, an output and a copy target in device memory.
+    std::optional<unimsg::kernels::DeviceBuffer> device_gradient, device_residual, device_out,
+        device_copy;
+    double copy_s = 0;
+    if (cuda) {
+      device_gradient.emplace(n * 4);
+      device_gradient->copy_from_host(gradient.data(), n * 4);
+      device_residual.emplace(n * 4);
+      device_out.emplace(n * 4);
+      device_copy.emplace(n * 4);
+      copy_s = time_median([&] {
+        unimsg::kernels::copy_device_to_device(device_copy->data(), device_gradient->data(), n * 4);
+      });
+    } else {
+      copy_s = time_median([&] { std::memcpy(copy.data(), gradient.data(), n * 4); });
+    }
     const double copy_gbps = static_cast<double>(n * 4) / copy_s / 1e9;
     for (const auto& name : names) {
       const auto spec = unimsg::kernels::CompressionSpec::parse(name);
@@ -102,7 +131,22 @@ int run(int argc, char** argv) {
       std::vector<float> out(n);
       double compress_s = 0, decompress_s = 0;
       std::size_t wire_bytes = 0;
-      if (spec.name == "powersgd") {
+      if (cuda && spec.name == "powersgd") {
+        if (!json) std::printf("# %s: no CUDA kernels yet (cuBLAS), row left out\n", name.c_str());
+        continue;
+      }
+      if (cuda) {
+        const auto compressor = unimsg::kernels::make_cuda_compressor(spec);
+        device_residual->copy_from_host(residual.data(), n * 4);
+        unimsg::kernels::DeviceBuffer wire(compressor->wire_bytes(n));
+        wire_bytes = compressor->wire_bytes(n);
+        const std::span<const float> g(static_cast<const float*>(device_gradient->data()), n);
+        const std::span<float> r(static_cast<float*>(device_residual->data()), n);
+        const std::span<std::byte> w(static_cast<std::byte*>(wire.data()), wire_bytes);
+        const std::span<float> o(static_cast<float*>(device_out->data()), n);
+        compress_s = time_median([&] { compressor->compress(g, r, 1, w); });
+        decompress_s = time_median([&] { compressor->decompress(w, 1, o); });
+      } else if (spec.name == "powersgd") {
         // Compress: M = gradient + residual, P = M Q, orthonormalise, Q = M^T P (one rank: no
         // averaging between); decompress: P Q^T and the new residual.
         unimsg::kernels::PowerSgd power(n, spec.powersgd_rank, 1);
@@ -124,7 +168,7 @@ int run(int argc, char** argv) {
       const double decompress_gbps = in / decompress_s / 1e9;
       if (json) {
         std::printf("%s\n", nlohmann::json{{"compressor", name},
-                                           {"device", "cpu"},
+                                           {"device", device},
                                            {"bytes", n * 4},
                                            {"compress_gbps", compress_gbps},
                                            {"decompress_gbps", decompress_gbps},

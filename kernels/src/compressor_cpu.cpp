@@ -731,11 +731,12 @@ std::string CompressionSpec::to_string() const {
     std::snprintf(ratio_text, sizeof ratio_text, ":%.17g", ratio);
     text += ratio_text;
   }
-  if (name == "powersgd") text += ":" + std::to_string(powersgd_rank);
-  if (matrix_rows != 0) text += ":rows=" + std::to_string(matrix_rows);
+  // (Appended piece by piece: GCC 12 warns, wrongly, on ":" + std::to_string(...) here.)
+  if (name == "powersgd") text.append(":").append(std::to_string(powersgd_rank));
+  if (matrix_rows != 0) text.append(":rows=").append(std::to_string(matrix_rows));
   if (sampled) text += ":sampled";
   if (!error_feedback) text += ":noef";
-  if (seed != 0) text += ":seed=" + std::to_string(seed);
+  if (seed != 0) text.append(":seed=").append(std::to_string(seed));
   return text;
 }
 

@@ -65,6 +65,12 @@ void copy_host_to_device(void* device, const void* host, std::size_t bytes) {
     check(cudaMemcpy(device, host, bytes, cudaMemcpyHostToDevice), "cudaMemcpy to device");
 }
 
+void copy_device_to_device(void* to, const void* from, std::size_t bytes) {
+  if (bytes != 0) {
+    check(cudaMemcpy(to, from, bytes, cudaMemcpyDeviceToDevice), "cudaMemcpy on the device");
+  }
+}
+
 void set_device(int device) {
   check(cudaSetDevice(device), "cudaSetDevice");
 }

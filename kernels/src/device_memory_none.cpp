@@ -32,6 +32,9 @@ void copy_device_to_host(void*, const void*, std::size_t) {
 void copy_host_to_device(void*, const void*, std::size_t) {
   no_cuda();
 }
+void copy_device_to_device(void*, const void*, std::size_t) {
+  no_cuda();
+}
 void set_device(int) {
   no_cuda();
 }

@@ -1,10 +1,10 @@
 #pragma once
 
-// Gradient compressors: one interface, the CPU reference here (CUDA kernels with the same wire
-// format are to follow). Every compressor turns an f32 gradient into wire bytes and back, with
-// optional error feedback: the part of (gradient + residual) that the wire could not carry is
-// kept in the residual and added to the next step's gradient, so nothing is lost for good
-// (EF-SignSGD, 1-bit Adam, DGC).
+// Gradient compressors: one interface, two implementations with the same wire formats and
+// semantics: the CPU reference and CUDA kernels (make_cuda_compressor). Every compressor turns an
+// f32 gradient into wire bytes and back, with optional error feedback: the part of (gradient +
+// residual) that the wire could not carry is kept in the residual and added to the next step's
+// gradient, so nothing is lost for good (EF-SignSGD, 1-bit Adam, DGC).
 //
 // Wire formats (little-endian), n elements:
 //   fp16, bf16  f32 scale, then n 16-bit values of gradient*scale (scale < 1 only when the
@@ -84,6 +84,14 @@ class Compressor {
 };
 
 std::unique_ptr<Compressor> make_cpu_compressor(const CompressionSpec& spec);
+
+// The CUDA kernels: gradient, residual, wire and output are device memory (the wire 4-byte
+// aligned; a host pointer is an Error); each call runs on the compressor's own stream and returns
+// when its work is done. Results agree with make_cpu_compressor's (bit for bit where the CPU
+// reference takes its AVX2 path; onebit's scale and the residuals it feeds to within an ulp
+// otherwise). Throws Error in a build without CUDA or without a device; ConfigError for
+// powersgd, which has no CUDA kernels yet.
+std::unique_ptr<Compressor> make_cuda_compressor(const CompressionSpec& spec);
 
 // Elements that are NaN or infinite (on the bits: an exponent of all ones).
 std::size_t count_nonfinite(std::span<const float> values) noexcept;

@@ -44,9 +44,10 @@ class PinnedBuffer {
   std::size_t bytes_ = 0;
 };
 
-// Synchronous copies between device and host memory.
+// Synchronous copies between device and host memory, and within the device.
 void copy_device_to_host(void* host, const void* device, std::size_t bytes);
 void copy_host_to_device(void* device, const void* host, std::size_t bytes);
+void copy_device_to_device(void* to, const void* from, std::size_t bytes);
 
 // Makes `device` current for the calling thread.
 void set_device(int device);
