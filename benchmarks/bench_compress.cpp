@@ -132,10 +132,20 @@ int run(int argc, char** argv) {
       double compress_s = 0, decompress_s = 0;
       std::size_t wire_bytes = 0;
       if (cuda && spec.name == "powersgd") {
-        if (!json) std::printf("# %s: no CUDA kernels yet (cuBLAS), row left out\n", name.c_str());
-        continue;
-      }
-      if (cuda) {
+        // As on the CPU: M = gradient + residual, P = M Q, orthonormalise, Q = M^T P; then P Q^T
+        // and the new residual (cuBLAS; P orthonormalised on the host).
+        unimsg::kernels::CudaPowerSgd power(n, spec.powersgd_rank, 1);
+        wire_bytes = (power.rows() + power.cols()) * static_cast<std::size_t>(power.rank()) * 4;
+        device_residual->copy_from_host(residual.data(), n * 4);
+        const std::span<const float> g(static_cast<const float*>(device_gradient->data()), n);
+        const std::span<float> r(static_cast<float*>(device_residual->data()), n);
+        const std::span<float> o(static_cast<float*>(device_out->data()), n);
+        compress_s = time_median([&] {
+          power.begin(g, r);
+          power.project();
+        });
+        decompress_s = time_median([&] { power.finish(o, r); });
+      } else if (cuda) {
         const auto compressor = unimsg::kernels::make_cuda_compressor(spec);
         device_residual->copy_from_host(residual.data(), n * 4);
         unimsg::kernels::DeviceBuffer wire(compressor->wire_bytes(n));

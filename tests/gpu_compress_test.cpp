@@ -15,6 +15,7 @@
 #include "unimsg/device.hpp"
 #include "unimsg/device_memory.hpp"
 #include "unimsg/error.hpp"
+#include "unimsg/powersgd.hpp"
 
 namespace unimsg::kernels {
 namespace {
@@ -223,6 +224,57 @@ TEST_F(GpuCompressTest, GpuCompressRefusesHostPointersAndShortWires) {
                    0, std::span<float>(static_cast<float*>(out.data()), 16)),
                Error);
   EXPECT_THROW(make_cuda_compressor(CompressionSpec::parse("powersgd")), ConfigError);
+}
+
+// PowerSGD with cuBLAS against the CPU's OpenBLAS: the same P, Q, approximation and residual over
+// two steps (the second warm-started), to the products' rounding.
+TEST_F(GpuCompressTest, GpuCompressPowerSgdAgreesWithTheCpu) {
+  struct Shape {
+    std::size_t count, rows;
+    int rank;
+  };
+  for (const Shape shape : {Shape{300 * 200, 300, 4}, Shape{10007, 0, 2}, Shape{64 * 9, 64, 1}}) {
+    SCOPED_TRACE(std::to_string(shape.count) + " rank " + std::to_string(shape.rank));
+    PowerSgd cpu(shape.count, shape.rank, 11, shape.rows);
+    CudaPowerSgd gpu(shape.count, shape.rank, 11, shape.rows);
+    ASSERT_EQ(cpu.rows(), gpu.rows());
+    ASSERT_EQ(cpu.cols(), gpu.cols());
+    std::vector<float> cpu_residual(shape.count, 0.0f);
+    DeviceBuffer gpu_residual = upload(cpu_residual);
+    const auto close = [](std::span<const float> expected, const std::vector<float>& got,
+                          const char* what) {
+      ASSERT_EQ(expected.size(), got.size()) << what;
+      float largest = 0;
+      for (const float v : expected) largest = std::max(largest, std::fabs(v));
+      for (std::size_t i = 0; i < got.size(); ++i) {
+        ASSERT_NEAR(expected[i], got[i], 1e-3f * (largest + 1e-6f)) << what << " " << i;
+      }
+    };
+    for (int step = 0; step < 2; ++step) {
+      auto g = gradient(shape.count, false);
+      for (float& v : g) v *= static_cast<float>(step + 1);
+      DeviceBuffer device_g = upload(g);
+      const auto p = cpu.begin(g, cpu_residual);
+      const auto device_p = gpu.begin(
+          std::span<const float>(static_cast<const float*>(device_g.data()), shape.count),
+          std::span<const float>(static_cast<const float*>(gpu_residual.data()), shape.count));
+      std::vector<float> got_p(device_p.size());
+      copy_device_to_host(got_p.data(), device_p.data(), 4 * got_p.size());
+      close(p, got_p, "P");
+      const auto q = cpu.project();
+      const auto device_q = gpu.project();
+      std::vector<float> got_q(device_q.size());
+      copy_device_to_host(got_q.data(), device_q.data(), 4 * got_q.size());
+      close(q, got_q, "Q");
+      std::vector<float> out(shape.count);
+      cpu.finish(out, cpu_residual);
+      DeviceBuffer device_out(4 * shape.count);
+      gpu.finish(std::span<float>(static_cast<float*>(device_out.data()), shape.count),
+                 std::span<float>(static_cast<float*>(gpu_residual.data()), shape.count));
+      close(out, download<float>(device_out, shape.count), "approximation");
+      close(cpu_residual, download<float>(gpu_residual, shape.count), "residual");
+    }
+  }
 }
 
 }  // namespace

@@ -805,8 +805,8 @@ std::unique_ptr<Compressor> make_cuda_compressor(const CompressionSpec& spec) {
   if (spec.name == "randomk") return std::make_unique<CudaRandomK>(spec);
   if (spec.name == "powersgd") {
     throw ConfigError(kNoRank, "compression",
-                      "powersgd has no CUDA kernels yet (cuBLAS): it runs on the CPU path, "
-                      "through CompressedAllreduce or the engine");
+                      "powersgd needs the ranks between its stages: use kernels::CudaPowerSgd "
+                      "(powersgd.hpp), which holds its steps");
   }
   throw ConfigError(kNoRank, "compression", "unknown compressor '" + spec.name + "'");
 }

@@ -7,20 +7,30 @@
 #include <random>
 #include <string>
 
+#include "powersgd_detail.hpp"
 #include "unimsg/error.hpp"
 
 namespace unimsg::kernels {
-namespace {
+namespace detail {
 
-std::size_t cols_for(std::size_t count, std::size_t rows) {
+std::size_t powersgd_cols(std::size_t count, std::size_t rows) {
   if (rows > 0 && count % rows == 0) return std::max<std::size_t>(count / rows, 1);
   auto cols = static_cast<std::size_t>(std::ceil(std::sqrt(static_cast<double>(count))));
   return std::max<std::size_t>(cols, 1);
 }
 
-// Gram-Schmidt on the columns of a row-major rows x rank matrix. The epsilon keeps a zero column
-// (a zero gradient) at zero instead of dividing by zero, as PyTorch's PowerSGD hook does.
-void orthonormalise(std::vector<float>& p, std::size_t rows, int rank) {
+std::vector<float> powersgd_first_q(std::size_t cols, int rank, std::uint64_t seed) {
+  std::vector<float> q(cols * static_cast<std::size_t>(rank));
+  // (The standard library's engine and distribution: the same draw on every rank of one build.)
+  std::mt19937_64 engine(seed);
+  std::normal_distribution<float> normal;
+  for (float& v : q) v = normal(engine);
+  return q;
+}
+
+// The epsilon keeps a zero column (a zero gradient) at zero instead of dividing by zero, as
+// PyTorch's PowerSGD hook does.
+void powersgd_orthonormalise(std::span<float> p, std::size_t rows, int rank) {
   const auto r = static_cast<std::size_t>(rank);
   for (std::size_t c = 0; c < r; ++c) {
     for (std::size_t previous = 0; previous < c; ++previous) {
@@ -35,27 +45,23 @@ void orthonormalise(std::vector<float>& p, std::size_t rows, int rank) {
   }
 }
 
-}  // namespace
+}  // namespace detail
 
 bool PowerSgd::compresses(std::size_t count, int rank, std::size_t rows_hint) noexcept {
   if (count == 0 || rank < 1) return false;
-  const std::size_t cols = cols_for(count, rows_hint);
+  const std::size_t cols = detail::powersgd_cols(count, rows_hint);
   const std::size_t rows = (count + cols - 1) / cols;
   return (rows + cols) * static_cast<std::size_t>(rank) < count;
 }
 
 PowerSgd::PowerSgd(std::size_t count, int rank, std::uint64_t seed, std::size_t rows)
-    : count_(count), cols_(cols_for(count, rows)), rank_(rank) {
+    : count_(count), cols_(detail::powersgd_cols(count, rows)), rank_(rank) {
   if (rank < 1) throw ConfigError(kNoRank, "powersgd", "the rank must be at least 1");
   rows_ = (count + cols_ - 1) / cols_;
   const auto r = static_cast<std::size_t>(rank);
   matrix_.assign(rows_ * cols_, 0.0f);
   p_.assign(rows_ * r, 0.0f);
-  q_.resize(cols_ * r);
-  // (The standard library's engine and distribution: the same draw on every rank of one build.)
-  std::mt19937_64 engine(seed);
-  std::normal_distribution<float> normal;
-  for (float& v : q_) v = normal(engine);
+  q_ = detail::powersgd_first_q(cols_, rank, seed);
 }
 
 std::span<float> PowerSgd::begin(std::span<const float> gradient, std::span<const float> residual) {
@@ -75,7 +81,7 @@ std::span<float> PowerSgd::begin(std::span<const float> gradient, std::span<cons
 }
 
 std::span<float> PowerSgd::project() {
-  orthonormalise(p_, rows_, rank_);
+  detail::powersgd_orthonormalise(p_, rows_, rank_);
   const auto r = static_cast<int>(rank_);
   cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(cols_), r,
               static_cast<int>(rows_), 1.0f, matrix_.data(), static_cast<int>(cols_), p_.data(), r,

@@ -90,7 +90,7 @@ std::unique_ptr<Compressor> make_cpu_compressor(const CompressionSpec& spec);
 // when its work is done. Results agree with make_cpu_compressor's (bit for bit where the CPU
 // reference takes its AVX2 path; onebit's scale and the residuals it feeds to within an ulp
 // otherwise). Throws Error in a build without CUDA or without a device; ConfigError for
-// powersgd, which has no CUDA kernels yet.
+// powersgd, whose stages need the ranks between them (CudaPowerSgd in powersgd.hpp).
 std::unique_ptr<Compressor> make_cuda_compressor(const CompressionSpec& spec);
 
 // Elements that are NaN or infinite (on the bits: an exponent of all ones).

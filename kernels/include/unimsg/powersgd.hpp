@@ -11,10 +11,12 @@
 // Averaging P and Q is averaging the approximation: P P^T avg(M) with P orthonormal. A flat
 // buffer of n elements is the matrix its caller names (a parameter's first dimension x the
 // rest, as PyTorch's PowerSGD hook views it), or else rows x cols with cols = ceil(sqrt(n)),
-// padded with zeros. CPU reference over BLAS (OpenBLAS); the CUDA version is to use cuBLAS.
+// padded with zeros. CPU reference over BLAS (OpenBLAS); CudaPowerSgd runs the same stages with
+// cuBLAS on device memory.
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <vector>
 
@@ -49,6 +51,35 @@ class PowerSgd {
   std::size_t count_, rows_, cols_;
   int rank_;
   std::vector<float> matrix_, p_, q_;
+};
+
+// The same stages on the GPU: gradient, residual, P, Q and out are device memory (P and Q are
+// returned for the caller to average in place, with NCCL say). The products run in cuBLAS; P's
+// orthonormalisation (rows x rank values) runs on the host exactly as the CPU's, and the first Q
+// is the CPU's draw, so the two agree to the products' rounding. Every stage returns when its
+// work is done, and expects the caller's work on P or Q (the averaging) to be done before it is
+// called. Throws Error in a build without CUDA or without a device.
+class CudaPowerSgd {
+ public:
+  CudaPowerSgd(std::size_t count, int rank, std::uint64_t seed, std::size_t rows = 0);
+  ~CudaPowerSgd();
+  CudaPowerSgd(const CudaPowerSgd&) = delete;
+  CudaPowerSgd& operator=(const CudaPowerSgd&) = delete;
+  CudaPowerSgd(CudaPowerSgd&&) noexcept;
+  CudaPowerSgd& operator=(CudaPowerSgd&&) noexcept;
+
+  std::size_t count() const noexcept;
+  std::size_t rows() const noexcept;
+  std::size_t cols() const noexcept;
+  int rank() const noexcept;
+
+  std::span<float> begin(std::span<const float> gradient, std::span<const float> residual);
+  std::span<float> project();
+  void finish(std::span<float> out, std::span<float> residual);
+
+ private:
+  struct State;
+  std::unique_ptr<State> state_;
 };
 
 // Threads of the BLAS library's pool for this process (OpenBLAS's setting: process-wide). One
