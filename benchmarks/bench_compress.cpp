@@ -51,8 +51,10 @@ double time_median(Body&& body, int trials = 5) {
 }
 
 int run(int argc, char** argv) {
-  cxxopts::Options cli("unimsg-bench-compress",
-                       "Compressor throughput (GB/s of f32 input) against memcpy, one thread.");
+  cxxopts::Options cli(
+      "unimsg-bench-compress",
+      "Compressor throughput (GB/s of f32 input) against a copy of the same bytes: "
+      "memcpy on one CPU thread, or a device-to-device copy on the GPU.");
   cli.add_options()("device", "cpu (one thread) or cuda (the CUDA kernels on GPU 0)",
                     cxxopts::value<std::string>()->default_value("cpu"))(
       "b", "smallest size", cxxopts::value<std::string>()->default_value("64K"))(

@@ -143,9 +143,10 @@ TEST_F(EngineTest, WaitRunsTheCycleItselfAndAShorterTimeoutHandsItToTheEngineThr
   ASSERT_GT(comm_->default_timeout(), kWait);
   EngineOptions options = quick_options();
   options.cycle_time = std::chrono::duration_cast<std::chrono::microseconds>(kWait);
-  Engine engine(*comm_, *bus_, options);
+  // (Before the engine, so that they outlive its listener on every path out of the test.)
   std::mutex mutex;
   std::vector<std::thread::id> reducers;  // the threads that ran the reductions
+  Engine engine(*comm_, *bus_, options);
   engine.set_listener([&](const EngineEvent& event) {
     if (event.type != EngineEvent::Type::kReduceStart) return;
     std::lock_guard lock(mutex);
