@@ -16,6 +16,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "compress_format.hpp"
 #include "unimsg/cast.hpp"
 #include "unimsg/compressor.hpp"
 #include "unimsg/error.hpp"
@@ -24,15 +25,12 @@
 namespace unimsg::kernels {
 namespace {
 
-constexpr std::size_t kInt8Chunk = 256;
-constexpr std::size_t kOneBitChunk = 256;
+using format::k_of;
+using format::kInt8Chunk;
+using format::kOneBitChunk;
+using format::uniform01;
 
 constexpr auto mix = splitmix64;
-
-// Uniform in [0, 1) from a counter: the same on every platform and for any thread split.
-float uniform01(std::uint64_t seed, std::uint64_t step, std::uint64_t index) noexcept {
-  return static_cast<float>(mix(mix(seed ^ mix(step)) + index) >> 40) * (1.0f / 16777216.0f);
-}
 
 template <typename T>
 void put(std::span<std::byte> wire, std::size_t offset, T value) {
@@ -345,9 +343,9 @@ class Int8Compressor final : public DenseCompressor {
   explicit Int8Compressor(CompressionSpec spec) : DenseCompressor(std::move(spec)) {}
   std::string_view name() const noexcept override { return "int8"; }
   std::size_t wire_bytes(std::size_t n) const noexcept override {
-    return (n + kInt8Chunk - 1) / kInt8Chunk * 4 + n;
+    return format::int8_wire_bytes(n);
   }
-  static std::size_t chunk_offset(std::size_t chunk) { return chunk * (4 + kInt8Chunk); }
+  static std::size_t chunk_offset(std::size_t chunk) { return chunk * format::kInt8ChunkBytes; }
   std::size_t block_elements() const noexcept override { return kInt8Chunk; }
 
   CompressResult compress(std::span<const float> g, std::span<float> r, std::uint64_t step,
@@ -467,10 +465,10 @@ class OneBitCompressor final : public DenseCompressor {
  public:
   explicit OneBitCompressor(CompressionSpec spec) : DenseCompressor(std::move(spec)) {}
   std::string_view name() const noexcept override { return "onebit"; }
-  static constexpr std::size_t kChunkBytes = 4 + kOneBitChunk / 8;
+  static constexpr std::size_t kChunkBytes = format::kOneBitChunkBytes;
   std::size_t block_elements() const noexcept override { return kOneBitChunk; }
   std::size_t wire_bytes(std::size_t n) const noexcept override {
-    return (n + kOneBitChunk - 1) / kOneBitChunk * kChunkBytes;
+    return format::onebit_wire_bytes(n);
   }
 
   CompressResult compress(std::span<const float> g, std::span<float> r, std::uint64_t,
@@ -550,12 +548,6 @@ class OneBitCompressor final : public DenseCompressor {
     }
   }
 };
-
-std::size_t k_of(double ratio, std::size_t n) {
-  if (n == 0) return 0;
-  return std::clamp<std::size_t>(
-      static_cast<std::size_t>(std::ceil(ratio * static_cast<double>(n))), 1, n);
-}
 
 class TopKCompressor final : public Compressor {
  public:

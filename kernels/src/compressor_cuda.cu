@@ -18,6 +18,8 @@
 #include <string>
 #include <vector>
 
+#include "compress_format.hpp"
+#include "cuda_support.cuh"
 #include "unimsg/compressor.hpp"
 #include "unimsg/device_memory.hpp"
 #include "unimsg/error.hpp"
@@ -26,32 +28,17 @@
 namespace unimsg::kernels {
 namespace {
 
-constexpr std::size_t kChunk = 256;  // int8 and onebit: elements under one scale
-constexpr int kThreads = 256;        // = kChunk: one block per chunk
-constexpr std::size_t kInt8ChunkBytes = 4 + kChunk;
-constexpr std::size_t kOneBitChunkBytes = 4 + kChunk / 8;
+using cuda::check;
+using cuda::grid_for;
+using cuda::kThreads;
+using format::k_of;
+using format::kInt8ChunkBytes;
+using format::kOneBitChunkBytes;
+using format::uniform01;
 
-void check(cudaError_t status, const std::string& operation, const char* what) {
-  if (status != cudaSuccess) {
-    throw Error(kNoRank, operation, std::string(what) + ": " + cudaGetErrorString(status));
-  }
-}
-
-unsigned grid_for(std::size_t n) {
-  return static_cast<unsigned>(std::min<std::size_t>((n + kThreads - 1) / kThreads, 65535));
-}
-
-__device__ __forceinline__ std::uint64_t mix(std::uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-
-__device__ __forceinline__ float uniform01(std::uint64_t seed, std::uint64_t step,
-                                           std::uint64_t index) {
-  return static_cast<float>(mix(mix(seed ^ mix(step)) + index) >> 40) * (1.0f / 16777216.0f);
-}
+// int8 and onebit: values under one scale; one block of kThreads per chunk.
+constexpr std::size_t kChunk = format::kInt8Chunk;
+static_assert(format::kOneBitChunk == kChunk && kThreads == static_cast<int>(kChunk));
 
 __device__ __forceinline__ float corrected(const float* g, const float* r, std::size_t i) {
   return r != nullptr ? __fadd_rn(g[i], r[i]) : g[i];
@@ -104,8 +91,11 @@ __global__ void to_f16_kernel(const float* g, float* r, __half* out, std::size_t
   }
 }
 
-__global__ void from_f16_kernel(const __half* in, float* out, std::size_t n, float inverse,
-                                bool add) {
+// The scale is read where it lies on the wire (no round trip to the host); 1/scale with IEEE
+// division, as the CPU computes it.
+__global__ void from_f16_kernel(const unsigned char* wire, float* out, std::size_t n, bool add) {
+  const float inverse = __fdiv_rn(1.0f, *reinterpret_cast<const float*>(wire));
+  const auto* in = reinterpret_cast<const __half*>(wire + 4);
   for (std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<std::size_t>(gridDim.x) * blockDim.x) {
     const float value = __fmul_rn(__half2float(in[i]), inverse);
@@ -240,7 +230,7 @@ __global__ void topk_sample_kernel(const float* values, float* sample, std::size
                                    std::size_t n, std::uint64_t seed, std::uint64_t step) {
   for (std::size_t s = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x; s < samples;
        s += static_cast<std::size_t>(gridDim.x) * blockDim.x) {
-    sample[s] = fabsf(values[mix(seed ^ mix(step) ^ s) % n]);
+    sample[s] = fabsf(values[splitmix64(seed ^ splitmix64(step) ^ s) % n]);
   }
 }
 
@@ -323,12 +313,6 @@ __global__ void randomk_scatter_kernel(const float* wire, const unsigned* positi
        j += static_cast<std::size_t>(gridDim.x) * blockDim.x) {
     out[positions[j]] = add ? __fadd_rn(out[positions[j]], wire[j]) : wire[j];
   }
-}
-
-std::size_t k_of(double ratio, std::size_t n) {
-  if (n == 0) return 0;
-  return std::clamp<std::size_t>(
-      static_cast<std::size_t>(std::ceil(ratio * static_cast<double>(n))), 1, n);
 }
 
 // The stream a compressor runs on, and its scratch memory (grown as needed).
@@ -440,15 +424,7 @@ class CudaCompressor : public Compressor {
 
  private:
   static void check_device(const void* pointer, const char* what, const std::string& operation) {
-    cudaPointerAttributes attributes{};
-    if (cudaPointerGetAttributes(&attributes, pointer) != cudaSuccess ||
-        (attributes.type != cudaMemoryTypeDevice && attributes.type != cudaMemoryTypeManaged)) {
-      cudaGetLastError();  // (a failed query leaves an error behind for the next check: clear it)
-      throw Error(kNoRank, operation,
-                  std::string("the ") + what +
-                      " is not in device memory (the CUDA compressor "
-                      "takes device pointers)");
-    }
+    cuda::check_device_pointer(pointer, what, operation);
   }
 
   void expand_checked(std::span<const std::byte> wire, std::uint64_t step, std::span<float> out,
@@ -530,12 +506,8 @@ class CudaHalf final : public CudaCompressor {
       from_bf16_kernel<<<grid_for(out.size()), kThreads, 0, stream()>>>(
           reinterpret_cast<const std::uint16_t*>(bytes + 4), out.data(), out.size(), add);
     } else {
-      float scale = 1;
-      check(cudaMemcpyAsync(&scale, bytes, 4, cudaMemcpyDeviceToHost, stream()), op,
-            "cudaMemcpyAsync");
-      check(cudaStreamSynchronize(stream()), op, "scale");
-      from_f16_kernel<<<grid_for(out.size()), kThreads, 0, stream()>>>(
-          reinterpret_cast<const __half*>(bytes + 4), out.data(), out.size(), 1.0f / scale, add);
+      from_f16_kernel<<<grid_for(out.size()), kThreads, 0, stream()>>>(bytes, out.data(),
+                                                                       out.size(), add);
     }
     check(cudaGetLastError(), op, "cast kernel");
   }
@@ -548,7 +520,7 @@ class CudaInt8 final : public CudaCompressor {
  public:
   explicit CudaInt8(CompressionSpec spec) : CudaCompressor(std::move(spec), "int8") {}
   std::size_t wire_bytes(std::size_t n) const noexcept override {
-    return (n + kChunk - 1) / kChunk * 4 + n;
+    return format::int8_wire_bytes(n);
   }
   std::size_t block_elements() const noexcept override { return kChunk; }
 
@@ -576,7 +548,7 @@ class CudaOneBit final : public CudaCompressor {
  public:
   explicit CudaOneBit(CompressionSpec spec) : CudaCompressor(std::move(spec), "onebit") {}
   std::size_t wire_bytes(std::size_t n) const noexcept override {
-    return (n + kChunk - 1) / kChunk * kOneBitChunkBytes;
+    return format::onebit_wire_bytes(n);
   }
   std::size_t block_elements() const noexcept override { return kChunk; }
 

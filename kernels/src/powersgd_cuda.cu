@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda_support.cuh"
 #include "powersgd_detail.hpp"
 #include "unimsg/device_memory.hpp"
 #include "unimsg/error.hpp"
@@ -19,9 +20,7 @@ namespace unimsg::kernels {
 namespace {
 
 void check(cudaError_t status, const char* what) {
-  if (status != cudaSuccess) {
-    throw Error(kNoRank, "cuda powersgd", std::string(what) + ": " + cudaGetErrorString(status));
-  }
+  cuda::check(status, "cuda powersgd", what);
 }
 
 void check(cublasStatus_t status, const char* what) {
@@ -31,12 +30,7 @@ void check(cublasStatus_t status, const char* what) {
 }
 
 void check_device(const void* pointer, const char* what) {
-  cudaPointerAttributes attributes{};
-  if (cudaPointerGetAttributes(&attributes, pointer) != cudaSuccess ||
-      (attributes.type != cudaMemoryTypeDevice && attributes.type != cudaMemoryTypeManaged)) {
-    cudaGetLastError();  // (a failed query leaves an error behind for the next check: clear it)
-    throw Error(kNoRank, "cuda powersgd", std::string("the ") + what + " is not in device memory");
-  }
+  cuda::check_device_pointer(pointer, what, "cuda powersgd");
 }
 
 // M = gradient (+ residual) over the first `count` elements; the padding stays zero.
@@ -57,9 +51,7 @@ __global__ void finish_kernel(const float* matrix, const float* approximation, f
   }
 }
 
-unsigned grid_for(std::size_t n) {
-  return static_cast<unsigned>(std::min<std::size_t>((n + 255) / 256, 65535));
-}
+using cuda::grid_for;
 
 }  // namespace
 
@@ -131,7 +123,7 @@ std::span<float> CudaPowerSgd::begin(std::span<const float> gradient,
   if (s.count == 0) return {s.device(s.p), 0};
   check_device(gradient.data(), "gradient");
   if (!residual.empty()) check_device(residual.data(), "residual");
-  sum_kernel<<<grid_for(s.count), 256, 0, s.stream>>>(
+  sum_kernel<<<grid_for(s.count), cuda::kThreads, 0, s.stream>>>(
       gradient.data(), residual.empty() ? nullptr : residual.data(), s.device(s.matrix), s.count);
   check(cudaGetLastError(), "sum kernel");
   // P (rows x rank, row-major) = M Q; column-major: P^T (rank x rows) = Q^T (rank x cols) M^T.
@@ -178,7 +170,7 @@ void CudaPowerSgd::finish(std::span<float> out, std::span<float> residual) {
                     static_cast<int>(s.rows), r, &one, s.device(s.q), r, s.device(s.p), r, &zero,
                     s.device(s.approximation), static_cast<int>(s.cols)),
         "cublasSgemm P Q^T");
-  finish_kernel<<<grid_for(s.count), 256, 0, s.stream>>>(
+  finish_kernel<<<grid_for(s.count), cuda::kThreads, 0, s.stream>>>(
       s.device(s.matrix), s.device(s.approximation), out.data(),
       residual.empty() ? nullptr : residual.data(), s.count);
   check(cudaGetLastError(), "finish kernel");
