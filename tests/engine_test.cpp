@@ -406,6 +406,62 @@ TEST_F(EngineTest, DuplicateAndDeviceSubmissionsAreRefused) {
   first.wait(kWait);
   TensorView device{data.data(), data.size(), DType::kF32, Device::kCuda};
   EXPECT_THROW(engine.submit("gpu", device, ReduceOp::kSum), Error);
+  // A group naming one tensor twice is refused whole: none of its names stays pending.
+  std::vector<float> a(3, 1.0f), b(3, 2.0f);
+  try {
+    engine.submit_group({{"g.a", host_view(a.data(), a.size())},
+                         {"g.b", host_view(b.data(), b.size())},
+                         {"g.a", host_view(b.data(), b.size())}},
+                        ReduceOp::kSum);
+    FAIL() << "a group with a repeated name was accepted";
+  } catch (const Error& error) {
+    EXPECT_NE(std::string(error.what()).find("'g.a' appears twice"), std::string::npos)
+        << error.what();
+  }
+  engine
+      .submit_group(
+          {{"g.a", host_view(a.data(), a.size())}, {"g.b", host_view(b.data(), b.size())}},
+          ReduceOp::kSum)
+      .wait(kWait);
+  EXPECT_EQ(a[2], static_cast<float>(comm_->size()));
+  EXPECT_EQ(b[2], 2.0f * static_cast<float>(comm_->size()));
+}
+
+TEST_F(EngineTest, TensorWhoseWorkWasDroppedIsStillReduced) {
+  // The engine keeps what it needs of a submission: dropping the Work does not cancel it.
+  Engine engine(*comm_, *bus_, quick_options());
+  std::vector<float> dropped(9, 1.0f), kept(4, 3.0f);
+  {
+    Work forgotten =
+        engine.submit("dropped", host_view(dropped.data(), dropped.size()), ReduceOp::kSum);
+  }
+  engine.submit("kept", host_view(kept.data(), kept.size()), ReduceOp::kSum).wait(kWait);
+  // (The step's tensors go out in one cycle: the dropped one went with the kept one.)
+  EXPECT_EQ(dropped[8], static_cast<float>(comm_->size()));
+  EXPECT_EQ(kept[3], 3.0f * static_cast<float>(comm_->size()));
+}
+
+TEST_F(EngineTest, WaitTimeoutNamesTheTensor) {
+  if (comm_->size() < 2) GTEST_SKIP() << "needs a rank that submits late";
+  Engine engine(*comm_, *bus_, quick_options());
+  std::vector<float> data(6, 1.0f);
+  if (comm_->rank() == 0) {
+    Work work = engine.submit("grad.late", host_view(data.data(), data.size()), ReduceOp::kAvg);
+    try {
+      work.wait(1s);
+      FAIL() << "reduced before the other ranks submitted";
+    } catch (const TimeoutError& error) {
+      EXPECT_NE(std::string(error.what()).find("engine allreduce avg 'grad.late'"),
+                std::string::npos)
+          << error.what();
+    }
+    MPI_Barrier(MPI_COMM_WORLD);
+    work.wait(kWait);  // the Work stays valid after a timeout
+  } else {
+    MPI_Barrier(MPI_COMM_WORLD);
+    engine.submit("grad.late", host_view(data.data(), data.size()), ReduceOp::kAvg).wait(kWait);
+  }
+  EXPECT_EQ(data[5], 1.0f);
 }
 
 TEST(EngineConfig, FromEnvironment) {

@@ -110,24 +110,50 @@ void store_element(void* data, DType dtype, std::size_t index, double value) noe
   }
 }
 
-struct Work::State {
-  Operation operation;
-  bool complete = false;
+namespace {
+
+// The state of a Work built from an Operation.
+class OperationState final : public Work::State {
+ public:
+  explicit OperationState(Work::Operation operation) : operation_(std::move(operation)) {}
+  bool poll() override { return operation_.poll(); }
+  void finish() override {
+    if (operation_.finish) operation_.finish();
+  }
+  std::optional<bool> block(std::chrono::steady_clock::time_point deadline) override {
+    if (!operation_.block) return std::nullopt;
+    return operation_.block(deadline);
+  }
+  std::string describe() const override { return operation_.description; }
+  std::string missing_ranks() const override {
+    return operation_.missing_ranks ? operation_.missing_ranks() : "unknown";
+  }
+  void on_timeout() override {
+    if (operation_.on_timeout) operation_.on_timeout();
+  }
+  int rank() const override { return operation_.rank; }
+  std::chrono::nanoseconds default_timeout() const override { return operation_.default_timeout; }
+
+ private:
+  Work::Operation operation_;
 };
 
-Work::Work(Operation operation) : state_(std::make_shared<State>()) {
-  state_->operation = std::move(operation);
+}  // namespace
+
+Work::Work(Operation operation) : state_(std::make_shared<OperationState>(std::move(operation))) {}
+
+Work::Work(std::shared_ptr<State> state) : state_(std::move(state)) {
+  if (!state_) throw Error(kNoRank, "work", "a Work needs a state");
 }
 
 Work Work::then(std::function<void()> after) const {
   if (!state_) throw Error(kNoRank, "work.then", "then() on an empty Work");
   Operation operation;
-  const Operation& inner = state_->operation;
-  operation.description = inner.description;
-  operation.rank = inner.rank;
-  operation.default_timeout = inner.default_timeout;
-  operation.missing_ranks = inner.missing_ranks;
-  operation.on_timeout = inner.on_timeout;
+  operation.description = state_->describe();
+  operation.rank = state_->rank();
+  operation.default_timeout = state_->default_timeout();
+  operation.missing_ranks = [inner = state_] { return inner->missing_ranks(); };
+  operation.on_timeout = [inner = state_] { inner->on_timeout(); };
   operation.poll = [first = *this]() mutable { return first.test(); };
   operation.finish = std::move(after);
   return Work(std::move(operation));
@@ -135,16 +161,16 @@ Work Work::then(std::function<void()> after) const {
 
 bool Work::test() {
   if (!state_) throw Error(kNoRank, "work.test", "test() on an empty Work");
-  if (state_->complete) return true;
-  if (!state_->operation.poll()) return false;
-  state_->complete = true;
-  if (state_->operation.finish) state_->operation.finish();
+  if (state_->complete_) return true;
+  if (!state_->poll()) return false;
+  state_->complete_ = true;
+  state_->finish();
   return true;
 }
 
 void Work::wait() {
   if (!state_) throw Error(kNoRank, "work.wait", "wait() on an empty Work");
-  wait(state_->operation.default_timeout);
+  wait(state_->default_timeout());
 }
 
 void Work::wait(std::chrono::nanoseconds timeout) {
@@ -154,8 +180,8 @@ void Work::wait(std::chrono::nanoseconds timeout) {
   const auto deadline = timeout > std::chrono::hours(24 * 365)
                             ? start + std::chrono::hours(24 * 365)
                             : start + timeout;
-  if (state_->operation.block) {
-    if (state_->operation.block(deadline) && test()) return;
+  if (const auto blocked = state_->block(deadline)) {
+    if (*blocked && test()) return;
   } else {
     // Test (which drives MPI progress) in a tight loop first, then yield, then sleep briefly: a
     // long wait must not starve the ranks it waits for on an oversubscribed machine.
@@ -169,12 +195,11 @@ void Work::wait(std::chrono::nanoseconds timeout) {
       }
     }
   }
-  const auto& op = state_->operation;
-  const std::string missing = op.missing_ranks ? op.missing_ranks() : "unknown";
-  if (op.on_timeout) op.on_timeout();
+  const std::string missing = state_->missing_ranks();
+  state_->on_timeout();
   throw TimeoutError(
-      op.rank, "collective.wait",
-      op.description + " did not complete within " +
+      state_->rank(), "collective.wait",
+      state_->describe() + " did not complete within " +
           std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(timeout).count()) +
           " ms; ranks that have not started it: " + missing);
 }

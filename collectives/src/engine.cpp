@@ -1,6 +1,7 @@
 #include "unimsg/engine.hpp"
 
 #include <spdlog/spdlog.h>
+#include <xxhash.h>
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
@@ -13,9 +14,10 @@
 #include <optional>
 #include <random>
 #include <set>
+#include <span>
+#include <string_view>
 #include <thread>
 #include <unordered_map>
-#include <unordered_set>
 
 #include "unimsg/compressed_allreduce.hpp"
 #include "unimsg/config.hpp"
@@ -31,8 +33,19 @@ using nlohmann::json;
 
 // With nothing pending, a rank still takes part in a cycle this often (see wait_for_next_cycle).
 constexpr auto kIdleCycle = std::chrono::milliseconds(50);
+// Names remembered for the duplicate check before the idle ones are forgotten.
+constexpr std::size_t kMaxNames = 1 << 16;
 // wait() computes its deadline (now + the collective timeout) a moment before the engine sees it.
 constexpr auto kDriveSlack = std::chrono::milliseconds(100);
+
+// Tensor names are hashed for every tensor of every step: XXH3 takes a third of the time of
+// std::hash on short names.
+struct NameHash {
+  using is_transparent = void;
+  std::size_t operator()(std::string_view name) const noexcept {
+    return static_cast<std::size_t>(XXH3_64bits(name.data(), name.size()));
+  }
+};
 
 struct Signature {
   DType dtype = DType::kF32;
@@ -60,13 +73,19 @@ struct Signature {
 struct Completion {
   std::atomic<int> remaining{0};
   std::atomic<bool> failed{false};
+  std::atomic<int> sleepers{0};  // threads in wait_until()
   std::mutex mutex;
   std::condition_variable done_cv;  // waiters sleep here: a spinning waiter would take the core
   std::exception_ptr error;         // the engine thread needs on an oversubscribed machine
 
   void finish_one() {
-    std::lock_guard lock(mutex);
-    if (remaining.fetch_sub(1, std::memory_order_acq_rel) == 1) done_cv.notify_all();
+    // The mutex only for a sleeper: most waits find the work done, or run the cycle that does
+    // it, and a lock per tensor was a measurable part of a small tensor's cost. (Sequentially
+    // consistent: the sleeper counts itself, then looks; this decrements, then looks.)
+    if (remaining.fetch_sub(1) == 1 && sleepers.load() > 0) {
+      std::lock_guard lock(mutex);
+      done_cv.notify_all();
+    }
   }
   bool finished() const {
     return failed.load(std::memory_order_acquire) || remaining.load(std::memory_order_acquire) == 0;
@@ -77,8 +96,14 @@ struct Completion {
     done_cv.notify_all();
   }
   bool wait_until(Clock::time_point deadline) {
-    std::unique_lock lock(mutex);
-    return done_cv.wait_until(lock, deadline, [&] { return finished(); });
+    sleepers.fetch_add(1);
+    bool done = false;
+    {
+      std::unique_lock lock(mutex);
+      done = done_cv.wait_until(lock, deadline, [&] { return finished(); });
+    }
+    sleepers.fetch_sub(1);
+    return done;
   }
 };
 
@@ -87,11 +112,62 @@ struct LocalTensor {
   TensorView input;  // what this rank contributes...
   TensorView view;   // ...and where the result goes (the same tensor when in place)
   Signature signature;
+  // Set while the engine holds the tensor: it keeps the Submission the tensor lives in alive
+  // (the engine releases it last thing when the tensor completes or fails).
   std::shared_ptr<Completion> completion;
-  Clock::time_point submitted;
+  Clock::time_point submitted;    // (with a trace) or when a cycle took it in
   bool sent = false;              // announced to rank 0
+  std::size_t pending_index = 0;  // where in `pending` (for removal in O(1))
+  bool* pending_flag = nullptr;   // its entry in EngineCore::names (under `mutex`)
   std::size_t cached = SIZE_MAX;  // cache slot it is ready in, this cycle
   std::uint64_t order = 0;        // submissions numbered on this rank
+};
+
+}  // namespace
+
+struct EngineCore;
+
+namespace {
+
+// One submit() or submit_group(): its Work's state, what that Work waits on and the tensors
+// themselves, in one allocation whose tensors never move, so that the engine's tables hold
+// pointers and names as views into it instead of copies (allocations, copies and a Work's
+// functions were most of what a small tensor cost).
+class Submission final : public Work::State {
+ public:
+  Submission() {}  // (user-provided: make_shared then does not zero the object first)
+  Completion completion;
+  std::weak_ptr<EngineCore> core;  // (the Work may outlive the engine)
+  std::chrono::nanoseconds collective_timeout{};
+  int bus_rank = -1;
+  ReduceOp op = ReduceOp::kSum;
+  bool grouped = false;
+  LocalTensor single;              // submit()
+  std::vector<LocalTensor> group;  // submit_group()
+
+  std::span<LocalTensor> tensors() {
+    return grouped ? std::span<LocalTensor>(group) : std::span<LocalTensor>(&single, 1);
+  }
+
+  bool poll() override {
+    if (completion.failed.load(std::memory_order_acquire)) {
+      std::lock_guard lock(completion.mutex);
+      std::rethrow_exception(completion.error);
+    }
+    return completion.remaining.load(std::memory_order_acquire) == 0;
+  }
+  std::optional<bool> block(Clock::time_point deadline) override;  // (after EngineCore)
+  std::string describe() const override {
+    std::string text = std::string("engine allreduce ") + to_string(op);
+    if (!grouped) return text + " '" + single.name + "'";
+    for (const LocalTensor& tensor : group) text += " '" + tensor.name + "'";
+    return text;
+  }
+  std::string missing_ranks() const override {
+    return "see rank 0's engine stall warnings (UNIMSG_STALL_CHECK_TIME_S)";
+  }
+  int rank() const override { return bus_rank; }
+  std::chrono::nanoseconds default_timeout() const override { return collective_timeout; }
 };
 
 struct CacheEntry {
@@ -158,7 +234,9 @@ struct EngineCore {
   std::optional<std::pair<TensorView, TensorView>> contiguous_span(
       const std::vector<std::pair<Signature, LocalTensor*>>& batch, std::size_t total) const;
   void complete(const std::vector<std::pair<Signature, LocalTensor*>>& batch);
-  void fail_tensor(const std::string& name, std::exception_ptr error);
+  void fail_tensor(LocalTensor& tensor, std::exception_ptr error);
+  // Takes a completed or failed tensor out of `pending` (whose order does not matter).
+  void remove_pending(LocalTensor& tensor);
   void fail_everything(std::exception_ptr error);
   void cache_insert(const std::string& name, const Signature& signature);
   std::string rank_list(const std::set<int>& ranks) const;
@@ -176,13 +254,21 @@ struct EngineCore {
   std::mutex mutex;
   std::condition_variable join_cv;
   std::condition_variable wake_cv;  // submissions and shutdown wake the engine thread
-  std::vector<LocalTensor> incoming;
-  std::unordered_set<std::string> pending_names;  // this rank's tensors not yet complete
+  std::vector<LocalTensor*> incoming;
+  // The names this rank submitted, each with whether a tensor of that name is pending here
+  // (for the duplicate check). A step's names repeat, so in steady state a submission finds
+  // its entry with one lookup and completion clears the flag through a pointer: no set to
+  // insert into and erase from per tensor (that was a third of a small tensor's cost). Entries
+  // stay (nodes do not move) until there are kMaxNames; then the idle ones go.
+  std::unordered_map<std::string, bool, NameHash, std::equal_to<>> names;
   bool stopping = false;
   bool join_requested = false;
   int waiting_users = 0;  // threads blocked in wait() on this engine's work
   std::uint64_t next_order = 0;
   Clock::time_point first_incoming;  // when `incoming` last became non-empty
+  // When the sleeping engine thread wakes next; min() while it is awake (it then looks at
+  // `incoming` before it sleeps again).
+  Clock::time_point engine_wakes_at = Clock::time_point::min();
   bool join_done = false;
   std::exception_ptr fatal;  // set once the engine thread failed
   std::atomic<std::uint64_t> fusion_threshold{0};
@@ -191,10 +277,10 @@ struct EngineCore {
   // Whoever runs a cycle (the engine thread, or a thread waiting in wait()) holds cycle_mutex;
   // what follows is theirs.
   std::mutex cycle_mutex;
-  std::unordered_map<std::string, LocalTensor> pending;  // (nodes stay put: pointers hold)
+  std::vector<LocalTensor*> pending;     // in the order they came in
   std::atomic<bool> any_pending{false};  // !pending.empty() after the last cycle, for the timer
   std::vector<CacheEntry> cache;
-  std::unordered_map<std::string, std::size_t> cache_index;
+  std::unordered_map<std::string, std::size_t, NameHash, std::equal_to<>> cache_index;
   std::vector<LocalTensor*> slot_owner;  // this cycle: the pending tensor ready in each slot
   std::uint64_t use_clock = 0;
   std::vector<std::byte> fusion_buffer;
@@ -209,11 +295,9 @@ struct EngineCore {
 
   std::atomic<std::uint64_t> cycles{0}, rounds{0}, hits{0}, reduced{0}, collectives{0},
       fused_in_place{0}, bytes{0}, wire{0}, dense_wire{0}, nonfinite{0}, busy_ns{0};
-  // (Shared with the Work handles, which may outlive the engine.)
-  std::shared_ptr<std::atomic<std::uint64_t>> wait_ns =
-      std::make_shared<std::atomic<std::uint64_t>>(0);
-  Clock::time_point wait_lane_end;     // the timeline's wait_for_data lane is busy until then
-  Clock::time_point last_cycle_start;  // under `mutex`
+  std::atomic<std::uint64_t> wait_ns{0};  // callers blocked in wait()
+  Clock::time_point wait_lane_end;        // the timeline's wait_for_data lane is busy until then
+  Clock::time_point last_cycle_start;     // under `mutex`
   std::mutex listener_mutex;
   std::shared_ptr<const EngineListener> listener;
   void notify(EngineEvent::Type type, const std::vector<std::pair<Signature, LocalTensor*>>& batch,
@@ -228,9 +312,9 @@ struct Submitted {
   TensorView output;
 };
 
-// Both submit()s and submit_group().
-Work submit_tensors(const std::shared_ptr<EngineCore>& engine, std::vector<Submitted> tensors,
-                    ReduceOp op, const kernels::CompressionSpec& compression);
+// Both submit()s (one tensor) and submit_group() (`grouped`: any number).
+Work submit_tensors(const std::shared_ptr<EngineCore>& engine, std::span<Submitted> tensors,
+                    bool grouped, ReduceOp op, const kernels::CompressionSpec& compression);
 
 // An out-of-place pair must match and must not overlap (MPI would read what it is writing).
 void check_out_of_place(const TensorView& input, const TensorView& output, int rank,
@@ -296,7 +380,7 @@ void EngineCore::run() {
       std::lock_guard lock(mutex);
       Clock::time_point until;
       if (fatal) return;
-      if (!cycle_due(!pending.empty(), &until)) continue;
+      if (!cycle_due(any_pending.load(std::memory_order_acquire), &until)) continue;
     }
     bool keep_going = false;
     try {
@@ -370,7 +454,11 @@ void EngineCore::wait_for_next_cycle() {
   const bool pending_here = any_pending.load(std::memory_order_acquire);
   std::unique_lock lock(mutex);
   Clock::time_point until;
-  while (!fatal && !cycle_due(pending_here, &until)) wake_cv.wait_until(lock, until);
+  while (!fatal && !cycle_due(pending_here, &until)) {
+    engine_wakes_at = until;
+    wake_cv.wait_until(lock, until);
+    engine_wakes_at = Clock::time_point::min();
+  }
 }
 
 void EngineCore::user_waits(int change) {
@@ -390,9 +478,10 @@ bool EngineCore::cycle() {
   {
     std::lock_guard lock(mutex);
     last_cycle_start = Clock::now();
-    for (auto& tensor : incoming) {
-      auto name = tensor.name;
-      pending.emplace(std::move(name), std::move(tensor));
+    for (LocalTensor* tensor : incoming) {
+      if (tensor->submitted == Clock::time_point{}) tensor->submitted = last_cycle_start;
+      tensor->pending_index = pending.size();
+      pending.push_back(tensor);
     }
     incoming.clear();
     stop_here = stopping;
@@ -410,10 +499,11 @@ bool EngineCore::cycle() {
   for (std::size_t i = 0; i < slots; ++i) not_ready[i] = (joined_here && cache[i].valid) ? 0 : 1;
   const auto now = Clock::now();
   slot_owner.assign(slots, nullptr);
-  for (auto& [name, tensor] : pending) {
+  for (LocalTensor* pending_tensor : pending) {
+    LocalTensor& tensor = *pending_tensor;
     tensor.cached = SIZE_MAX;
     if (tensor.sent) continue;
-    const auto it = cache_index.find(name);
+    const auto it = cache_index.find(tensor.name);
     if (it == cache_index.end()) {
       has_new = 1;
       continue;
@@ -477,7 +567,6 @@ bool EngineCore::cycle() {
     negotiate(joined_here, responses);
   }
   execute(ready, responses);
-
   any_pending.store(!pending.empty(), std::memory_order_release);
   if (all_joined && joined_here) {
     std::lock_guard lock(mutex);
@@ -493,8 +582,8 @@ void EngineCore::negotiate(bool joined_here, std::vector<Response>& responses) {
   // cache and of every later batch, so that tensors laid out in memory in the order they are
   // submitted can be reduced where they lie (contiguous_span).
   std::vector<LocalTensor*> unsent;
-  for (auto& [name, tensor] : pending) {
-    if (!tensor.sent && tensor.cached == SIZE_MAX) unsent.push_back(&tensor);
+  for (LocalTensor* tensor : pending) {
+    if (!tensor->sent && tensor->cached == SIZE_MAX) unsent.push_back(tensor);
   }
   std::sort(unsent.begin(), unsent.end(),
             [](const LocalTensor* a, const LocalTensor* b) { return a->order < b->order; });
@@ -652,13 +741,19 @@ void EngineCore::execute(const std::vector<std::size_t>& ready,
     if (local != nullptr) hits.fetch_add(1, std::memory_order_relaxed);
     items.emplace_back(cache[slot].signature, local);
   }
+  std::unordered_map<std::string_view, LocalTensor*> by_name;  // (only rounds have responses)
+  if (!responses.empty()) {
+    by_name.reserve(pending.size());
+    for (LocalTensor* tensor : pending) by_name.emplace(tensor->name, tensor);
+  }
   for (const auto& response : responses) {
-    const auto it = pending.find(response.name);
-    LocalTensor* local = it == pending.end() ? nullptr : &it->second;
+    const auto it = by_name.find(response.name);
+    LocalTensor* local = it == by_name.end() ? nullptr : it->second;
     if (!response.error.empty()) {
       if (local != nullptr) {
+        by_name.erase(it);
         fail_tensor(
-            response.name,
+            *local,
             response.stalled
                 ? std::make_exception_ptr(TimeoutError(bus.rank(), "engine", response.error))
                 : std::make_exception_ptr(MismatchError(bus.rank(), "engine", response.error)));
@@ -883,40 +978,47 @@ void EngineCore::complete(const std::vector<std::pair<Signature, LocalTensor*>>&
     // The names are free again before a waiter can see completion and resubmit them.
     std::lock_guard lock(mutex);
     for (const auto& [signature, local] : batch) {
-      if (local != nullptr) pending_names.erase(local->name);
+      if (local != nullptr) *local->pending_flag = false;
     }
   }
   for (const auto& [signature, local] : batch) {
     if (local == nullptr) continue;
+    // (Whoever waits may free the Submission once its completion is signalled: the tensor
+    // leaves `pending` first.)
+    remove_pending(*local);
     completions.push_back(std::move(local->completion));
-    pending.erase(pending.find(local->name));  // (local dangles from here)
   }
   reduced.fetch_add(completions.size(), std::memory_order_relaxed);
   for (const auto& completion : completions) completion->finish_one();
 }
 
-void EngineCore::fail_tensor(const std::string& name, std::exception_ptr error) {
-  const auto it = pending.find(name);
-  if (it == pending.end()) return;
-  const auto completion = it->second.completion;
-  pending.erase(it);
+void EngineCore::remove_pending(LocalTensor& tensor) {
+  LocalTensor* const last = pending.back();
+  pending[tensor.pending_index] = last;
+  last->pending_index = tensor.pending_index;
+  pending.pop_back();
+}
+
+void EngineCore::fail_tensor(LocalTensor& tensor, std::exception_ptr error) {
   {
     std::lock_guard lock(mutex);
-    pending_names.erase(name);
+    *tensor.pending_flag = false;
   }
+  remove_pending(tensor);  // (before the completion is released, as in complete())
+  const auto completion = std::move(tensor.completion);
   completion->fail(std::move(error));
 }
 
 void EngineCore::fail_everything(std::exception_ptr error) {
   std::vector<std::shared_ptr<Completion>> failed;
-  for (auto& [name, tensor] : pending) failed.push_back(tensor.completion);
+  for (LocalTensor* tensor : pending) failed.push_back(std::move(tensor->completion));
   pending.clear();
   any_pending.store(false, std::memory_order_release);
   {
     std::lock_guard lock(mutex);
-    for (auto& tensor : incoming) failed.push_back(tensor.completion);
+    for (LocalTensor* tensor : incoming) failed.push_back(std::move(tensor->completion));
     incoming.clear();
-    pending_names.clear();
+    names.clear();  // (nothing points into it any more)
     fatal = error;
     join_done = true;
   }
@@ -983,16 +1085,14 @@ Engine::~Engine() {
 
 Work Engine::submit(std::string name, TensorView tensor, ReduceOp op,
                     const kernels::CompressionSpec& compression) {
-  std::vector<detail::Submitted> one;
-  one.push_back({std::move(name), tensor, tensor});
-  return detail::submit_tensors(core_, std::move(one), op, compression);
+  detail::Submitted one[] = {{std::move(name), tensor, tensor}};
+  return detail::submit_tensors(core_, one, false, op, compression);
 }
 
 Work Engine::submit(std::string name, TensorView input, TensorView output, ReduceOp op,
                     const kernels::CompressionSpec& compression) {
-  std::vector<detail::Submitted> one;
-  one.push_back({std::move(name), input, output});
-  return detail::submit_tensors(core_, std::move(one), op, compression);
+  detail::Submitted one[] = {{std::move(name), input, output}};
+  return detail::submit_tensors(core_, one, false, op, compression);
 }
 
 Work Engine::submit_group(std::vector<std::pair<std::string, TensorView>> tensors, ReduceOp op,
@@ -1000,115 +1100,121 @@ Work Engine::submit_group(std::vector<std::pair<std::string, TensorView>> tensor
   std::vector<detail::Submitted> group;
   group.reserve(tensors.size());
   for (auto& [name, view] : tensors) group.push_back({std::move(name), view, view});
-  return detail::submit_tensors(core_, std::move(group), op, compression);
+  return detail::submit_tensors(core_, group, true, op, compression);
 }
 
 namespace detail {
 
-Work submit_tensors(const std::shared_ptr<EngineCore>& engine, std::vector<Submitted> tensors,
-                    ReduceOp op, const kernels::CompressionSpec& compression) {
-  const std::string compression_text = compression.to_string();
-  // One allocation per submission for what its Work needs; the functions point into it.
-  struct Waiter {
-    Completion completion;
-    std::shared_ptr<std::atomic<std::uint64_t>> wait_ns;
-    std::weak_ptr<EngineCore> core;  // (the Work may outlive the engine)
-    std::chrono::nanoseconds collective_timeout{};
+std::optional<bool> Submission::block(Clock::time_point deadline) {
+  if (completion.finished()) return true;
+  const auto blocked = Clock::now();
+  const auto count_wait = [&](EngineCore& engine) {
+    engine.wait_ns.fetch_add(
+        static_cast<std::uint64_t>(std::chrono::nanoseconds(Clock::now() - blocked).count()),
+        std::memory_order_relaxed);
   };
-  const auto waiter = std::make_shared<Waiter>();
-  waiter->wait_ns = engine->wait_ns;
-  waiter->core = engine;
-  waiter->collective_timeout = engine->comm->default_timeout();
-  const std::shared_ptr<Completion> completion(waiter, &waiter->completion);
-  completion->remaining = static_cast<int>(tensors.size());
-  std::string description = std::string("engine allreduce ") + to_string(op);
-  bool first_of_batch = false;
+  // wait() (whose deadline is the engine's collective timeout) runs the cycles on this thread.
+  // A wait with a shorter timeout of its own hands them to the engine thread instead, which
+  // starts one at once (see wait_for_next_cycle): a cycle stuck on a missing rank lasts up to
+  // the collective timeout, and that wait must end at its deadline.
+  const bool drive = deadline - blocked + kDriveSlack >= collective_timeout;
+  if (const auto engine = core.lock(); engine && drive) {
+    const bool done = engine->drive(completion, deadline);
+    count_wait(*engine);
+    return done;
+  }
+  if (auto engine = core.lock()) engine->user_waits(+1);  // (the Work may outlive the engine)
+  const bool done = completion.wait_until(deadline);
+  if (auto engine = core.lock()) {
+    engine->user_waits(-1);
+    count_wait(*engine);
+  }
+  return done;
+}
+
+Work submit_tensors(const std::shared_ptr<EngineCore>& engine, std::span<Submitted> tensors,
+                    bool grouped, ReduceOp op, const kernels::CompressionSpec& compression) {
+  const int rank = engine->bus.rank();
+  // (Every spec that does not compress reduces alike: one text for all.)
+  const std::string compression_text = compression.compresses() ? compression.to_string() : "none";
+  auto submission = std::make_shared<Submission>();
+  submission->core = engine;
+  submission->collective_timeout = engine->comm->default_timeout();
+  submission->bus_rank = rank;
+  submission->op = op;
+  submission->grouped = grouped;
+  if (grouped) submission->group.resize(tensors.size());
+  submission->completion.remaining = static_cast<int>(tensors.size());
+  const std::span<LocalTensor> locals = submission->tensors();
+  // (The cycle stamps tensors as it takes them in: a clock read per tensor was a tenth of what
+  // a small one cost. The timeline wants the moment of submission.)
+  const auto now = engine->options.trace != nullptr ? Clock::now() : Clock::time_point{};
+  for (std::size_t i = 0; i < tensors.size(); ++i) {
+    auto& [name, input, view] = tensors[i];
+    if (name.empty()) throw Error(rank, "engine.submit", "a tensor needs a name");
+    check_out_of_place(input, view, rank, name);
+    if (view.device != Device::kHost) {
+      throw Error(rank, "engine.submit",
+                  "tensor '" + name + "' is in device memory; the MPI engine takes host memory");
+    }
+    if (compression.compresses() &&
+        (view.dtype != DType::kF32 || (op != ReduceOp::kSum && op != ReduceOp::kAvg))) {
+      throw Error(rank, "engine.submit",
+                  "tensor '" + name + "': compression " + compression_text +
+                      " takes f32 tensors reduced with sum or avg, not " + to_string(view.dtype) +
+                      " " + to_string(op));
+    }
+    LocalTensor& tensor = locals[i];
+    tensor.name = std::move(name);
+    tensor.input = input;
+    tensor.view = view;
+    tensor.signature = {view.dtype, view.count, op, compression_text};
+    tensor.submitted = now;
+  }
+  if (grouped && locals.size() > 1) {
+    std::set<std::string_view> names;
+    for (const LocalTensor& tensor : locals) {
+      if (!names.insert(tensor.name).second) {
+        throw Error(rank, "engine.submit",
+                    "tensor '" + tensor.name + "' appears twice in the group");
+      }
+    }
+  }
+  bool wake_engine = false;
   {
     std::lock_guard lock(engine->mutex);
     if (engine->fatal) std::rethrow_exception(engine->fatal);
-    if (engine->stopping)
-      throw ShutdownError(engine->bus.rank(), "engine.submit", "the engine is shutting down");
-    std::set<std::string_view> names;  // duplicates within a group (a single tensor has none)
-    for (const auto& [name, input, view] : tensors) {
-      if (name.empty()) throw Error(engine->bus.rank(), "engine.submit", "a tensor needs a name");
-      check_out_of_place(input, view, engine->bus.rank(), name);
-      if (view.device != Device::kHost) {
-        throw Error(engine->bus.rank(), "engine.submit",
-                    "tensor '" + name + "' is in device memory; the MPI engine takes host memory");
-      }
-      if (compression.compresses() &&
-          (view.dtype != DType::kF32 || (op != ReduceOp::kSum && op != ReduceOp::kAvg))) {
-        throw Error(engine->bus.rank(), "engine.submit",
-                    "tensor '" + name + "': compression " + compression_text +
-                        " takes f32 tensors reduced with sum or avg, not " + to_string(view.dtype) +
-                        " " + to_string(op));
-      }
-      if (engine->pending_names.count(name) || (tensors.size() > 1 && !names.insert(name).second)) {
-        throw Error(engine->bus.rank(), "engine.submit",
-                    "tensor '" + name + "' is already pending on this rank");
-      }
+    if (engine->stopping) throw ShutdownError(rank, "engine.submit", "the engine is shutting down");
+    if (engine->names.size() + locals.size() > kMaxNames) {
+      std::erase_if(engine->names, [](const auto& entry) { return !entry.second; });
     }
-    const auto now = Clock::now();
-    for (auto& [name, input, view] : tensors) {
-      description += " '" + name + "'";
-      engine->pending_names.insert(name);
-      LocalTensor tensor;
-      tensor.name = name;
-      tensor.input = input;
-      tensor.view = view;
-      tensor.signature = {view.dtype, view.count, op, compression_text};
-      tensor.completion = completion;
-      tensor.submitted = now;
+    for (LocalTensor& tensor : locals) {
+      // (One lookup; a refused submission leaves at most idle entries behind.)
+      const auto entry = engine->names.try_emplace(tensor.name, false).first;
+      if (entry->second) {
+        throw Error(rank, "engine.submit",
+                    "tensor '" + tensor.name + "' is already pending on this rank");
+      }
+      tensor.pending_flag = &entry->second;
+    }
+    if (!locals.empty() && engine->incoming.empty()) {
+      // The first submission of a batch makes sure that the engine thread wakes within one
+      // cycle time, where a thread does not wait() before; it wakes the thread only when it
+      // sleeps longer than that (a wake-up costs a context switch and ~10 µs of a core).
+      engine->first_incoming = Clock::now();
+      wake_engine = engine->engine_wakes_at >
+                    engine->first_incoming + std::chrono::microseconds(engine->cycle_us.load());
+    }
+    for (LocalTensor& tensor : locals) {
+      *tensor.pending_flag = true;
       tensor.order = engine->next_order++;
-      engine->incoming.push_back(std::move(tensor));
+      // (Only now that it is accepted: the tensor keeps its Submission alive until done.)
+      tensor.completion = std::shared_ptr<Completion>(submission, &submission->completion);
+      engine->incoming.push_back(&tensor);
     }
-    // Only the first submission of a batch wakes the engine thread (a wake-up is a context
-    // switch): from then on it waits for a thread to wait() or for one cycle time.
-    first_of_batch = engine->incoming.size() == tensors.size();
-    if (first_of_batch) engine->first_incoming = now;
   }
-  if (first_of_batch) engine->wake_cv.notify_one();
-  Work::Operation operation;
-  operation.description = description;
-  operation.rank = engine->bus.rank();
-  operation.keep_alive = waiter;
-  operation.poll = [completion = completion.get()] {
-    if (completion->failed.load(std::memory_order_acquire)) {
-      std::lock_guard lock(completion->mutex);
-      std::rethrow_exception(completion->error);
-    }
-    return completion->remaining.load(std::memory_order_acquire) == 0;
-  };
-  operation.block = [waiter = waiter.get()](std::chrono::steady_clock::time_point deadline) {
-    Completion* const completion = &waiter->completion;
-    const auto& weak_core = waiter->core;
-    const auto collective_timeout = waiter->collective_timeout;
-    if (completion->finished()) return true;
-    const auto blocked = Clock::now();
-    bool done = false;
-    // wait() (whose deadline is the engine's collective timeout) runs the cycles on this thread.
-    // A wait with a shorter timeout of its own hands them to the engine thread instead, which
-    // starts one at once (see wait_for_next_cycle): a cycle stuck on a missing rank lasts up to
-    // the collective timeout, and that wait must end at its deadline.
-    const bool drive = deadline - blocked + kDriveSlack >= collective_timeout;
-    if (auto core = weak_core.lock(); core && drive) {
-      done = core->drive(*completion, deadline);
-    } else {
-      if (core) core->user_waits(+1);
-      core.reset();  // (the Work may outlive the engine)
-      done = completion->wait_until(deadline);
-      if (auto again = weak_core.lock()) again->user_waits(-1);
-    }
-    waiter->wait_ns->fetch_add(
-        static_cast<std::uint64_t>(std::chrono::nanoseconds(Clock::now() - blocked).count()),
-        std::memory_order_relaxed);
-    return done;
-  };
-  operation.default_timeout = engine->comm->default_timeout();
-  operation.missing_ranks = [] {
-    return std::string("see rank 0's engine stall warnings (UNIMSG_STALL_CHECK_TIME_S)");
-  };
-  return Work(std::move(operation));
+  if (wake_engine) engine->wake_cv.notify_one();
+  return Work(std::move(submission));
 }
 
 }  // namespace detail
@@ -1154,7 +1260,7 @@ EngineStats Engine::stats() const {
   out.wire_bytes = core_->wire.load();
   out.dense_wire_bytes = core_->dense_wire.load();
   out.communication_seconds = static_cast<double>(core_->busy_ns.load()) * 1e-9;
-  out.wait_seconds = static_cast<double>(core_->wait_ns->load()) * 1e-9;
+  out.wait_seconds = static_cast<double>(core_->wait_ns.load()) * 1e-9;
   out.nonfinite_steps = core_->nonfinite.load();
   return out;
 }

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -40,8 +41,34 @@ class Work {
     std::chrono::nanoseconds default_timeout = std::chrono::seconds(300);  // for wait()
   };
 
+  // What a source of many small operations implements instead of filling an Operation: the
+  // operation is then its own state, one allocation with nothing copied (the engine's
+  // submissions). Thread safety as for Operation: called from the thread that tests or waits.
+  class State {
+   public:
+    virtual ~State() = default;
+    virtual bool poll() = 0;  // true once complete (may throw the operation's error)
+    virtual void finish() {}  // runs once, after poll() returned true
+    // Sleeps until complete (true) or the deadline (false); nullopt: this state cannot sleep,
+    // wait() polls instead.
+    virtual std::optional<bool> block(std::chrono::steady_clock::time_point deadline) {
+      (void)deadline;
+      return std::nullopt;
+    }
+    virtual std::string describe() const = 0;  // for timeout messages
+    virtual std::string missing_ranks() const { return "unknown"; }
+    virtual void on_timeout() {}
+    virtual int rank() const = 0;
+    virtual std::chrono::nanoseconds default_timeout() const = 0;  // for wait()
+
+   private:
+    friend class Work;
+    bool complete_ = false;
+  };
+
   Work() = default;
   explicit Work(Operation operation);
+  explicit Work(std::shared_ptr<State> state);
 
   bool test();  // true once complete (finishes it)
   void wait(std::chrono::nanoseconds timeout);
@@ -52,7 +79,6 @@ class Work {
   Work then(std::function<void()> after) const;
 
  private:
-  struct State;
   std::shared_ptr<State> state_;
 };
 
