@@ -23,6 +23,7 @@
 #include "unimsg/config.hpp"
 #include "unimsg/error.hpp"
 #include "unimsg/log.hpp"
+#include "wake_timer.hpp"
 
 namespace unimsg {
 namespace detail {
@@ -219,6 +220,10 @@ struct EngineCore {
   void wait_for_next_cycle();
   // Whether a cycle is due now; else when to look again (`until`). Holds `mutex`.
   bool cycle_due(bool pending_here, Clock::time_point* until) const;
+  // Holds `mutex`: moves the sleeping engine thread's wake-up to the time cycle_due gives now
+  // (earlier for a new batch, later once a waiting thread has taken the cycle), or wakes it
+  // if a cycle is due. Moving it does not wake it: no context switch.
+  void retime_engine();
   // A thread blocked in wait() runs cycles itself until `completion` is done (true) or the
   // deadline passed (false).
   bool drive(Completion& completion, Clock::time_point deadline);
@@ -253,7 +258,7 @@ struct EngineCore {
   // Submissions, handed from user threads to the engine thread.
   std::mutex mutex;
   std::condition_variable join_cv;
-  std::condition_variable wake_cv;  // submissions and shutdown wake the engine thread
+  WakeTimer timer;  // the engine thread sleeps on it (see wait_for_next_cycle)
   std::vector<LocalTensor*> incoming;
   // The names this rank submitted, each with whether a tensor of that name is pending here
   // (for the duplicate check). A step's names repeat, so in steady state a submission finds
@@ -266,8 +271,8 @@ struct EngineCore {
   int waiting_users = 0;  // threads blocked in wait() on this engine's work
   std::uint64_t next_order = 0;
   Clock::time_point first_incoming;  // when `incoming` last became non-empty
-  // When the sleeping engine thread wakes next; min() while it is awake (it then looks at
-  // `incoming` before it sleeps again).
+  // When the sleeping engine thread wakes next; min() while it is awake or woken (it then
+  // looks at the state before it sleeps again).
   Clock::time_point engine_wakes_at = Clock::time_point::min();
   bool join_done = false;
   std::exception_ptr fatal;  // set once the engine thread failed
@@ -417,14 +422,28 @@ bool EngineCore::drive(Completion& completion, Clock::time_point deadline) {
       log->error("engine: stopped after an error; pending tensors fail");
       fail_everything(std::current_exception());
       cycle_lock.unlock();
-      wake_cv.notify_one();  // the engine thread sees `fatal` and ends
+      timer.wake_now();  // the engine thread sees `fatal` and ends
       return true;
     }
   }
-  // Tensors of other threads still pending here are the engine thread's again: its timer may be
-  // set for an idle tick.
-  if (any_pending.load(std::memory_order_acquire)) wake_cv.notify_one();
+  // Tensors of other threads still pending here are the engine thread's again (its timer may
+  // be set for an idle tick); with none, its timer set for this step's batch is moved on to
+  // the idle tick, so that it does not wake for nothing.
+  std::lock_guard lock(mutex);
+  retime_engine();
   return true;
+}
+
+void EngineCore::retime_engine() {
+  if (engine_wakes_at == Clock::time_point::min()) return;  // (it looks before it sleeps)
+  Clock::time_point until;
+  if (fatal || cycle_due(any_pending.load(std::memory_order_acquire), &until)) {
+    timer.wake_now();
+    engine_wakes_at = Clock::time_point::min();
+  } else if (until != engine_wakes_at) {
+    timer.arm(until);
+    engine_wakes_at = until;
+  }
 }
 
 bool EngineCore::cycle_due(bool pending_here, Clock::time_point* until) const {
@@ -451,24 +470,28 @@ void EngineCore::wait_for_next_cycle() {
   // - Nothing pending: only a slow idle tick (kIdleCycle), which rank 0's stall inspector needs
   //   when a tensor submitted elsewhere never comes here. An idle cycle every cycle time would
   //   make every other rank's next step wait for it.
-  const bool pending_here = any_pending.load(std::memory_order_acquire);
-  std::unique_lock lock(mutex);
-  Clock::time_point until;
-  while (!fatal && !cycle_due(pending_here, &until)) {
-    engine_wakes_at = until;
-    wake_cv.wait_until(lock, until);
+  while (true) {
+    {
+      std::lock_guard lock(mutex);
+      Clock::time_point until;
+      if (fatal || cycle_due(any_pending.load(std::memory_order_acquire), &until)) {
+        engine_wakes_at = Clock::time_point::min();
+        return;
+      }
+      // Other threads move this time (retime_engine) without waking the thread.
+      engine_wakes_at = until;
+      timer.arm(until);
+    }
+    timer.sleep();
+    std::lock_guard lock(mutex);
     engine_wakes_at = Clock::time_point::min();
   }
 }
 
 void EngineCore::user_waits(int change) {
-  bool wake = false;
-  {
-    std::lock_guard lock(mutex);
-    waiting_users += change;
-    wake = change > 0 && waiting_users == 1;
-  }
-  if (wake) wake_cv.notify_one();
+  std::lock_guard lock(mutex);
+  waiting_users += change;
+  if (change > 0) retime_engine();  // (a cycle is due at once if this rank has work)
 }
 
 bool EngineCore::cycle() {
@@ -1079,7 +1102,7 @@ Engine::~Engine() {
     std::lock_guard lock(core_->mutex);
     core_->stopping = true;
   }
-  core_->wake_cv.notify_one();
+  core_->timer.wake_now();
   if (core_->thread.joinable()) core_->thread.join();
 }
 
@@ -1180,7 +1203,6 @@ Work submit_tensors(const std::shared_ptr<EngineCore>& engine, std::span<Submitt
       }
     }
   }
-  bool wake_engine = false;
   {
     std::lock_guard lock(engine->mutex);
     if (engine->fatal) std::rethrow_exception(engine->fatal);
@@ -1197,14 +1219,8 @@ Work submit_tensors(const std::shared_ptr<EngineCore>& engine, std::span<Submitt
       }
       tensor.pending_flag = &entry->second;
     }
-    if (!locals.empty() && engine->incoming.empty()) {
-      // The first submission of a batch makes sure that the engine thread wakes within one
-      // cycle time, where a thread does not wait() before; it wakes the thread only when it
-      // sleeps longer than that (a wake-up costs a context switch and ~10 µs of a core).
-      engine->first_incoming = Clock::now();
-      wake_engine = engine->engine_wakes_at >
-                    engine->first_incoming + std::chrono::microseconds(engine->cycle_us.load());
-    }
+    const bool first_of_batch = !locals.empty() && engine->incoming.empty();
+    if (first_of_batch) engine->first_incoming = Clock::now();
     for (LocalTensor& tensor : locals) {
       *tensor.pending_flag = true;
       tensor.order = engine->next_order++;
@@ -1212,8 +1228,9 @@ Work submit_tensors(const std::shared_ptr<EngineCore>& engine, std::span<Submitt
       tensor.completion = std::shared_ptr<Completion>(submission, &submission->completion);
       engine->incoming.push_back(&tensor);
     }
+    // The engine thread cycles within one cycle time where no thread wait()s before.
+    if (first_of_batch) engine->retime_engine();
   }
-  if (wake_engine) engine->wake_cv.notify_one();
   return Work(std::move(submission));
 }
 
@@ -1224,7 +1241,7 @@ void Engine::join() {
   if (core_->fatal) std::rethrow_exception(core_->fatal);
   core_->join_requested = true;
   core_->join_done = false;
-  core_->wake_cv.notify_one();
+  core_->retime_engine();
   core_->join_cv.wait(lock, [&] { return core_->join_done; });
   core_->join_done = false;
   if (core_->fatal) std::rethrow_exception(core_->fatal);
@@ -1241,7 +1258,9 @@ void Engine::set_listener(EngineListener listener) {
 }
 
 void Engine::set_cycle_time(std::chrono::microseconds cycle_time) {
+  std::lock_guard lock(core_->mutex);
   core_->cycle_us = cycle_time.count();
+  core_->retime_engine();
 }
 
 TraceRecorder* Engine::trace() const noexcept {
