@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <string>
 #include <thread>
 #include <vector>
@@ -294,6 +295,35 @@ TEST_F(CollectivesTest, SubCommunicatorOverSomeRanks) {
   std::int64_t expected = 0;
   for (const int m : members) expected += m;
   EXPECT_EQ(value, expected);
+}
+
+TEST_F(CollectivesTest, WaitersYieldAtOnceWhereRanksOutnumberCores) {
+  // The ranks on this node, counted independently of the communicator.
+  MPI_Comm node = MPI_COMM_NULL;
+  MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node);
+  int on_node = 0;
+  MPI_Comm_size(node, &on_node);
+  MPI_Comm_free(&node);
+  const bool oversubscribed = static_cast<unsigned>(on_node) > std::thread::hardware_concurrency();
+  EXPECT_EQ(comm_->wait_spin_polls(), oversubscribed ? 0u : Work::kSpinPolls)
+      << on_node << " ranks on " << std::thread::hardware_concurrency() << " cores";
+  // A communicator over some of the ranks keeps the policy of the whole job.
+  std::vector<int> first{0};
+  auto alone = comm_->split(first);
+  if (comm_->rank() == 0) {
+    ASSERT_NE(alone, nullptr);
+    EXPECT_EQ(static_cast<MpiCommunicator&>(*alone).wait_spin_polls(), comm_->wait_spin_polls());
+  }
+  // The setting, validated; the policy decides nothing else: collectives still complete.
+  ::setenv("UNIMSG_WAIT_SPIN_POLLS", "7", 1);
+  MpiCommunicator seven(MPI_COMM_WORLD, *bus_);
+  EXPECT_EQ(seven.wait_spin_polls(), 7u);
+  std::int32_t value = 1;
+  seven.allreduce(host_view(&value, 1), host_view(&value, 1), ReduceOp::kSum).wait(kWait);
+  EXPECT_EQ(value, comm_->size());
+  ::setenv("UNIMSG_WAIT_SPIN_POLLS", "lots", 1);
+  EXPECT_THROW(MpiCommunicator(MPI_COMM_WORLD, *bus_), ConfigError);
+  ::unsetenv("UNIMSG_WAIT_SPIN_POLLS");
 }
 
 TEST_F(CollectivesTest, TimeoutNamesTheRanksThatNeverStarted) {

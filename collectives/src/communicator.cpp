@@ -128,6 +128,7 @@ class OperationState final : public Work::State {
   std::string missing_ranks() const override {
     return operation_.missing_ranks ? operation_.missing_ranks() : "unknown";
   }
+  std::uint32_t spin_polls() const override { return operation_.spin_polls; }
   void on_timeout() override {
     if (operation_.on_timeout) operation_.on_timeout();
   }
@@ -185,12 +186,13 @@ void Work::wait(std::chrono::nanoseconds timeout) {
   } else {
     // Test (which drives MPI progress) in a tight loop first, then yield, then sleep briefly: a
     // long wait must not starve the ranks it waits for on an oversubscribed machine.
+    const std::uint64_t spin = state_->spin_polls();
     for (std::uint64_t round = 0;; ++round) {
       if (test()) return;
       if (round % 64 == 0 && std::chrono::steady_clock::now() >= deadline) break;
-      if (round > 20000) {
+      if (round > spin + 18000) {
         std::this_thread::sleep_for(std::chrono::microseconds(50));
-      } else if (round > 2000) {
+      } else if (round >= spin) {
         std::this_thread::yield();
       }
     }

@@ -4,6 +4,7 @@
 #include <atomic>
 #include <climits>
 #include <cstring>
+#include <thread>
 #include <vector>
 
 #include "progress_tracker.hpp"
@@ -20,6 +21,7 @@ struct MpiCommState {
   MpiComm comm;
   Bus* bus = nullptr;
   std::unique_ptr<ProgressTracker> progress;
+  std::uint32_t spin_polls = Work::kSpinPolls;  // Work::Operation::spin_polls
 };
 
 }  // namespace detail
@@ -233,6 +235,7 @@ Work make_work(const std::shared_ptr<MpiCommState>& state, std::chrono::nanoseco
   operation.finish = std::move(finish);
   operation.default_timeout = timeout;
   operation.missing_ranks = state->progress->missing_ranks(op_index);
+  operation.spin_polls = state->spin_polls;
   return Work(std::move(operation));
 }
 
@@ -253,6 +256,22 @@ MpiCommunicator::MpiCommunicator(MPI_Comm parent, Bus& bus)
   if (const auto seconds = env_uint("UNIMSG_COLLECTIVE_TIMEOUT_S", 1, 7 * 24 * 3600)) {
     set_default_timeout(std::chrono::seconds(*seconds));
   }
+  if (const auto polls = env_uint("UNIMSG_WAIT_SPIN_POLLS", 0, 1u << 30)) {
+    state_->spin_polls = static_cast<std::uint32_t>(*polls);
+  } else {
+    // Measured: 1 MiB as 256 engine tensors, 4 ranks on 2 cores, the engine's negotiation
+    // waiting with 2000 tight polls: 1.34-1.42x one raw allreduce; yielding at once: 1.21-1.30x.
+    MPI_Comm node = MPI_COMM_NULL;
+    check_mpi(
+        MPI_Comm_split_type(state_->comm.get(), MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node),
+        rank(), "MPI_Comm_split_type");
+    int on_this_node = 1;
+    const int size_error = MPI_Comm_size(node, &on_this_node);
+    MPI_Comm_free(&node);  // (nothing between the split and here throws)
+    check_mpi(size_error, rank(), "MPI_Comm_size");
+    const unsigned cores = std::thread::hardware_concurrency();
+    if (cores != 0 && static_cast<unsigned>(on_this_node) > cores) state_->spin_polls = 0;
+  }
 }
 
 MpiCommunicator::~MpiCommunicator() = default;
@@ -263,6 +282,10 @@ int MpiCommunicator::rank() const noexcept {
 int MpiCommunicator::size() const noexcept {
   return state_->comm.size();
 }
+std::uint32_t MpiCommunicator::wait_spin_polls() const noexcept {
+  return state_->spin_polls;
+}
+
 const std::vector<int>& MpiCommunicator::world_ranks() const noexcept {
   return state_->progress->world_ranks();
 }
@@ -502,6 +525,8 @@ std::unique_ptr<Communicator> MpiCommunicator::split(std::span<const int> ranks)
   // The new communicator duplicates `child`; free the split result itself.
   auto communicator = std::make_unique<MpiCommunicator>(child, *state_->bus);
   MPI_Comm_free(&child);
+  // (Its members alone may fit the node's cores; the whole job does not.)
+  communicator->state_->spin_polls = std::min(communicator->state_->spin_polls, state_->spin_polls);
   return communicator;
 }
 

@@ -4,6 +4,7 @@
 // here; NCCL next) implement the same interface.
 
 #include <chrono>
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -21,6 +22,8 @@ namespace unimsg {
 // may decide to wait longer instead of giving up.
 class Work {
  public:
+  static constexpr std::uint32_t kSpinPolls = 2000;
+
   // What a backend plugs in: poll for completion, finish (post-process) once complete, and say
   // which ranks are missing when a wait times out.
   struct Operation {
@@ -37,6 +40,10 @@ class Work {
     // Kept alive as long as the operation: what the functions above point to (a function that
     // captures only a plain pointer needs no allocation of its own).
     std::shared_ptr<const void> keep_alive;
+    // Without block(): how many times wait() polls in a tight loop before it yields the core
+    // between polls. 0 where the node has more ranks than cores: a waiter that spins takes the
+    // core from the rank it waits for (Open MPI yields when oversubscribed too).
+    std::uint32_t spin_polls = kSpinPolls;
     int rank = -1;
     std::chrono::nanoseconds default_timeout = std::chrono::seconds(300);  // for wait()
   };
@@ -57,6 +64,7 @@ class Work {
     }
     virtual std::string describe() const = 0;  // for timeout messages
     virtual std::string missing_ranks() const { return "unknown"; }
+    virtual std::uint32_t spin_polls() const { return kSpinPolls; }  // (as Operation's)
     virtual void on_timeout() {}
     virtual int rank() const = 0;
     virtual std::chrono::nanoseconds default_timeout() const = 0;  // for wait()

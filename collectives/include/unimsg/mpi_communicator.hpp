@@ -7,6 +7,7 @@
 
 #include <mpi.h>
 
+#include <cstdint>
 #include <memory>
 
 #include "unimsg/bus.hpp"
@@ -48,6 +49,11 @@ class MpiCommunicator final : public Communicator {
   Work alltoall(TensorView send, TensorView recv, std::string_view name = {}) override;
   Work barrier(std::string_view name = {}) override;
   std::unique_ptr<Communicator> split(std::span<const int> ranks) override;
+
+  // How many tight polls wait() makes before it yields the core between polls: 0 when this
+  // node runs more ranks than it has cores, else Work::kSpinPolls; UNIMSG_WAIT_SPIN_POLLS sets
+  // it. (A split communicator keeps its parent's.)
+  std::uint32_t wait_spin_polls() const noexcept;
 
  private:
   std::shared_ptr<detail::MpiCommState> state_;
