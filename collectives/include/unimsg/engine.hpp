@@ -4,8 +4,9 @@
 // agrees, cycle by cycle, which tensors every rank has submitted, and reduces them, fused into as
 // few collectives as the fusion threshold allows.
 //
-// Each cycle every rank contributes one small byte-vector allreduce: for each cached tensor "not
-// submitted here", "cache entry invalid here", and flags (has new tensors, stopping, not joined).
+// Each cycle every rank contributes one small byte-vector allreduce (max): a byte per cached
+// tensor (ready here, not submitted here, entry no longer matching here), and flags (has new
+// tensors, stopping, not joined).
 // In steady state (every tensor already negotiated once) that allreduce is all the negotiation
 // there is. New tensors go to rank 0 over the bus; rank 0 matches them across ranks, checks
 // dtype, count and op (a mismatch fails the tensor on every rank with a MismatchError naming
