@@ -108,6 +108,14 @@ struct Completion {
   }
 };
 
+// What a rank knows of a name it submitted (EngineCore::names).
+struct NameEntry {
+  bool pending = false;  // a tensor of this name is pending here (under `mutex`)
+  // Where the name was last found in the cache: a hint that saves the lookup by name each
+  // cycle, checked against the slot before use (the cycle's thread alone touches it).
+  std::size_t cache_slot = SIZE_MAX;
+};
+
 struct LocalTensor {
   std::string name;
   TensorView input;  // what this rank contributes...
@@ -116,12 +124,12 @@ struct LocalTensor {
   // Set while the engine holds the tensor: it keeps the Submission the tensor lives in alive
   // (the engine releases it last thing when the tensor completes or fails).
   std::shared_ptr<Completion> completion;
-  Clock::time_point submitted;    // (with a trace) or when a cycle took it in
-  bool sent = false;              // announced to rank 0
-  std::size_t pending_index = 0;  // where in `pending` (for removal in O(1))
-  bool* pending_flag = nullptr;   // its entry in EngineCore::names (under `mutex`)
-  std::size_t cached = SIZE_MAX;  // cache slot it is ready in, this cycle
-  std::uint64_t order = 0;        // submissions numbered on this rank
+  Clock::time_point submitted;      // (with a trace) or when a cycle took it in
+  bool sent = false;                // announced to rank 0
+  std::size_t pending_index = 0;    // where in `pending` (for removal in O(1))
+  NameEntry* name_entry = nullptr;  // in EngineCore::names
+  std::size_t cached = SIZE_MAX;    // cache slot it is ready in, this cycle
+  std::uint64_t order = 0;          // submissions numbered on this rank
 };
 
 }  // namespace
@@ -261,11 +269,12 @@ struct EngineCore {
   WakeTimer timer;  // the engine thread sleeps on it (see wait_for_next_cycle)
   std::vector<LocalTensor*> incoming;
   // The names this rank submitted, each with whether a tensor of that name is pending here
-  // (for the duplicate check). A step's names repeat, so in steady state a submission finds
-  // its entry with one lookup and completion clears the flag through a pointer: no set to
-  // insert into and erase from per tensor (that was a third of a small tensor's cost). Entries
-  // stay (nodes do not move) until there are kMaxNames; then the idle ones go.
-  std::unordered_map<std::string, bool, NameHash, std::equal_to<>> names;
+  // (for the duplicate check) and a cache-slot hint. A step's names repeat, so in steady state
+  // a submission finds its entry with one lookup and completion clears the flag through a
+  // pointer: no set to insert into and erase from per tensor (that was a third of a small
+  // tensor's cost). Entries stay (nodes do not move) until there are kMaxNames; then the idle
+  // ones go.
+  std::unordered_map<std::string, NameEntry, NameHash, std::equal_to<>> names;
   bool stopping = false;
   bool join_requested = false;
   int waiting_users = 0;  // threads blocked in wait() on this engine's work
@@ -530,12 +539,16 @@ bool EngineCore::cycle() {
     LocalTensor& tensor = *pending_tensor;
     tensor.cached = SIZE_MAX;
     if (tensor.sent) continue;
-    const auto it = cache_index.find(tensor.name);
-    if (it == cache_index.end()) {
+    std::size_t slot = tensor.name_entry->cache_slot;
+    if (slot >= slots || !cache[slot].valid || cache[slot].name != tensor.name) {
+      const auto it = cache_index.find(tensor.name);
+      slot = it == cache_index.end() ? SIZE_MAX : it->second;
+      tensor.name_entry->cache_slot = slot;
+    }
+    if (slot == SIZE_MAX) {
       has_new = 1;
       continue;
     }
-    const std::size_t slot = it->second;
     const bool stalled =
         options.stall_warning.count() > 0 && now - tensor.submitted > options.stall_warning / 2;
     if (cache[slot].signature != tensor.signature || stalled) {
@@ -1005,7 +1018,7 @@ void EngineCore::complete(const std::vector<std::pair<Signature, LocalTensor*>>&
     // The names are free again before a waiter can see completion and resubmit them.
     std::lock_guard lock(mutex);
     for (const auto& [signature, local] : batch) {
-      if (local != nullptr) *local->pending_flag = false;
+      if (local != nullptr) local->name_entry->pending = false;
     }
   }
   for (const auto& [signature, local] : batch) {
@@ -1029,7 +1042,7 @@ void EngineCore::remove_pending(LocalTensor& tensor) {
 void EngineCore::fail_tensor(LocalTensor& tensor, std::exception_ptr error) {
   {
     std::lock_guard lock(mutex);
-    *tensor.pending_flag = false;
+    tensor.name_entry->pending = false;
   }
   remove_pending(tensor);  // (before the completion is released, as in complete())
   const auto completion = std::move(tensor.completion);
@@ -1212,21 +1225,21 @@ Work submit_tensors(const std::shared_ptr<EngineCore>& engine, std::span<Submitt
     if (engine->fatal) std::rethrow_exception(engine->fatal);
     if (engine->stopping) throw ShutdownError(rank, "engine.submit", "the engine is shutting down");
     if (engine->names.size() + locals.size() > kMaxNames) {
-      std::erase_if(engine->names, [](const auto& entry) { return !entry.second; });
+      std::erase_if(engine->names, [](const auto& entry) { return !entry.second.pending; });
     }
     for (LocalTensor& tensor : locals) {
       // (One lookup; a refused submission leaves at most idle entries behind.)
-      const auto entry = engine->names.try_emplace(tensor.name, false).first;
-      if (entry->second) {
+      const auto entry = engine->names.try_emplace(tensor.name).first;
+      if (entry->second.pending) {
         throw Error(rank, "engine.submit",
                     "tensor '" + tensor.name + "' is already pending on this rank");
       }
-      tensor.pending_flag = &entry->second;
+      tensor.name_entry = &entry->second;
     }
     const bool first_of_batch = !locals.empty() && engine->incoming.empty();
     if (first_of_batch) engine->first_incoming = Clock::now();
     for (LocalTensor& tensor : locals) {
-      *tensor.pending_flag = true;
+      tensor.name_entry->pending = true;
       tensor.order = engine->next_order++;
       // (Only now that it is accepted: the tensor keeps its Submission alive until done.)
       tensor.completion = std::shared_ptr<Completion>(submission, &submission->completion);
