@@ -297,7 +297,7 @@ TEST_F(CollectivesTest, SubCommunicatorOverSomeRanks) {
   EXPECT_EQ(value, expected);
 }
 
-TEST_F(CollectivesTest, WaitersYieldAtOnceWhereRanksOutnumberCores) {
+TEST_F(CollectivesTest, KnowsWhetherRanksOutnumberCoresAndHowLongWaitsSpin) {
   // The ranks on this node, counted independently of the communicator.
   MPI_Comm node = MPI_COMM_NULL;
   MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node);
@@ -305,22 +305,26 @@ TEST_F(CollectivesTest, WaitersYieldAtOnceWhereRanksOutnumberCores) {
   MPI_Comm_size(node, &on_node);
   MPI_Comm_free(&node);
   const bool oversubscribed = static_cast<unsigned>(on_node) > std::thread::hardware_concurrency();
-  EXPECT_EQ(comm_->wait_spin_polls(), oversubscribed ? 0u : Work::kSpinPolls)
+  EXPECT_EQ(comm_->oversubscribed(), oversubscribed)
       << on_node << " ranks on " << std::thread::hardware_concurrency() << " cores";
-  // A communicator over some of the ranks keeps the policy of the whole job.
+  EXPECT_EQ(comm_->wait_spin_polls(), Work::kSpinPolls);
+  // A communicator over some of the ranks keeps what the whole job found.
   std::vector<int> first{0};
   auto alone = comm_->split(first);
   if (comm_->rank() == 0) {
     ASSERT_NE(alone, nullptr);
-    EXPECT_EQ(static_cast<MpiCommunicator&>(*alone).wait_spin_polls(), comm_->wait_spin_polls());
+    EXPECT_EQ(alone->oversubscribed(), oversubscribed);
   }
-  // The setting, validated; the policy decides nothing else: collectives still complete.
+  // The setting, validated; it decides nothing else: collectives still complete, also with a
+  // wait that yields from the first poll.
   ::setenv("UNIMSG_WAIT_SPIN_POLLS", "7", 1);
   MpiCommunicator seven(MPI_COMM_WORLD, *bus_);
   EXPECT_EQ(seven.wait_spin_polls(), 7u);
   std::int32_t value = 1;
   seven.allreduce(host_view(&value, 1), host_view(&value, 1), ReduceOp::kSum).wait(kWait);
   EXPECT_EQ(value, comm_->size());
+  seven.allreduce(host_view(&value, 1), host_view(&value, 1), ReduceOp::kSum).wait(kWait, 0);
+  EXPECT_EQ(value, comm_->size() * comm_->size());
   ::setenv("UNIMSG_WAIT_SPIN_POLLS", "lots", 1);
   EXPECT_THROW(MpiCommunicator(MPI_COMM_WORLD, *bus_), ConfigError);
   ::unsetenv("UNIMSG_WAIT_SPIN_POLLS");

@@ -176,6 +176,11 @@ void Work::wait() {
 
 void Work::wait(std::chrono::nanoseconds timeout) {
   if (!state_) throw Error(kNoRank, "work.wait", "wait() on an empty Work");
+  wait(timeout, state_->spin_polls());
+}
+
+void Work::wait(std::chrono::nanoseconds timeout, std::uint32_t spin_polls) {
+  if (!state_) throw Error(kNoRank, "work.wait", "wait() on an empty Work");
   if (test()) return;  // (the common case after a fused step: no clock read)
   const auto start = std::chrono::steady_clock::now();
   const auto deadline = timeout > std::chrono::hours(24 * 365)
@@ -186,7 +191,7 @@ void Work::wait(std::chrono::nanoseconds timeout) {
   } else {
     // Test (which drives MPI progress) in a tight loop first, then yield, then sleep briefly: a
     // long wait must not starve the ranks it waits for on an oversubscribed machine.
-    const std::uint64_t spin = state_->spin_polls();
+    const std::uint64_t spin = spin_polls;
     for (std::uint64_t round = 0;; ++round) {
       if (test()) return;
       if (round % 64 == 0 && std::chrono::steady_clock::now() >= deadline) break;

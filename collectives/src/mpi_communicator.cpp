@@ -22,6 +22,7 @@ struct MpiCommState {
   Bus* bus = nullptr;
   std::unique_ptr<ProgressTracker> progress;
   std::uint32_t spin_polls = Work::kSpinPolls;  // Work::Operation::spin_polls
+  bool oversubscribed = false;                  // more ranks on this node than cores
 };
 
 }  // namespace detail
@@ -258,20 +259,16 @@ MpiCommunicator::MpiCommunicator(MPI_Comm parent, Bus& bus)
   }
   if (const auto polls = env_uint("UNIMSG_WAIT_SPIN_POLLS", 0, 1u << 30)) {
     state_->spin_polls = static_cast<std::uint32_t>(*polls);
-  } else {
-    // Measured: 1 MiB as 256 engine tensors, 4 ranks on 2 cores, the engine's negotiation
-    // waiting with 2000 tight polls: 1.34-1.42x one raw allreduce; yielding at once: 1.21-1.30x.
-    MPI_Comm node = MPI_COMM_NULL;
-    check_mpi(
-        MPI_Comm_split_type(state_->comm.get(), MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node),
-        rank(), "MPI_Comm_split_type");
-    int on_this_node = 1;
-    const int size_error = MPI_Comm_size(node, &on_this_node);
-    MPI_Comm_free(&node);  // (nothing between the split and here throws)
-    check_mpi(size_error, rank(), "MPI_Comm_size");
-    const unsigned cores = std::thread::hardware_concurrency();
-    if (cores != 0 && static_cast<unsigned>(on_this_node) > cores) state_->spin_polls = 0;
   }
+  MPI_Comm node = MPI_COMM_NULL;
+  check_mpi(MPI_Comm_split_type(state_->comm.get(), MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node),
+            rank(), "MPI_Comm_split_type");
+  int on_this_node = 1;
+  const int size_error = MPI_Comm_size(node, &on_this_node);
+  MPI_Comm_free(&node);  // (nothing between the split and here throws)
+  check_mpi(size_error, rank(), "MPI_Comm_size");
+  const unsigned cores = std::thread::hardware_concurrency();
+  state_->oversubscribed = cores != 0 && static_cast<unsigned>(on_this_node) > cores;
 }
 
 MpiCommunicator::~MpiCommunicator() = default;
@@ -284,6 +281,10 @@ int MpiCommunicator::size() const noexcept {
 }
 std::uint32_t MpiCommunicator::wait_spin_polls() const noexcept {
   return state_->spin_polls;
+}
+
+bool MpiCommunicator::oversubscribed() const noexcept {
+  return state_->oversubscribed;
 }
 
 const std::vector<int>& MpiCommunicator::world_ranks() const noexcept {
@@ -526,7 +527,7 @@ std::unique_ptr<Communicator> MpiCommunicator::split(std::span<const int> ranks)
   auto communicator = std::make_unique<MpiCommunicator>(child, *state_->bus);
   MPI_Comm_free(&child);
   // (Its members alone may fit the node's cores; the whole job does not.)
-  communicator->state_->spin_polls = std::min(communicator->state_->spin_polls, state_->spin_polls);
+  communicator->state_->oversubscribed |= state_->oversubscribed;
   return communicator;
 }
 

@@ -41,8 +41,7 @@ class Work {
     // captures only a plain pointer needs no allocation of its own).
     std::shared_ptr<const void> keep_alive;
     // Without block(): how many times wait() polls in a tight loop before it yields the core
-    // between polls. 0 where the node has more ranks than cores: a waiter that spins takes the
-    // core from the rank it waits for (Open MPI yields when oversubscribed too).
+    // between polls.
     std::uint32_t spin_polls = kSpinPolls;
     int rank = -1;
     std::chrono::nanoseconds default_timeout = std::chrono::seconds(300);  // for wait()
@@ -80,6 +79,9 @@ class Work {
 
   bool test();  // true once complete (finishes it)
   void wait(std::chrono::nanoseconds timeout);
+  // The same, polling this many times in a tight loop before it yields between polls (instead
+  // of the operation's own count; a state that can sleep ignores it).
+  void wait(std::chrono::nanoseconds timeout, std::uint32_t spin_polls);
   void wait();  // with the communicator's default timeout
   bool valid() const noexcept { return state_ != nullptr; }
   // A Work that completes when this one has and `after` has run (description, timeout and
@@ -136,6 +138,10 @@ class Communicator {
   // This rank's position in a split() list, or -1 if it is not in it; throws on entries out of
   // range or repeated.
   int split_position(std::span<const int> ranks) const;
+
+  // Whether this rank's node runs more ranks than it has cores: a waiter that spins there may
+  // take the core from the rank it waits for (the engine's waiting threads yield at once).
+  virtual bool oversubscribed() const noexcept { return false; }
 
   // How long Work::wait() without an argument waits for this communicator's collectives.
   void set_default_timeout(std::chrono::nanoseconds timeout) noexcept { timeout_ = timeout; }

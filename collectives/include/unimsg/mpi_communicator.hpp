@@ -50,10 +50,11 @@ class MpiCommunicator final : public Communicator {
   Work barrier(std::string_view name = {}) override;
   std::unique_ptr<Communicator> split(std::span<const int> ranks) override;
 
-  // How many tight polls wait() makes before it yields the core between polls: 0 when this
-  // node runs more ranks than it has cores, else Work::kSpinPolls; UNIMSG_WAIT_SPIN_POLLS sets
-  // it. (A split communicator keeps its parent's.)
+  // How many tight polls wait() makes before it yields the core between polls
+  // (Work::kSpinPolls; UNIMSG_WAIT_SPIN_POLLS sets it).
   std::uint32_t wait_spin_polls() const noexcept;
+  // Counted at construction (MPI_Comm_split_type); a split communicator keeps its parent's.
+  bool oversubscribed() const noexcept override;
 
  private:
   std::shared_ptr<detail::MpiCommState> state_;
