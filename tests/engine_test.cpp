@@ -436,7 +436,8 @@ TEST_F(EngineTest, TensorWhoseWorkWasDroppedIsStillReduced) {
         engine.submit("dropped", host_view(dropped.data(), dropped.size()), ReduceOp::kSum);
   }
   engine.submit("kept", host_view(kept.data(), kept.size()), ReduceOp::kSum).wait(kWait);
-  // (The step's tensors go out in one cycle: the dropped one went with the kept one.)
+  // (Every rank submitted the dropped one first, and every rank executes rank 0's responses in
+  // the order first seen: it was reduced no later than the kept one.)
   EXPECT_EQ(dropped[8], static_cast<float>(comm_->size()));
   EXPECT_EQ(kept[3], 3.0f * static_cast<float>(comm_->size()));
 }
