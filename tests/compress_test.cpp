@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <set>
@@ -9,6 +10,7 @@
 
 #include "unimsg/compressor.hpp"
 #include "unimsg/error.hpp"
+#include "unimsg/mix.hpp"
 #include "unimsg/powersgd.hpp"
 
 namespace unimsg::kernels {
@@ -164,6 +166,100 @@ TEST(CompressTest, NanAndInfAreReportedAndLeaveTheResidualAlone) {
   const auto h = round_trip(*fp16, g);
   EXPECT_TRUE(std::isnan(h.out[10]));
   EXPECT_TRUE(std::isinf(h.out[20]));
+}
+
+TEST(CompressTest, NonFiniteCountMatchesAPlainCount) {
+  // The count runs vectorised with a scalar tail: NaN and +-Inf anywhere, at every length
+  // around the vector width, and where a lane's count is flushed.
+  const float specials[] = {
+      std::numeric_limits<float>::quiet_NaN(), -std::numeric_limits<float>::quiet_NaN(),
+      std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity()};
+  std::mt19937 random(3);
+  for (const std::size_t n :
+       {std::size_t{0}, std::size_t{1}, std::size_t{7}, std::size_t{8}, std::size_t{9},
+        std::size_t{31}, std::size_t{33}, std::size_t{1000}, (std::size_t{8} << 20) + 13}) {
+    std::vector<float> values(n);
+    std::uniform_real_distribution<float> finite(-1.0e38f, 1.0e38f);
+    for (float& v : values) v = finite(random);
+    std::size_t expected = 0;
+    for (std::size_t i = 0; i < n; i += 1 + i % 5 + (n > 100000 ? 4096 : 0)) {
+      values[i] = specials[i % 4];
+      ++expected;
+    }
+    if (n > 0) {  // the last element, in the scalar tail
+      if (std::isfinite(values[n - 1])) ++expected;
+      values[n - 1] = specials[n % 4];
+    }
+    EXPECT_EQ(count_nonfinite(values), expected) << "n=" << n;
+  }
+}
+
+TEST(CompressTest, Int8MatchesAPlainReferenceBitForBit) {
+  // int8 runs vectorised (the counter-based draws included), and must give exactly what the
+  // format defines — the CUDA kernel gives it too: per chunk of 256 the largest finite
+  // magnitude / 127 as the scale, then floor(v / scale + u) clamped to +-127, u = the top 24
+  // bits of splitmix64(splitmix64(seed ^ splitmix64(step)) + index) / 2^24.
+  constexpr std::size_t kChunk = 256;
+  const auto uniform = [](std::uint64_t seed, std::uint64_t step, std::uint64_t index) {
+    return static_cast<float>(splitmix64(splitmix64(seed ^ splitmix64(step)) + index) >> 40) *
+           (1.0f / 16777216.0f);
+  };
+  std::mt19937 random(11);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (const char* text : {"int8", "int8:seed=9", "int8:noef"}) {
+    const auto spec = CompressionSpec::parse(text);
+    auto compressor = make_cpu_compressor(spec);
+    for (const std::size_t n : {std::size_t{1}, std::size_t{7}, std::size_t{255}, std::size_t{256},
+                                std::size_t{257}, std::size_t{1000}, std::size_t{65537}}) {
+      for (const int kind : {0, 1, 2}) {  // plain, huge and tiny values, one Inf
+        SCOPED_TRACE(std::string(text) + " n=" + std::to_string(n) + " kind " +
+                     std::to_string(kind));
+        std::vector<float> g(n), r(spec.error_feedback ? n : 0);
+        for (std::size_t i = 0; i < n; ++i) {
+          g[i] = normal(random) * (kind == 1 ? (i % 3 == 0 ? 3e37f : 1e-38f) : 1.0f);
+        }
+        for (float& v : r) v = 0.01f * normal(random);
+        if (kind == 2) g[n / 2] = std::numeric_limits<float>::infinity();
+        const std::uint64_t step = 41;
+        std::vector<std::byte> wire(compressor->wire_bytes(n));
+        std::vector<float> residual = r;
+        const auto result = compressor->compress(g, residual, step, wire);
+
+        std::vector<std::byte> expected(wire.size());
+        std::vector<float> expected_residual = r;
+        const bool update = !r.empty() && kind != 2;
+        for (std::size_t begin = 0; begin < n; begin += kChunk) {
+          const std::size_t end = std::min(n, begin + kChunk);
+          float largest = 0;
+          for (std::size_t i = begin; i < end; ++i) {
+            const float v = r.empty() ? g[i] : g[i] + r[i];
+            if (std::isfinite(v)) largest = std::max(largest, std::fabs(v));
+          }
+          const float scale = largest > 0 ? largest / 127.0f : 1.0f;
+          std::byte* at = expected.data() + (begin / kChunk) * (4 + kChunk);
+          std::memcpy(at, &scale, 4);
+          for (std::size_t i = begin; i < end; ++i) {
+            const float v = r.empty() ? g[i] : g[i] + r[i];
+            const float x = std::isfinite(v) ? v / scale : 0.0f;
+            const float q =
+                std::min(std::max(std::floor(x + uniform(spec.seed, step, i)), -127.0f), 127.0f);
+            const auto code = static_cast<std::int8_t>(q);
+            std::memcpy(at + 4 + (i - begin), &code, 1);
+            if (update) expected_residual[i] = v - static_cast<float>(code) * scale;
+          }
+        }
+        EXPECT_EQ(result.nonfinite, kind == 2 ? 1u : 0u);
+        EXPECT_EQ(0, std::memcmp(wire.data(), expected.data(), wire.size())) << "wire differs";
+        ASSERT_EQ(residual.size(), expected_residual.size());
+        // Empty without error feedback: memcmp must not see its null data().
+        if (!residual.empty()) {
+          EXPECT_EQ(0, std::memcmp(residual.data(), expected_residual.data(),
+                                   residual.size() * sizeof(float)))
+              << "residual differs";
+        }
+      }
+    }
+  }
 }
 
 TEST(CompressTest, SignOfZeroAndHalfOverflow) {

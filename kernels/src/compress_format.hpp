@@ -32,10 +32,17 @@ inline std::size_t k_of(double ratio, std::size_t n) noexcept {
 }
 
 // Uniform in [0, 1) from a counter: the same on every platform and for any thread split.
+// uniform01 = uniform01_from(uniform01_base(seed, step), index).
+UNIMSG_HOST_DEVICE inline std::uint64_t uniform01_base(std::uint64_t seed,
+                                                       std::uint64_t step) noexcept {
+  return splitmix64(seed ^ splitmix64(step));
+}
+UNIMSG_HOST_DEVICE inline float uniform01_from(std::uint64_t base, std::uint64_t index) noexcept {
+  return static_cast<float>(splitmix64(base + index) >> 40) * (1.0f / 16777216.0f);
+}
 UNIMSG_HOST_DEVICE inline float uniform01(std::uint64_t seed, std::uint64_t step,
                                           std::uint64_t index) noexcept {
-  return static_cast<float>(splitmix64(splitmix64(seed ^ splitmix64(step)) + index) >> 40) *
-         (1.0f / 16777216.0f);
+  return uniform01_from(uniform01_base(seed, step), index);
 }
 
 }  // namespace unimsg::kernels::format

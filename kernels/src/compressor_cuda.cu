@@ -180,10 +180,19 @@ __global__ void onebit_kernel(const float* g, float* r, unsigned char* wire, std
   __syncthreads();
   const std::size_t whole = count / 8 * 8;
   if (t < 8) {
-    float sum = 0.0f;
-    for (std::size_t j = t; j < whole; j += 8)
-      sum = __fadd_rn(sum, __fmul_rn(values[j], values[j]));
-    lanes[t] = sum;
+    // The CPU's four sums per lane: values t + 8k + 32m into sum k, whole groups of 32 first,
+    // then the rest of the groups of 8 into sum 0.
+    const std::size_t whole32 = count / 32 * 32;
+    float sums[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (std::size_t j = t; j < whole32; j += 32) {
+      for (int k = 0; k < 4; ++k) {
+        const float x = values[j + 8 * k];
+        sums[k] = __fadd_rn(sums[k], __fmul_rn(x, x));
+      }
+    }
+    for (std::size_t j = whole32 + t; j < whole; j += 8)
+      sums[0] = __fadd_rn(sums[0], __fmul_rn(values[j], values[j]));
+    lanes[t] = __fadd_rn(__fadd_rn(sums[0], sums[1]), __fadd_rn(sums[2], sums[3]));
   }
   __syncthreads();
   if (t == 0) {
