@@ -185,6 +185,39 @@ TEST_F(EngineTest, WaitRunsTheCycleItselfAndAShorterTimeoutHandsItToTheEngineThr
   engine.set_listener(nullptr);
 }
 
+TEST_F(EngineTest, CycleRunByAWaitingThreadDoesNotWakeTheEngineThread) {
+  // The engine thread cannot cycle while a waiting thread does; its timer, due one cycle time
+  // after a submission, used to wake it in the middle of every reduction longer than that (and
+  // again when the waiting thread let go of the cycle): context switches on cores the ranks
+  // need. 4 MiB out of place takes far longer than the 100 us cycle time here on any machine.
+  EngineOptions options = quick_options();
+  options.cycle_time = 100us;
+  Engine engine(*comm_, *bus_, options);
+  const int n = comm_->size();
+  std::vector<float> input(1 << 20, static_cast<float>(comm_->rank() + 1));
+  std::vector<float> output(input.size());
+  constexpr int kSteps = 10;
+  // A step that outlasts the engine's 50 ms idle tick may rightly wake it once: on a loaded
+  // machine some do, and they are allowed for (with a margin for the tick's own phase).
+  constexpr auto kNearTheIdleTick = std::chrono::milliseconds(40);
+  std::uint64_t long_steps = 0;
+  const EngineStats before = engine.stats();
+  for (int step = 0; step < kSteps; ++step) {
+    const auto start = std::chrono::steady_clock::now();
+    engine
+        .submit("large", host_view(input.data(), input.size()),
+                host_view(output.data(), output.size()), ReduceOp::kSum)
+        .wait();
+    if (std::chrono::steady_clock::now() - start > kNearTheIdleTick) ++long_steps;
+    ASSERT_EQ(output.back(), static_cast<float>(n * (n + 1) / 2)) << "step " << step;
+  }
+  const EngineStats after = engine.stats();
+  EXPECT_LT(after.engine_thread_wakeups - before.engine_thread_wakeups,
+            long_steps + static_cast<std::uint64_t>(kSteps / 2))
+      << "the engine thread woke during the waiting thread's cycles (" << long_steps
+      << " steps outlasted the idle tick)";
+}
+
 TEST_F(EngineTest, TensorsNobodyWaitsOnGoOutAfterTheCycleTime) {
   // No wait(): the cycle starts one cycle time after the submission; the caller only polls.
   EngineOptions options = quick_options();

@@ -310,7 +310,7 @@ struct EngineCore {
   std::map<std::string, TableEntry> table;
 
   std::atomic<std::uint64_t> cycles{0}, rounds{0}, hits{0}, reduced{0}, collectives{0},
-      fused_in_place{0}, bytes{0}, wire{0}, dense_wire{0}, nonfinite{0}, busy_ns{0};
+      fused_in_place{0}, bytes{0}, wire{0}, dense_wire{0}, nonfinite{0}, busy_ns{0}, wakeups{0};
   std::atomic<std::uint64_t> wait_ns{0};  // callers blocked in wait()
   Clock::time_point wait_lane_end;        // the timeline's wait_for_data lane is busy until then
   Clock::time_point last_cycle_start;     // under `mutex`
@@ -416,7 +416,11 @@ bool EngineCore::drive(Completion& completion, Clock::time_point deadline) {
   // means waiting for a core twice (measured: 1 MiB in 256 tensors, 4 ranks on 2 cores, median
   // 2.2x one raw allreduce with the hand-off, 1.5x driven; docs/benchmarks.md).
   while (!completion.finished()) {
-    if (Clock::now() >= deadline) return false;
+    if (Clock::now() >= deadline) {
+      std::lock_guard lock(mutex);
+      retime_engine();  // (its timer was moved on while this thread ran cycles)
+      return false;
+    }
     std::unique_lock cycle_lock(cycle_mutex);
     if (completion.finished()) break;
     {
@@ -494,6 +498,7 @@ void EngineCore::wait_for_next_cycle() {
       timer.arm(until);
     }
     timer.sleep();
+    wakeups.fetch_add(1, std::memory_order_relaxed);
     std::lock_guard lock(mutex);
     engine_wakes_at = Clock::time_point::min();
   }
@@ -512,6 +517,16 @@ bool EngineCore::cycle(bool on_waiting_thread) {
   {
     std::lock_guard lock(mutex);
     last_cycle_start = Clock::now();
+    if (on_waiting_thread && engine_wakes_at != Clock::time_point::min() &&
+        engine_wakes_at < last_cycle_start + kIdleCycle) {
+      // The engine thread cannot start a cycle before this one ends (cycle_mutex): its timer
+      // firing meanwhile would only wake it to block on that lock, and wake it again when the
+      // lock is released — two context switches inside a long allreduce, on cores the ranks
+      // need. The thread that drives re-arms the timer when it is done (retime_engine in
+      // drive()).
+      engine_wakes_at = last_cycle_start + kIdleCycle;
+      timer.arm(engine_wakes_at);
+    }
     for (LocalTensor* tensor : incoming) {
       if (tensor->submitted == Clock::time_point{}) tensor->submitted = last_cycle_start;
       tensor->pending_index = pending.size();
@@ -787,12 +802,15 @@ void EngineCore::execute(const std::vector<std::size_t>& ready,
                          const std::vector<Response>& responses) {
   // The same list, in the same order, on every rank: cache hits by slot, then rank 0's responses.
   std::vector<std::pair<Signature, LocalTensor*>> items;
+  items.reserve(ready.size() + responses.size());
+  std::uint64_t local_hits = 0;
   for (const std::size_t slot : ready) {
     cache[slot].last_used = ++use_clock;
     LocalTensor* local = slot_owner[slot];
-    if (local != nullptr) hits.fetch_add(1, std::memory_order_relaxed);
+    if (local != nullptr) ++local_hits;
     items.emplace_back(cache[slot].signature, local);
   }
+  hits.fetch_add(local_hits, std::memory_order_relaxed);
   std::unordered_map<std::string_view, LocalTensor*> by_name;  // (only rounds have responses)
   if (!responses.empty()) {
     by_name.reserve(pending.size());
@@ -1310,6 +1328,7 @@ EngineStats Engine::stats() const {
   out.communication_seconds = static_cast<double>(core_->busy_ns.load()) * 1e-9;
   out.wait_seconds = static_cast<double>(core_->wait_ns.load()) * 1e-9;
   out.nonfinite_steps = core_->nonfinite.load();
+  out.engine_thread_wakeups = core_->wakeups.load();
   return out;
 }
 

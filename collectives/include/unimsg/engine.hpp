@@ -70,6 +70,9 @@ struct EngineStats {
   double wait_seconds = 0;
   // Compressed reductions whose gradients held NaN/Inf on some rank (result NaN, step to skip).
   std::uint64_t nonfinite_steps = 0;
+  // Times the engine thread woke from its sleep: for a due cycle, the idle tick, a hand-off or
+  // shutdown. A thread blocked in wait() runs its own cycles without waking it.
+  std::uint64_t engine_thread_wakeups = 0;
 };
 
 // What the engine thread did, for timelines and tests: one event when a (possibly fused)
