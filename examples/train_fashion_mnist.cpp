@@ -178,6 +178,8 @@ int run(int argc, char** argv) {
       cxxopts::value<std::uint64_t>()->default_value("0"))(
       "limit", "use only the first N training samples (0: all)",
       cxxopts::value<std::uint64_t>()->default_value("0"))(
+      "test-limit", "score only the first N test samples (0: all 10 000)",
+      cxxopts::value<std::uint64_t>()->default_value("0"))(
       "checkpoint-dir", "where checkpoints go (rank 0 writes; every rank reads)",
       cxxopts::value<std::string>()->default_value(""))(
       "checkpoint-every", "checkpoint every N optimizer steps (0: never)",
@@ -265,7 +267,8 @@ int run(int argc, char** argv) {
   };
   const Dataset train = load(find("train-images-idx3-ubyte"), find("train-labels-idx1-ubyte"),
                              args["limit"].as<std::uint64_t>());
-  const Dataset test = load(find("t10k-images-idx3-ubyte"), find("t10k-labels-idx1-ubyte"), 0);
+  const Dataset test = load(find("t10k-images-idx3-ubyte"), find("t10k-labels-idx1-ubyte"),
+                            args["test-limit"].as<std::uint64_t>());
 
   // A rank that dies or hangs is noticed by the others' watchdogs, which report it and abort
   // the job for unimsg-run to relaunch on the survivors.
@@ -495,6 +498,7 @@ int run(int argc, char** argv) {
           nlohmann::json line{{"epoch", epoch + 1},
                               {"loss", mean_loss},
                               {"test_accuracy", accuracy},
+                              {"test_samples", test.images.size(0)},
                               {"samples_per_s", samples_per_s},
                               {"seconds", seconds},
                               {"ranks", world},

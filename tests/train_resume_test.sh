@@ -12,7 +12,7 @@ trap 'rm -rf "$work"' EXIT
 # Fusion decides by timing which buckets travel together, and MPI picks its reduction order by
 # size: only without fusion are runs bitwise reproducible.
 export UNIMSG_FUSION_THRESHOLD=0
-common=(--limit 3000 --batch-size 60 --epochs 2 --json)
+common=(--limit 3000 --test-limit 500 --batch-size 60 --epochs 2 --json)
 
 run() {  # run RANKS ARGS... -> prints params_l2 of the final line
   local ranks=$1
@@ -23,6 +23,7 @@ run() {  # run RANKS ARGS... -> prints params_l2 of the final line
 }
 
 whole=$(run 3 --max-steps 70)
+grep -q '"test_samples":500' "$work/out" || { echo "FAIL: --test-limit 500 not applied"; exit 1; }
 first=$(run 3 --max-steps 40 --checkpoint-dir "$work/ck" --checkpoint-every 20)
 ls "$work/ck" | grep -q step-000000000040 || { echo "no checkpoint at step 40"; exit 1; }
 resumed=$(run 3 --max-steps 70 --checkpoint-dir "$work/ck" --resume)
