@@ -376,6 +376,14 @@ class HalfCompressor final : public DenseCompressor {
   bool bf16_;
 };
 
+// int8's code for one value: stochastic rounding, floor(v / scale + u) with u uniform in [0, 1),
+// unbiased in expectation; a non-finite value codes as 0. The scalar loop and the AVX2 chunk's
+// tail share it, so their codes cannot drift apart.
+inline std::int8_t int8_code(float v, float scale, float u) noexcept {
+  const float x = std::isfinite(v) ? v / scale : 0.0f;
+  return static_cast<std::int8_t>(std::clamp(std::floor(x + u), -127.0f, 127.0f));
+}
+
 #if defined(__x86_64__)
 // 64-bit products, 4 lanes: AVX2 multiplies only 32 x 32 -> 64, so three of those.
 __attribute__((target("avx2"), always_inline)) inline __m256i multiply_u64(__m256i a,
@@ -459,10 +467,7 @@ __attribute__((target("avx2"))) void int8_chunk(const float* g, float* r, std::b
   }
   for (; i < n; ++i) {
     const float v = r != nullptr ? g[i] + r[i] : g[i];
-    const float x = std::isfinite(v) ? v / scale : 0.0f;
-    const float q =
-        std::clamp(std::floor(x + format::uniform01_from(base, first + i)), -127.0f, 127.0f);
-    const auto code = static_cast<std::int8_t>(q);
+    const std::int8_t code = int8_code(v, scale, format::uniform01_from(base, first + i));
     std::memcpy(codes + i, &code, 1);
     if (update) r[i] = v - static_cast<float>(code) * scale;
   }
@@ -506,10 +511,7 @@ class Int8Compressor final : public DenseCompressor {
       put(wire, at, scale);
       for (std::size_t i = begin; i < end; ++i) {
         const float v = corrected(g, r, i);
-        // Stochastic rounding: floor(v/scale + u), u uniform: unbiased in expectation.
-        const float x = std::isfinite(v) ? v / scale : 0.0f;
-        const float q = std::clamp(std::floor(x + uniform01(spec_.seed, step, i)), -127.0f, 127.0f);
-        const auto code = static_cast<std::int8_t>(q);
+        const std::int8_t code = int8_code(v, scale, uniform01(spec_.seed, step, i));
         put(wire, at + 4 + (i - begin), code);
         if (update) r[i] = v - static_cast<float>(code) * scale;
       }
