@@ -29,11 +29,12 @@ for _ in $(seq 20); do
 done
 [[ -n $port ]] || fail "no free port found"
 
-# Launch 1: rank 2 dies at step 30. Launch 2 (2 ranks): ~400 steps of at least 15 ms, rank 1
-# 60 ms slower from step 20: half a minute of training.
+# Launch 1: rank 2 dies at step 30. Launch 2 (2 ranks): ~370 steps of at least 15 ms, rank 1
+# 30 ms slower from step 20 (3x the other's compute, over the 1.5x straggler factor): ~17 s of
+# training, several times what the page checks below take.
 script -qfec "$run -np 3 --run-dir $work/run -x UNIMSG_METRICS_PORT=$port \
   -x UNIMSG_METRICS_ADDRESS=127.0.0.1 -x UNIMSG_STRAGGLER_STEPS=10 \
-  -x 'UNIMSG_FAULT_INJECT=rank:2,step:30,mode:kill;rank:1,step:20,mode:slow,ms:60,restart:1' \
+  -x 'UNIMSG_FAULT_INJECT=rank:2,step:30,mode:kill;rank:1,step:20,mode:slow,ms:30,restart:1' \
   -- $train --steps 400 --step-ms 15" /dev/null > "$work/job.txt" 2>&1 &
 job=$!
 
