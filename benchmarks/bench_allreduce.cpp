@@ -17,17 +17,17 @@
 #include <string>
 #include <vector>
 
-#include "unimsg/cli.hpp"
-#include "unimsg/config.hpp"
-#include "unimsg/engine.hpp"
-#include "unimsg/error.hpp"
-#include "unimsg/mpi_communicator.hpp"
+#include "unimsg/collectives/engine.hpp"
+#include "unimsg/collectives/mpi_communicator.hpp"
+#include "unimsg/core/cli.hpp"
+#include "unimsg/core/config.hpp"
+#include "unimsg/core/error.hpp"
 #ifdef UNIMSG_WITH_NCCL
-#include "unimsg/device.hpp"
-#include "unimsg/device_memory.hpp"
-#include "unimsg/nccl_communicator.hpp"
+#include "unimsg/collectives/nccl_communicator.hpp"
+#include "unimsg/kernels/device.hpp"
+#include "unimsg/kernels/device_memory.hpp"
 #endif
-#include "unimsg/runtime.hpp"
+#include "unimsg/services/runtime.hpp"
 
 namespace {
 
@@ -104,7 +104,7 @@ double expected(ReduceOp op, DType dtype, int ranks, std::size_t i) {
 
 #ifdef UNIMSG_WITH_NCCL
 // A device buffer addressed by bytes.
-struct DeviceBytes : unimsg::kernels::DeviceBuffer {
+struct DeviceBytes : unimsg::DeviceBuffer {
   using DeviceBuffer::DeviceBuffer;
   std::byte* data() { return static_cast<std::byte*>(DeviceBuffer::data()); }
 };
@@ -113,7 +113,7 @@ struct DeviceBytes : unimsg::kernels::DeviceBuffer {
 struct Variant {
   std::string backend;  // "mpi", "nccl", "engine" or "engine+trace"
   int tensors = 1;
-  unimsg::kernels::CompressionSpec compress;  // the engine's; the raw backends never compress
+  unimsg::CompressionSpec compress;  // the engine's; the raw backends never compress
 };
 
 struct Measurement {
@@ -200,7 +200,7 @@ int run(int argc, char** argv) {
         std::stringstream compressors(args["compress"].as<std::string>());
         std::string text;
         while (std::getline(compressors, text, ',')) {
-          const auto spec = unimsg::kernels::CompressionSpec::parse(text);
+          const auto spec = unimsg::CompressionSpec::parse(text);
           if (spec.compresses() &&
               (dtype != DType::kF32 || (op != ReduceOp::kSum && op != ReduceOp::kAvg))) {
             throw unimsg::ConfigError(unimsg::kNoRank, "--compress",
@@ -233,7 +233,8 @@ int run(int argc, char** argv) {
   std::unique_ptr<unimsg::Engine> traced_engine;
   for (const auto& v : variants) {
     if (v.backend == "engine" && !engine) {
-      engine = std::make_unique<unimsg::Engine>(communicator, runtime.bus());
+      engine = std::make_unique<unimsg::Engine>(communicator, runtime.bus(),
+                                                unimsg::EngineOptions::from_env());
     }
     if (v.backend == "engine+trace" && !traced_engine) {
       auto options = unimsg::EngineOptions::from_env();
@@ -245,11 +246,11 @@ int run(int argc, char** argv) {
   std::unique_ptr<unimsg::NcclCommunicator> nccl;
   for (const auto& v : variants) {
     if (v.backend == "nccl" && !nccl) {
-      const auto devices = unimsg::kernels::query_devices();
+      const auto devices = unimsg::query_devices();
       if (devices.count == 0) {
         throw unimsg::ConfigError(rank, "--backend nccl", "no GPU: " + devices.reason);
       }
-      unimsg::kernels::set_device(rank % devices.count);
+      unimsg::set_device(rank % devices.count);
       nccl = std::make_unique<unimsg::NcclCommunicator>(MPI_COMM_WORLD, runtime.bus(),
                                                         rank % devices.count);
     }

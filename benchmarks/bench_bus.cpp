@@ -18,10 +18,10 @@
 #include <thread>
 #include <vector>
 
-#include "unimsg/cli.hpp"
-#include "unimsg/config.hpp"
-#include "unimsg/error.hpp"
-#include "unimsg/runtime.hpp"
+#include "unimsg/core/cli.hpp"
+#include "unimsg/core/config.hpp"
+#include "unimsg/core/error.hpp"
+#include "unimsg/services/runtime.hpp"
 
 namespace {
 

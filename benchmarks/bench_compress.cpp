@@ -17,13 +17,13 @@
 #include <string>
 #include <vector>
 
-#include "unimsg/cli.hpp"
-#include "unimsg/compressor.hpp"
-#include "unimsg/config.hpp"
-#include "unimsg/device.hpp"
-#include "unimsg/device_memory.hpp"
-#include "unimsg/error.hpp"
-#include "unimsg/powersgd.hpp"
+#include "unimsg/core/cli.hpp"
+#include "unimsg/core/config.hpp"
+#include "unimsg/core/error.hpp"
+#include "unimsg/kernels/compressor.hpp"
+#include "unimsg/kernels/device.hpp"
+#include "unimsg/kernels/device_memory.hpp"
+#include "unimsg/kernels/powersgd.hpp"
 
 namespace {
 
@@ -76,11 +76,11 @@ int run(int argc, char** argv) {
   const bool cuda = device == "cuda";
   std::string device_name = "cpu, one thread";
   if (cuda) {
-    const auto info = unimsg::kernels::query_devices();
+    const auto info = unimsg::query_devices();
     if (info.count == 0) {
       throw unimsg::Error(unimsg::kNoRank, "--device cuda", "no GPU: " + info.reason);
     }
-    unimsg::kernels::set_device(0);
+    unimsg::set_device(0);
     device_name = info.name;
   }
   const auto smallest = unimsg::parse_size(args["b"].as<std::string>(), "-b");
@@ -102,7 +102,7 @@ int run(int argc, char** argv) {
     std::printf("%-18s %12s %14s %16s %10s %9s %9s\n", "compressor", "bytes", "compress_gbps",
                 "decompress_gbps", "copy_gbps", "compress", "wire/in");
   }
-  unimsg::kernels::set_blas_threads(1);  // one thread, as for every compressor here
+  unimsg::set_blas_threads(1);  // one thread, as for every compressor here
   std::mt19937 rng(1);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   for (std::uint64_t bytes = smallest; bytes <= largest; bytes *= factor) {
@@ -111,8 +111,7 @@ int run(int argc, char** argv) {
     for (auto& v : gradient) v = normal(rng);
     std::vector<float> copy(n);
     // On the GPU: the gradient, a residual, an output and a copy target in device memory.
-    std::optional<unimsg::kernels::DeviceBuffer> device_gradient, device_residual, device_out,
-        device_copy;
+    std::optional<unimsg::DeviceBuffer> device_gradient, device_residual, device_out, device_copy;
     double copy_s = 0;
     if (cuda) {
       device_gradient.emplace(n * 4);
@@ -121,14 +120,14 @@ int run(int argc, char** argv) {
       device_out.emplace(n * 4);
       device_copy.emplace(n * 4);
       copy_s = time_median([&] {
-        unimsg::kernels::copy_device_to_device(device_copy->data(), device_gradient->data(), n * 4);
+        unimsg::copy_device_to_device(device_copy->data(), device_gradient->data(), n * 4);
       });
     } else {
       copy_s = time_median([&] { std::memcpy(copy.data(), gradient.data(), n * 4); });
     }
     const double copy_gbps = static_cast<double>(n * 4) / copy_s / 1e9;
     for (const auto& name : names) {
-      const auto spec = unimsg::kernels::CompressionSpec::parse(name);
+      const auto spec = unimsg::CompressionSpec::parse(name);
       std::vector<float> residual(n, 0.0f);
       std::vector<float> out(n);
       double compress_s = 0, decompress_s = 0;
@@ -136,7 +135,7 @@ int run(int argc, char** argv) {
       if (cuda && spec.name == "powersgd") {
         // As on the CPU: M = gradient + residual, P = M Q, orthonormalise, Q = M^T P; then P Q^T
         // and the new residual (cuBLAS; P orthonormalised on the host).
-        unimsg::kernels::CudaPowerSgd power(n, spec.powersgd_rank, 1);
+        unimsg::CudaPowerSgd power(n, spec.powersgd_rank, 1);
         wire_bytes = (power.rows() + power.cols()) * static_cast<std::size_t>(power.rank()) * 4;
         device_residual->copy_from_host(residual.data(), n * 4);
         const std::span<const float> g(static_cast<const float*>(device_gradient->data()), n);
@@ -148,9 +147,9 @@ int run(int argc, char** argv) {
         });
         decompress_s = time_median([&] { power.finish(o, r); });
       } else if (cuda) {
-        const auto compressor = unimsg::kernels::make_cuda_compressor(spec);
+        const auto compressor = unimsg::make_cuda_compressor(spec);
         device_residual->copy_from_host(residual.data(), n * 4);
-        unimsg::kernels::DeviceBuffer wire(compressor->wire_bytes(n));
+        unimsg::DeviceBuffer wire(compressor->wire_bytes(n));
         wire_bytes = compressor->wire_bytes(n);
         const std::span<const float> g(static_cast<const float*>(device_gradient->data()), n);
         const std::span<float> r(static_cast<float*>(device_residual->data()), n);
@@ -161,7 +160,7 @@ int run(int argc, char** argv) {
       } else if (spec.name == "powersgd") {
         // Compress: M = gradient + residual, P = M Q, orthonormalise, Q = M^T P (one rank: no
         // averaging between); decompress: P Q^T and the new residual.
-        unimsg::kernels::PowerSgd power(n, spec.powersgd_rank, 1);
+        unimsg::PowerSgd power(n, spec.powersgd_rank, 1);
         wire_bytes = (power.rows() + power.cols()) * static_cast<std::size_t>(power.rank()) * 4;
         compress_s = time_median([&] {
           power.begin(gradient, residual);
@@ -169,7 +168,7 @@ int run(int argc, char** argv) {
         });
         decompress_s = time_median([&] { power.finish(out, residual); });
       } else {
-        const auto compressor = unimsg::kernels::make_cpu_compressor(spec);
+        const auto compressor = unimsg::make_cpu_compressor(spec);
         std::vector<std::byte> wire(compressor->wire_bytes(n));
         wire_bytes = wire.size();
         compress_s = time_median([&] { compressor->compress(gradient, residual, 1, wire); });

@@ -26,11 +26,11 @@
 #include <thread>
 #include <vector>
 
-#include "unimsg/cli.hpp"
-#include "unimsg/config.hpp"
-#include "unimsg/error.hpp"
-#include "unimsg/fetch_queue.hpp"
-#include "unimsg/runtime.hpp"
+#include "unimsg/core/cli.hpp"
+#include "unimsg/core/config.hpp"
+#include "unimsg/core/error.hpp"
+#include "unimsg/fetch/fetch_queue.hpp"
+#include "unimsg/services/runtime.hpp"
 
 namespace {
 

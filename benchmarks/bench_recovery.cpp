@@ -20,8 +20,8 @@
 #include <string>
 #include <vector>
 
-#include "unimsg/cli.hpp"
-#include "unimsg/error.hpp"
+#include "unimsg/core/cli.hpp"
+#include "unimsg/core/error.hpp"
 
 namespace {
 

@@ -24,21 +24,17 @@
 #include <thread>
 #include <vector>
 
-#include "unimsg/checkpoint.hpp"
-#include "unimsg/checkpoint_restore.hpp"
-#include "unimsg/cli.hpp"
-#include "unimsg/config.hpp"
-#include "unimsg/engine.hpp"
-#include "unimsg/error.hpp"
-#include "unimsg/fault.hpp"
-#include "unimsg/fault_injection.hpp"
-#include "unimsg/fetch_queue.hpp"
-#include "unimsg/heartbeat.hpp"
-#include "unimsg/idx.hpp"
-#include "unimsg/monitor.hpp"
-#include "unimsg/mpi_communicator.hpp"
-#include "unimsg/runtime.hpp"
-#include "unimsg/sampler.hpp"
+#include "unimsg/checkpoint/checkpoint.hpp"
+#include "unimsg/core/cli.hpp"
+#include "unimsg/core/config.hpp"
+#include "unimsg/core/error.hpp"
+#include "unimsg/data/idx.hpp"
+#include "unimsg/data/sampler.hpp"
+#include "unimsg/fetch/fetch_queue.hpp"
+#include "unimsg/services/checkpoint_restore.hpp"
+#include "unimsg/services/fault_injection.hpp"
+#include "unimsg/services/runtime.hpp"
+#include "unimsg/session/training_session.hpp"
 #include "unimsg/torch/ddp.hpp"
 #include "unimsg/torch/state.hpp"
 
@@ -270,30 +266,22 @@ int run(int argc, char** argv) {
   const Dataset test = load(find("t10k-images-idx3-ubyte"), find("t10k-labels-idx1-ubyte"),
                             args["test-limit"].as<std::uint64_t>());
 
-  // A rank that dies or hangs is noticed by the others' watchdogs, which report it and abort
-  // the job for unimsg-run to relaunch on the survivors.
-  const std::vector<std::string> hosts = unimsg::gather_host_names(MPI_COMM_WORLD);
-  unimsg::HeartbeatMonitor heartbeat(runtime.bus(), unimsg::HeartbeatOptions::from_env(),
-                                     unimsg::abort_on_silence(hosts));
-  // Status to rank 0 (metrics.jsonl, UNIMSG_METRICS_PORT's page, UNIMSG_TIMELINE): see
-  // docs/monitoring.md.
-  unimsg::Monitor monitor(runtime.bus());
-  unimsg::MpiCommunicator communicator(MPI_COMM_WORLD, runtime.bus());
-  auto engine_options = unimsg::EngineOptions::from_env();
-  engine_options.trace = monitor.trace();
-  unimsg::Engine engine(communicator, runtime.bus(), engine_options);
-  monitor.watch(engine);
-  monitor.watch(heartbeat);
+  // Heartbeats (a rank that dies or hangs is noticed by the others' watchdogs, which report it
+  // and abort the job for unimsg-run to relaunch on the survivors), status to rank 0
+  // (metrics.jsonl, UNIMSG_METRICS_PORT's page, UNIMSG_TIMELINE: docs/monitoring.md), the
+  // communicator and the engine.
+  unimsg::TrainingSession session(runtime, unimsg::TrainingSessionOptions::from_env());
+  unimsg::Monitor& monitor = session.monitor();
+  unimsg::Engine& engine = session.engine();
   Net model;
   model->to(device);  // before the wrapper and the optimizer see the parameters
   unimsg::DdpOptions ddp_options;
-  ddp_options.compression =
-      unimsg::kernels::CompressionSpec::parse(args["compress"].as<std::string>());
+  ddp_options.compression = unimsg::CompressionSpec::parse(args["compress"].as<std::string>());
   ddp_options.compression_warmup_steps = args["compress-warmup"].as<std::uint64_t>();
   if (ddp_options.compression.compresses() && args.count("momentum-correction")) {
     ddp_options.momentum_correction = momentum;
   }
-  unimsg::DistributedDataParallel ddp(*model, engine, communicator, ddp_options);
+  unimsg::DistributedDataParallel ddp(*model, engine, session.communicator(), ddp_options);
   torch::optim::SGD optimizer(
       model->parameters(),
       torch::optim::SGDOptions(lr).momentum(ddp_options.momentum_correction > 0 ? 0 : momentum));
@@ -328,7 +316,7 @@ int run(int argc, char** argv) {
     unimsg::CheckpointOptions checkpoint_options;
     checkpoint_options.rank = rank;
     checkpoint_options.keep = static_cast<std::size_t>(args["checkpoint-keep"].as<std::uint64_t>());
-    checkpoint_options.trace = monitor.trace();
+    checkpoint_options.trace = session.trace();
     checkpointer.emplace(checkpoint_dir, checkpoint_options);
   }
   std::uint64_t global_step = 0;
@@ -442,8 +430,7 @@ int run(int argc, char** argv) {
         loss_sum += step_loss;
         ++batches;
         ++global_step;
-        heartbeat.report_step(global_step);
-        monitor.step(global_step, step_loss, static_cast<std::uint64_t>(x.size(0)));
+        session.step(global_step, step_loss, static_cast<std::uint64_t>(x.size(0)));
         if (fault) fault->at_step(rank, global_step);
         const std::size_t position = sampler.position_after(
             static_cast<std::size_t>(std::min(count, (step + 1) * local_batch)));
@@ -479,7 +466,7 @@ int run(int argc, char** argv) {
       std::array<double, 3> totals{loss_sum,
                                    static_cast<double>(std::max<std::int64_t>(batches, 1)),
                                    static_cast<double>(correct)};
-      communicator
+      session.communicator()
           .allreduce(unimsg::host_view(totals.data(), totals.size()),
                      unimsg::host_view(totals.data(), totals.size()), unimsg::ReduceOp::kSum,
                      "epoch.totals")
@@ -518,7 +505,7 @@ int run(int argc, char** argv) {
     }
   } catch (const unimsg::TimeoutError& error) {
     // A collective past UNIMSG_COLLECTIVE_TIMEOUT_S: some rank stopped taking part.
-    unimsg::abort_restartable({{}, error.what(), global_step}, hosts);
+    session.abort_restartable(error, global_step);
   }
   if (checkpointer) checkpointer->flush();
   if (rank == 0 && json) {
@@ -532,11 +519,7 @@ int run(int argc, char** argv) {
                   static_cast<unsigned long long>(global_step), std::sqrt(squares));
     std::printf("%s\n", line);
   }
-  monitor.finish();
-  // Every rank is done before any stops its heartbeats: a rank still busy (rank 0 flushing a
-  // checkpoint) must not take a finished one for a lost one.
-  communicator.barrier().wait();
-  heartbeat.stop();
+  session.finish();
   const double min_accuracy = args["min-accuracy"].as<double>();
   if (accuracy < min_accuracy) {
     if (rank == 0) {

@@ -20,19 +20,16 @@
 #include <thread>
 #include <vector>
 
-#include "unimsg/checkpoint.hpp"
-#include "unimsg/checkpoint_restore.hpp"
-#include "unimsg/cli.hpp"
-#include "unimsg/config.hpp"
-#include "unimsg/engine.hpp"
-#include "unimsg/error.hpp"
-#include "unimsg/fault.hpp"
-#include "unimsg/fault_injection.hpp"
-#include "unimsg/heartbeat.hpp"
-#include "unimsg/monitor.hpp"
-#include "unimsg/mpi_communicator.hpp"
-#include "unimsg/runtime.hpp"
-#include "unimsg/sampler.hpp"
+#include "unimsg/checkpoint/checkpoint.hpp"
+#include "unimsg/core/cli.hpp"
+#include "unimsg/core/config.hpp"
+#include "unimsg/core/error.hpp"
+#include "unimsg/core/random.hpp"
+#include "unimsg/data/sampler.hpp"
+#include "unimsg/services/checkpoint_restore.hpp"
+#include "unimsg/services/fault_injection.hpp"
+#include "unimsg/services/runtime.hpp"
+#include "unimsg/session/training_session.hpp"
 
 namespace {
 
@@ -40,13 +37,10 @@ double unix_time() {
   return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
 }
 
-// splitmix64 -> uniform in [-1, 1): the same data on every rank and every run.
+// Uniform in [-1, 1): the same data on every rank and every run.
 double uniform(std::uint64_t index) {
-  std::uint64_t x = index + 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  x ^= x >> 31;
-  return static_cast<double>(x >> 11) / static_cast<double>(1ull << 52) - 1.0;
+  return static_cast<double>(unimsg::splitmix64(index) >> 11) / static_cast<double>(1ull << 52) -
+         1.0;
 }
 
 struct Data {
@@ -123,10 +117,8 @@ int run(int argc, char** argv) {
   std::string persistent_dir = args["checkpoint-dir"].as<std::string>();
   if (persistent_dir.empty())
     persistent_dir = unimsg::env_value("UNIMSG_CHECKPOINT_DIR").value_or("");
-  const std::vector<std::string> hosts = unimsg::gather_host_names(MPI_COMM_WORLD);
-  unimsg::HeartbeatMonitor heartbeat(runtime.bus(), unimsg::HeartbeatOptions::from_env(),
-                                     unimsg::abort_on_silence(hosts));
-  unimsg::Monitor monitor(runtime.bus());  // status to rank 0: docs/monitoring.md
+  // Heartbeats, status to rank 0 (docs/monitoring.md), the communicator and the engine.
+  unimsg::TrainingSession session(runtime, unimsg::TrainingSessionOptions::from_env());
   unimsg::TieredCheckpointOptions tiers;
   tiers.persistent_directory = persistent_dir;
   tiers.persistent_every =
@@ -134,17 +126,10 @@ int run(int argc, char** argv) {
   tiers.fast_directory = args["fast-dir"].as<std::string>();
   tiers.fast_every = tiers.fast_directory.empty() ? 0 : args["fast-every"].as<std::uint64_t>();
   tiers.options.rank = rank;
-  tiers.options.trace = monitor.trace();
+  tiers.options.trace = session.trace();
   tiers.options.keep = static_cast<std::size_t>(args["checkpoint-keep"].as<std::uint64_t>());
   unimsg::TieredCheckpointer checkpoints(tiers);
-
-  unimsg::MpiCommunicator communicator(MPI_COMM_WORLD, runtime.bus());
-  auto engine_options = unimsg::EngineOptions::from_env();
-  engine_options.trace = monitor.trace();
-  unimsg::Engine engine(communicator, runtime.bus(), engine_options);
-  monitor.watch(engine);
-  monitor.watch(heartbeat);
-  monitor.set_total_steps(steps);
+  session.monitor().set_total_steps(steps);
   const auto fault = unimsg::FaultInjection::from_env();
 
   const Data data = make_data(samples, dim);
@@ -212,14 +197,13 @@ int run(int argc, char** argv) {
       if (const auto ms = args["step-ms"].as<std::uint64_t>()) {
         std::this_thread::sleep_for(std::chrono::milliseconds(ms));
       }
-      engine
+      session.engine()
           .submit("grad", unimsg::host_view(gradient.data(), gradient.size()),
                   unimsg::ReduceOp::kAvg)
           .wait();
       for (std::size_t j = 0; j < dim; ++j) w[j] -= lr * gradient[j];
       ++step;
-      heartbeat.report_step(step);
-      monitor.step(step, gradient[dim], local_batch);
+      session.step(step, gradient[dim], local_batch);
       if (rank == 0 && json) {
         std::printf("%s\n", nlohmann::json{{"step", step},
                                            {"loss", gradient[dim]},
@@ -251,12 +235,10 @@ int run(int argc, char** argv) {
       }
     }
   } catch (const unimsg::TimeoutError& error) {
-    unimsg::abort_restartable({{}, error.what(), step}, hosts);
+    session.abort_restartable(error, step);
   }
   checkpoints.flush();
-  monitor.finish();
-  communicator.barrier().wait();
-  heartbeat.stop();
+  session.finish();
   if (rank == 0) {
     double norm = 0;
     for (double v : w) norm += v * v;

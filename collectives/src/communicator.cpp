@@ -1,10 +1,10 @@
-#include "unimsg/communicator.hpp"
+#include "unimsg/collectives/communicator.hpp"
 
 #include <thread>
 #include <vector>
 
-#include "unimsg/cast.hpp"
-#include "unimsg/error.hpp"
+#include "unimsg/core/error.hpp"
+#include "unimsg/kernels/cast.hpp"
 
 namespace unimsg {
 
@@ -76,9 +76,9 @@ double load_element(const void* data, DType dtype, std::size_t index) noexcept {
     case DType::kU8:
       return *static_cast<const std::uint8_t*>(p);
     case DType::kF16:
-      return kernels::f16_to_f32(*static_cast<const std::uint16_t*>(p));
+      return f16_to_f32(*static_cast<const std::uint16_t*>(p));
     case DType::kBF16:
-      return kernels::bf16_to_f32(*static_cast<const std::uint16_t*>(p));
+      return bf16_to_f32(*static_cast<const std::uint16_t*>(p));
   }
   return 0;
 }
@@ -102,10 +102,10 @@ void store_element(void* data, DType dtype, std::size_t index, double value) noe
       *static_cast<std::uint8_t*>(p) = static_cast<std::uint8_t>(value);
       break;
     case DType::kF16:
-      *static_cast<std::uint16_t*>(p) = kernels::f32_to_f16(static_cast<float>(value));
+      *static_cast<std::uint16_t*>(p) = f32_to_f16(static_cast<float>(value));
       break;
     case DType::kBF16:
-      *static_cast<std::uint16_t*>(p) = kernels::f32_to_bf16(static_cast<float>(value));
+      *static_cast<std::uint16_t*>(p) = f32_to_bf16(static_cast<float>(value));
       break;
   }
 }

@@ -8,9 +8,9 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "unimsg/mix.hpp"  // (and UNIMSG_HOST_DEVICE)
+#include "unimsg/core/random.hpp"  // (and UNIMSG_HOST_DEVICE)
 
-namespace unimsg::kernels::format {
+namespace unimsg::detail::format {
 
 constexpr std::size_t kInt8Chunk = 256;    // int8: values under one scale
 constexpr std::size_t kOneBitChunk = 256;  // onebit: values under one scale
@@ -45,4 +45,4 @@ UNIMSG_HOST_DEVICE inline float uniform01(std::uint64_t seed, std::uint64_t step
   return uniform01_from(uniform01_base(seed, step), index);
 }
 
-}  // namespace unimsg::kernels::format
+}  // namespace unimsg::detail::format

@@ -8,7 +8,7 @@
 #include <span>
 #include <vector>
 
-namespace unimsg::kernels::detail {
+namespace unimsg::detail {
 
 // Columns of the matrix a flat buffer of `count` elements is viewed as (`rows` dividing it: a
 // parameter's first dimension; else near-square).
@@ -18,4 +18,4 @@ std::vector<float> powersgd_first_q(std::size_t cols, int rank, std::uint64_t se
 // Gram-Schmidt on the columns of a row-major rows x rank matrix.
 void powersgd_orthonormalise(std::span<float> p, std::size_t rows, int rank);
 
-}  // namespace unimsg::kernels::detail
+}  // namespace unimsg::detail

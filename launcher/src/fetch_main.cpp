@@ -20,12 +20,12 @@
 #include <string>
 #include <vector>
 
-#include "unimsg/cli.hpp"
-#include "unimsg/config.hpp"
-#include "unimsg/error.hpp"
-#include "unimsg/fault_injection.hpp"
-#include "unimsg/fetch_queue.hpp"
-#include "unimsg/runtime.hpp"
+#include "unimsg/core/cli.hpp"
+#include "unimsg/core/config.hpp"
+#include "unimsg/core/error.hpp"
+#include "unimsg/fetch/fetch_queue.hpp"
+#include "unimsg/services/fault_injection.hpp"
+#include "unimsg/services/runtime.hpp"
 
 namespace {
 

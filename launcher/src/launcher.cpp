@@ -1,4 +1,4 @@
-#include "unimsg/launcher.hpp"
+#include "unimsg/launcher/launcher.hpp"
 
 #include <nlohmann/json.hpp>
 
@@ -8,9 +8,9 @@
 #include <fstream>
 #include <sstream>
 
-#include "unimsg/error.hpp"
+#include "unimsg/core/error.hpp"
 
-namespace unimsg::launcher {
+namespace unimsg {
 namespace {
 
 [[noreturn]] void bad(const std::string& what, const std::string& why) {
@@ -263,4 +263,4 @@ std::optional<DeadProcess> parse_dead_process(std::string_view line) {
   return std::nullopt;
 }
 
-}  // namespace unimsg::launcher
+}  // namespace unimsg

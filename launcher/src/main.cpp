@@ -29,17 +29,17 @@
 #include <string>
 #include <vector>
 
-#include "unimsg/config.hpp"
-#include "unimsg/error.hpp"
-#include "unimsg/launcher.hpp"
-#include "unimsg/progress.hpp"
+#include "unimsg/core/config.hpp"
+#include "unimsg/core/error.hpp"
+#include "unimsg/launcher/launcher.hpp"
+#include "unimsg/launcher/progress.hpp"
 
 extern char** environ;
 
 namespace {
 
 namespace fs = std::filesystem;
-using namespace unimsg::launcher;
+using namespace unimsg;
 
 // Splits our arguments from the program's: the program starts after "--" or at the first word
 // that is neither an option of ours nor an option's value.

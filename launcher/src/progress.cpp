@@ -1,4 +1,4 @@
-#include "unimsg/progress.hpp"
+#include "unimsg/launcher/progress.hpp"
 
 #include <poll.h>
 #include <sys/ioctl.h>
@@ -13,9 +13,9 @@
 #include <fstream>
 #include <sstream>
 
-#include "unimsg/error.hpp"
+#include "unimsg/core/error.hpp"
 
-namespace unimsg::launcher {
+namespace unimsg {
 namespace {
 
 using Clock = std::chrono::steady_clock;
@@ -245,4 +245,4 @@ void ProgressDisplay::run() {
   clear();
 }
 
-}  // namespace unimsg::launcher
+}  // namespace unimsg

@@ -5,8 +5,8 @@
 #include <cstdint>
 #include <span>
 
-#include "unimsg/error.hpp"
-#include "unimsg/message.hpp"
+#include "unimsg/core/error.hpp"
+#include "unimsg/message/message.hpp"
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   const auto bytes = std::as_bytes(std::span(data, size));

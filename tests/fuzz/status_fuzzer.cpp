@@ -8,17 +8,16 @@
 #include <cstdint>
 #include <string_view>
 
-#include "unimsg/error.hpp"
-#include "unimsg/status.hpp"
+#include "unimsg/core/error.hpp"
+#include "unimsg/status/status.hpp"
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   const std::string_view payload(reinterpret_cast<const char*>(data), size);
   try {
     const unimsg::StatusReport report = unimsg::StatusReport::parse(payload, 1, 4);
     const unimsg::StatusReport again = unimsg::StatusReport::parse(report.to_json(), 1, 4);
-    if (again.step != report.step || again.samples != report.samples ||
-        again.host != report.host || again.seconds != report.seconds ||
-        std::isnan(again.loss) != std::isnan(report.loss)) {
+    if (again.step != report.step || again.samples != report.samples || again.host != report.host ||
+        again.seconds != report.seconds || std::isnan(again.loss) != std::isnan(report.loss)) {
       __builtin_trap();
     }
     // The board takes whatever parses.

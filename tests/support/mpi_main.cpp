@@ -10,7 +10,7 @@
 #include <string>
 #include <vector>
 
-#include "unimsg/mpi.hpp"
+#include "unimsg/bus/mpi.hpp"
 
 namespace {
 

@@ -9,8 +9,8 @@
 #include <chrono>
 #include <memory>
 
-#include "unimsg/bus.hpp"
-#include "unimsg/mpi_communicator.hpp"
+#include "unimsg/bus/bus.hpp"
+#include "unimsg/collectives/mpi_communicator.hpp"
 
 namespace unimsg::testing_support {
 

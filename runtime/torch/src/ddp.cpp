@@ -3,7 +3,7 @@
 #include <algorithm>
 #include <string>
 
-#include "unimsg/error.hpp"
+#include "unimsg/core/error.hpp"
 
 namespace unimsg {
 

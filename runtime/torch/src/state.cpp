@@ -6,7 +6,7 @@
 #include <sstream>
 #include <string>
 
-#include "unimsg/error.hpp"
+#include "unimsg/core/error.hpp"
 
 namespace unimsg {
 namespace {

@@ -21,8 +21,8 @@
 #include <string>
 #include <vector>
 
-#include "unimsg/communicator.hpp"
-#include "unimsg/engine.hpp"
+#include "unimsg/collectives/communicator.hpp"
+#include "unimsg/collectives/engine.hpp"
 
 namespace unimsg {
 
@@ -37,7 +37,7 @@ struct DdpOptions {
   std::string name = "ddp";
   // Gradient compression for the buckets (the engine's CompressedAllreduce; error feedback per
   // bucket). A step whose gradients held NaN/Inf on any rank is reported by synchronize().
-  kernels::CompressionSpec compression;
+  CompressionSpec compression;
   // Momentum correction (Lin et al., Deep Gradient Compression, 2018), for compressed buckets:
   // each rank keeps a velocity v = m v + g and that is what is compressed and averaged, so
   // error feedback works on a smoothed signal rather than on raw gradients that momentum would

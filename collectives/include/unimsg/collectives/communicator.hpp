@@ -1,0 +1,155 @@
+#pragma once
+
+// The Communicator: collectives over a group of ranks, every one asynchronous. Backends (MPI
+// here; NCCL next) implement the same interface.
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "unimsg/collectives/tensor.hpp"
+
+namespace unimsg {
+
+// The handle of one asynchronous collective. wait() and wait_for() throw TimeoutError naming the
+// operation, the tensor and the ranks that have not started it; the Work stays valid, so a caller
+// may decide to wait longer instead of giving up.
+class Work {
+ public:
+  static constexpr std::uint32_t kSpinPolls = 2000;
+
+  // What a backend plugs in: poll for completion, finish (post-process) once complete, and say
+  // which ranks are missing when a wait times out.
+  struct Operation {
+    std::string description;       // "allreduce sum f32 x1000 'grad.fc1'"
+    std::function<bool()> poll;    // true once the transfer completed
+    std::function<void()> finish;  // runs once, after poll() returned true
+    // Optional: sleep until complete or the deadline (true: complete). Without it wait() polls,
+    // which is right for MPI requests that progress only when tested.
+    // Optional: runs when a wait times out, before the TimeoutError (NCCL aborts its
+    // communicator here, as a hung collective cannot be cancelled).
+    std::function<void()> on_timeout;
+    std::function<bool(std::chrono::steady_clock::time_point)> block;
+    std::function<std::string()> missing_ranks;  // for timeout messages
+    // Kept alive as long as the operation: what the functions above point to (a function that
+    // captures only a plain pointer needs no allocation of its own).
+    std::shared_ptr<const void> keep_alive;
+    // Without block(): how many times wait() polls in a tight loop before it yields the core
+    // between polls.
+    std::uint32_t spin_polls = kSpinPolls;
+    int rank = -1;
+    std::chrono::nanoseconds default_timeout = std::chrono::seconds(300);  // for wait()
+  };
+
+  // What a source of many small operations implements instead of filling an Operation: the
+  // operation is then its own state, one allocation with nothing copied (the engine's
+  // submissions). Thread safety as for Operation: called from the thread that tests or waits.
+  class State {
+   public:
+    virtual ~State() = default;
+    virtual bool poll() = 0;  // true once complete (may throw the operation's error)
+    virtual void finish() {}  // runs once, after poll() returned true
+    // Sleeps until complete (true) or the deadline (false); nullopt: this state cannot sleep,
+    // wait() polls instead.
+    virtual std::optional<bool> block(std::chrono::steady_clock::time_point deadline) {
+      (void)deadline;
+      return std::nullopt;
+    }
+    virtual std::string describe() const = 0;  // for timeout messages
+    virtual std::string missing_ranks() const { return "unknown"; }
+    virtual std::uint32_t spin_polls() const { return kSpinPolls; }  // (as Operation's)
+    virtual void on_timeout() {}
+    virtual int rank() const = 0;
+    virtual std::chrono::nanoseconds default_timeout() const = 0;  // for wait()
+
+   private:
+    friend class Work;
+    bool complete_ = false;
+  };
+
+  Work() = default;
+  explicit Work(Operation operation);
+  explicit Work(std::shared_ptr<State> state);
+
+  bool test();  // true once complete (finishes it)
+  void wait(std::chrono::nanoseconds timeout);
+  // The same, polling this many times in a tight loop before it yields between polls (instead
+  // of the operation's own count; a state that can sleep ignores it).
+  void wait(std::chrono::nanoseconds timeout, std::uint32_t spin_polls);
+  void wait();  // with the communicator's default timeout
+  bool valid() const noexcept { return state_ != nullptr; }
+  // A Work that completes when this one has and `after` has run (description, timeout and
+  // missing-rank query carried over).
+  Work then(std::function<void()> after) const;
+
+ private:
+  std::shared_ptr<State> state_;
+};
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+
+  virtual int rank() const noexcept = 0;
+  virtual int size() const noexcept = 0;
+  virtual const char* backend() const noexcept = 0;
+  // The MPI_COMM_WORLD rank (= bus rank) of each member, by rank in this communicator.
+  virtual const std::vector<int>& world_ranks() const noexcept = 0;
+
+  // In-place when send.data == recv.data. Counts must match (TensorView sizes are checked).
+  virtual Work allreduce(TensorView send, TensorView recv, ReduceOp op,
+                         std::string_view name = {}) = 0;
+  // allreduce() then wait(), for a caller that would wait at once anyway (the engine thread,
+  // whose cycles already agree that every rank is there): a backend may use a faster blocking
+  // path. Without a timeout of its own: use it only after such an agreement.
+  virtual void allreduce_now(TensorView send, TensorView recv, ReduceOp op,
+                             std::string_view name = {}) {
+    allreduce(send, recv, op, name).wait();
+  }
+  virtual Work broadcast(TensorView buffer, int root, std::string_view name = {}) = 0;
+  // recv holds size() * send.count elements, rank r's at offset r * send.count.
+  virtual Work allgather(TensorView send, TensorView recv, std::string_view name = {}) = 0;
+  // Rank r contributes counts[r] elements; recv holds their sum, in rank order.
+  virtual Work allgatherv(TensorView send, TensorView recv, std::span<const std::size_t> counts,
+                          std::string_view name = {}) = 0;
+  // send holds N elements; rank r receives the reduction of its share: N / size() elements, one
+  // more for the first N % size() ranks (reduce_scatter_share tells). In-place: send.data ==
+  // recv.data, send holds all N and the share ends up at its start.
+  virtual Work reduce_scatter(TensorView send, TensorView recv, ReduceOp op,
+                              std::string_view name = {}) = 0;
+  // send and recv hold size() blocks of equal length; block r goes to / came from rank r.
+  virtual Work alltoall(TensorView send, TensorView recv, std::string_view name = {}) = 0;
+  virtual Work barrier(std::string_view name = {}) = 0;
+
+  // A communicator over `ranks` (ranks of this one, in the new order). Collective over all ranks
+  // of this communicator; returns null on ranks not in the list.
+  virtual std::unique_ptr<Communicator> split(std::span<const int> ranks) = 0;
+
+  // The share of `count` elements that rank `rank` of `size` gets from reduce_scatter.
+  static std::size_t reduce_scatter_share(std::size_t count, int size, int rank) noexcept;
+  static std::size_t reduce_scatter_offset(std::size_t count, int size, int rank) noexcept;
+
+  // This rank's position in a split() list, or -1 if it is not in it; throws on entries out of
+  // range or repeated.
+  int split_position(std::span<const int> ranks) const;
+
+  // Whether this rank's node runs more ranks than it has cores: a waiter that spins there may
+  // take the core from the rank it waits for (the engine's waiting threads yield at once).
+  virtual bool oversubscribed() const noexcept { return false; }
+
+  // How long Work::wait() without an argument waits for this communicator's collectives.
+  void set_default_timeout(std::chrono::nanoseconds timeout) noexcept { timeout_ = timeout; }
+  std::chrono::nanoseconds default_timeout() const noexcept { return timeout_; }
+
+ private:
+  // UNIMSG_COLLECTIVE_TIMEOUT_S: a collective that takes longer is a fault, not a hang.
+  std::chrono::nanoseconds timeout_ = std::chrono::seconds(300);
+};
+
+}  // namespace unimsg

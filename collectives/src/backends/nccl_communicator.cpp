@@ -1,0 +1,479 @@
+#include "unimsg/collectives/nccl_communicator.hpp"
+
+#include <cuda_runtime.h>
+#include <nccl.h>
+
+#include <atomic>
+#include <cstring>
+#include <mutex>
+#include <random>
+#include <thread>
+#include <type_traits>
+
+#include "progress_tracker.hpp"
+#include "unimsg/bus/mpi.hpp"
+#include "unimsg/core/config.hpp"
+#include "unimsg/core/error.hpp"
+#include "unimsg/kernels/device_memory.hpp"
+
+namespace unimsg {
+namespace detail {
+
+using Clock = std::chrono::steady_clock;
+using EventHandle = std::shared_ptr<std::remove_pointer_t<cudaEvent_t>>;
+
+struct NcclState {
+  MpiComm comm;  // membership and ranks on the host side
+  Bus* bus = nullptr;
+  std::unique_ptr<ProgressTracker> progress;
+  int device = 0;
+  ncclComm_t nccl = nullptr;
+  cudaStream_t stream = nullptr;
+  std::atomic<bool> aborted{false};
+  // No thread may be inside NCCL while ncclCommAbort runs: launches and abort take this lock.
+  std::mutex launch_mutex;
+  std::unique_ptr<DeviceBuffer> barrier_scratch;
+
+  ~NcclState() {
+    if (nccl != nullptr && !aborted.load()) {
+      cudaSetDevice(device);
+      // Flush what was issued, then free; a communicator that does not finish within the grace
+      // period (a peer is gone) is aborted instead.
+      ncclResult_t state = ncclCommFinalize(nccl);
+      const auto deadline = Clock::now() + std::chrono::seconds(30);
+      while (state == ncclInProgress && Clock::now() < deadline) {
+        if (ncclCommGetAsyncError(nccl, &state) != ncclSuccess) break;
+        std::this_thread::yield();
+      }
+      if (state == ncclSuccess) {
+        ncclCommDestroy(nccl);
+      } else {
+        ncclCommAbort(nccl);
+      }
+    }
+    if (stream != nullptr) cudaStreamDestroy(stream);
+  }
+};
+
+namespace {
+
+void check_cuda(cudaError_t status, int rank, const char* what) {
+  if (status != cudaSuccess) throw Error(rank, what, cudaGetErrorString(status));
+}
+
+void check_nccl(ncclResult_t result, const NcclState& state, const char* what) {
+  if (result == ncclSuccess || result == ncclInProgress) return;
+  std::string cause = ncclGetErrorString(result);
+  if (state.nccl != nullptr) {
+    const char* last = ncclGetLastError(state.nccl);
+    if (last != nullptr && *last != '\0') cause += std::string(": ") + last;
+  }
+  throw Error(state.comm.rank(), what, cause);
+}
+
+void abort_communicator(NcclState& state) {
+  std::lock_guard lock(state.launch_mutex);
+  if (state.nccl != nullptr && !state.aborted.exchange(true)) ncclCommAbort(state.nccl);
+}
+
+// A non-blocking communicator reports ncclInProgress until an issued call is enqueued (or the
+// communicator is initialised); wait for that, bounded.
+void wait_enqueued(NcclState& state, const char* what, std::chrono::nanoseconds timeout) {
+  const auto deadline = Clock::now() + timeout;
+  ncclResult_t async = ncclInProgress;
+  while (true) {
+    check_nccl(ncclCommGetAsyncError(state.nccl, &async), state, what);
+    if (async != ncclInProgress) break;
+    if (Clock::now() >= deadline) {
+      if (!state.aborted.exchange(true)) ncclCommAbort(state.nccl);
+      throw TimeoutError(
+          state.comm.rank(), what,
+          "NCCL did not get ready within " +
+              std::to_string(std::chrono::duration_cast<std::chrono::seconds>(timeout).count()) +
+              " s; the communicator was aborted");
+    }
+    std::this_thread::yield();
+  }
+  check_nccl(async, state, what);
+}
+
+ncclDataType_t nccl_type(DType dtype) {
+  switch (dtype) {
+    case DType::kF32:
+      return ncclFloat32;
+    case DType::kF16:
+      return ncclFloat16;
+    case DType::kBF16:
+      return ncclBfloat16;
+    case DType::kF64:
+      return ncclFloat64;
+    case DType::kI32:
+      return ncclInt32;
+    case DType::kI64:
+      return ncclInt64;
+    case DType::kU8:
+      return ncclUint8;
+  }
+  return ncclFloat32;
+}
+
+ncclRedOp_t nccl_op(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kSum:
+      return ncclSum;
+    case ReduceOp::kAvg:
+      return ncclAvg;
+    case ReduceOp::kMin:
+      return ncclMin;
+    case ReduceOp::kMax:
+      return ncclMax;
+  }
+  return ncclSum;
+}
+
+void check_device(const TensorView& view, int rank, const char* what) {
+  if (view.device != Device::kCuda) {
+    throw Error(rank, what, "the NCCL backend takes device memory; host tensors go through MPI");
+  }
+  if (view.data == nullptr && view.count != 0) {
+    throw Error(rank, what, "null data pointer for " + std::to_string(view.count) + " elements");
+  }
+}
+
+void check_pair(const TensorView& send, const TensorView& recv, int rank, const char* what) {
+  check_device(send, rank, what);
+  check_device(recv, rank, what);
+  if (send.dtype != recv.dtype) {
+    throw Error(
+        rank, what,
+        std::string("send is ") + to_string(send.dtype) + " but recv is " + to_string(recv.dtype));
+  }
+}
+
+std::string describe(const char* op, const TensorView& view, std::string_view name) {
+  std::string text =
+      std::string(op) + " " + to_string(view.dtype) + " x" + std::to_string(view.count);
+  if (!name.empty()) text += " '" + std::string(name) + "'";
+  return text;
+}
+
+std::byte* at(const TensorView& view, std::size_t elements) {
+  return static_cast<std::byte*>(view.data) + elements * dtype_size(view.dtype);
+}
+
+// Issues `calls` (NCCL and stream work) under the launch lock, then records an event that the
+// Work polls. `keep` holds buffers that must live until the operation completes.
+Work launch(const std::shared_ptr<NcclState>& state, std::chrono::nanoseconds timeout,
+            std::string description, const std::function<void()>& calls,
+            std::shared_ptr<void> keep = {}) {
+  const int rank = state->comm.rank();
+  const std::uint64_t index = state->progress->start();
+  cudaEvent_t raw_event = nullptr;
+  {
+    std::lock_guard lock(state->launch_mutex);
+    if (state->aborted.load()) {
+      throw Error(rank, description, "the NCCL communicator was aborted after an earlier fault");
+    }
+    check_cuda(cudaSetDevice(state->device), rank, "cudaSetDevice");
+    calls();
+    wait_enqueued(*state, "nccl launch", timeout);
+    check_cuda(cudaEventCreateWithFlags(&raw_event, cudaEventDisableTiming), rank,
+               "cudaEventCreate");
+    check_cuda(cudaEventRecord(raw_event, state->stream), rank, "cudaEventRecord");
+  }
+  EventHandle event(raw_event, [](cudaEvent_t e) { cudaEventDestroy(e); });
+  Work::Operation operation;
+  operation.description = std::move(description);
+  operation.rank = rank;
+  operation.default_timeout = timeout;
+  operation.poll = [state, event, keep, rank] {
+    ncclResult_t async = ncclSuccess;
+    ncclCommGetAsyncError(state->nccl, &async);
+    if (async != ncclSuccess && async != ncclInProgress) check_nccl(async, *state, "nccl wait");
+    const cudaError_t status = cudaEventQuery(event.get());
+    if (status == cudaSuccess) return true;
+    if (status == cudaErrorNotReady) return false;
+    throw Error(rank, "nccl wait", cudaGetErrorString(status));
+  };
+  operation.missing_ranks = state->progress->missing_ranks(index);
+  operation.on_timeout = [state] { abort_communicator(*state); };
+  return Work(std::move(operation));
+}
+
+std::uint32_t draw_topic_seed(const MpiComm& comm) {
+  std::uint32_t draw = 0;
+  if (comm.rank() == 0) draw = std::random_device{}();
+  check_mpi(MPI_Bcast(&draw, 1, MPI_UINT32_T, 0, comm.get()), comm.rank(), "MPI_Bcast");
+  return draw;
+}
+
+void finish_setup(NcclState& state, std::chrono::nanoseconds timeout) {
+  wait_enqueued(state, "ncclCommInitRankConfig", timeout);
+  check_cuda(cudaStreamCreateWithFlags(&state.stream, cudaStreamNonBlocking), state.comm.rank(),
+             "cudaStreamCreate");
+  state.barrier_scratch = std::make_unique<DeviceBuffer>(sizeof(float));
+}
+
+}  // namespace
+}  // namespace detail
+
+using detail::NcclState;
+
+NcclCommunicator::NcclCommunicator(MPI_Comm parent, Bus& bus, int device)
+    : state_(std::make_shared<NcclState>()) {
+  NcclState& state = *state_;
+  state.comm = MpiComm(parent);
+  state.bus = &bus;
+  state.device = device;
+  state.progress = std::make_unique<detail::ProgressTracker>(state.comm.get(), bus);
+  if (const auto seconds = env_uint("UNIMSG_COLLECTIVE_TIMEOUT_S", 1, 7 * 24 * 3600)) {
+    set_default_timeout(std::chrono::seconds(*seconds));
+  }
+  const int rank = state.comm.rank();
+  detail::check_cuda(cudaSetDevice(device), rank, "cudaSetDevice");
+
+  // The ncclUniqueId travels over the bus, from rank 0 to every member.
+  const Topic topic = kServiceTopicBase + detail::draw_topic_seed(state.comm) %
+                                              (kReservedTopicBase - kServiceTopicBase);
+  ncclUniqueId id{};
+  const auto& members = state.progress->world_ranks();
+  if (rank == 0) {
+    detail::check_nccl(ncclGetUniqueId(&id), state, "ncclGetUniqueId");
+    const auto bytes = std::as_bytes(std::span(&id, 1));
+    for (std::size_t m = 1; m < members.size(); ++m) {
+      bus.send(members[m], Message::make(Kind::kControl, topic, Payload::copy_of(bytes)));
+    }
+  } else {
+    const Message got = bus.receive({Kind::kControl, topic, members[0]}, default_timeout());
+    if (got.payload.size() != sizeof(id)) {
+      throw Error(rank, "nccl.init",
+                  "rank 0 sent an ncclUniqueId of " + std::to_string(got.payload.size()) +
+                      " bytes, expected " + std::to_string(sizeof(id)));
+    }
+    std::memcpy(&id, got.payload.data(), sizeof(id));
+  }
+  // Non-blocking, so that a hung peer can be aborted instead of hanging this rank.
+  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+  config.blocking = 0;
+  detail::check_nccl(ncclCommInitRankConfig(&state.nccl, state.comm.size(), id, rank, &config),
+                     state, "ncclCommInitRankConfig");
+  detail::finish_setup(state, default_timeout());
+}
+
+NcclCommunicator::NcclCommunicator(std::shared_ptr<NcclState> state) : state_(std::move(state)) {}
+
+NcclCommunicator::~NcclCommunicator() = default;
+
+int NcclCommunicator::rank() const noexcept {
+  return state_->comm.rank();
+}
+int NcclCommunicator::size() const noexcept {
+  return state_->comm.size();
+}
+const std::vector<int>& NcclCommunicator::world_ranks() const noexcept {
+  return state_->progress->world_ranks();
+}
+
+Work NcclCommunicator::allreduce(TensorView send, TensorView recv, ReduceOp op,
+                                 std::string_view name) {
+  detail::check_pair(send, recv, rank(), "allreduce");
+  if (send.count != recv.count) {
+    throw Error(
+        rank(), "allreduce",
+        "send has " + std::to_string(send.count) + " elements, recv " + std::to_string(recv.count));
+  }
+  auto& state = *state_;
+  return detail::launch(state_, default_timeout(), detail::describe("allreduce", send, name), [&] {
+    detail::check_nccl(
+        ncclAllReduce(send.data, recv.data, send.count, detail::nccl_type(send.dtype),
+                      detail::nccl_op(op), state.nccl, state.stream),
+        state, "ncclAllReduce");
+  });
+}
+
+Work NcclCommunicator::broadcast(TensorView buffer, int root, std::string_view name) {
+  detail::check_device(buffer, rank(), "broadcast");
+  if (root < 0 || root >= size()) {
+    throw Error(rank(), "broadcast",
+                "root " + std::to_string(root) + " is outside 0.." + std::to_string(size() - 1));
+  }
+  auto& state = *state_;
+  return detail::launch(
+      state_, default_timeout(), detail::describe("broadcast", buffer, name), [&] {
+        detail::check_nccl(
+            ncclBroadcast(buffer.data, buffer.data, buffer.count, detail::nccl_type(buffer.dtype),
+                          root, state.nccl, state.stream),
+            state, "ncclBroadcast");
+      });
+}
+
+Work NcclCommunicator::allgather(TensorView send, TensorView recv, std::string_view name) {
+  detail::check_pair(send, recv, rank(), "allgather");
+  if (recv.count != send.count * static_cast<std::size_t>(size())) {
+    throw Error(rank(), "allgather",
+                "recv has " + std::to_string(recv.count) + " elements, needs " +
+                    std::to_string(size()) + " x " + std::to_string(send.count));
+  }
+  auto& state = *state_;
+  // NCCL's in-place convention is ours: send is this rank's slice of recv.
+  return detail::launch(state_, default_timeout(), detail::describe("allgather", send, name), [&] {
+    detail::check_nccl(ncclAllGather(send.data, recv.data, send.count,
+                                     detail::nccl_type(send.dtype), state.nccl, state.stream),
+                       state, "ncclAllGather");
+  });
+}
+
+Work NcclCommunicator::allgatherv(TensorView send, TensorView recv,
+                                  std::span<const std::size_t> counts, std::string_view name) {
+  detail::check_pair(send, recv, rank(), "allgatherv");
+  if (counts.size() != static_cast<std::size_t>(size()) ||
+      counts[static_cast<std::size_t>(rank())] != send.count) {
+    throw Error(rank(), "allgatherv",
+                "counts needs one entry per rank, this rank's equal to send's count");
+  }
+  std::size_t total = 0;
+  for (const std::size_t c : counts) total += c;
+  if (recv.count != total) {
+    throw Error(rank(), "allgatherv",
+                "recv has " + std::to_string(recv.count) + " elements, the counts add up to " +
+                    std::to_string(total));
+  }
+  auto& state = *state_;
+  const std::vector<std::size_t> sizes(counts.begin(), counts.end());
+  // NCCL has no allgatherv: one broadcast per rank, grouped.
+  return detail::launch(state_, default_timeout(), detail::describe("allgatherv", send, name), [&] {
+    detail::check_nccl(ncclGroupStart(), state, "ncclGroupStart");
+    std::size_t offset = 0;
+    for (int r = 0; r < size(); ++r) {
+      std::byte* slot = detail::at(recv, offset);
+      const void* source = r == rank() ? send.data : slot;
+      detail::check_nccl(ncclBroadcast(source, slot, sizes[static_cast<std::size_t>(r)],
+                                       detail::nccl_type(send.dtype), r, state.nccl, state.stream),
+                         state, "ncclBroadcast");
+      offset += sizes[static_cast<std::size_t>(r)];
+    }
+    detail::check_nccl(ncclGroupEnd(), state, "ncclGroupEnd");
+  });
+}
+
+Work NcclCommunicator::reduce_scatter(TensorView send, TensorView recv, ReduceOp op,
+                                      std::string_view name) {
+  detail::check_pair(send, recv, rank(), "reduce_scatter");
+  const bool in_place = send.data == recv.data;
+  const std::size_t share = reduce_scatter_share(send.count, size(), rank());
+  if (!in_place && recv.count != share) {
+    throw Error(rank(), "reduce_scatter",
+                "recv has " + std::to_string(recv.count) + " elements, this rank's share of " +
+                    std::to_string(send.count) + " is " + std::to_string(share));
+  }
+  auto& state = *state_;
+  const std::size_t element = dtype_size(send.dtype);
+  // In place, the share is reduced into scratch and copied to the start of the buffer: the group
+  // below still reads other ranks' shares from that buffer.
+  std::shared_ptr<DeviceBuffer> scratch;
+  if (in_place) scratch = std::make_shared<DeviceBuffer>(share * element);
+  void* target = in_place ? scratch->data() : recv.data;
+  return detail::launch(
+      state_, default_timeout(), detail::describe("reduce_scatter", send, name),
+      [&] {
+        detail::check_nccl(ncclGroupStart(), state, "ncclGroupStart");
+        for (int r = 0; r < size(); ++r) {
+          const std::size_t n = reduce_scatter_share(send.count, size(), r);
+          const std::byte* source = detail::at(send, reduce_scatter_offset(send.count, size(), r));
+          void* destination = r == rank() ? target : const_cast<std::byte*>(source);
+          detail::check_nccl(ncclReduce(source, destination, n, detail::nccl_type(send.dtype),
+                                        detail::nccl_op(op), r, state.nccl, state.stream),
+                             state, "ncclReduce");
+        }
+        detail::check_nccl(ncclGroupEnd(), state, "ncclGroupEnd");
+        if (in_place && share != 0) {
+          detail::check_cuda(cudaMemcpyAsync(send.data, target, share * element,
+                                             cudaMemcpyDeviceToDevice, state.stream),
+                             rank(), "cudaMemcpyAsync");
+        }
+      },
+      scratch);
+}
+
+Work NcclCommunicator::alltoall(TensorView send, TensorView recv, std::string_view name) {
+  detail::check_pair(send, recv, rank(), "alltoall");
+  const auto ranks = static_cast<std::size_t>(size());
+  if (send.count != recv.count || send.count % ranks != 0) {
+    throw Error(rank(), "alltoall",
+                "send and recv need the same count, a multiple of " + std::to_string(ranks));
+  }
+  auto& state = *state_;
+  const std::size_t block = send.count / ranks;
+  const std::size_t element = dtype_size(send.dtype);
+  // In place, the outgoing blocks are copied aside first: sends and receives run concurrently.
+  std::shared_ptr<DeviceBuffer> copy;
+  if (send.data == recv.data) copy = std::make_shared<DeviceBuffer>(send.bytes());
+  return detail::launch(
+      state_, default_timeout(), detail::describe("alltoall", send, name),
+      [&] {
+        const std::byte* source = static_cast<const std::byte*>(send.data);
+        if (copy) {
+          detail::check_cuda(cudaMemcpyAsync(copy->data(), send.data, send.bytes(),
+                                             cudaMemcpyDeviceToDevice, state.stream),
+                             rank(), "cudaMemcpyAsync");
+          source = static_cast<const std::byte*>(copy->data());
+        }
+        detail::check_nccl(ncclGroupStart(), state, "ncclGroupStart");
+        for (std::size_t r = 0; r < ranks; ++r) {
+          detail::check_nccl(
+              ncclSend(source + r * block * element, block, detail::nccl_type(send.dtype),
+                       static_cast<int>(r), state.nccl, state.stream),
+              state, "ncclSend");
+          detail::check_nccl(
+              ncclRecv(detail::at(recv, r * block), block, detail::nccl_type(send.dtype),
+                       static_cast<int>(r), state.nccl, state.stream),
+              state, "ncclRecv");
+        }
+        detail::check_nccl(ncclGroupEnd(), state, "ncclGroupEnd");
+      },
+      copy);
+}
+
+Work NcclCommunicator::barrier(std::string_view name) {
+  auto& state = *state_;
+  std::string text = "barrier";
+  if (!name.empty()) text += " '" + std::string(name) + "'";
+  return detail::launch(state_, default_timeout(), text, [&] {
+    detail::check_nccl(ncclAllReduce(state.barrier_scratch->data(), state.barrier_scratch->data(),
+                                     1, ncclFloat32, ncclSum, state.nccl, state.stream),
+                       state, "ncclAllReduce (barrier)");
+  });
+}
+
+std::unique_ptr<Communicator> NcclCommunicator::split(std::span<const int> ranks) {
+  const int key = split_position(ranks);
+  // Membership on the host side (MPI) and on the device side (NCCL), split the same way.
+  MPI_Comm child = MPI_COMM_NULL;
+  check_mpi(MPI_Comm_split(state_->comm.get(), key >= 0 ? 0 : MPI_UNDEFINED, key, &child), rank(),
+            "MPI_Comm_split");
+  ncclComm_t nccl_child = nullptr;
+  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+  config.blocking = 0;
+  {
+    std::lock_guard lock(state_->launch_mutex);
+    detail::check_cuda(cudaSetDevice(state_->device), rank(), "cudaSetDevice");
+    detail::check_nccl(ncclCommSplit(state_->nccl, key >= 0 ? 0 : NCCL_SPLIT_NOCOLOR,
+                                     std::max(key, 0), &nccl_child, &config),
+                       *state_, "ncclCommSplit");
+    detail::wait_enqueued(*state_, "ncclCommSplit", default_timeout());
+  }
+  if (child == MPI_COMM_NULL) return nullptr;
+  auto state = std::make_shared<NcclState>();
+  state->comm = MpiComm(child);
+  MPI_Comm_free(&child);
+  state->bus = state_->bus;
+  state->device = state_->device;
+  state->nccl = nccl_child;
+  state->progress = std::make_unique<detail::ProgressTracker>(state->comm.get(), *state->bus);
+  detail::finish_setup(*state, default_timeout());
+  auto communicator = std::make_unique<NcclCommunicator>(std::move(state));
+  communicator->set_default_timeout(default_timeout());
+  return communicator;
+}
+
+}  // namespace unimsg

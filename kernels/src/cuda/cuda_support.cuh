@@ -1,0 +1,41 @@
+#pragma once
+
+// Helpers the CUDA sources of kernels/ share: errors, launch sizes, and the check that a pointer
+// a caller handed in is device memory.
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <string>
+
+#include "unimsg/core/error.hpp"
+
+namespace unimsg::detail::cuda {
+
+constexpr int kThreads = 256;  // threads per block of the element-wise kernels
+
+// Blocks for n elements, kThreads each, capped (the kernels loop grid-stride over the rest).
+inline unsigned grid_for(std::size_t n) {
+  return static_cast<unsigned>(std::min<std::size_t>((n + kThreads - 1) / kThreads, 65535));
+}
+
+inline void check(cudaError_t status, const std::string& operation, const char* what) {
+  if (status != cudaSuccess) {
+    throw Error(kNoRank, operation, std::string(what) + ": " + cudaGetErrorString(status));
+  }
+}
+
+// An Error naming `what` unless `pointer` is device (or managed) memory.
+inline void check_device_pointer(const void* pointer, const char* what,
+                                 const std::string& operation) {
+  cudaPointerAttributes attributes{};
+  if (cudaPointerGetAttributes(&attributes, pointer) != cudaSuccess ||
+      (attributes.type != cudaMemoryTypeDevice && attributes.type != cudaMemoryTypeManaged)) {
+    cudaGetLastError();  // (a failed query leaves an error behind for the next check: clear it)
+    throw Error(kNoRank, operation,
+                std::string("the ") + what + " is not in device memory (device pointers only)");
+  }
+}
+
+}  // namespace unimsg::detail::cuda

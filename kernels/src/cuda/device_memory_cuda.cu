@@ -1,0 +1,78 @@
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+#include "unimsg/kernels/device_memory.hpp"
+
+namespace unimsg {
+namespace {
+
+void check(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) {
+    throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(status));
+  }
+}
+
+}  // namespace
+
+DeviceBuffer::DeviceBuffer(std::size_t bytes) : bytes_(bytes) {
+  check(cudaMalloc(&data_, bytes == 0 ? 1 : bytes), "cudaMalloc");
+}
+
+DeviceBuffer::~DeviceBuffer() {
+  if (data_ != nullptr) cudaFree(data_);
+}
+
+DeviceBuffer::DeviceBuffer(DeviceBuffer&& other) noexcept
+    : data_(std::exchange(other.data_, nullptr)), bytes_(std::exchange(other.bytes_, 0)) {}
+
+DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& other) noexcept {
+  if (this != &other) {
+    if (data_ != nullptr) cudaFree(data_);
+    data_ = std::exchange(other.data_, nullptr);
+    bytes_ = std::exchange(other.bytes_, 0);
+  }
+  return *this;
+}
+
+void DeviceBuffer::copy_from_host(const void* host, std::size_t bytes) {
+  if (bytes > bytes_) throw std::out_of_range("DeviceBuffer::copy_from_host: too many bytes");
+  check(cudaMemcpy(data_, host, bytes, cudaMemcpyHostToDevice), "cudaMemcpy to device");
+}
+
+void DeviceBuffer::copy_to_host(void* host, std::size_t bytes) const {
+  if (bytes > bytes_) throw std::out_of_range("DeviceBuffer::copy_to_host: too many bytes");
+  check(cudaMemcpy(host, data_, bytes, cudaMemcpyDeviceToHost), "cudaMemcpy to host");
+}
+
+PinnedBuffer::PinnedBuffer(std::size_t bytes) : bytes_(bytes) {
+  check(cudaHostAlloc(&data_, bytes == 0 ? 1 : bytes, cudaHostAllocDefault), "cudaHostAlloc");
+}
+
+PinnedBuffer::~PinnedBuffer() {
+  if (data_ != nullptr) cudaFreeHost(data_);
+}
+
+void copy_device_to_host(void* host, const void* device, std::size_t bytes) {
+  if (bytes != 0)
+    check(cudaMemcpy(host, device, bytes, cudaMemcpyDeviceToHost), "cudaMemcpy to host");
+}
+
+void copy_host_to_device(void* device, const void* host, std::size_t bytes) {
+  if (bytes != 0)
+    check(cudaMemcpy(device, host, bytes, cudaMemcpyHostToDevice), "cudaMemcpy to device");
+}
+
+void copy_device_to_device(void* to, const void* from, std::size_t bytes) {
+  if (bytes != 0) {
+    check(cudaMemcpy(to, from, bytes, cudaMemcpyDeviceToDevice), "cudaMemcpy on the device");
+  }
+}
+
+void set_device(int device) {
+  check(cudaSetDevice(device), "cudaSetDevice");
+}
+
+}  // namespace unimsg

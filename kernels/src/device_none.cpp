@@ -1,9 +1,0 @@
-#include "unimsg/device.hpp"
-
-namespace unimsg::kernels {
-
-DeviceInfo query_devices() {
-  return DeviceInfo{0, "unimsg was built without CUDA (UNIMSG_WITH_CUDA=OFF)", ""};
-}
-
-}  // namespace unimsg::kernels

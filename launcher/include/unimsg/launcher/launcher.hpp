@@ -1,0 +1,88 @@
+#pragma once
+
+// unimsg-run's decisions, as pure functions (tested without launching anything): host lists,
+// the mpirun/srun command line, and what to do after a failed run.
+
+#include <filesystem>
+#include <map>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace unimsg {
+
+struct Host {
+  std::string name;
+  int slots = 1;
+  bool operator==(const Host&) const = default;
+};
+
+// "a:2,b,c:4" (a host without ":N" has one slot). ConfigError naming the bad entry.
+std::vector<Host> parse_host_list(std::string_view text);
+// One host per line: "name", "name slots=N" or "name:N"; '#' starts a comment.
+std::vector<Host> parse_hostfile(const std::filesystem::path& path);
+int total_slots(const std::vector<Host>& hosts);
+
+struct LaunchPlan {
+  int np = 0;
+  std::vector<Host> hosts;  // empty: this host, np slots
+  bool slurm = false;       // srun --mpi=pmix instead of mpirun
+  std::string mpirun = "mpirun";
+  std::string srun = "srun";
+  // Variables to set for the ranks (forwarded with -x on mpirun; srun passes its environment).
+  std::map<std::string, std::string> environment;
+  std::vector<std::string> program;  // the program and its arguments
+};
+
+std::vector<std::string> build_command(const LaunchPlan& plan);
+
+// What a failed run lost, from the fault report the ranks' fault handler writes (run dir's
+// fault-report.json: {"lost_ranks":[...], "lost_hosts":[...], "reason":..., "last_step":...}).
+struct FaultReport {
+  std::vector<int> lost_ranks;
+  std::vector<std::string> lost_hosts;
+  // The host each lost rank ran on, where known (same order as lost_ranks; "" unknown): a rank
+  // lost alone costs a slot on its own host.
+  std::vector<std::string> rank_hosts;
+  std::string reason;
+  std::optional<long long> last_step;
+  std::optional<double> time;  // when the fault was detected (Unix seconds)
+};
+// nullopt when there is no report; ConfigError when it exists but is malformed.
+std::optional<FaultReport> read_fault_report(const std::filesystem::path& path);
+
+// The hosts for the next attempt: lost hosts removed, then one slot less for each lost rank
+// that was not on a lost host (from the host that held it when known, else the last host with
+// slots). With no hosts (one local host) the world just shrinks.
+
+// A rank's death as mpirun or srun tells it on its output, when a rank dies before any
+// watchdog can write a fault report (a killed rank: mpirun ends the job at once):
+//   "mpirun noticed that process rank 2 with PID 4242 on node n3 exited on signal 9 (Killed)."
+//   "  Process name: [[31335,1],2]"      (mpirun: the first rank to exit non-zero)
+//   "srun: error: n3: task 2: Killed"
+struct DeadProcess {
+  int rank = -1;
+  std::string host;  // "" when the line does not say
+  std::string how;   // "signal 9 (Killed)", "a non-zero exit", "Killed"
+  bool operator==(const DeadProcess&) const = default;
+};
+std::optional<DeadProcess> parse_dead_process(std::string_view line);
+struct Shrink {
+  std::vector<Host> hosts;
+  int np = 0;
+};
+Shrink shrink(const std::vector<Host>& hosts, int np, const FaultReport& report);
+
+// Exit statuses of unimsg-run (docs/launcher.md).
+inline constexpr int kExitDone = 0;
+inline constexpr int kExitUsage = 2;
+inline constexpr int kExitRestartsSpent = 3;
+inline constexpr int kExitBelowMinNp = 4;
+inline constexpr int kExitNotRestartable = 5;
+inline constexpr int kExitCannotStart = 6;
+// A rank exiting with this status says "restart me" (its fault handler's code); any death by a
+// signal or a non-zero status other than 2 (bad usage) counts as restartable too.
+inline constexpr int kRestartableStatus = 75;
+
+}  // namespace unimsg

@@ -1,0 +1,40 @@
+#pragma once
+
+// Restore after a relaunch: the newest intact checkpoint that *any* surviving rank holds, on
+// every rank. A fast tier is node-local (/dev/shm), so after a re-rank the newest checkpoint may
+// sit on one host only: every rank loads the newest intact one it can see, the ranks agree on the
+// newest step, and the lowest rank holding it broadcasts it to the ranks that lack it.
+
+#include <mpi.h>
+
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "unimsg/checkpoint/checkpoint.hpp"
+
+namespace unimsg {
+
+using LocalCheckpointLoader =
+    std::function<std::optional<Checkpoint>(std::vector<std::string>* skipped)>;
+
+struct RestoredCheckpoint {
+  Checkpoint checkpoint;
+  int source_rank = 0;    // the rank whose copy it is (this one, or the one that sent it)
+  bool received = false;  // it came over MPI: this rank held no copy of that step
+};
+
+// Collective over `comm`. `load_local` is this rank's view (Checkpointer::load_latest or
+// TieredCheckpointer::load_latest); damaged checkpoints it skipped are added to `skipped`.
+// nullopt on every rank when no rank holds one.
+std::optional<RestoredCheckpoint> restore_newest_anywhere(
+    MPI_Comm comm, const LocalCheckpointLoader& load_local,
+    std::vector<std::string>* skipped = nullptr);
+
+// The byte form a checkpoint travels in (step, metadata, named blobs; lengths first), and back
+// (CheckpointError for truncated or inconsistent bytes: never an over-read).
+std::vector<std::byte> serialize_checkpoint(const Checkpoint& checkpoint);
+Checkpoint deserialize_checkpoint(const std::vector<std::byte>& bytes, int rank = -1);
+
+}  // namespace unimsg

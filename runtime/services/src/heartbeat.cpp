@@ -1,0 +1,125 @@
+#include "unimsg/services/heartbeat.hpp"
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+
+#include "unimsg/core/config.hpp"
+#include "unimsg/core/error.hpp"
+
+namespace unimsg {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+// Heartbeats are told apart by their kind; the topic only keeps them off user topics.
+constexpr Topic kHeartbeatTopic = kServiceTopicBase + 1;
+
+}  // namespace
+
+HeartbeatOptions HeartbeatOptions::from_env() {
+  HeartbeatOptions options;
+  if (const auto seconds = env_double("UNIMSG_HEARTBEAT_TIMEOUT", 0.1, 86400)) {
+    options.timeout = std::chrono::milliseconds(static_cast<long long>(*seconds * 1000));
+  }
+  if (const auto v = env_uint("UNIMSG_HEARTBEAT_INTERVAL_MS", 10, 3600000)) {
+    options.interval = std::chrono::milliseconds(*v);
+  }
+  if (options.interval * 2 > options.timeout) {
+    throw ConfigError(kNoRank, "UNIMSG_HEARTBEAT_INTERVAL_MS",
+                      "the interval must be at most half the heartbeat timeout");
+  }
+  return options;
+}
+
+HeartbeatWatch::HeartbeatWatch(Bus& bus, HeartbeatOptions options, LossHandler on_loss)
+    : bus_(bus), options_(options), on_loss_(std::move(on_loss)) {
+  const auto now = Clock::now();
+  // Until a rank's first heartbeat its clock starts here: a rank that never starts is lost too.
+  last_seen_.assign(static_cast<std::size_t>(bus_.size()), now);
+  last_step_.assign(static_cast<std::size_t>(bus_.size()), 0);
+  subscription_ = bus_.subscribe(Filter{Kind::kHeartbeat, kHeartbeatTopic, std::nullopt},
+                                 [this](const Message& message) {
+                                   const int source = message.header.source;
+                                   if (source < 0 || source >= static_cast<int>(last_seen_.size()))
+                                     return;
+                                   std::uint64_t step = 0;
+                                   if (message.payload.size() == sizeof step)
+                                     std::memcpy(&step, message.payload.data(), sizeof step);
+                                   std::lock_guard lock(mutex_);
+                                   last_seen_[static_cast<std::size_t>(source)] = Clock::now();
+                                   last_step_[static_cast<std::size_t>(source)] = step;
+                                 });
+  thread_ = std::thread([this] { run(); });
+}
+
+HeartbeatWatch::~HeartbeatWatch() {
+  stop();
+}
+
+void HeartbeatWatch::stop() {
+  {
+    std::lock_guard lock(mutex_);
+    if (stopping_ && !thread_.joinable()) return;
+    stopping_ = true;
+  }
+  wake_.notify_all();
+  if (thread_.joinable()) thread_.join();
+  subscription_.reset();
+}
+
+std::vector<double> HeartbeatWatch::heartbeat_ages() const {
+  std::lock_guard lock(mutex_);
+  const auto now = Clock::now();
+  std::vector<double> ages;
+  for (std::size_t rank = 0; rank < last_seen_.size(); ++rank) {
+    ages.push_back(static_cast<int>(rank) == bus_.rank()
+                       ? 0.0
+                       : std::chrono::duration<double>(now - last_seen_[rank]).count());
+  }
+  return ages;
+}
+
+void HeartbeatWatch::run() {
+  std::unique_lock lock(mutex_);
+  auto last_tick = Clock::now();
+  while (!stopping_) {
+    // A long gap since our own last round means this rank was the one frozen (SIGSTOP, then the
+    // SIGCONT that precedes the job's tear-down): the others' silence is ours, blame nobody.
+    const auto tick = Clock::now();
+    if (tick - last_tick > options_.timeout / 2) {
+      std::fill(last_seen_.begin(), last_seen_.end(), tick);
+    }
+    last_tick = tick;
+    lock.unlock();
+    const std::uint64_t step = step_.load(std::memory_order_relaxed);
+    try {
+      std::vector<std::byte> payload(sizeof step);
+      std::memcpy(payload.data(), &step, sizeof step);
+      bus_.publish(kHeartbeatTopic,
+                   Message::make(Kind::kHeartbeat, kHeartbeatTopic, Payload(std::move(payload))));
+    } catch (const ShutdownError&) {
+      return;  // the bus is going away: so is this rank
+    } catch (const std::exception&) {
+      // A beat that could not be queued (a peer not reading fills our queue): watching matters
+      // more than this one beat, and the silent peer is what the watchdog is for.
+    }
+    lock.lock();
+    const auto now = Clock::now();
+    std::vector<int> silent;
+    for (std::size_t rank = 0; rank < last_seen_.size(); ++rank) {
+      if (static_cast<int>(rank) == bus_.rank()) continue;
+      if (now - last_seen_[rank] > options_.timeout) silent.push_back(static_cast<int>(rank));
+    }
+    if (!silent.empty() && !reported_) {
+      reported_ = true;
+      std::uint64_t last = step;
+      for (int rank : silent) last = std::min(last, last_step_[static_cast<std::size_t>(rank)]);
+      lock.unlock();
+      on_loss_(silent, last);
+      lock.lock();
+    }
+    wake_.wait_for(lock, options_.interval, [&] { return stopping_; });
+  }
+}
+
+}  // namespace unimsg

@@ -1,0 +1,151 @@
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "unimsg/core/error.hpp"
+#include "unimsg/launcher/launcher.hpp"
+#include "unimsg/launcher/progress.hpp"
+
+namespace unimsg {
+namespace {
+
+TEST(Launcher, DeadProcessFromMpirunAndSrunOutput) {
+  EXPECT_EQ(parse_dead_process("mpirun noticed that process rank 2 with PID 4242 on node n3 exited "
+                               "on signal 9 (Killed)."),
+            (DeadProcess{2, "n3", "signal 9 (Killed)"}));
+  EXPECT_EQ(parse_dead_process("  Process name: [[31335,1],3]"),
+            (DeadProcess{3, "", "a non-zero exit"}));
+  EXPECT_EQ(parse_dead_process("srun: error: n7: task 5: Killed"),
+            (DeadProcess{5, "n7", "Killed"}));
+  for (const char* other :
+       {"", "[rank 2] UNIMSG_FAULT_INJECT: killing this rank at step 25",
+        "mpirun noticed that process rank x with PID 1", "  Process name: [[31335,1],]",
+        "srun: error: Unable to create step", "{\"step\":3}"}) {
+    EXPECT_FALSE(parse_dead_process(other)) << other;
+  }
+}
+
+TEST(Launcher, ShrinkTakesTheLostRanksSlotFromItsOwnHost) {
+  const std::vector<Host> hosts{{"a", 2}, {"b", 2}, {"c", 2}};
+  FaultReport report;
+  report.lost_ranks = {1};
+  report.rank_hosts = {"a"};
+  const Shrink next = shrink(hosts, 6, report);
+  EXPECT_EQ(next.np, 5);
+  EXPECT_EQ(next.hosts, (std::vector<Host>{{"a", 1}, {"b", 2}, {"c", 2}}));
+  report.rank_hosts = {"elsewhere"};  // unknown host: the last one gives a slot
+  EXPECT_EQ(shrink(hosts, 6, report).hosts, (std::vector<Host>{{"a", 2}, {"b", 2}, {"c", 1}}));
+}
+
+TEST(Progress, LineFromTheMonitorsStatus) {
+  const std::string status = R"({"job":"train","step":1200,"total_steps":4800,
+      "samples_per_second":2345.4,"eta_seconds":90.2,"world_size":4,"restart":0,
+      "ranks":[{"rank":0,"reported":true,"straggler":false},{"rank":1,"reported":true,
+      "straggler":true},{"rank":2,"reported":true},{"rank":3,"reported":false}],"events":[]})";
+  EXPECT_EQ(progress_text(status),
+            "step 1200/4800 (25.0%) | 2345 samples/s | ETA 1m30s | 4 ranks | 1 straggler");
+  // Unknown total and ETA: just what is known.
+  EXPECT_EQ(progress_text(R"({"step":7,"total_steps":0,"eta_seconds":null,
+                              "ranks":[{"reported":true}]})"),
+            "step 7 | 1 rank");
+  // Nothing to show: no rank reported yet, or not a status at all (a partial or damaged file).
+  for (const char* bad :
+       {R"({"step":0,"ranks":[{"reported":false}]})", "", "{\"step\":", "[]",
+        R"({"step":-1,"ranks":[]})", R"({"step":1,"ranks":{}})", R"({"step":1,"ranks":[3]})"}) {
+    EXPECT_FALSE(progress_text(bad)) << bad;
+  }
+}
+
+TEST(Progress, DurationsAndModes) {
+  EXPECT_EQ(format_duration(42.4), "42s");
+  EXPECT_EQ(format_duration(185), "3m05s");
+  EXPECT_EQ(format_duration(3720), "1h02m");
+  EXPECT_EQ(format_duration(-1), "?");
+  EXPECT_EQ(parse_progress_mode("auto", true), ProgressMode::kTerminal);
+  EXPECT_EQ(parse_progress_mode("auto", false), ProgressMode::kPlain);
+  EXPECT_EQ(parse_progress_mode("tty", false), ProgressMode::kTerminal);
+  EXPECT_EQ(parse_progress_mode("plain", true), ProgressMode::kPlain);
+  EXPECT_EQ(parse_progress_mode("off", true), ProgressMode::kOff);
+  EXPECT_THROW(parse_progress_mode("fancy", true), ConfigError);
+}
+
+TEST(Launcher, HostListsParseAndMerge) {
+  EXPECT_EQ(parse_host_list("a:2,b,c:4"), (std::vector<Host>{{"a", 2}, {"b", 1}, {"c", 4}}));
+  EXPECT_EQ(parse_host_list("a:1,a:2"), (std::vector<Host>{{"a", 3}}));
+  for (const char* bad : {"", "a,,b", "a:0", "a:-1", "a:x", ":2", "a b", "a:2:3"}) {
+    EXPECT_THROW(parse_host_list(bad), ConfigError) << bad;
+  }
+}
+
+TEST(Launcher, HostfilesParse) {
+  const auto path =
+      std::filesystem::temp_directory_path() / ("unimsg_hosts_" + std::to_string(::getpid()));
+  std::ofstream(path) << "# cluster\nnode1 slots=4\nnode2:2  # comment\n\nnode3\n";
+  EXPECT_EQ(parse_hostfile(path), (std::vector<Host>{{"node1", 4}, {"node2", 2}, {"node3", 1}}));
+  std::ofstream(path) << "node1 cores=4\n";
+  EXPECT_THROW(parse_hostfile(path), ConfigError);
+  std::ofstream(path) << "# nothing\n";
+  EXPECT_THROW(parse_hostfile(path), ConfigError);
+  std::filesystem::remove(path);
+  EXPECT_THROW(parse_hostfile(path), ConfigError);
+}
+
+TEST(Launcher, CommandLinesForMpirunAndSrun) {
+  LaunchPlan plan;
+  plan.np = 4;
+  plan.program = {"./train", "--epochs", "1"};
+  plan.environment = {{"UNIMSG_RESTART_COUNT", "1"}};
+  EXPECT_EQ(build_command(plan),
+            (std::vector<std::string>{"mpirun", "-np", "4", "--oversubscribe", "--bind-to", "none",
+                                      "-x", "UNIMSG_RESTART_COUNT=1", "./train", "--epochs", "1"}));
+  plan.hosts = {{"a", 2}, {"b", 2}};
+  EXPECT_EQ(build_command(plan)[3], "--host");
+  EXPECT_EQ(build_command(plan)[4], "a:2,b:2");
+  plan.np = 5;
+  EXPECT_THROW(build_command(plan), ConfigError);  // more ranks than slots
+  plan.np = 4;
+  plan.slurm = true;
+  EXPECT_EQ(build_command(plan),
+            (std::vector<std::string>{"srun", "--mpi=pmix", "--ntasks=4", "--kill-on-bad-exit=1",
+                                      "--nodelist=a,b", "./train", "--epochs", "1"}));
+  plan.program.clear();
+  EXPECT_THROW(build_command(plan), ConfigError);
+}
+
+TEST(Launcher, ShrinkDropsLostHostsAndSlots) {
+  FaultReport unknown;  // something died, nobody said what: one slot less
+  EXPECT_EQ(shrink({}, 4, unknown).np, 3);
+  const std::vector<Host> hosts{{"a", 2}, {"b", 2}, {"c", 2}};
+  FaultReport host_lost;
+  host_lost.lost_hosts = {"b"};
+  host_lost.lost_ranks = {2, 3};
+  const Shrink without_b = shrink(hosts, 6, host_lost);
+  EXPECT_EQ(without_b.np, 4);
+  EXPECT_EQ(without_b.hosts, (std::vector<Host>{{"a", 2}, {"c", 2}}));
+  FaultReport rank_lost;
+  rank_lost.lost_ranks = {5};
+  const Shrink one_less = shrink(hosts, 6, rank_lost);
+  EXPECT_EQ(one_less.np, 5);
+  EXPECT_EQ(total_slots(one_less.hosts), 5);
+}
+
+TEST(Launcher, FaultReportsAreReadOrRejected) {
+  const auto path =
+      std::filesystem::temp_directory_path() / ("unimsg_report_" + std::to_string(::getpid()));
+  EXPECT_FALSE(read_fault_report(path).has_value());
+  std::ofstream(path)
+      << R"({"lost_ranks":[1],"lost_hosts":["b"],"reason":"heartbeat","last_step":40})";
+  const auto report = read_fault_report(path);
+  ASSERT_TRUE(report.has_value());
+  EXPECT_EQ(report->lost_ranks, std::vector<int>{1});
+  EXPECT_EQ(report->lost_hosts, std::vector<std::string>{"b"});
+  EXPECT_EQ(report->last_step, 40);
+  std::ofstream(path) << R"({"lost_ranks":"one"})";
+  EXPECT_THROW(read_fault_report(path), ConfigError);
+  std::filesystem::remove(path);
+}
+
+}  // namespace
+}  // namespace unimsg
