@@ -226,7 +226,8 @@ int run(int argc, char** argv) {
   unimsg::Runtime runtime(&argc, &argv);
   const int rank = runtime.rank();
   const int ranks = runtime.size();
-  unimsg::MpiCommunicator communicator(MPI_COMM_WORLD, runtime.bus());
+  unimsg::MpiCommunicator communicator(MPI_COMM_WORLD, runtime.bus(),
+                                       unimsg::CommunicatorOptions::from_env());
   std::unique_ptr<unimsg::Engine> engine;
   // engine+trace: a second engine recording timeline spans (UNIMSG_TIMELINE's cost).
   unimsg::TraceRecorder recorder;
@@ -252,7 +253,8 @@ int run(int argc, char** argv) {
       }
       unimsg::set_device(rank % devices.count);
       nccl = std::make_unique<unimsg::NcclCommunicator>(MPI_COMM_WORLD, runtime.bus(),
-                                                        rank % devices.count);
+                                                        rank % devices.count,
+                                                        unimsg::CommunicatorOptions::from_env());
     }
   }
 #endif

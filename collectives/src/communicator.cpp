@@ -3,6 +3,8 @@
 #include <thread>
 #include <vector>
 
+#include "unimsg/core/backoff.hpp"
+#include "unimsg/core/config.hpp"
 #include "unimsg/core/error.hpp"
 #include "unimsg/kernels/cast.hpp"
 
@@ -112,36 +114,42 @@ void store_element(void* data, DType dtype, std::size_t index, double value) noe
 
 namespace {
 
-// The state of a Work built from an Operation.
-class OperationState final : public Work::State {
+// Polls after the tight ones that yield the core before wait() sleeps between polls.
+constexpr std::uint64_t kYieldPolls = 18001;
+
+// A Work that completes when `first` has and `after` has run.
+class ThenState final : public Work::State {
  public:
-  explicit OperationState(Work::Operation operation) : operation_(std::move(operation)) {}
-  bool poll() override { return operation_.poll(); }
+  ThenState(Work first, std::shared_ptr<Work::State> inner, std::function<void()> after)
+      : first_(std::move(first)), inner_(std::move(inner)), after_(std::move(after)) {}
+  bool poll() override { return first_.test(); }
   void finish() override {
-    if (operation_.finish) operation_.finish();
+    if (after_) after_();
   }
-  std::optional<bool> block(std::chrono::steady_clock::time_point deadline) override {
-    if (!operation_.block) return std::nullopt;
-    return operation_.block(deadline);
-  }
-  std::string describe() const override { return operation_.description; }
-  std::string missing_ranks() const override {
-    return operation_.missing_ranks ? operation_.missing_ranks() : "unknown";
-  }
-  std::uint32_t spin_polls() const override { return operation_.spin_polls; }
-  void on_timeout() override {
-    if (operation_.on_timeout) operation_.on_timeout();
-  }
-  int rank() const override { return operation_.rank; }
-  std::chrono::nanoseconds default_timeout() const override { return operation_.default_timeout; }
+  std::string describe() const override { return inner_->describe(); }
+  std::string missing_ranks() const override { return inner_->missing_ranks(); }
+  void on_timeout() override { inner_->on_timeout(); }
+  int rank() const override { return inner_->rank(); }
+  std::chrono::nanoseconds default_timeout() const override { return inner_->default_timeout(); }
 
  private:
-  Work::Operation operation_;
+  Work first_;
+  std::shared_ptr<Work::State> inner_;
+  std::function<void()> after_;
 };
 
 }  // namespace
 
-Work::Work(Operation operation) : state_(std::make_shared<OperationState>(std::move(operation))) {}
+CommunicatorOptions CommunicatorOptions::from_env() {
+  CommunicatorOptions options;
+  if (const auto seconds = env_uint("UNIMSG_COLLECTIVE_TIMEOUT_S", 1, 7 * 24 * 3600)) {
+    options.timeout = std::chrono::seconds(*seconds);
+  }
+  if (const auto polls = env_uint("UNIMSG_WAIT_SPIN_POLLS", 0, 1u << 30)) {
+    options.wait_spin_polls = static_cast<std::uint32_t>(*polls);
+  }
+  return options;
+}
 
 Work::Work(std::shared_ptr<State> state) : state_(std::move(state)) {
   if (!state_) throw Error(kNoRank, "work", "a Work needs a state");
@@ -149,15 +157,7 @@ Work::Work(std::shared_ptr<State> state) : state_(std::move(state)) {
 
 Work Work::then(std::function<void()> after) const {
   if (!state_) throw Error(kNoRank, "work.then", "then() on an empty Work");
-  Operation operation;
-  operation.description = state_->describe();
-  operation.rank = state_->rank();
-  operation.default_timeout = state_->default_timeout();
-  operation.missing_ranks = [inner = state_] { return inner->missing_ranks(); };
-  operation.on_timeout = [inner = state_] { inner->on_timeout(); };
-  operation.poll = [first = *this]() mutable { return first.test(); };
-  operation.finish = std::move(after);
-  return Work(std::move(operation));
+  return Work(std::make_shared<ThenState>(*this, state_, std::move(after)));
 }
 
 bool Work::test() {
@@ -191,15 +191,11 @@ void Work::wait(std::chrono::nanoseconds timeout, std::uint32_t spin_polls) {
   } else {
     // Test (which drives MPI progress) in a tight loop first, then yield, then sleep briefly: a
     // long wait must not starve the ranks it waits for on an oversubscribed machine.
-    const std::uint64_t spin = spin_polls;
+    Backoff backoff(spin_polls, kYieldPolls);
     for (std::uint64_t round = 0;; ++round) {
       if (test()) return;
       if (round % 64 == 0 && std::chrono::steady_clock::now() >= deadline) break;
-      if (round > spin + 18000) {
-        std::this_thread::sleep_for(std::chrono::microseconds(50));
-      } else if (round >= spin) {
-        std::this_thread::yield();
-      }
+      backoff.pause(std::chrono::microseconds(50));
     }
   }
   const std::string missing = state_->missing_ranks();

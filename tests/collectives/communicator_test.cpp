@@ -318,7 +318,7 @@ TEST_F(CollectivesTest, KnowsWhetherRanksOutnumberCoresAndHowLongWaitsSpin) {
   // The setting, validated; it decides nothing else: collectives still complete, also with a
   // wait that yields from the first poll.
   ::setenv("UNIMSG_WAIT_SPIN_POLLS", "7", 1);
-  MpiCommunicator seven(MPI_COMM_WORLD, *bus_);
+  MpiCommunicator seven(MPI_COMM_WORLD, *bus_, CommunicatorOptions::from_env());
   EXPECT_EQ(seven.wait_spin_polls(), 7u);
   std::int32_t value = 1;
   seven.allreduce(host_view(&value, 1), host_view(&value, 1), ReduceOp::kSum).wait(kWait);
@@ -326,7 +326,7 @@ TEST_F(CollectivesTest, KnowsWhetherRanksOutnumberCoresAndHowLongWaitsSpin) {
   seven.allreduce(host_view(&value, 1), host_view(&value, 1), ReduceOp::kSum).wait(kWait, 0);
   EXPECT_EQ(value, comm_->size() * comm_->size());
   ::setenv("UNIMSG_WAIT_SPIN_POLLS", "lots", 1);
-  EXPECT_THROW(MpiCommunicator(MPI_COMM_WORLD, *bus_), ConfigError);
+  EXPECT_THROW(CommunicatorOptions::from_env(), ConfigError);
   ::unsetenv("UNIMSG_WAIT_SPIN_POLLS");
 }
 

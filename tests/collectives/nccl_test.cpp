@@ -39,7 +39,7 @@ TEST(GpuMpiStaging, DeviceTensorsReduceThroughTheHost) {
   const int ranks = world(&rank);
   set_device(rank);
   Bus bus(MPI_COMM_WORLD, BusOptions::from_env());
-  MpiCommunicator comm(MPI_COMM_WORLD, bus);
+  MpiCommunicator comm(MPI_COMM_WORLD, bus, CommunicatorOptions::from_env());
   std::vector<float> host(1000);
   for (std::size_t i = 0; i < host.size(); ++i) host[i] = static_cast<float>((rank + i) % 9);
   DeviceBuffer device(host.size() * 4);
@@ -71,7 +71,8 @@ class NcclTest : public ::testing::Test {
     world(&rank);
     set_device(rank);
     bus_ = std::make_unique<Bus>(MPI_COMM_WORLD, BusOptions::from_env());
-    comm_ = std::make_unique<NcclCommunicator>(MPI_COMM_WORLD, *bus_, rank);
+    comm_ = std::make_unique<NcclCommunicator>(MPI_COMM_WORLD, *bus_, rank,
+                                               CommunicatorOptions::from_env());
   }
   void TearDown() override {
     comm_.reset();

@@ -20,7 +20,8 @@ class WorldTest : public ::testing::Test {
     BusOptions options;
     options.shutdown_timeout = std::chrono::seconds(60);
     bus_ = std::make_unique<Bus>(MPI_COMM_WORLD, options);
-    comm_ = std::make_unique<MpiCommunicator>(MPI_COMM_WORLD, *bus_);
+    comm_ =
+        std::make_unique<MpiCommunicator>(MPI_COMM_WORLD, *bus_, CommunicatorOptions::from_env());
   }
   void TearDown() override {
     comm_.reset();

@@ -21,7 +21,7 @@ struct MpiCommState {
   MpiComm comm;
   Bus* bus = nullptr;
   std::unique_ptr<ProgressTracker> progress;
-  std::uint32_t spin_polls = Work::kSpinPolls;  // Work::Operation::spin_polls
+  std::uint32_t spin_polls = Work::kSpinPolls;  // CommunicatorOptions::wait_spin_polls
   bool oversubscribed = false;                  // more ranks on this node than cores
 };
 
@@ -221,23 +221,49 @@ struct Pending {
   std::vector<int> displacements;
 };
 
+// One collective's Work: tests its MPI request (which drives MPI's progress).
+class MpiWork final : public Work::State {
+ public:
+  MpiWork(const MpiCommState& state, std::chrono::nanoseconds timeout,
+          std::shared_ptr<Pending> pending, std::string description, std::function<void()> finish)
+      : pending_(std::move(pending)),
+        finish_(std::move(finish)),
+        description_(std::move(description)),
+        missing_ranks_(state.progress->missing_ranks(state.progress->start())),
+        timeout_(timeout),
+        spin_polls_(state.spin_polls),
+        rank_(state.comm.rank()) {}
+
+  bool poll() override {
+    int done = 0;
+    check_mpi(MPI_Test(&pending_->request, &done, MPI_STATUS_IGNORE), rank_,
+              "collective: MPI_Test");
+    return done != 0;
+  }
+  void finish() override {
+    if (finish_) finish_();
+  }
+  std::string describe() const override { return description_; }
+  std::string missing_ranks() const override { return missing_ranks_(); }
+  std::uint32_t spin_polls() const override { return spin_polls_; }
+  int rank() const override { return rank_; }
+  std::chrono::nanoseconds default_timeout() const override { return timeout_; }
+
+ private:
+  std::shared_ptr<Pending> pending_;
+  std::function<void()> finish_;
+  std::string description_;
+  std::function<std::string()> missing_ranks_;
+  std::chrono::nanoseconds timeout_;
+  std::uint32_t spin_polls_;
+  int rank_;
+};
+
 Work make_work(const std::shared_ptr<MpiCommState>& state, std::chrono::nanoseconds timeout,
                std::shared_ptr<Pending> pending, std::string description,
                std::function<void()> finish) {
-  const std::uint64_t op_index = state->progress->start();
-  Work::Operation operation;
-  operation.description = std::move(description);
-  operation.rank = state->comm.rank();
-  operation.poll = [pending, rank = operation.rank] {
-    int done = 0;
-    check_mpi(MPI_Test(&pending->request, &done, MPI_STATUS_IGNORE), rank, "collective: MPI_Test");
-    return done != 0;
-  };
-  operation.finish = std::move(finish);
-  operation.default_timeout = timeout;
-  operation.missing_ranks = state->progress->missing_ranks(op_index);
-  operation.spin_polls = state->spin_polls;
-  return Work(std::move(operation));
+  return Work(std::make_shared<MpiWork>(*state, timeout, std::move(pending), std::move(description),
+                                        std::move(finish)));
 }
 
 }  // namespace
@@ -247,19 +273,15 @@ MPI_Datatype mpi_datatype(DType dtype) noexcept {
                                                        : mpi_type_or_bits(dtype);
 }
 
-MpiCommunicator::MpiCommunicator(MPI_Comm parent, Bus& bus)
+MpiCommunicator::MpiCommunicator(MPI_Comm parent, Bus& bus, CommunicatorOptions options)
     : state_(std::make_shared<detail::MpiCommState>()) {
   state_->comm = MpiComm(parent);
   state_->bus = &bus;
   check_mpi(MPI_Comm_set_errhandler(state_->comm.get(), MPI_ERRORS_RETURN), state_->comm.rank(),
             "MPI_Comm_set_errhandler");
   state_->progress = std::make_unique<detail::ProgressTracker>(state_->comm.get(), bus);
-  if (const auto seconds = env_uint("UNIMSG_COLLECTIVE_TIMEOUT_S", 1, 7 * 24 * 3600)) {
-    set_default_timeout(std::chrono::seconds(*seconds));
-  }
-  if (const auto polls = env_uint("UNIMSG_WAIT_SPIN_POLLS", 0, 1u << 30)) {
-    state_->spin_polls = static_cast<std::uint32_t>(*polls);
-  }
+  set_default_timeout(options.timeout);
+  state_->spin_polls = options.wait_spin_polls;
   MPI_Comm node = MPI_COMM_NULL;
   check_mpi(MPI_Comm_split_type(state_->comm.get(), MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node),
             rank(), "MPI_Comm_split_type");
@@ -524,7 +546,10 @@ std::unique_ptr<Communicator> MpiCommunicator::split(std::span<const int> ranks)
             "MPI_Comm_split");
   if (child == MPI_COMM_NULL) return nullptr;
   // The new communicator duplicates `child`; free the split result itself.
-  auto communicator = std::make_unique<MpiCommunicator>(child, *state_->bus);
+  CommunicatorOptions options;  // the parent's, as they are now
+  options.timeout = default_timeout();
+  options.wait_spin_polls = state_->spin_polls;
+  auto communicator = std::make_unique<MpiCommunicator>(child, *state_->bus, options);
   MPI_Comm_free(&child);
   // (Its members alone may fit the node's cores; the whole job does not.)
   communicator->state_->oversubscribed |= state_->oversubscribed;

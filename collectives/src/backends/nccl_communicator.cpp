@@ -161,6 +161,46 @@ std::byte* at(const TensorView& view, std::size_t elements) {
   return static_cast<std::byte*>(view.data) + elements * dtype_size(view.dtype);
 }
 
+// One collective's Work: polls the event recorded after it, and NCCL's asynchronous error; a
+// wait that times out aborts the communicator (a hung collective cannot be cancelled).
+class NcclWork final : public Work::State {
+ public:
+  NcclWork(std::shared_ptr<NcclState> state, EventHandle event, std::shared_ptr<void> keep,
+           std::string description, std::chrono::nanoseconds timeout,
+           std::function<std::string()> missing_ranks)
+      : state_(std::move(state)),
+        event_(std::move(event)),
+        keep_(std::move(keep)),
+        description_(std::move(description)),
+        timeout_(timeout),
+        missing_ranks_(std::move(missing_ranks)),
+        rank_(state_->comm.rank()) {}
+
+  bool poll() override {
+    ncclResult_t async = ncclSuccess;
+    ncclCommGetAsyncError(state_->nccl, &async);
+    if (async != ncclSuccess && async != ncclInProgress) check_nccl(async, *state_, "nccl wait");
+    const cudaError_t status = cudaEventQuery(event_.get());
+    if (status == cudaSuccess) return true;
+    if (status == cudaErrorNotReady) return false;
+    throw Error(rank_, "nccl wait", cudaGetErrorString(status));
+  }
+  std::string describe() const override { return description_; }
+  std::string missing_ranks() const override { return missing_ranks_(); }
+  void on_timeout() override { abort_communicator(*state_); }
+  int rank() const override { return rank_; }
+  std::chrono::nanoseconds default_timeout() const override { return timeout_; }
+
+ private:
+  std::shared_ptr<NcclState> state_;
+  EventHandle event_;
+  std::shared_ptr<void> keep_;  // buffers that must live until the operation completes
+  std::string description_;
+  std::chrono::nanoseconds timeout_;
+  std::function<std::string()> missing_ranks_;
+  int rank_;
+};
+
 // Issues `calls` (NCCL and stream work) under the launch lock, then records an event that the
 // Work polls. `keep` holds buffers that must live until the operation completes.
 Work launch(const std::shared_ptr<NcclState>& state, std::chrono::nanoseconds timeout,
@@ -182,22 +222,9 @@ Work launch(const std::shared_ptr<NcclState>& state, std::chrono::nanoseconds ti
     check_cuda(cudaEventRecord(raw_event, state->stream), rank, "cudaEventRecord");
   }
   EventHandle event(raw_event, [](cudaEvent_t e) { cudaEventDestroy(e); });
-  Work::Operation operation;
-  operation.description = std::move(description);
-  operation.rank = rank;
-  operation.default_timeout = timeout;
-  operation.poll = [state, event, keep, rank] {
-    ncclResult_t async = ncclSuccess;
-    ncclCommGetAsyncError(state->nccl, &async);
-    if (async != ncclSuccess && async != ncclInProgress) check_nccl(async, *state, "nccl wait");
-    const cudaError_t status = cudaEventQuery(event.get());
-    if (status == cudaSuccess) return true;
-    if (status == cudaErrorNotReady) return false;
-    throw Error(rank, "nccl wait", cudaGetErrorString(status));
-  };
-  operation.missing_ranks = state->progress->missing_ranks(index);
-  operation.on_timeout = [state] { abort_communicator(*state); };
-  return Work(std::move(operation));
+  return Work(std::make_shared<NcclWork>(state, std::move(event), std::move(keep),
+                                         std::move(description), timeout,
+                                         state->progress->missing_ranks(index)));
 }
 
 std::uint32_t draw_topic_seed(const MpiComm& comm) {
@@ -219,16 +246,15 @@ void finish_setup(NcclState& state, std::chrono::nanoseconds timeout) {
 
 using detail::NcclState;
 
-NcclCommunicator::NcclCommunicator(MPI_Comm parent, Bus& bus, int device)
+NcclCommunicator::NcclCommunicator(MPI_Comm parent, Bus& bus, int device,
+                                   CommunicatorOptions options)
     : state_(std::make_shared<NcclState>()) {
   NcclState& state = *state_;
   state.comm = MpiComm(parent);
   state.bus = &bus;
   state.device = device;
   state.progress = std::make_unique<detail::ProgressTracker>(state.comm.get(), bus);
-  if (const auto seconds = env_uint("UNIMSG_COLLECTIVE_TIMEOUT_S", 1, 7 * 24 * 3600)) {
-    set_default_timeout(std::chrono::seconds(*seconds));
-  }
+  set_default_timeout(options.timeout);
   const int rank = state.comm.rank();
   detail::check_cuda(cudaSetDevice(device), rank, "cudaSetDevice");
 

@@ -27,7 +27,7 @@ class ProgressTracker {
 
   // Counts one more started collective and returns its index (from 1).
   std::uint64_t start();
-  // For Work::Operation::missing_ranks: asks every member how far it got and lists those that
+  // For Work::State::missing_ranks: asks every member how far it got and lists those that
   // have not started collective `index` (or did not answer), e.g. "[2, 3 (no answer)]".
   std::function<std::string()> missing_ranks(std::uint64_t index) const;
   const std::vector<int>& world_ranks() const noexcept { return state_->world_ranks; }

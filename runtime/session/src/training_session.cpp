@@ -15,7 +15,8 @@ EngineOptions traced(EngineOptions options, TraceRecorder* trace) {
 }  // namespace
 
 TrainingSessionOptions TrainingSessionOptions::from_env() {
-  return {HeartbeatOptions::from_env(), MonitorOptions::from_env(), EngineOptions::from_env()};
+  return {HeartbeatOptions::from_env(), MonitorOptions::from_env(), CommunicatorOptions::from_env(),
+          EngineOptions::from_env()};
 }
 
 CommunicationCounters communication_counters(const Engine& engine) {
@@ -28,7 +29,7 @@ TrainingSession::TrainingSession(Runtime& runtime, TrainingSessionOptions option
     : hosts_(gather_host_names(MPI_COMM_WORLD)),
       heartbeat_(runtime.bus(), options.heartbeat, abort_on_silence(hosts_)),
       monitor_(runtime.bus(), std::move(options.monitor)),
-      communicator_(MPI_COMM_WORLD, runtime.bus()),
+      communicator_(MPI_COMM_WORLD, runtime.bus(), std::move(options.communicator)),
       engine_(communicator_, runtime.bus(), traced(std::move(options.engine), monitor_.trace())) {
   monitor_.watch([this] { return communication_counters(engine_); });
   monitor_.watch(heartbeat_);

@@ -24,46 +24,27 @@ class Work {
  public:
   static constexpr std::uint32_t kSpinPolls = 2000;
 
-  // What a backend plugs in: poll for completion, finish (post-process) once complete, and say
-  // which ranks are missing when a wait times out.
-  struct Operation {
-    std::string description;       // "allreduce sum f32 x1000 'grad.fc1'"
-    std::function<bool()> poll;    // true once the transfer completed
-    std::function<void()> finish;  // runs once, after poll() returned true
-    // Optional: sleep until complete or the deadline (true: complete). Without it wait() polls,
-    // which is right for MPI requests that progress only when tested.
-    // Optional: runs when a wait times out, before the TimeoutError (NCCL aborts its
-    // communicator here, as a hung collective cannot be cancelled).
-    std::function<void()> on_timeout;
-    std::function<bool(std::chrono::steady_clock::time_point)> block;
-    std::function<std::string()> missing_ranks;  // for timeout messages
-    // Kept alive as long as the operation: what the functions above point to (a function that
-    // captures only a plain pointer needs no allocation of its own).
-    std::shared_ptr<const void> keep_alive;
-    // Without block(): how many times wait() polls in a tight loop before it yields the core
-    // between polls.
-    std::uint32_t spin_polls = kSpinPolls;
-    int rank = -1;
-    std::chrono::nanoseconds default_timeout = std::chrono::seconds(300);  // for wait()
-  };
-
-  // What a source of many small operations implements instead of filling an Operation: the
-  // operation is then its own state, one allocation with nothing copied (the engine's
-  // submissions). Thread safety as for Operation: called from the thread that tests or waits.
+  // What every source of operations implements (the backends' collectives, the engine's
+  // submissions): poll for completion, finish (post-process) once complete, say which ranks are
+  // missing when a wait times out. Called from the thread that tests or waits.
   class State {
    public:
     virtual ~State() = default;
     virtual bool poll() = 0;  // true once complete (may throw the operation's error)
     virtual void finish() {}  // runs once, after poll() returned true
     // Sleeps until complete (true) or the deadline (false); nullopt: this state cannot sleep,
-    // wait() polls instead.
+    // wait() polls instead, which is right for MPI requests that progress only when tested.
     virtual std::optional<bool> block(std::chrono::steady_clock::time_point deadline) {
       (void)deadline;
       return std::nullopt;
     }
     virtual std::string describe() const = 0;  // for timeout messages
     virtual std::string missing_ranks() const { return "unknown"; }
-    virtual std::uint32_t spin_polls() const { return kSpinPolls; }  // (as Operation's)
+    // Without block(): how many times wait() polls in a tight loop before it yields the core
+    // between polls.
+    virtual std::uint32_t spin_polls() const { return kSpinPolls; }
+    // Runs when a wait times out, before the TimeoutError (NCCL aborts its communicator here,
+    // as a hung collective cannot be cancelled).
     virtual void on_timeout() {}
     virtual int rank() const = 0;
     virtual std::chrono::nanoseconds default_timeout() const = 0;  // for wait()
@@ -74,7 +55,6 @@ class Work {
   };
 
   Work() = default;
-  explicit Work(Operation operation);
   explicit Work(std::shared_ptr<State> state);
 
   bool test();  // true once complete (finishes it)
@@ -90,6 +70,17 @@ class Work {
 
  private:
   std::shared_ptr<State> state_;
+};
+
+// A communicator's settings, read by whoever builds it (from_env() explicitly).
+struct CommunicatorOptions {
+  // A collective that takes longer is a fault, not a hang (UNIMSG_COLLECTIVE_TIMEOUT_S): what
+  // Work::wait() without an argument waits.
+  std::chrono::nanoseconds timeout = std::chrono::seconds(300);
+  // How many tight polls a wait makes before it yields the core between polls
+  // (UNIMSG_WAIT_SPIN_POLLS; the MPI backend's, whose requests progress only when tested).
+  std::uint32_t wait_spin_polls = Work::kSpinPolls;
+  static CommunicatorOptions from_env();
 };
 
 class Communicator {
@@ -148,8 +139,7 @@ class Communicator {
   std::chrono::nanoseconds default_timeout() const noexcept { return timeout_; }
 
  private:
-  // UNIMSG_COLLECTIVE_TIMEOUT_S: a collective that takes longer is a fault, not a hang.
-  std::chrono::nanoseconds timeout_ = std::chrono::seconds(300);
+  std::chrono::nanoseconds timeout_ = CommunicatorOptions{}.timeout;
 };
 
 }  // namespace unimsg

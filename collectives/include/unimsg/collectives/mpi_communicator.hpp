@@ -25,7 +25,7 @@ MPI_Datatype mpi_datatype(DType dtype) noexcept;
 class MpiCommunicator final : public Communicator {
  public:
   // Collective over `parent`. `bus` must span MPI_COMM_WORLD and outlive this communicator.
-  MpiCommunicator(MPI_Comm parent, Bus& bus);
+  MpiCommunicator(MPI_Comm parent, Bus& bus, CommunicatorOptions options);
   ~MpiCommunicator() override;
 
   int rank() const noexcept override;

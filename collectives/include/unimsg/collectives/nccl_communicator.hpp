@@ -22,7 +22,7 @@ class NcclCommunicator final : public Communicator {
  public:
   // Collective over `parent`, each member driving CUDA device `device`. Rank 0 draws the
   // ncclUniqueId and sends it to the members over `bus`, which must outlive this communicator.
-  NcclCommunicator(MPI_Comm parent, Bus& bus, int device);
+  NcclCommunicator(MPI_Comm parent, Bus& bus, int device, CommunicatorOptions options);
   // From an already created state (split() uses it; detail::NcclState is not for users).
   explicit NcclCommunicator(std::shared_ptr<detail::NcclState> state);
   ~NcclCommunicator() override;

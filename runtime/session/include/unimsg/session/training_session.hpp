@@ -26,6 +26,7 @@ namespace unimsg {
 struct TrainingSessionOptions {
   HeartbeatOptions heartbeat;
   MonitorOptions monitor;
+  CommunicatorOptions communicator;
   EngineOptions engine;  // its trace is set to the monitor's
   static TrainingSessionOptions from_env();
 };
