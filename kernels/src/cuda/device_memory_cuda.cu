@@ -1,17 +1,26 @@
 #include <cuda_runtime.h>
 
-#include <stdexcept>
 #include <string>
 #include <utility>
 
+#include "cuda_support.cuh"
+#include "unimsg/core/error.hpp"
 #include "unimsg/kernels/device_memory.hpp"
 
 namespace unimsg {
 namespace {
 
+// An Error naming the failed call and CUDA's own error string.
 void check(cudaError_t status, const char* what) {
-  if (status != cudaSuccess) {
-    throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(status));
+  detail::cuda::check(status, "device memory", what);
+}
+
+// An Error unless `bytes` fit in a buffer of `capacity`.
+void check_fits(std::size_t bytes, std::size_t capacity, const char* operation) {
+  if (bytes > capacity) {
+    throw Error(kNoRank, operation,
+                "too many bytes (" + std::to_string(bytes) + " for a buffer of " +
+                    std::to_string(capacity) + ")");
   }
 }
 
@@ -38,12 +47,12 @@ DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& other) noexcept {
 }
 
 void DeviceBuffer::copy_from_host(const void* host, std::size_t bytes) {
-  if (bytes > bytes_) throw std::out_of_range("DeviceBuffer::copy_from_host: too many bytes");
+  check_fits(bytes, bytes_, "DeviceBuffer::copy_from_host");
   check(cudaMemcpy(data_, host, bytes, cudaMemcpyHostToDevice), "cudaMemcpy to device");
 }
 
 void DeviceBuffer::copy_to_host(void* host, std::size_t bytes) const {
-  if (bytes > bytes_) throw std::out_of_range("DeviceBuffer::copy_to_host: too many bytes");
+  check_fits(bytes, bytes_, "DeviceBuffer::copy_to_host");
   check(cudaMemcpy(host, data_, bytes, cudaMemcpyDeviceToHost), "cudaMemcpy to host");
 }
 

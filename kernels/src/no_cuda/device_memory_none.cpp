@@ -1,12 +1,11 @@
-#include <stdexcept>
-
+#include "unimsg/core/error.hpp"
 #include "unimsg/kernels/device_memory.hpp"
 
 namespace unimsg {
 namespace {
 [[noreturn]] void no_cuda() {
-  throw std::runtime_error(
-      "unimsg was built without CUDA (UNIMSG_WITH_CUDA=OFF): no device memory");
+  throw ConfigError(kNoRank, "device memory",
+                    "unimsg was built without CUDA (UNIMSG_WITH_CUDA=OFF): no device memory");
 }
 }  // namespace
 

@@ -1,7 +1,8 @@
 #pragma once
 
-// Device memory for tests, staging and backends. Without CUDA (or without a device) the
-// constructor throws std::runtime_error saying so; query_devices() tells beforehand.
+// Device memory for tests, staging and backends. Without CUDA the constructor throws ConfigError
+// saying so, without a device (or when a CUDA call fails) an Error naming the call;
+// query_devices() tells beforehand.
 
 #include <cstddef>
 #include <memory>
