@@ -1,4 +1,5 @@
 #include "unimsg/collectives/nccl_communicator.hpp"
+#include "unimsg/kernels/cuda_checks.hpp"
 
 #include <cuda_runtime.h>
 #include <nccl.h>
@@ -56,10 +57,6 @@ struct NcclState {
 };
 
 namespace {
-
-void check_cuda(cudaError_t status, int rank, const char* what) {
-  if (status != cudaSuccess) throw Error(rank, what, cudaGetErrorString(status));
-}
 
 void check_nccl(ncclResult_t result, const NcclState& state, const char* what) {
   if (result == ncclSuccess || result == ncclInProgress) return;
@@ -183,7 +180,8 @@ class NcclWork final : public Work::State {
     const cudaError_t status = cudaEventQuery(event_.get());
     if (status == cudaSuccess) return true;
     if (status == cudaErrorNotReady) return false;
-    throw Error(rank_, "nccl wait", cudaGetErrorString(status));
+    check_cuda(status, rank_, "nccl wait");
+    return false;  // (not reached: status is an error)
   }
   std::string describe() const override { return description_; }
   std::string missing_ranks() const override { return missing_ranks_(); }
@@ -256,7 +254,7 @@ NcclCommunicator::NcclCommunicator(MPI_Comm parent, Bus& bus, int device,
   state.progress = std::make_unique<detail::ProgressTracker>(state.comm.get(), bus);
   set_default_timeout(options.timeout);
   const int rank = state.comm.rank();
-  detail::check_cuda(cudaSetDevice(device), rank, "cudaSetDevice");
+  check_cuda(cudaSetDevice(device), rank, "cudaSetDevice");
 
   // The ncclUniqueId travels over the bus, from rank 0 to every member.
   const Topic topic = kServiceTopicBase + detail::draw_topic_seed(state.comm) %
@@ -413,9 +411,9 @@ Work NcclCommunicator::reduce_scatter(TensorView send, TensorView recv, ReduceOp
         }
         detail::check_nccl(ncclGroupEnd(), state, "ncclGroupEnd");
         if (in_place && share != 0) {
-          detail::check_cuda(cudaMemcpyAsync(send.data, target, share * element,
-                                             cudaMemcpyDeviceToDevice, state.stream),
-                             rank(), "cudaMemcpyAsync");
+          check_cuda(cudaMemcpyAsync(send.data, target, share * element, cudaMemcpyDeviceToDevice,
+                                     state.stream),
+                     rank(), "cudaMemcpyAsync");
         }
       },
       scratch);
@@ -439,9 +437,9 @@ Work NcclCommunicator::alltoall(TensorView send, TensorView recv, std::string_vi
       [&] {
         const std::byte* source = static_cast<const std::byte*>(send.data);
         if (copy) {
-          detail::check_cuda(cudaMemcpyAsync(copy->data(), send.data, send.bytes(),
-                                             cudaMemcpyDeviceToDevice, state.stream),
-                             rank(), "cudaMemcpyAsync");
+          check_cuda(cudaMemcpyAsync(copy->data(), send.data, send.bytes(),
+                                     cudaMemcpyDeviceToDevice, state.stream),
+                     rank(), "cudaMemcpyAsync");
           source = static_cast<const std::byte*>(copy->data());
         }
         detail::check_nccl(ncclGroupStart(), state, "ncclGroupStart");
@@ -482,7 +480,7 @@ std::unique_ptr<Communicator> NcclCommunicator::split(std::span<const int> ranks
   config.blocking = 0;
   {
     std::lock_guard lock(state_->launch_mutex);
-    detail::check_cuda(cudaSetDevice(state_->device), rank(), "cudaSetDevice");
+    check_cuda(cudaSetDevice(state_->device), rank(), "cudaSetDevice");
     detail::check_nccl(ncclCommSplit(state_->nccl, key >= 0 ? 0 : NCCL_SPLIT_NOCOLOR,
                                      std::max(key, 0), &nccl_child, &config),
                        *state_, "ncclCommSplit");

@@ -11,6 +11,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <exception>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -187,6 +188,11 @@ struct EngineCore {
   void negotiate(bool joined_here, std::vector<Response>& responses);
   void execute(const std::vector<std::size_t>& hits, const std::vector<Response>& responses);
   void reduce_batch(std::vector<std::pair<Signature, LocalTensor*>>& batch);
+  std::string trace_wait_for_data(const std::vector<std::pair<Signature, LocalTensor*>>& batch,
+                                  Clock::time_point started);
+  // Packs (a joined rank's missing tensors as zeros), reduces once, unpacks.
+  void reduce_through_fusion_buffer(const std::vector<std::pair<Signature, LocalTensor*>>& batch,
+                                    std::size_t total, const std::string& span_args);
   void reduce_compressed(std::vector<std::pair<Signature, LocalTensor*>>& batch, std::size_t total);
   // The batch's inputs and outputs when each lies in one piece, in batch order.
   std::optional<std::pair<TensorView, TensorView>> contiguous_span(

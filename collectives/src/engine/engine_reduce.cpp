@@ -10,6 +10,62 @@
 
 namespace unimsg::detail {
 
+// Records on the timeline how long this rank's tensors waited for the other ranks (from the
+// earliest submission; the lane is clipped so that consecutive batches do not overlap on it);
+// returns the batch's names for its spans. Nothing without a timeline.
+std::string EngineCore::trace_wait_for_data(
+    const std::vector<std::pair<Signature, LocalTensor*>>& batch, Clock::time_point started) {
+  std::string names;
+  if (options.trace == nullptr) return names;
+  auto submitted = started;
+  for (const auto& [signature, local] : batch) {
+    if (local == nullptr) continue;
+    submitted = std::min(submitted, local->submitted);
+    if (names.size() < 200) names += (names.empty() ? "" : ",") + local->name;
+  }
+  submitted = std::max(submitted, wait_lane_end);
+  if (started > submitted) {
+    options.trace->record({"engine.wait", "wait_for_data", submitted, started - submitted,
+                           nlohmann::json{{"tensors", names}}.dump()});
+  }
+  wait_lane_end = started;
+  return names;
+}
+
+void EngineCore::reduce_through_fusion_buffer(
+    const std::vector<std::pair<Signature, LocalTensor*>>& batch, std::size_t total,
+    const std::string& span_args) {
+  const DType dtype = batch.front().first.dtype;
+  const ReduceOp op = batch.front().first.op;
+  const std::size_t element = dtype_size(dtype);
+  // Pack (a joined rank's missing tensors as zeros), reduce once, unpack.
+  std::optional<TraceSpan> fuse(std::in_place, options.trace, "engine", "fuse");
+  if (fusion_buffer.size() < total * element) fusion_buffer.resize(total * element);
+  std::size_t offset = 0;
+  for (const auto& [signature, local] : batch) {
+    const std::size_t n = signature.count * element;
+    if (local != nullptr) {
+      if (n != 0) std::memcpy(fusion_buffer.data() + offset, local->input.data, n);
+    } else {
+      std::memset(fusion_buffer.data() + offset, 0, n);
+    }
+    offset += n;
+  }
+  fuse.reset();
+  const TensorView fused{fusion_buffer.data(), total, dtype, Device::kHost};
+  {
+    TraceSpan span(options.trace, "engine", "allreduce", span_args);
+    comm->allreduce_now(fused, fused, op, "engine.fused");
+  }
+  TraceSpan unfuse(options.trace, "engine", "unfuse");
+  offset = 0;
+  for (const auto& [signature, local] : batch) {
+    const std::size_t n = signature.count * element;
+    if (local != nullptr && n != 0) std::memcpy(local->view.data, fusion_buffer.data() + offset, n);
+    offset += n;
+  }
+}
+
 void EngineCore::reduce_batch(std::vector<std::pair<Signature, LocalTensor*>>& batch) {
   const DType dtype = batch.front().first.dtype;
   const ReduceOp op = batch.front().first.op;
@@ -22,23 +78,7 @@ void EngineCore::reduce_batch(std::vector<std::pair<Signature, LocalTensor*>>& b
   dense_wire.fetch_add(dense, std::memory_order_relaxed);
   notify(EngineEvent::Type::kReduceStart, batch, total * element);
   const auto started = Clock::now();
-  std::string names;  // for the timeline
-  if (options.trace != nullptr) {
-    // Time this rank's tensors waited for the other ranks (from the earliest submission; the
-    // lane is clipped so that consecutive batches do not overlap on it).
-    auto submitted = started;
-    for (const auto& [signature, local] : batch) {
-      if (local == nullptr) continue;
-      submitted = std::min(submitted, local->submitted);
-      if (names.size() < 200) names += (names.empty() ? "" : ",") + local->name;
-    }
-    submitted = std::max(submitted, wait_lane_end);
-    if (started > submitted) {
-      options.trace->record({"engine.wait", "wait_for_data", submitted, started - submitted,
-                             nlohmann::json{{"tensors", names}}.dump()});
-    }
-    wait_lane_end = started;
-  }
+  const std::string names = trace_wait_for_data(batch, started);  // for the timeline
   const auto args = [&] {
     return options.trace ? nlohmann::json{{"tensors", names},
                                           {"count", batch.size()},
@@ -63,34 +103,8 @@ void EngineCore::reduce_batch(std::vector<std::pair<Signature, LocalTensor*>>& b
     TraceSpan span_trace(options.trace, "engine", "allreduce", args());
     comm->allreduce_now(span->first, span->second, op, "engine.fused");
   } else {
-    // Pack (a joined rank's missing tensors as zeros), reduce once, unpack.
-    std::optional<TraceSpan> fuse(std::in_place, options.trace, "engine", "fuse");
-    if (fusion_buffer.size() < total * element) fusion_buffer.resize(total * element);
-    std::size_t offset = 0;
-    for (const auto& [signature, local] : batch) {
-      const std::size_t n = signature.count * element;
-      if (local != nullptr) {
-        if (n != 0) std::memcpy(fusion_buffer.data() + offset, local->input.data, n);
-      } else {
-        std::memset(fusion_buffer.data() + offset, 0, n);
-      }
-      offset += n;
-    }
-    fuse.reset();
-    const TensorView fused{fusion_buffer.data(), total, dtype, Device::kHost};
     wire.fetch_add(dense, std::memory_order_relaxed);
-    {
-      TraceSpan span(options.trace, "engine", "allreduce", args());
-      comm->allreduce_now(fused, fused, op, "engine.fused");
-    }
-    TraceSpan unfuse(options.trace, "engine", "unfuse");
-    offset = 0;
-    for (const auto& [signature, local] : batch) {
-      const std::size_t n = signature.count * element;
-      if (local != nullptr && n != 0)
-        std::memcpy(local->view.data, fusion_buffer.data() + offset, n);
-      offset += n;
-    }
+    reduce_through_fusion_buffer(batch, total, args());
   }
   busy_ns.fetch_add(
       static_cast<std::uint64_t>(std::chrono::nanoseconds(Clock::now() - started).count()),

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "unimsg/core/error.hpp"
+#include "unimsg/kernels/cuda_checks.hpp"
 
 namespace unimsg::detail::cuda {
 
@@ -20,10 +21,9 @@ inline unsigned grid_for(std::size_t n) {
   return static_cast<unsigned>(std::min<std::size_t>((n + kThreads - 1) / kThreads, 65535));
 }
 
-inline void check(cudaError_t status, const std::string& operation, const char* what) {
-  if (status != cudaSuccess) {
-    throw Error(kNoRank, operation, std::string(what) + ": " + cudaGetErrorString(status));
-  }
+// The kernels' calls carry no rank (unimsg/kernels/cuda_checks.hpp is the check itself).
+inline void check(cudaError_t status, const std::string& operation, const char* call) {
+  check_cuda(status, kNoRank, operation, call);
 }
 
 // An Error naming `what` unless `pointer` is device (or managed) memory.
