@@ -32,6 +32,7 @@
 
 #include "unimsg/bus/bus.hpp"
 #include "unimsg/bus/mpi.hpp"
+#include "unimsg/core/backoff.hpp"
 #include "unimsg/core/wall_clock.hpp"
 
 namespace unimsg::detail {
@@ -322,9 +323,10 @@ template <typename Ready>
 bool BusCore::drive_until(Ready&& ready, Clock::time_point deadline, DirectReceive* direct) {
   // Spin while a reply is likely imminent, then yield, then sleep with growing intervals so a
   // long wait costs almost no CPU; while this thread spins the progress thread stands down.
-  constexpr int kSpinRounds = 256;
-  constexpr int kYieldRounds = 512;
-  int idle_rounds = 0;
+  constexpr std::uint64_t kSpinRounds = 256;
+  constexpr std::uint64_t kYieldRounds = 512;
+  // Idle rounds 1 .. kSpinRounds - 1 spin, then up to kYieldRounds - 1 yield, then sleep.
+  Backoff backoff(kSpinRounds - 1, kYieldRounds - kSpinRounds);
   auto sleep = std::chrono::microseconds(20);
   spinning_drivers.fetch_add(1, std::memory_order_acq_rel);
   struct Stand {
@@ -338,6 +340,7 @@ bool BusCore::drive_until(Ready&& ready, Clock::time_point deadline, DirectRecei
   std::uint64_t seen_generation = ~std::uint64_t{0};
   while (true) {
     const std::uint64_t generation = mail_generation.load(std::memory_order_acquire);
+    const std::uint64_t idle_rounds = backoff.rounds();
     if (generation != seen_generation || idle_rounds % 64 == 0 || idle_rounds >= kYieldRounds) {
       // Waits on other threads' state (send queue, shutdown) are re-checked every 64 rounds.
       seen_generation = generation;
@@ -359,16 +362,16 @@ bool BusCore::drive_until(Ready&& ready, Clock::time_point deadline, DirectRecei
     }
     if (direct != nullptr && direct->out->has_value()) return true;
     if (progressed) {
-      idle_rounds = 0;
+      backoff.reset();
       sleep = std::chrono::microseconds(20);
       continue;
     }
-    ++idle_rounds;
-    if (idle_rounds < kSpinRounds) {
+    const Backoff::Step step = backoff.next();
+    if (step == Backoff::Step::kSpin) {
       cpu_relax();
       continue;
     }
-    if (idle_rounds < kYieldRounds) {
+    if (step == Backoff::Step::kYield) {
       std::this_thread::yield();
       continue;
     }

@@ -32,7 +32,7 @@ void BusCore::progress_thread_main() {
     std::lock_guard lock(subs_mutex);
     dispatcher_id = std::this_thread::get_id();
   }
-  int idle_rounds = 0;
+  Backoff backoff(0, 7);  // a few yields, then sleeps that grow while nothing happens
   auto sleep = std::chrono::microseconds(20);
   while (true) {
     std::optional<Message> job;
@@ -49,7 +49,7 @@ void BusCore::progress_thread_main() {
     }
     if (job) {
       run_handlers(std::move(*job));
-      idle_rounds = 0;
+      backoff.reset();
       continue;
     }
     bool progressed = false;
@@ -64,11 +64,11 @@ void BusCore::progress_thread_main() {
       std::this_thread::sleep_for(options.idle_sleep_max);  // no tight loop of the same error
     }
     if (progressed) {
-      idle_rounds = 0;
+      backoff.reset();
       sleep = std::chrono::microseconds(20);
       continue;
     }
-    if (++idle_rounds < 8) {
+    if (backoff.next() == Backoff::Step::kYield) {
       std::this_thread::yield();
       continue;
     }
