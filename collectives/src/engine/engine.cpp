@@ -94,8 +94,7 @@ void EngineCore::run() {
 bool EngineCore::drive(Completion& completion, Clock::time_point deadline) {
   // As the bus's waiting threads drive MPI themselves: handing the cycle to the engine thread
   // and its result back costs two context switches per step, which on an oversubscribed machine
-  // means waiting for a core twice (measured: 1 MiB in 256 tensors, 4 ranks on 2 cores, median
-  // 2.2x one raw allreduce with the hand-off, 1.5x driven; docs/benchmarks.md).
+  // means waiting for a core twice (docs/benchmarks.md, the seventh session).
   while (!completion.finished()) {
     if (Clock::now() >= deadline) {
       std::lock_guard lock(mutex);

@@ -3,8 +3,7 @@
 // How the engine thread sleeps: until a deadline that other threads may move without waking it
 // (a timerfd), or until woken at once (an eventfd). A condition variable can only be moved by
 // waking its sleeper, and the first submission of every step did that: a context switch, which
-// on an oversubscribed machine took a core from a rank still submitting (measured: 1 MiB as 256
-// tensors, 4 ranks on 2 cores, 1.42x one raw allreduce with the wake-up, 1.29x without).
+// on an oversubscribed machine took a core from a rank still submitting (docs/benchmarks.md).
 
 #include <chrono>
 

@@ -249,7 +249,8 @@ bool BusCore::try_send_now(int destination, const Message& message, bool interna
   if (!next_post_synchronises(target)) {
     // Not this peer's synchronising message: a blocking MPI_Send, which for a message this small
     // is an eager copy into the peer's queue (or MPI's own buffering) and returns at once, and
-    // needs no request to allocate, test and free (0.05-0.2x of raw MPI's latency, measured).
+    // needs no request to allocate, test and free (docs/benchmarks.md: MPI_Send against
+    // MPI_Isend on the latency path).
     // While a full queue holds it up, MPI's progress drains ours, so two ranks sending to each
     // other cannot wedge.
     std::array<std::byte, kInlineBytes> wire;

@@ -1,8 +1,8 @@
 #include "unimsg/message/message.hpp"
 
 #if defined(__x86_64__)
-// Runtime dispatch to the widest vector unit (SSE2/AVX2/AVX-512): 4x faster than the baseline
-// build on bulk payloads. Small inputs take the inlined scalar code below instead: there the
+// Runtime dispatch to the widest vector unit (SSE2/AVX2/AVX-512): several times faster than the
+// baseline build on bulk payloads (docs/architecture.md, The envelope). Small inputs take the inlined scalar code below instead: there the
 // call through the dispatcher costs as much as the hash.
 #define XXH_DISPATCH_DISABLE_REPLACE 1
 #include <xxh_x86dispatch.h>

@@ -16,8 +16,8 @@
 //               norm of what is sent equal to the norm of what was compressed, as DeepSpeed's
 //               1-bit Adam does; the mean |x| (the least-squares scale) sends a shorter step
 //               whenever magnitudes vary within a chunk, and error feedback then holds the
-//               largest elements back for many steps (measured: 2-7 points of test accuracy on
-//               Fashion-MNIST, docs/benchmarks.md)
+//               largest elements back for many steps (it cost points of test accuracy on
+//               Fashion-MNIST: docs/benchmarks.md)
 //   topk        u32 k, then k pairs (u32 index, f32 value): the k largest magnitudes (exact), or
 //               those above a threshold estimated from a sample (sampled, as DGC)
 //   randomk     k f32 values at k positions drawn from (seed, step): every rank draws the same

@@ -2,10 +2,10 @@
 
 // Wall-clock time for message timestamps, read on every message the bus sends.
 //
-// clock_gettime(CLOCK_REALTIME) through the vDSO costs ~23 ns on the machines we measured, a
-// tenth of the bus's own time per message on the latency path. Where the kernel itself keeps
-// time with the CPU's time-stamp counter (its clocksource is "tsc": invariant and synchronised
-// across cores, which the kernel has verified), this reads the counter (~10 ns) and converts it
+// clock_gettime(CLOCK_REALTIME) through the vDSO is a noticeable share of the bus's own time per
+// message on the latency path (docs/architecture.md). Where the kernel itself keeps time with
+// the CPU's time-stamp counter (its clocksource is "tsc": invariant and synchronised across
+// cores, which the kernel has verified), this reads the counter, cheaper still, and converts it
 // with a rate measured against the system clock, re-anchored to the system clock every second so
 // that NTP slewing and steps are followed within a second. Anywhere else every call reads the
 // system clock.
