@@ -100,8 +100,8 @@ TEST_F(CollectivesTest, AllreduceEveryDtypeOpAndSize) {
           Buffer send(dtype, count);
           Buffer recv(dtype, count);
           for (std::size_t i = 0; i < count; ++i) send.set(i, input(rank, i));
-          Work work = in_place ? comm_->allreduce(send.view(), send.view(), op, "t")
-                               : comm_->allreduce(send.view(), recv.view(), op, "t");
+          Work work = in_place ? comm_->allreduce(send.view(), send.view(), {op, "t"})
+                               : comm_->allreduce(send.view(), recv.view(), {op, "t"});
           work.wait(kWait);
           const Buffer& result = in_place ? send : recv;
           for (std::size_t i = 0; i < count; ++i) {
@@ -128,7 +128,7 @@ TEST_F(CollectivesTest, HalfPrecisionAccumulatesInF32) {
     for (int i = 0; i < ranks; ++i) {
       buffer.set(static_cast<std::size_t>(i), i == comm_->rank() ? big : 1.0);
     }
-    comm_->allreduce(buffer.view(), buffer.view(), ReduceOp::kSum).wait(kWait);
+    comm_->allreduce(buffer.view(), buffer.view(), {ReduceOp::kSum}).wait(kWait);
     Buffer expected(dtype, 1);
     expected.set(0, big + ranks - 1);  // the exact sum, rounded once
     for (int i = 0; i < ranks; ++i) {
@@ -144,7 +144,7 @@ TEST_F(CollectivesTest, BroadcastFromEveryRoot) {
       for (const std::size_t count : size_classes(comm_->size())) {
         Buffer buffer(dtype, count);
         for (std::size_t i = 0; i < count; ++i) buffer.set(i, input(comm_->rank(), i));
-        comm_->broadcast(buffer.view(), root, "b").wait(kWait);
+        comm_->broadcast(buffer.view(), {root, "b"}).wait(kWait);
         for (std::size_t i = 0; i < count; ++i) {
           ASSERT_EQ(buffer.get(i), input(root, i)) << "root " << root << " " << to_string(dtype);
         }
@@ -186,7 +186,7 @@ TEST_F(CollectivesTest, AllgatherAndAllgatherv) {
     for (std::size_t i = 0; i < counts[static_cast<std::size_t>(rank)]; ++i)
       send.set(i, input(rank, i));
     Buffer recv(dtype, total);
-    comm_->allgatherv(send.view(), recv.view(), counts, "v").wait(kWait);
+    comm_->allgatherv(send.view(), recv.view(), counts, {"v"}).wait(kWait);
     std::size_t at = 0;
     for (int r = 0; r < ranks; ++r) {
       for (std::size_t i = 0; i < counts[static_cast<std::size_t>(r)]; ++i) {
@@ -208,8 +208,8 @@ TEST_F(CollectivesTest, ReduceScatterWithUnevenShares) {
           Buffer send(dtype, count);
           Buffer recv(dtype, share);
           for (std::size_t i = 0; i < count; ++i) send.set(i, input(rank, i));
-          (in_place ? comm_->reduce_scatter(send.view(), send.view(), op)
-                    : comm_->reduce_scatter(send.view(), recv.view(), op))
+          (in_place ? comm_->reduce_scatter(send.view(), send.view(), {op})
+                    : comm_->reduce_scatter(send.view(), recv.view(), {op}))
               .wait(kWait);
           const Buffer& result = in_place ? send : recv;
           for (std::size_t i = 0; i < share; ++i) {
@@ -262,7 +262,8 @@ TEST_F(CollectivesTest, OutstandingOpsCompleteInAnyOrderWhileComputing) {
   }
   for (int k = 0; k < 4; ++k) {
     works.push_back(comm_->allreduce(buffers[static_cast<std::size_t>(k)].view(),
-                                     buffers[static_cast<std::size_t>(k)].view(), ReduceOp::kSum));
+                                     buffers[static_cast<std::size_t>(k)].view(),
+                                     {ReduceOp::kSum}));
   }
   double busy = 0;  // compute while the collectives run
   for (int i = 1; i < 2000000; ++i) busy += 1.0 / i;
@@ -272,7 +273,7 @@ TEST_F(CollectivesTest, OutstandingOpsCompleteInAnyOrderWhileComputing) {
     EXPECT_EQ(buffers[static_cast<std::size_t>(k)].get(0), (k + 1) * ranks);
     EXPECT_EQ(buffers[static_cast<std::size_t>(k)].get(kCount - 4096), (k + 1) * ranks);
   }
-  comm_->barrier("end").wait(kWait);
+  comm_->barrier({"end"}).wait(kWait);
 }
 
 TEST_F(CollectivesTest, SubCommunicatorOverSomeRanks) {
@@ -291,7 +292,7 @@ TEST_F(CollectivesTest, SubCommunicatorOverSomeRanks) {
   const auto position = std::find(members.begin(), members.end(), comm_->rank()) - members.begin();
   EXPECT_EQ(sub->rank(), static_cast<int>(position));
   std::int64_t value = comm_->rank();
-  sub->allreduce(host_view(&value, 1), host_view(&value, 1), ReduceOp::kSum).wait(kWait);
+  sub->allreduce(host_view(&value, 1), host_view(&value, 1), {ReduceOp::kSum}).wait(kWait);
   std::int64_t expected = 0;
   for (const int m : members) expected += m;
   EXPECT_EQ(value, expected);
@@ -321,9 +322,9 @@ TEST_F(CollectivesTest, KnowsWhetherRanksOutnumberCoresAndHowLongWaitsSpin) {
   MpiCommunicator seven(MPI_COMM_WORLD, *bus_, CommunicatorOptions::from_env());
   EXPECT_EQ(seven.wait_spin_polls(), 7u);
   std::int32_t value = 1;
-  seven.allreduce(host_view(&value, 1), host_view(&value, 1), ReduceOp::kSum).wait(kWait);
+  seven.allreduce(host_view(&value, 1), host_view(&value, 1), {ReduceOp::kSum}).wait(kWait);
   EXPECT_EQ(value, comm_->size());
-  seven.allreduce(host_view(&value, 1), host_view(&value, 1), ReduceOp::kSum).wait(kWait, 0);
+  seven.allreduce(host_view(&value, 1), host_view(&value, 1), {ReduceOp::kSum}).wait(kWait, 0);
   EXPECT_EQ(value, comm_->size() * comm_->size());
   ::setenv("UNIMSG_WAIT_SPIN_POLLS", "lots", 1);
   EXPECT_THROW(CommunicatorOptions::from_env(), ConfigError);
@@ -337,7 +338,7 @@ TEST_F(CollectivesTest, TimeoutNamesTheRanksThatNeverStarted) {
   float value = 1;
   if (comm_->rank() != late) {
     Work work =
-        comm_->allreduce(host_view(&value, 1), host_view(&value, 1), ReduceOp::kSum, "grad.w");
+        comm_->allreduce(host_view(&value, 1), host_view(&value, 1), {ReduceOp::kSum, "grad.w"});
     try {
       work.wait(300ms);
       ADD_FAILURE() << "completed without rank " << late;
@@ -350,7 +351,7 @@ TEST_F(CollectivesTest, TimeoutNamesTheRanksThatNeverStarted) {
     work.wait(kWait);  // the late rank joins now: the same Work completes
   } else {
     MPI_Barrier(MPI_COMM_WORLD);
-    comm_->allreduce(host_view(&value, 1), host_view(&value, 1), ReduceOp::kSum).wait(kWait);
+    comm_->allreduce(host_view(&value, 1), host_view(&value, 1), {ReduceOp::kSum}).wait(kWait);
   }
   EXPECT_EQ(value, static_cast<float>(ranks));
 }
@@ -358,7 +359,8 @@ TEST_F(CollectivesTest, TimeoutNamesTheRanksThatNeverStarted) {
 TEST_F(CollectivesTest, BadArgumentsAreClearErrors) {
   std::vector<float> a(4), b(5);
   try {
-    comm_->allreduce(host_view(a.data(), a.size()), host_view(b.data(), b.size()), ReduceOp::kSum);
+    comm_->allreduce(host_view(a.data(), a.size()), host_view(b.data(), b.size()),
+                     {ReduceOp::kSum});
     FAIL() << "accepted different counts";
   } catch (const Error& error) {
     EXPECT_NE(std::string(error.what()).find("send has 4 elements, recv 5"), std::string::npos);
@@ -367,16 +369,16 @@ TEST_F(CollectivesTest, BadArgumentsAreClearErrors) {
     // Device tensors are staged through the host; without a GPU that fails clearly.
     TensorView device{a.data(), a.size(), DType::kF32, Device::kCuda};
     try {
-      comm_->allreduce(device, device, ReduceOp::kSum);
+      comm_->allreduce(device, device, {ReduceOp::kSum});
       ADD_FAILURE() << "staged device memory without a GPU";
     } catch (const Error& error) {
       EXPECT_NE(std::string(error.what()).find("staging device memory"), std::string::npos)
           << error.what();
     }
   }
-  EXPECT_THROW(comm_->broadcast(host_view(a.data(), a.size()), comm_->size()), Error);
+  EXPECT_THROW(comm_->broadcast(host_view(a.data(), a.size()), {comm_->size()}), Error);
   std::vector<double> d(4);
-  EXPECT_THROW(comm_->allreduce(host_view(a.data(), 4), host_view(d.data(), 4), ReduceOp::kSum),
+  EXPECT_THROW(comm_->allreduce(host_view(a.data(), 4), host_view(d.data(), 4), {ReduceOp::kSum}),
                Error);
   const int bad[] = {0, 0};
   EXPECT_THROW(comm_->split(bad), Error);

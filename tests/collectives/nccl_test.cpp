@@ -45,7 +45,7 @@ TEST(GpuMpiStaging, DeviceTensorsReduceThroughTheHost) {
   DeviceBuffer device(host.size() * 4);
   device.copy_from_host(host.data(), host.size() * 4);
   const TensorView view{device.data(), host.size(), DType::kF32, Device::kCuda};
-  comm.allreduce(view, view, ReduceOp::kSum).wait(60s);
+  comm.allreduce(view, view, {ReduceOp::kSum}).wait(60s);
   device.copy_to_host(host.data(), host.size() * 4);
   for (std::size_t i = 0; i < host.size(); ++i) {
     float expected = 0;
@@ -97,7 +97,7 @@ TEST_F(NcclTest, AllreduceF32F16Bf16MatchesTheReference) {
     buffer.copy_from_host(host.data(), count * 4);
     comm_
         ->allreduce(device_view(buffer, count, DType::kF32),
-                    device_view(buffer, count, DType::kF32), ReduceOp::kSum)
+                    device_view(buffer, count, DType::kF32), {ReduceOp::kSum})
         .wait(60s);
     buffer.copy_to_host(host.data(), count * 4);
     for (std::size_t i = 0; i < count; ++i) {
@@ -113,7 +113,7 @@ TEST_F(NcclTest, AllreduceF32F16Bf16MatchesTheReference) {
       }
       DeviceBuffer hb(count * 2);
       hb.copy_from_host(bits.data(), count * 2);
-      comm_->allreduce(device_view(hb, count, half), device_view(hb, count, half), ReduceOp::kMax)
+      comm_->allreduce(device_view(hb, count, half), device_view(hb, count, half), {ReduceOp::kMax})
           .wait(60s);
       hb.copy_to_host(bits.data(), count * 2);
       for (std::size_t i = 0; i < count; ++i) {
@@ -134,7 +134,7 @@ TEST_F(NcclTest, BroadcastAllgatherReduceScatterAlltoallBarrier) {
   std::vector<std::int32_t> values(5, rank);
   DeviceBuffer b(values.size() * 4);
   b.copy_from_host(values.data(), values.size() * 4);
-  comm_->broadcast(device_view(b, values.size(), DType::kI32), static_cast<int>(ranks - 1))
+  comm_->broadcast(device_view(b, values.size(), DType::kI32), {static_cast<int>(ranks - 1)})
       .wait(60s);
   b.copy_to_host(values.data(), values.size() * 4);
   EXPECT_EQ(values[4], static_cast<std::int32_t>(ranks - 1));
@@ -165,7 +165,7 @@ TEST_F(NcclTest, BroadcastAllgatherReduceScatterAlltoallBarrier) {
   rs.copy_from_host(input.data(), n * 4);
   comm_
       ->reduce_scatter(device_view(rs, n, DType::kF32), device_view(rs, n, DType::kF32),
-                       ReduceOp::kSum)
+                       {ReduceOp::kSum})
       .wait(60s);
   rs.copy_to_host(input.data(), n * 4);
   const std::size_t share = Communicator::reduce_scatter_share(n, comm_->size(), rank);
@@ -187,7 +187,7 @@ TEST_F(NcclTest, BroadcastAllgatherReduceScatterAlltoallBarrier) {
   // host memory is refused with a clear error
   float host = 1;
   EXPECT_THROW(comm_->allreduce(TensorView{&host, 1, DType::kF32, Device::kHost},
-                                TensorView{&host, 1, DType::kF32, Device::kHost}, ReduceOp::kSum),
+                                TensorView{&host, 1, DType::kF32, Device::kHost}, {ReduceOp::kSum}),
                Error);
 }
 #else

@@ -127,7 +127,7 @@ TEST_F(DdpTest, CompressedBucketsTrainCloseToUncompressed) {
       EXPECT_LT(off, tolerance) << "parameter " << i;
       auto gathered = trained[i].contiguous().clone();
       auto first = gathered.clone();
-      comm_->broadcast(to_view(first), 0).wait();
+      comm_->broadcast(to_view(first), {0}).wait();
       EXPECT_TRUE(torch::equal(first, gathered)) << "rank " << rank() << " parameter " << i;
     }
   }
@@ -222,7 +222,7 @@ TEST_F(DdpTest, BucketsAreReducedWhileBackwardStillRuns) {
     }
     // Every rank leaves the loop at the same step (the ranks' own timings differ).
     std::int32_t anywhere = here;
-    comm_->allreduce(host_view(&here, 1), host_view(&anywhere, 1), ReduceOp::kMax).wait();
+    comm_->allreduce(host_view(&here, 1), host_view(&anywhere, 1), {ReduceOp::kMax}).wait();
     overlapped = anywhere != 0;
   }
   engine_->set_listener({});

@@ -313,11 +313,13 @@ const std::vector<int>& MpiCommunicator::world_ranks() const noexcept {
   return state_->progress->world_ranks();
 }
 
-Work MpiCommunicator::allreduce(TensorView send, TensorView recv, ReduceOp op,
-                                std::string_view name) {
+Work MpiCommunicator::do_allreduce(TensorView send, TensorView recv,
+                                   const AllreduceOptions& options) {
+  const ReduceOp op = options.op;
+  const std::string_view name = options.name;
   if (on_device(send) || on_device(recv)) {
     const auto staging = stage(send, recv, rank(), "allreduce");
-    return allreduce(staging->send, staging->recv, op, name).then([staging] {
+    return do_allreduce(staging->send, staging->recv, options).then([staging] {
       staging->copy_back();
     });
   }
@@ -350,11 +352,13 @@ Work MpiCommunicator::allreduce(TensorView send, TensorView recv, ReduceOp op,
                    describe("allreduce", send, name, to_string(op)), finish);
 }
 
-void MpiCommunicator::allreduce_now(TensorView send, TensorView recv, ReduceOp op,
-                                    std::string_view name) {
+void MpiCommunicator::do_allreduce_now(TensorView send, TensorView recv,
+                                       const AllreduceOptions& options) {
+  const ReduceOp op = options.op;
+  const std::string_view name = options.name;
   if (on_device(send) || on_device(recv)) {
     const auto staging = stage(send, recv, rank(), "allreduce_now");
-    allreduce_now(staging->send, staging->recv, op, name);
+    do_allreduce_now(staging->send, staging->recv, options);
     staging->copy_back();
     return;
   }
@@ -377,10 +381,12 @@ void MpiCommunicator::allreduce_now(TensorView send, TensorView recv, ReduceOp o
   if (op == ReduceOp::kAvg) divide(recv.data, recv.count, recv.dtype, size());
 }
 
-Work MpiCommunicator::broadcast(TensorView buffer, int root, std::string_view name) {
+Work MpiCommunicator::do_broadcast(TensorView buffer, const BroadcastOptions& options) {
+  const int root = options.root;
+  const std::string_view name = options.name;
   if (on_device(buffer)) {
     const auto staging = stage(buffer, buffer, rank(), "broadcast");
-    return broadcast(staging->recv, root, name).then([staging] { staging->copy_back(); });
+    return do_broadcast(staging->recv, options).then([staging] { staging->copy_back(); });
   }
   const std::string what = "broadcast";
   check_host(buffer, rank(), what);
@@ -395,10 +401,14 @@ Work MpiCommunicator::broadcast(TensorView buffer, int root, std::string_view na
   return make_work(state_, default_timeout(), pending, describe("broadcast", buffer, name), {});
 }
 
-Work MpiCommunicator::allgather(TensorView send, TensorView recv, std::string_view name) {
+Work MpiCommunicator::do_allgather(TensorView send, TensorView recv,
+                                   const CollectiveOptions& options) {
+  const std::string_view name = options.name;
   if (on_device(send) || on_device(recv)) {
     const auto staging = stage(send, recv, rank(), "allgather");
-    return allgather(staging->send, staging->recv, name).then([staging] { staging->copy_back(); });
+    return do_allgather(staging->send, staging->recv, options).then([staging] {
+      staging->copy_back();
+    });
   }
   const std::string what = "allgather";
   check_pair(send, recv, rank(), what);
@@ -420,11 +430,13 @@ Work MpiCommunicator::allgather(TensorView send, TensorView recv, std::string_vi
   return make_work(state_, default_timeout(), pending, describe("allgather", send, name), {});
 }
 
-Work MpiCommunicator::allgatherv(TensorView send, TensorView recv,
-                                 std::span<const std::size_t> counts, std::string_view name) {
+Work MpiCommunicator::do_allgatherv(TensorView send, TensorView recv,
+                                    std::span<const std::size_t> counts,
+                                    const CollectiveOptions& options) {
+  const std::string_view name = options.name;
   if (on_device(send) || on_device(recv)) {
     const auto staging = stage(send, recv, rank(), "allgatherv");
-    return allgatherv(staging->send, staging->recv, counts, name).then([staging] {
+    return do_allgatherv(staging->send, staging->recv, counts, options).then([staging] {
       staging->copy_back();
     });
   }
@@ -460,11 +472,13 @@ Work MpiCommunicator::allgatherv(TensorView send, TensorView recv,
   return make_work(state_, default_timeout(), pending, describe("allgatherv", send, name), {});
 }
 
-Work MpiCommunicator::reduce_scatter(TensorView send, TensorView recv, ReduceOp op,
-                                     std::string_view name) {
+Work MpiCommunicator::do_reduce_scatter(TensorView send, TensorView recv,
+                                        const ReduceScatterOptions& options) {
+  const ReduceOp op = options.op;
+  const std::string_view name = options.name;
   if (on_device(send) || on_device(recv)) {
     const auto staging = stage(send, recv, rank(), "reduce_scatter");
-    return reduce_scatter(staging->send, staging->recv, op, name).then([staging] {
+    return do_reduce_scatter(staging->send, staging->recv, options).then([staging] {
       staging->copy_back();
     });
   }
@@ -508,10 +522,14 @@ Work MpiCommunicator::reduce_scatter(TensorView send, TensorView recv, ReduceOp 
                    describe("reduce_scatter", send, name, to_string(op)), finish);
 }
 
-Work MpiCommunicator::alltoall(TensorView send, TensorView recv, std::string_view name) {
+Work MpiCommunicator::do_alltoall(TensorView send, TensorView recv,
+                                  const CollectiveOptions& options) {
+  const std::string_view name = options.name;
   if (on_device(send) || on_device(recv)) {
     const auto staging = stage(send, recv, rank(), "alltoall");
-    return alltoall(staging->send, staging->recv, name).then([staging] { staging->copy_back(); });
+    return do_alltoall(staging->send, staging->recv, options).then([staging] {
+      staging->copy_back();
+    });
   }
   const std::string what = "alltoall";
   check_pair(send, recv, rank(), what);
@@ -531,7 +549,8 @@ Work MpiCommunicator::alltoall(TensorView send, TensorView recv, std::string_vie
   return make_work(state_, default_timeout(), pending, describe("alltoall", send, name), {});
 }
 
-Work MpiCommunicator::barrier(std::string_view name) {
+Work MpiCommunicator::do_barrier(const CollectiveOptions& options) {
+  const std::string_view name = options.name;
   auto pending = std::make_shared<Pending>();
   check_mpi(MPI_Ibarrier(state_->comm.get(), &pending->request), rank(), "MPI_Ibarrier");
   std::string text = "barrier";

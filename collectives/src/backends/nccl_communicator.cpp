@@ -298,8 +298,10 @@ const std::vector<int>& NcclCommunicator::world_ranks() const noexcept {
   return state_->progress->world_ranks();
 }
 
-Work NcclCommunicator::allreduce(TensorView send, TensorView recv, ReduceOp op,
-                                 std::string_view name) {
+Work NcclCommunicator::do_allreduce(TensorView send, TensorView recv,
+                                    const AllreduceOptions& options) {
+  const ReduceOp op = options.op;
+  const std::string_view name = options.name;
   detail::check_pair(send, recv, rank(), "allreduce");
   if (send.count != recv.count) {
     throw Error(
@@ -315,7 +317,9 @@ Work NcclCommunicator::allreduce(TensorView send, TensorView recv, ReduceOp op,
   });
 }
 
-Work NcclCommunicator::broadcast(TensorView buffer, int root, std::string_view name) {
+Work NcclCommunicator::do_broadcast(TensorView buffer, const BroadcastOptions& options) {
+  const int root = options.root;
+  const std::string_view name = options.name;
   detail::check_device(buffer, rank(), "broadcast");
   if (root < 0 || root >= size()) {
     throw Error(rank(), "broadcast",
@@ -331,7 +335,9 @@ Work NcclCommunicator::broadcast(TensorView buffer, int root, std::string_view n
       });
 }
 
-Work NcclCommunicator::allgather(TensorView send, TensorView recv, std::string_view name) {
+Work NcclCommunicator::do_allgather(TensorView send, TensorView recv,
+                                    const CollectiveOptions& options) {
+  const std::string_view name = options.name;
   detail::check_pair(send, recv, rank(), "allgather");
   if (recv.count != send.count * static_cast<std::size_t>(size())) {
     throw Error(rank(), "allgather",
@@ -347,8 +353,10 @@ Work NcclCommunicator::allgather(TensorView send, TensorView recv, std::string_v
   });
 }
 
-Work NcclCommunicator::allgatherv(TensorView send, TensorView recv,
-                                  std::span<const std::size_t> counts, std::string_view name) {
+Work NcclCommunicator::do_allgatherv(TensorView send, TensorView recv,
+                                     std::span<const std::size_t> counts,
+                                     const CollectiveOptions& options) {
+  const std::string_view name = options.name;
   detail::check_pair(send, recv, rank(), "allgatherv");
   if (counts.size() != static_cast<std::size_t>(size()) ||
       counts[static_cast<std::size_t>(rank())] != send.count) {
@@ -380,8 +388,10 @@ Work NcclCommunicator::allgatherv(TensorView send, TensorView recv,
   });
 }
 
-Work NcclCommunicator::reduce_scatter(TensorView send, TensorView recv, ReduceOp op,
-                                      std::string_view name) {
+Work NcclCommunicator::do_reduce_scatter(TensorView send, TensorView recv,
+                                         const ReduceScatterOptions& options) {
+  const ReduceOp op = options.op;
+  const std::string_view name = options.name;
   detail::check_pair(send, recv, rank(), "reduce_scatter");
   const bool in_place = send.data == recv.data;
   const std::size_t share = reduce_scatter_share(send.count, size(), rank());
@@ -419,7 +429,9 @@ Work NcclCommunicator::reduce_scatter(TensorView send, TensorView recv, ReduceOp
       scratch);
 }
 
-Work NcclCommunicator::alltoall(TensorView send, TensorView recv, std::string_view name) {
+Work NcclCommunicator::do_alltoall(TensorView send, TensorView recv,
+                                   const CollectiveOptions& options) {
+  const std::string_view name = options.name;
   detail::check_pair(send, recv, rank(), "alltoall");
   const auto ranks = static_cast<std::size_t>(size());
   if (send.count != recv.count || send.count % ranks != 0) {
@@ -458,7 +470,8 @@ Work NcclCommunicator::alltoall(TensorView send, TensorView recv, std::string_vi
       copy);
 }
 
-Work NcclCommunicator::barrier(std::string_view name) {
+Work NcclCommunicator::do_barrier(const CollectiveOptions& options) {
+  const std::string_view name = options.name;
   auto& state = *state_;
   std::string text = "barrier";
   if (!name.empty()) text += " '" + std::string(name) + "'";

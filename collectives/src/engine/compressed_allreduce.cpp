@@ -90,7 +90,7 @@ CompressedAllreduceResult CompressedAllreduce::allreduce(std::span<float> data,
     std::int32_t bad = count_nonfinite(data) + count_nonfinite(residual) > 0 ? 1 : 0;
     comm_
         .allreduce(TensorView{&bad, 1, DType::kI32}, TensorView{&bad, 1, DType::kI32},
-                   ReduceOp::kSum, "compress.nonfinite")
+                   {ReduceOp::kSum, "compress.nonfinite"})
         .wait();
     if (bad != 0) {
       result.nonfinite_ranks = static_cast<std::uint64_t>(bad);
@@ -115,7 +115,7 @@ CompressedAllreduceResult CompressedAllreduce::allreduce(std::span<float> data,
 std::uint64_t CompressedAllreduce::reduce_plain(std::span<float> data, ReduceOp op) {
   TraceSpan span(trace_, "engine", "allreduce");
   const TensorView view{data.data(), data.size(), DType::kF32};
-  comm_.allreduce_now(view, view, op, "compress.none");
+  comm_.allreduce_now(view, view, {op, "compress.none"});
   return ring_allreduce_bytes(data.size_bytes(), comm_.size());
 }
 
@@ -144,7 +144,7 @@ std::uint64_t CompressedAllreduce::reduce_two_phase(std::span<float> data,
   span.emplace(trace_, "engine", "alltoall");
   comm_
       .alltoall(bytes_view(send_.data(), n * block), bytes_view(recv_.data(), n * block),
-                "compress.alltoall")
+                {"compress.alltoall"})
       .wait();
   span.emplace(trace_, "engine", "decompress");
 
@@ -172,7 +172,7 @@ std::uint64_t CompressedAllreduce::reduce_two_phase(std::span<float> data,
   span.emplace(trace_, "engine", "allgather");
   comm_
       .allgather(bytes_view(recv_.data(), block), bytes_view(gathered.data(), n * block),
-                 "compress.allgather")
+                 {"compress.allgather"})
       .wait();
   span.emplace(trace_, "engine", "decompress");
   for (int p = 0; p < ranks; ++p) {
@@ -204,7 +204,7 @@ std::uint64_t CompressedAllreduce::reduce_powersgd(std::span<float> data, std::s
   const auto average = [&](std::span<float> factor, const char* name) {
     TraceSpan span(trace_, "engine", "allreduce");
     const TensorView view{factor.data(), factor.size(), DType::kF32};
-    comm_.allreduce_now(view, view, ReduceOp::kAvg, name);
+    comm_.allreduce_now(view, view, {ReduceOp::kAvg, name});
     return ring_allreduce_bytes(factor.size_bytes(), comm_.size());
   };
   std::optional<TraceSpan> span(std::in_place, trace_, "engine", "compress");
@@ -236,7 +236,7 @@ std::uint64_t CompressedAllreduce::reduce_topk(std::span<float> data, std::span<
   comm_
       .allgather(bytes_view(wire_.data(), block),
                  bytes_view(recv_.data(), static_cast<std::size_t>(ranks) * block),
-                 "compress.topk.allgather")
+                 {"compress.topk.allgather"})
       .wait();
   span.emplace(trace_, "engine", "decompress");
   std::fill(data.begin(), data.end(), 0.0f);
@@ -260,7 +260,7 @@ std::uint64_t CompressedAllreduce::reduce_randomk(std::span<float> data, std::sp
   // The wire is k f32 values at the same positions on every rank: reduce them as they are.
   const TensorView values{wire_.data(), block / sizeof(float), DType::kF32};
   span.emplace(trace_, "engine", "allreduce");
-  comm_.allreduce_now(values, values, op, "compress.randomk");
+  comm_.allreduce_now(values, values, {op, "compress.randomk"});
   span.emplace(trace_, "engine", "decompress");
   worker_->decompress(wire_, step, data);
   return ring_allreduce_bytes(block, comm_.size());

@@ -54,7 +54,7 @@ EngineCore::EngineCore(Communicator& parent, Bus& bus_ref, EngineOptions opts)
   cycle_us = options.cycle_time.count();
   std::uint32_t draw = 0;
   if (rank == 0) draw = std::random_device{}();
-  comm->broadcast(TensorView{&draw, 1, DType::kI32}, 0, "engine.topic").wait();
+  comm->broadcast(TensorView{&draw, 1, DType::kI32}, {0, "engine.topic"}).wait();
   constexpr Topic kSpan = (kReservedTopicBase - kServiceTopicBase) / 2;
   const Topic request_topic = kServiceTopicBase + (draw % kSpan) * 2;
   channel = std::make_unique<BusNegotiationChannel>(bus, *comm, request_topic, request_topic + 1);

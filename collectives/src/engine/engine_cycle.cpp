@@ -35,7 +35,7 @@ bool EngineCore::cycle(bool on_waiting_thread) {
 
   Work agreement = comm->allreduce(TensorView{state.data(), state.size(), DType::kU8},
                                    TensorView{state.data(), state.size(), DType::kU8},
-                                   ReduceOp::kMax, "engine.state");
+                                   {ReduceOp::kMax, "engine.state"});
   if (on_waiting_thread && comm->oversubscribed()) {
     // Here the ranks this allreduce waits for are still submitting a step, some on this core:
     // spinning would take it from them, so yield from the first poll. (The engine thread's

@@ -55,7 +55,7 @@ void EngineCore::reduce_through_fusion_buffer(
   const TensorView fused{fusion_buffer.data(), total, dtype, Device::kHost};
   {
     TraceSpan span(options.trace, "engine", "allreduce", span_args);
-    comm->allreduce_now(fused, fused, op, "engine.fused");
+    comm->allreduce_now(fused, fused, {op, "engine.fused"});
   }
   TraceSpan unfuse(options.trace, "engine", "unfuse");
   offset = 0;
@@ -94,14 +94,14 @@ void EngineCore::reduce_batch(std::vector<std::pair<Signature, LocalTensor*>>& b
     wire.fetch_add(dense, std::memory_order_relaxed);
     LocalTensor* local = batch.front().second;
     TraceSpan span(options.trace, "engine", "allreduce", args());
-    comm->allreduce_now(local->input, local->view, op, local->name);
+    comm->allreduce_now(local->input, local->view, {op, local->name});
   } else if (const auto span = contiguous_span(batch, total)) {
     // The tensors lie back to back in memory, in batch order (as a model's flattened gradients
     // do): reduced where they are, with no copy into or out of a fusion buffer.
     wire.fetch_add(dense, std::memory_order_relaxed);
     fused_in_place.fetch_add(1, std::memory_order_relaxed);
     TraceSpan span_trace(options.trace, "engine", "allreduce", args());
-    comm->allreduce_now(span->first, span->second, op, "engine.fused");
+    comm->allreduce_now(span->first, span->second, {op, "engine.fused"});
   } else {
     wire.fetch_add(dense, std::memory_order_relaxed);
     reduce_through_fusion_buffer(batch, total, args());

@@ -68,11 +68,11 @@ DistributedDataParallel::DistributedDataParallel(torch::nn::Module& module, Engi
   std::vector<std::pair<torch::Tensor, torch::Tensor>> staged;  // (device tensor, host copy)
   const auto broadcast = [&](torch::Tensor& tensor) {
     if (tensor.device().is_cpu()) {
-      broadcasts.push_back(communicator_.broadcast(to_view(tensor), 0, "ddp.init"));
+      broadcasts.push_back(communicator_.broadcast(to_view(tensor), {0, "ddp.init"}));
       return;
     }
     staged.emplace_back(tensor, tensor.to(torch::kCPU).contiguous());
-    broadcasts.push_back(communicator_.broadcast(to_view(staged.back().second), 0, "ddp.init"));
+    broadcasts.push_back(communicator_.broadcast(to_view(staged.back().second), {0, "ddp.init"}));
   };
   for (auto& tensor : module.parameters()) broadcast(tensor);
   for (auto& tensor : module.buffers()) broadcast(tensor);

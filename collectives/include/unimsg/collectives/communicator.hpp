@@ -72,6 +72,30 @@ class Work {
   std::shared_ptr<State> state_;
 };
 
+// Per-collective options (constructible from their leading fields: `{ReduceOp::kMax, "grad"}`).
+struct AllreduceOptions {
+  AllreduceOptions(ReduceOp op_ = ReduceOp::kSum, std::string_view name_ = {})
+      : op(op_), name(name_) {}
+  ReduceOp op;
+  std::string_view name;
+};
+struct BroadcastOptions {
+  BroadcastOptions(int root_ = 0, std::string_view name_ = {}) : root(root_), name(name_) {}
+  int root;
+  std::string_view name;
+};
+struct ReduceScatterOptions {
+  ReduceScatterOptions(ReduceOp op_ = ReduceOp::kSum, std::string_view name_ = {})
+      : op(op_), name(name_) {}
+  ReduceOp op;
+  std::string_view name;
+};
+// allgather, allgatherv, alltoall, barrier: only a name.
+struct CollectiveOptions {
+  CollectiveOptions(std::string_view name_ = {}) : name(name_) {}
+  std::string_view name;
+};
+
 // A communicator's settings, read by whoever builds it (from_env() explicitly).
 struct CommunicatorOptions {
   // A collective that takes longer is a fault, not a hang (UNIMSG_COLLECTIVE_TIMEOUT_S): what
@@ -93,30 +117,43 @@ class Communicator {
   // The MPI_COMM_WORLD rank (= bus rank) of each member, by rank in this communicator.
   virtual const std::vector<int>& world_ranks() const noexcept = 0;
 
+  // The collectives take one options struct each (as c10d's AllreduceOptions); `name` labels
+  // the operation in timeouts and logs. Each forwards to the backend's do_*() (defaults live
+  // here only, never in an override).
+  //
   // In-place when send.data == recv.data. Counts must match (TensorView sizes are checked).
-  virtual Work allreduce(TensorView send, TensorView recv, ReduceOp op,
-                         std::string_view name = {}) = 0;
+  Work allreduce(TensorView send, TensorView recv, const AllreduceOptions& options = {}) {
+    return do_allreduce(send, recv, options);
+  }
   // allreduce() then wait(), for a caller that would wait at once anyway (the engine thread,
   // whose cycles already agree that every rank is there): a backend may use a faster blocking
   // path. Without a timeout of its own: use it only after such an agreement.
-  virtual void allreduce_now(TensorView send, TensorView recv, ReduceOp op,
-                             std::string_view name = {}) {
-    allreduce(send, recv, op, name).wait();
+  void allreduce_now(TensorView send, TensorView recv, const AllreduceOptions& options = {}) {
+    do_allreduce_now(send, recv, options);
   }
-  virtual Work broadcast(TensorView buffer, int root, std::string_view name = {}) = 0;
+  Work broadcast(TensorView buffer, const BroadcastOptions& options = {}) {
+    return do_broadcast(buffer, options);
+  }
   // recv holds size() * send.count elements, rank r's at offset r * send.count.
-  virtual Work allgather(TensorView send, TensorView recv, std::string_view name = {}) = 0;
+  Work allgather(TensorView send, TensorView recv, const CollectiveOptions& options = {}) {
+    return do_allgather(send, recv, options);
+  }
   // Rank r contributes counts[r] elements; recv holds their sum, in rank order.
-  virtual Work allgatherv(TensorView send, TensorView recv, std::span<const std::size_t> counts,
-                          std::string_view name = {}) = 0;
+  Work allgatherv(TensorView send, TensorView recv, std::span<const std::size_t> counts,
+                  const CollectiveOptions& options = {}) {
+    return do_allgatherv(send, recv, counts, options);
+  }
   // send holds N elements; rank r receives the reduction of its share: N / size() elements, one
   // more for the first N % size() ranks (reduce_scatter_share tells). In-place: send.data ==
   // recv.data, send holds all N and the share ends up at its start.
-  virtual Work reduce_scatter(TensorView send, TensorView recv, ReduceOp op,
-                              std::string_view name = {}) = 0;
+  Work reduce_scatter(TensorView send, TensorView recv, const ReduceScatterOptions& options = {}) {
+    return do_reduce_scatter(send, recv, options);
+  }
   // send and recv hold size() blocks of equal length; block r goes to / came from rank r.
-  virtual Work alltoall(TensorView send, TensorView recv, std::string_view name = {}) = 0;
-  virtual Work barrier(std::string_view name = {}) = 0;
+  Work alltoall(TensorView send, TensorView recv, const CollectiveOptions& options = {}) {
+    return do_alltoall(send, recv, options);
+  }
+  Work barrier(const CollectiveOptions& options = {}) { return do_barrier(options); }
 
   // A communicator over `ranks` (ranks of this one, in the new order). Collective over all ranks
   // of this communicator; returns null on ranks not in the list.
@@ -137,6 +174,20 @@ class Communicator {
   // How long Work::wait() without an argument waits for this communicator's collectives.
   void set_default_timeout(std::chrono::nanoseconds timeout) noexcept { timeout_ = timeout; }
   std::chrono::nanoseconds default_timeout() const noexcept { return timeout_; }
+
+ protected:
+  virtual Work do_allreduce(TensorView send, TensorView recv, const AllreduceOptions& options) = 0;
+  virtual void do_allreduce_now(TensorView send, TensorView recv, const AllreduceOptions& options) {
+    do_allreduce(send, recv, options).wait();
+  }
+  virtual Work do_broadcast(TensorView buffer, const BroadcastOptions& options) = 0;
+  virtual Work do_allgather(TensorView send, TensorView recv, const CollectiveOptions& options) = 0;
+  virtual Work do_allgatherv(TensorView send, TensorView recv, std::span<const std::size_t> counts,
+                             const CollectiveOptions& options) = 0;
+  virtual Work do_reduce_scatter(TensorView send, TensorView recv,
+                                 const ReduceScatterOptions& options) = 0;
+  virtual Work do_alltoall(TensorView send, TensorView recv, const CollectiveOptions& options) = 0;
+  virtual Work do_barrier(const CollectiveOptions& options) = 0;
 
  private:
   std::chrono::nanoseconds timeout_ = CommunicatorOptions{}.timeout;

@@ -33,21 +33,6 @@ class MpiCommunicator final : public Communicator {
   const char* backend() const noexcept override { return "mpi"; }
   const std::vector<int>& world_ranks() const noexcept override;
 
-  // Defaults repeat the base class's (they bind to the static type).
-  Work allreduce(TensorView send, TensorView recv, ReduceOp op,
-                 std::string_view name = {}) override;
-  // Blocking MPI_Allreduce: Open MPI's tuned blocking algorithms beat its non-blocking ones by
-  // ~10 % on large buffers.
-  void allreduce_now(TensorView send, TensorView recv, ReduceOp op,
-                     std::string_view name = {}) override;
-  Work broadcast(TensorView buffer, int root, std::string_view name = {}) override;
-  Work allgather(TensorView send, TensorView recv, std::string_view name = {}) override;
-  Work allgatherv(TensorView send, TensorView recv, std::span<const std::size_t> counts,
-                  std::string_view name = {}) override;
-  Work reduce_scatter(TensorView send, TensorView recv, ReduceOp op,
-                      std::string_view name = {}) override;
-  Work alltoall(TensorView send, TensorView recv, std::string_view name = {}) override;
-  Work barrier(std::string_view name = {}) override;
   std::unique_ptr<Communicator> split(std::span<const int> ranks) override;
 
   // How many tight polls wait() makes before it yields the core between polls
@@ -55,6 +40,20 @@ class MpiCommunicator final : public Communicator {
   std::uint32_t wait_spin_polls() const noexcept;
   // Counted at construction (MPI_Comm_split_type); a split communicator keeps its parent's.
   bool oversubscribed() const noexcept override;
+
+ protected:
+  Work do_allreduce(TensorView send, TensorView recv, const AllreduceOptions& options) override;
+  Work do_broadcast(TensorView buffer, const BroadcastOptions& options) override;
+  Work do_allgather(TensorView send, TensorView recv, const CollectiveOptions& options) override;
+  Work do_allgatherv(TensorView send, TensorView recv, std::span<const std::size_t> counts,
+                     const CollectiveOptions& options) override;
+  Work do_reduce_scatter(TensorView send, TensorView recv,
+                         const ReduceScatterOptions& options) override;
+  Work do_alltoall(TensorView send, TensorView recv, const CollectiveOptions& options) override;
+  Work do_barrier(const CollectiveOptions& options) override;
+  // Blocking MPI_Allreduce: Open MPI's tuned blocking algorithms beat its non-blocking ones on
+  // large buffers (docs/architecture.md, Engine).
+  void do_allreduce_now(TensorView send, TensorView recv, const AllreduceOptions& options) override;
 
  private:
   std::shared_ptr<detail::MpiCommState> state_;

@@ -32,17 +32,18 @@ class NcclCommunicator final : public Communicator {
   const char* backend() const noexcept override { return "nccl"; }
   const std::vector<int>& world_ranks() const noexcept override;
 
-  Work allreduce(TensorView send, TensorView recv, ReduceOp op,
-                 std::string_view name = {}) override;
-  Work broadcast(TensorView buffer, int root, std::string_view name = {}) override;
-  Work allgather(TensorView send, TensorView recv, std::string_view name = {}) override;
-  Work allgatherv(TensorView send, TensorView recv, std::span<const std::size_t> counts,
-                  std::string_view name = {}) override;
-  Work reduce_scatter(TensorView send, TensorView recv, ReduceOp op,
-                      std::string_view name = {}) override;
-  Work alltoall(TensorView send, TensorView recv, std::string_view name = {}) override;
-  Work barrier(std::string_view name = {}) override;
   std::unique_ptr<Communicator> split(std::span<const int> ranks) override;
+
+ protected:
+  Work do_allreduce(TensorView send, TensorView recv, const AllreduceOptions& options) override;
+  Work do_broadcast(TensorView buffer, const BroadcastOptions& options) override;
+  Work do_allgather(TensorView send, TensorView recv, const CollectiveOptions& options) override;
+  Work do_allgatherv(TensorView send, TensorView recv, std::span<const std::size_t> counts,
+                     const CollectiveOptions& options) override;
+  Work do_reduce_scatter(TensorView send, TensorView recv,
+                         const ReduceScatterOptions& options) override;
+  Work do_alltoall(TensorView send, TensorView recv, const CollectiveOptions& options) override;
+  Work do_barrier(const CollectiveOptions& options) override;
 
  private:
   std::shared_ptr<detail::NcclState> state_;
