@@ -170,6 +170,130 @@ struct Row {
   double mpi;
 };
 
+struct Settings {
+  bool json = false;
+  bool quick = false;
+  int trials = 7;
+  std::uint64_t min_latency = 0;
+  std::uint64_t max_latency = 0;
+  std::uint64_t min_stream = 0;
+  std::uint64_t max_stream = 0;
+  double idle_seconds = 0;
+};
+
+Settings parse_settings(const cxxopts::ParseResult& args) {
+  Settings s;
+  s.json = args.count("json") > 0;
+  s.quick = args.count("quick") > 0;
+  s.trials = s.quick ? 3 : args["trials"].as<int>();
+  if (s.trials < 1) throw unimsg::ConfigError(unimsg::kNoRank, "--trials", "must be at least 1");
+  const auto size_flag = [&](const char* name) {
+    return unimsg::parse_size(args[name].as<std::string>(), std::string("--") + name);
+  };
+  s.min_latency = std::max<std::uint64_t>(1, size_flag("min-latency-bytes"));
+  s.max_latency = size_flag("max-latency-bytes");
+  s.min_stream = std::max<std::uint64_t>(1, size_flag("min-stream-bytes"));
+  s.max_stream = s.quick ? std::min<std::uint64_t>(size_flag("max-stream-bytes"), 4 << 20)
+                         : size_flag("max-stream-bytes");
+  s.idle_seconds = s.quick ? std::min(1.0, args["idle-seconds"].as<double>())
+                           : args["idle-seconds"].as<double>();
+  return s;
+}
+
+// What the measurements share.
+struct Context {
+  const Settings& settings;
+  unimsg::Bus& bus;
+  MPI_Comm raw_comm;
+  int rank;
+  int ranks;
+};
+
+void report(const Context& ctx, const Row& row) {
+  if (ctx.rank != 0) return;
+  if (ctx.settings.json) {
+    nlohmann::json line = {{"metric", row.metric},
+                           {"bytes", row.bytes},
+                           {"unimsg", row.unimsg},
+                           {"mpi", row.mpi},
+                           {"ratio", row.unimsg / row.mpi}};
+    std::printf("%s\n", line.dump().c_str());
+  } else {
+    std::printf("%-16s %10zu %12.3f %12.3f %8.2fx\n", row.metric.c_str(), row.bytes, row.unimsg,
+                row.mpi, row.unimsg / row.mpi);
+  }
+  std::fflush(stdout);
+}
+
+void measure_latency(const Context& ctx) {
+  const Settings& s = ctx.settings;
+  for (std::uint64_t bytes = s.min_latency; bytes <= s.max_latency; bytes *= (s.quick ? 64 : 4)) {
+    std::vector<std::byte> raw_buffer(bytes, std::byte{7});
+    const Payload payload(std::vector<std::byte>(bytes, std::byte{7}));
+    const int iterations =
+        std::max(4, static_cast<int>((s.quick ? 2000 : 20000) / (1 + bytes / 8192)));
+    bus_pingpong(ctx.bus, ctx.raw_comm, payload, iterations / 4 + 1);  // warm-up both paths
+    raw_pingpong(ctx.raw_comm, ctx.rank, raw_buffer, iterations / 4 + 1);
+    std::vector<double> bus_times, raw_times;
+    for (int t = 0; t < s.trials; ++t) {
+      // (Raw and bus take turns going first: see interleaved().)
+      interleaved(
+          t,
+          [&] {
+            raw_times.push_back(raw_pingpong(ctx.raw_comm, ctx.rank, raw_buffer, iterations));
+          },
+          [&] { bus_times.push_back(bus_pingpong(ctx.bus, ctx.raw_comm, payload, iterations)); });
+    }
+    report(ctx, {"latency_us", bytes, median(bus_times), median(raw_times)});
+  }
+}
+
+void measure_throughput(const Context& ctx) {
+  const Settings& s = ctx.settings;
+  for (std::uint64_t bytes = s.min_stream; bytes <= s.max_stream; bytes *= (s.quick ? 16 : 4)) {
+    std::vector<std::byte> raw_buffer(bytes, std::byte{3});
+    const Payload payload(std::vector<std::byte>(bytes, std::byte{3}));
+    const int count =
+        std::max(8, static_cast<int>((s.quick ? (64ull << 20) : (1ull << 30)) / bytes));
+    bus_stream(ctx.bus, ctx.raw_comm, payload, std::max(2, count / 8));
+    raw_stream(ctx.raw_comm, ctx.rank, raw_buffer, std::max(2, count / 8));
+    std::vector<double> bus_rates, raw_rates;
+    for (int t = 0; t < s.trials; ++t) {
+      interleaved(
+          t, [&] { raw_rates.push_back(raw_stream(ctx.raw_comm, ctx.rank, raw_buffer, count)); },
+          [&] { bus_rates.push_back(bus_stream(ctx.bus, ctx.raw_comm, payload, count)); });
+    }
+    report(ctx, {"throughput_gbps", bytes, median(bus_rates), median(raw_rates)});
+  }
+}
+
+void measure_idle(const Context& ctx) {
+  const double idle_seconds = ctx.settings.idle_seconds;
+  // Twice: with nothing to serve, and with one subscription, as every rank will have (its
+  // progress thread then polls at the full rate, UNIMSG_BUS_IDLE_SLEEP_US).
+  for (const bool subscribed : {false, true}) {
+    unimsg::Subscription subscription;
+    if (subscribed) {
+      subscription = ctx.bus.subscribe({Kind::kHeartbeat, 99, std::nullopt}, [](const Message&) {});
+    }
+    const double worst = idle_cpu_percent(ctx.raw_comm, idle_seconds);
+    if (ctx.rank != 0) continue;
+    if (ctx.settings.json) {
+      std::printf("%s\n", nlohmann::json({{"metric", "idle_cpu_percent"},
+                                          {"ranks", ctx.ranks},
+                                          {"seconds", idle_seconds},
+                                          {"subscriptions", subscribed ? 1 : 0},
+                                          {"unimsg", worst}})
+                              .dump()
+                              .c_str());
+    } else {
+      std::printf("idle CPU of the busiest rank over %.1f s, %s: %.2f%% of one core (%d ranks)\n",
+                  idle_seconds, subscribed ? "one subscription" : "no subscription", worst,
+                  ctx.ranks);
+    }
+  }
+}
+
 int run(int argc, char** argv) {
   cxxopts::Options cli("unimsg-bench-bus",
                        "Bus ping-pong latency and streaming throughput against raw MPI, between "
@@ -193,110 +317,24 @@ int run(int argc, char** argv) {
     std::printf("%s\n", cli.help().c_str());
     return 0;
   }
-  const bool json = args.count("json") > 0;
-  const bool quick = args.count("quick") > 0;
-  const int trials = quick ? 3 : args["trials"].as<int>();
-  if (trials < 1) throw unimsg::ConfigError(unimsg::kNoRank, "--trials", "must be at least 1");
-  const auto size_flag = [&](const char* name) {
-    return unimsg::parse_size(args[name].as<std::string>(), std::string("--") + name);
-  };
-  const std::uint64_t min_latency = std::max<std::uint64_t>(1, size_flag("min-latency-bytes"));
-  const std::uint64_t max_latency = size_flag("max-latency-bytes");
-  const std::uint64_t min_stream = std::max<std::uint64_t>(1, size_flag("min-stream-bytes"));
-  const std::uint64_t max_stream =
-      quick ? std::min<std::uint64_t>(size_flag("max-stream-bytes"), 4 << 20)
-            : size_flag("max-stream-bytes");
+  const Settings settings = parse_settings(args);
 
   unimsg::Runtime runtime(&argc, &argv);
   if (runtime.size() < 2) {
     throw unimsg::ConfigError(runtime.rank(), "unimsg-bench-bus",
                               "needs 2 ranks: mpirun -np 2 unimsg-bench-bus");
   }
-  auto& bus = runtime.bus();
-  const int rank = runtime.rank();
   MPI_Comm raw_comm = MPI_COMM_NULL;
   MPI_Comm_dup(MPI_COMM_WORLD, &raw_comm);
-  std::vector<Row> rows;
-
-  const auto report = [&](const Row& row) {
-    if (rank != 0) return;
-    if (json) {
-      nlohmann::json line = {{"metric", row.metric},
-                             {"bytes", row.bytes},
-                             {"unimsg", row.unimsg},
-                             {"mpi", row.mpi},
-                             {"ratio", row.unimsg / row.mpi}};
-      std::printf("%s\n", line.dump().c_str());
-    } else {
-      std::printf("%-16s %10zu %12.3f %12.3f %8.2fx\n", row.metric.c_str(), row.bytes, row.unimsg,
-                  row.mpi, row.unimsg / row.mpi);
-    }
-    std::fflush(stdout);
-  };
-  if (rank == 0 && !json) {
+  const Context ctx{settings, runtime.bus(), raw_comm, runtime.rank(), runtime.size()};
+  if (ctx.rank == 0 && !settings.json) {
     std::printf("# unimsg-bench-bus: %d ranks, %d trials per size (median), interleaved\n",
-                runtime.size(), trials);
+                ctx.ranks, settings.trials);
     std::printf("%-16s %10s %12s %12s %9s\n", "metric", "bytes", "unimsg", "mpi", "ratio");
   }
-
-  for (std::uint64_t bytes = min_latency; bytes <= max_latency; bytes *= (quick ? 64 : 4)) {
-    std::vector<std::byte> raw_buffer(bytes, std::byte{7});
-    const Payload payload(std::vector<std::byte>(bytes, std::byte{7}));
-    const int iterations =
-        std::max(4, static_cast<int>((quick ? 2000 : 20000) / (1 + bytes / 8192)));
-    bus_pingpong(bus, raw_comm, payload, iterations / 4 + 1);  // warm-up both paths
-    raw_pingpong(raw_comm, rank, raw_buffer, iterations / 4 + 1);
-    std::vector<double> bus_times, raw_times;
-    for (int t = 0; t < trials; ++t) {
-      // (Raw and bus take turns going first: see interleaved().)
-      interleaved(
-          t, [&] { raw_times.push_back(raw_pingpong(raw_comm, rank, raw_buffer, iterations)); },
-          [&] { bus_times.push_back(bus_pingpong(bus, raw_comm, payload, iterations)); });
-    }
-    report({"latency_us", bytes, median(bus_times), median(raw_times)});
-  }
-
-  for (std::uint64_t bytes = min_stream; bytes <= max_stream; bytes *= (quick ? 16 : 4)) {
-    std::vector<std::byte> raw_buffer(bytes, std::byte{3});
-    const Payload payload(std::vector<std::byte>(bytes, std::byte{3}));
-    const int count = std::max(8, static_cast<int>((quick ? (64ull << 20) : (1ull << 30)) / bytes));
-    bus_stream(bus, raw_comm, payload, std::max(2, count / 8));
-    raw_stream(raw_comm, rank, raw_buffer, std::max(2, count / 8));
-    std::vector<double> bus_rates, raw_rates;
-    for (int t = 0; t < trials; ++t) {
-      interleaved(
-          t, [&] { raw_rates.push_back(raw_stream(raw_comm, rank, raw_buffer, count)); },
-          [&] { bus_rates.push_back(bus_stream(bus, raw_comm, payload, count)); });
-    }
-    report({"throughput_gbps", bytes, median(bus_rates), median(raw_rates)});
-  }
-  const double idle_seconds =
-      quick ? std::min(1.0, args["idle-seconds"].as<double>()) : args["idle-seconds"].as<double>();
-  if (idle_seconds > 0) {
-    // Twice: with nothing to serve, and with one subscription, as every rank will have (its
-    // progress thread then polls at the full rate, UNIMSG_BUS_IDLE_SLEEP_US).
-    for (const bool subscribed : {false, true}) {
-      unimsg::Subscription subscription;
-      if (subscribed) {
-        subscription = bus.subscribe({Kind::kHeartbeat, 99, std::nullopt}, [](const Message&) {});
-      }
-      const double worst = idle_cpu_percent(raw_comm, idle_seconds);
-      if (rank != 0) continue;
-      if (json) {
-        std::printf("%s\n", nlohmann::json({{"metric", "idle_cpu_percent"},
-                                            {"ranks", runtime.size()},
-                                            {"seconds", idle_seconds},
-                                            {"subscriptions", subscribed ? 1 : 0},
-                                            {"unimsg", worst}})
-                                .dump()
-                                .c_str());
-      } else {
-        std::printf("idle CPU of the busiest rank over %.1f s, %s: %.2f%% of one core (%d ranks)\n",
-                    idle_seconds, subscribed ? "one subscription" : "no subscription", worst,
-                    runtime.size());
-      }
-    }
-  }
+  measure_latency(ctx);
+  measure_throughput(ctx);
+  if (settings.idle_seconds > 0) measure_idle(ctx);
   MPI_Comm_free(&raw_comm);
   return 0;
 }

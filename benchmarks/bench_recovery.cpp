@@ -39,11 +39,10 @@ std::string quote(const std::string& word) {
   return quoted + "'";
 }
 
-Result measure(const std::string& fault, const fs::path& launcher, const fs::path& trainer,
-               const std::string& heartbeat_timeout, std::uint64_t fast_every,
-               const fs::path& work) {
-  fs::remove_all(work);
-  fs::create_directories(work);
+// unimsg-run on 4 ranks with a fault on rank 1, as one shell line (its stderr to a file).
+std::string launch_line(const std::string& fault, const fs::path& launcher, const fs::path& trainer,
+                        const std::string& heartbeat_timeout, std::uint64_t fast_every,
+                        const fs::path& work) {
   const std::string mode = fault == "kill" ? "kill" : "hang";
   const std::vector<std::string> command{launcher.string(),
                                          "-np",
@@ -74,13 +73,14 @@ Result measure(const std::string& fault, const fs::path& launcher, const fs::pat
   std::string line_command;
   for (const auto& word : command) line_command += quote(word) + " ";
   line_command += "2>" + quote((work / "stderr").string());
-  std::unique_ptr<FILE, int (*)(FILE*)> pipe(popen(line_command.c_str(), "r"), pclose);
-  if (!pipe) throw unimsg::Error(unimsg::kNoRank, "bench-recovery", "cannot run unimsg-run");
-  Result result;
-  result.fault = fault;
+  return line_command;
+}
+
+// The injection, the resume and the first step after it, from the trainer's JSON lines.
+void read_trainer_lines(FILE* pipe, Result& result) {
   char buffer[4096];
   bool after_resume = false;
-  while (std::fgets(buffer, sizeof buffer, pipe.get()) != nullptr) {
+  while (std::fgets(buffer, sizeof buffer, pipe) != nullptr) {
     nlohmann::json line;
     try {
       line = nlohmann::json::parse(buffer);
@@ -98,8 +98,11 @@ Result measure(const std::string& fault, const fs::path& launcher, const fs::pat
       result.first_step = line.at("time").get<double>();
     }
   }
-  pipe.reset();  // waits for unimsg-run
-  std::ifstream events(work / "run" / "events.jsonl");
+}
+
+// The failure, its detection and the relaunch, from unimsg-run's events.jsonl.
+void read_events(const fs::path& path, Result& result) {
+  std::ifstream events(path);
   std::string text;
   while (std::getline(events, text)) {
     const auto event = nlohmann::json::parse(text);
@@ -110,6 +113,22 @@ Result measure(const std::string& fault, const fs::path& launcher, const fs::pat
       result.relaunch = event.at("time").get<double>();
     }
   }
+}
+
+Result measure(const std::string& fault, const fs::path& launcher, const fs::path& trainer,
+               const std::string& heartbeat_timeout, std::uint64_t fast_every,
+               const fs::path& work) {
+  fs::remove_all(work);
+  fs::create_directories(work);
+  const std::string line_command =
+      launch_line(fault, launcher, trainer, heartbeat_timeout, fast_every, work);
+  std::unique_ptr<FILE, int (*)(FILE*)> pipe(popen(line_command.c_str(), "r"), pclose);
+  if (!pipe) throw unimsg::Error(unimsg::kNoRank, "bench-recovery", "cannot run unimsg-run");
+  Result result;
+  result.fault = fault;
+  read_trainer_lines(pipe.get(), result);
+  pipe.reset();  // waits for unimsg-run
+  read_events(work / "run" / "events.jsonl", result);
   if (result.inject == 0 || result.first_step == 0 || result.failure == 0) {
     std::ifstream err(work / "stderr");
     const std::string log((std::istreambuf_iterator<char>(err)), std::istreambuf_iterator<char>());
@@ -118,6 +137,69 @@ Result measure(const std::string& fault, const fs::path& launcher, const fs::pat
                             log.substr(log.size() > 3000 ? log.size() - 3000 : 0));
   }
   return result;
+}
+
+struct Settings {
+  fs::path launcher;
+  fs::path trainer;
+  std::string timeout;
+  std::uint64_t fast_every = 5;
+  bool json = false;
+  fs::path work;
+  std::vector<std::string> faults;
+};
+
+Settings parse_settings(const cxxopts::ParseResult& args) {
+  Settings s;
+  s.launcher = args["launcher"].as<std::string>();
+  s.trainer = args["trainer"].as<std::string>();
+  for (const auto& path : {s.launcher, s.trainer}) {
+    if (!fs::exists(path)) {
+      throw unimsg::ConfigError(unimsg::kNoRank, "bench-recovery", path.string() + " not found");
+    }
+  }
+  s.timeout = args["heartbeat-timeout"].as<std::string>();
+  s.fast_every = args["fast-every"].as<std::uint64_t>();
+  s.json = args.count("json") > 0;
+  s.work = fs::temp_directory_path() / ("unimsg-bench-recovery-" + std::to_string(getpid()));
+  std::string list = args["faults"].as<std::string>();
+  for (std::size_t start = 0; start <= list.size();) {
+    const auto comma = std::min(list.find(',', start), list.size());
+    const std::string fault = list.substr(start, comma - start);
+    if (fault != "kill" && fault != "hang") {
+      throw unimsg::ConfigError(unimsg::kNoRank, "--faults", "'" + fault + "' is not kill or hang");
+    }
+    s.faults.push_back(fault);
+    start = comma + 1;
+  }
+  return s;
+}
+
+void print_row(const Settings& s, const std::string& fault, const Result& r) {
+  const double detect = r.detected - r.inject;
+  const double teardown = r.failure - r.detected;
+  const double relaunch = r.relaunch - r.failure;
+  const double restore = r.resumed - r.relaunch;
+  const double first = r.first_step - r.resumed;
+  const double resume = r.first_step - r.inject;
+  const auto lost = r.inject_step - r.resumed_step;
+  if (s.json) {
+    std::printf("%s\n", nlohmann::json{{"fault", fault},
+                                       {"detect_s", detect},
+                                       {"resume_s", resume},
+                                       {"steps_lost", lost},
+                                       {"heartbeat_timeout_s", std::stod(s.timeout)},
+                                       {"fast_interval", s.fast_every},
+                                       {"teardown_s", teardown},
+                                       {"relaunch_s", relaunch},
+                                       {"restore_s", restore},
+                                       {"first_step_s", first}}
+                            .dump()
+                            .c_str());
+  } else {
+    std::printf("%-6s %9.3f %9.3f %9.3f %9.3f %10.3f %9.3f %11llu\n", fault.c_str(), detect,
+                teardown, relaunch, restore, first, resume, static_cast<unsigned long long>(lost));
+  }
 }
 
 int run(int argc, char** argv) {
@@ -140,68 +222,23 @@ int run(int argc, char** argv) {
     std::puts(cli.help().c_str());
     return 0;
   }
-  const fs::path launcher = args["launcher"].as<std::string>();
-  const fs::path trainer = args["trainer"].as<std::string>();
-  for (const auto& path : {launcher, trainer}) {
-    if (!fs::exists(path)) {
-      throw unimsg::ConfigError(unimsg::kNoRank, "bench-recovery", path.string() + " not found");
-    }
-  }
-  const std::string timeout = args["heartbeat-timeout"].as<std::string>();
-  const auto fast_every = args["fast-every"].as<std::uint64_t>();
-  const bool json = args.count("json") > 0;
-  const fs::path work =
-      fs::temp_directory_path() / ("unimsg-bench-recovery-" + std::to_string(getpid()));
-  std::vector<std::string> faults;
-  std::string list = args["faults"].as<std::string>();
-  for (std::size_t start = 0; start <= list.size();) {
-    const auto comma = std::min(list.find(',', start), list.size());
-    const std::string fault = list.substr(start, comma - start);
-    if (fault != "kill" && fault != "hang") {
-      throw unimsg::ConfigError(unimsg::kNoRank, "--faults", "'" + fault + "' is not kill or hang");
-    }
-    faults.push_back(fault);
-    start = comma + 1;
-  }
-  if (!json) {
+  const Settings settings = parse_settings(args);
+  if (!settings.json) {
     std::printf(
         "# unimsg-bench-recovery: train_linear, 4 ranks, fault on rank 1 at step 63, "
         "heartbeat timeout %s s, fast checkpoint every %llu steps\n",
-        timeout.c_str(), static_cast<unsigned long long>(fast_every));
+        settings.timeout.c_str(), static_cast<unsigned long long>(settings.fast_every));
     std::printf("%-6s %9s %9s %9s %9s %10s %9s %11s\n", "fault", "detect_s", "teardown", "relaunch",
                 "restore", "first_step", "resume_s", "steps_lost");
   }
-  for (const auto& fault : faults) {
-    const Result r = measure(fault, launcher, trainer, timeout, fast_every, work);
-    const double detect = r.detected - r.inject;
-    const double teardown = r.failure - r.detected;
-    const double relaunch = r.relaunch - r.failure;
-    const double restore = r.resumed - r.relaunch;
-    const double first = r.first_step - r.resumed;
-    const double resume = r.first_step - r.inject;
-    const auto lost = r.inject_step - r.resumed_step;
-    if (json) {
-      std::printf("%s\n", nlohmann::json{{"fault", fault},
-                                         {"detect_s", detect},
-                                         {"resume_s", resume},
-                                         {"steps_lost", lost},
-                                         {"heartbeat_timeout_s", std::stod(timeout)},
-                                         {"fast_interval", fast_every},
-                                         {"teardown_s", teardown},
-                                         {"relaunch_s", relaunch},
-                                         {"restore_s", restore},
-                                         {"first_step_s", first}}
-                              .dump()
-                              .c_str());
-    } else {
-      std::printf("%-6s %9.3f %9.3f %9.3f %9.3f %10.3f %9.3f %11llu\n", fault.c_str(), detect,
-                  teardown, relaunch, restore, first, resume,
-                  static_cast<unsigned long long>(lost));
-    }
+  for (const auto& fault : settings.faults) {
+    const Result r = measure(fault, settings.launcher, settings.trainer, settings.timeout,
+                             settings.fast_every, settings.work);
+    print_row(settings, fault, r);
     std::fflush(stdout);
   }
   std::error_code ignored;
-  fs::remove_all(work, ignored);
+  fs::remove_all(settings.work, ignored);
   return 0;
 }
 

@@ -70,10 +70,22 @@ std::vector<std::byte> as_bytes(const std::vector<double>& values) {
   return {p, p + values.size() * sizeof(double)};
 }
 
-int run(int argc, char** argv) {
-  unimsg::Runtime runtime(&argc, &argv);
-  const int rank = runtime.rank();
-  const int world = runtime.size();
+struct Settings {
+  std::uint64_t steps = 0;
+  std::uint64_t global_batch = 0;
+  std::uint64_t samples = 0;
+  std::size_t dim = 0;
+  double lr = 0;
+  std::uint64_t step_ms = 0;
+  std::string persistent_dir;
+  std::uint64_t checkpoint_every = 0;
+  std::uint64_t checkpoint_keep = 0;
+  std::string fast_dir;
+  std::uint64_t fast_every = 0;
+  bool json = false;
+};
+
+cxxopts::Options make_cli() {
   cxxopts::Options cli("train_linear",
                        "Data-parallel linear regression on synthetic data, for fault tests and "
                        "the recovery benchmark (run under unimsg-run or mpirun).");
@@ -97,137 +109,186 @@ int run(int argc, char** argv) {
       "fast-every", "fast checkpoint every N steps (0: never)",
       cxxopts::value<std::uint64_t>()->default_value("5"))(
       "json", "one JSON object per step (rank 0)")("h,help", "show this help");
+  return cli;
+}
+
+// The flags, checked; nullopt after printing --help.
+std::optional<Settings> parse_settings(int argc, char** argv, int rank, int world) {
+  cxxopts::Options cli = make_cli();
   const auto args = cli.parse(argc, argv);
   if (args.count("help")) {
     if (rank == 0) std::puts(cli.help().c_str());
-    return 0;
+    return std::nullopt;
   }
-  const auto steps = args["steps"].as<std::uint64_t>();
-  const auto global_batch = args["batch-size"].as<std::uint64_t>();
-  const auto samples = args["samples"].as<std::uint64_t>();
-  const auto dim = static_cast<std::size_t>(args["dim"].as<std::uint64_t>());
-  const double lr = args["lr"].as<double>();
-  const bool json = args.count("json") > 0;
-  if (global_batch % static_cast<std::uint64_t>(world) != 0 || global_batch == 0) {
+  Settings s;
+  s.steps = args["steps"].as<std::uint64_t>();
+  s.global_batch = args["batch-size"].as<std::uint64_t>();
+  s.samples = args["samples"].as<std::uint64_t>();
+  s.dim = static_cast<std::size_t>(args["dim"].as<std::uint64_t>());
+  s.lr = args["lr"].as<double>();
+  s.step_ms = args["step-ms"].as<std::uint64_t>();
+  s.checkpoint_every = args["checkpoint-every"].as<std::uint64_t>();
+  s.checkpoint_keep = args["checkpoint-keep"].as<std::uint64_t>();
+  s.fast_dir = args["fast-dir"].as<std::string>();
+  s.fast_every = args["fast-every"].as<std::uint64_t>();
+  s.json = args.count("json") > 0;
+  if (s.global_batch % static_cast<std::uint64_t>(world) != 0 || s.global_batch == 0) {
     throw unimsg::ConfigError(rank, "--batch-size", "must split evenly across the ranks");
   }
-  if (samples < global_batch || dim == 0 || !(lr > 0)) {
+  if (s.samples < s.global_batch || s.dim == 0 || !(s.lr > 0)) {
     throw unimsg::ConfigError(rank, "train_linear", "need samples >= batch, dim > 0, lr > 0");
   }
-  std::string persistent_dir = args["checkpoint-dir"].as<std::string>();
-  if (persistent_dir.empty())
-    persistent_dir = unimsg::env_value("UNIMSG_CHECKPOINT_DIR").value_or("");
-  // Heartbeats, status to rank 0 (docs/monitoring.md), the communicator and the engine.
-  unimsg::TrainingSession session(runtime, unimsg::TrainingSessionOptions::from_env());
+  s.persistent_dir = args["checkpoint-dir"].as<std::string>();
+  if (s.persistent_dir.empty())
+    s.persistent_dir = unimsg::env_value("UNIMSG_CHECKPOINT_DIR").value_or("");
+  return s;
+}
+
+unimsg::TieredCheckpointOptions tier_options(const Settings& s, int rank,
+                                             unimsg::TrainingSession& session) {
   unimsg::TieredCheckpointOptions tiers;
-  tiers.persistent_directory = persistent_dir;
-  tiers.persistent_every =
-      persistent_dir.empty() ? 0 : args["checkpoint-every"].as<std::uint64_t>();
-  tiers.fast_directory = args["fast-dir"].as<std::string>();
-  tiers.fast_every = tiers.fast_directory.empty() ? 0 : args["fast-every"].as<std::uint64_t>();
+  tiers.persistent_directory = s.persistent_dir;
+  tiers.persistent_every = s.persistent_dir.empty() ? 0 : s.checkpoint_every;
+  tiers.fast_directory = s.fast_dir;
+  tiers.fast_every = tiers.fast_directory.empty() ? 0 : s.fast_every;
   tiers.options.rank = rank;
   tiers.options.trace = session.trace();
-  tiers.options.keep = static_cast<std::size_t>(args["checkpoint-keep"].as<std::uint64_t>());
-  unimsg::TieredCheckpointer checkpoints(tiers);
-  session.monitor().set_total_steps(steps);
-  const auto fault = unimsg::FaultInjection::from_env();
+  tiers.options.keep = static_cast<std::size_t>(s.checkpoint_keep);
+  return tiers;
+}
 
-  const Data data = make_data(samples, dim);
-  std::vector<double> w(dim, 0.0);
+// What a checkpoint holds: the weights and where the data stands.
+struct State {
+  std::vector<double> w;
   std::uint64_t step = 0;
   std::uint64_t epoch = 0;
   std::size_t position = 0;
-  const auto restart = unimsg::env_uint("UNIMSG_RESTART_COUNT", 0, 1u << 30).value_or(0);
+};
+
+// Everything the training loop works with.
+struct Job {
+  unimsg::Runtime& runtime;
+  unimsg::TrainingSession& session;
+  unimsg::TieredCheckpointer& checkpoints;
+  const std::optional<unimsg::FaultInjection>& fault;
+  const Settings& settings;
+  const Data& data;
+  std::uint64_t restart;
+};
+
+void resume(const Job& job, State& state) {
+  const int rank = job.runtime.rank();
   std::vector<std::string> skipped;
   // The newest intact checkpoint any rank holds (a fast tier may be on one host only).
   std::optional<unimsg::Checkpoint> restored;
   if (auto found = unimsg::restore_newest_anywhere(
-          MPI_COMM_WORLD, [&](std::vector<std::string>* s) { return checkpoints.load_latest(s); },
-          &skipped)) {
+          MPI_COMM_WORLD,
+          [&](std::vector<std::string>* s) { return job.checkpoints.load_latest(s); }, &skipped)) {
     restored = std::move(found->checkpoint);
   }
   if (restored) {
     const auto& blob = restored->blobs.at("w");
-    if (blob.size() != dim * sizeof(double)) {
+    if (blob.size() != job.settings.dim * sizeof(double)) {
       throw unimsg::CheckpointError(rank, "train_linear", "the checkpoint is for another --dim");
     }
-    std::memcpy(w.data(), blob.data(), blob.size());
+    std::memcpy(state.w.data(), blob.data(), blob.size());
     const auto meta = nlohmann::json::parse(restored->metadata_json);
-    step = restored->step;
-    epoch = meta.at("epoch").get<std::uint64_t>();
-    position = meta.at("position").get<std::size_t>();
+    state.step = restored->step;
+    state.epoch = meta.at("epoch").get<std::uint64_t>();
+    state.position = meta.at("position").get<std::size_t>();
     if (rank == 0) {
-      runtime.log().info("resumed from step {} (launch {})", step, restart);
-      if (json) {
-        std::printf(
-            "%s\n",
-            nlohmann::json{
-                {"event", "resumed"}, {"step", step}, {"time", unix_time()}, {"restart", restart}}
-                .dump()
-                .c_str());
+      job.runtime.log().info("resumed from step {} (launch {})", state.step, job.restart);
+      if (job.settings.json) {
+        std::printf("%s\n", nlohmann::json{{"event", "resumed"},
+                                           {"step", state.step},
+                                           {"time", unix_time()},
+                                           {"restart", job.restart}}
+                                .dump()
+                                .c_str());
       }
     }
   }
-  for (const auto& why : skipped) runtime.log().warn("skipped a damaged checkpoint: {}", why);
+  for (const auto& why : skipped) job.runtime.log().warn("skipped a damaged checkpoint: {}", why);
+}
 
-  unimsg::DistributedSampler sampler(samples, rank, world, /*seed=*/3);
-  sampler.set_epoch(epoch, position);
-  const std::size_t local_batch = global_batch / static_cast<std::uint64_t>(world);
+// This rank's gradient of the mean squared error over the samples mine[next, next + local_batch),
+// with the local loss in gradient[dim].
+void local_gradient(const Data& data, const std::vector<double>& w,
+                    const std::vector<std::size_t>& mine, std::size_t next, std::size_t local_batch,
+                    std::vector<double>& gradient) {
+  const std::size_t dim = data.dim;
+  std::fill(gradient.begin(), gradient.end(), 0.0);
+  for (std::size_t k = 0; k < local_batch; ++k) {
+    const std::size_t i = mine[next + k];
+    double error = -data.y[i];
+    for (std::size_t j = 0; j < dim; ++j) error += data.x[i * dim + j] * w[j];
+    for (std::size_t j = 0; j < dim; ++j) {
+      gradient[j] += 2 * error * data.x[i * dim + j] / static_cast<double>(local_batch);
+    }
+    gradient[dim] += error * error / static_cast<double>(local_batch);
+  }
+}
+
+// The step's JSON line, the fault injection's, and the fault itself.
+void after_step(const Job& job, std::uint64_t step, double loss) {
+  const int rank = job.runtime.rank();
+  const bool json = job.settings.json;
+  if (rank == 0 && json) {
+    std::printf("%s\n", nlohmann::json{{"step", step},
+                                       {"loss", loss},
+                                       {"time", unix_time()},
+                                       {"world_size", job.runtime.size()},
+                                       {"restart", job.restart}}
+                            .dump()
+                            .c_str());
+    std::fflush(stdout);
+  }
+  const auto& fault = job.fault;
+  if (fault && fault->rank == rank && fault->step == step && json) {
+    std::printf(
+        "%s\n",
+        nlohmann::json{{"event", "inject"}, {"step", step}, {"time", unix_time()}}.dump().c_str());
+    std::fflush(stdout);
+  }
+  if (fault) fault->at_step(rank, step);
+}
+
+void train(const Job& job, State& state) {
+  const int rank = job.runtime.rank();
+  const int world = job.runtime.size();
+  const Settings& s = job.settings;
+  unimsg::DistributedSampler sampler(s.samples, rank, world, /*seed=*/3);
+  sampler.set_epoch(state.epoch, state.position);
+  const std::size_t local_batch = s.global_batch / static_cast<std::uint64_t>(world);
   std::vector<std::size_t> mine = sampler.indices();
   std::size_t next = 0;
-  std::vector<double> gradient(dim + 1);  // + the local loss, reduced along
+  std::vector<double> gradient(s.dim + 1);  // + the local loss, reduced along
   try {
-    while (step < steps) {
+    while (state.step < s.steps) {
       if (mine.size() - next < local_batch) {  // the epoch ran out: the next one
-        sampler.set_epoch(++epoch, 0);
+        sampler.set_epoch(++state.epoch, 0);
         mine = sampler.indices();
         next = 0;
       }
-      std::fill(gradient.begin(), gradient.end(), 0.0);
-      for (std::size_t k = 0; k < local_batch; ++k) {
-        const std::size_t i = mine[next + k];
-        double error = -data.y[i];
-        for (std::size_t j = 0; j < dim; ++j) error += data.x[i * dim + j] * w[j];
-        for (std::size_t j = 0; j < dim; ++j) {
-          gradient[j] += 2 * error * data.x[i * dim + j] / static_cast<double>(local_batch);
-        }
-        gradient[dim] += error * error / static_cast<double>(local_batch);
-      }
+      local_gradient(job.data, state.w, mine, next, local_batch, gradient);
       next += local_batch;
-      if (const auto ms = args["step-ms"].as<std::uint64_t>()) {
+      if (const auto ms = s.step_ms) {
         std::this_thread::sleep_for(std::chrono::milliseconds(ms));
       }
-      session.engine()
+      job.session.engine()
           .submit("grad", unimsg::host_view(gradient.data(), gradient.size()),
                   unimsg::ReduceOp::kAvg)
           .wait();
-      for (std::size_t j = 0; j < dim; ++j) w[j] -= lr * gradient[j];
-      ++step;
-      session.step(step, gradient[dim], local_batch);
-      if (rank == 0 && json) {
-        std::printf("%s\n", nlohmann::json{{"step", step},
-                                           {"loss", gradient[dim]},
-                                           {"time", unix_time()},
-                                           {"world_size", world},
-                                           {"restart", restart}}
-                                .dump()
-                                .c_str());
-        std::fflush(stdout);
-      }
-      if (fault && fault->rank == rank && fault->step == step && json) {
-        std::printf("%s\n",
-                    nlohmann::json{{"event", "inject"}, {"step", step}, {"time", unix_time()}}
-                        .dump()
-                        .c_str());
-        std::fflush(stdout);
-      }
-      if (fault) fault->at_step(rank, step);
+      for (std::size_t j = 0; j < s.dim; ++j) state.w[j] -= s.lr * gradient[j];
+      ++state.step;
+      job.session.step(state.step, gradient[s.dim], local_batch);
+      after_step(job, state.step, gradient[s.dim]);
       if (rank == 0) {
-        checkpoints.maybe_save(step, [&] {
+        job.checkpoints.maybe_save(state.step, [&] {
           unimsg::Checkpoint checkpoint;
-          checkpoint.blobs["w"] = as_bytes(w);
+          checkpoint.blobs["w"] = as_bytes(state.w);
           checkpoint.metadata_json = nlohmann::json{
-              {"epoch", epoch},
+              {"epoch", state.epoch},
               {"position", sampler.position_after(next)},
               {"world_size", world}}.dump();
           return checkpoint;
@@ -235,22 +296,50 @@ int run(int argc, char** argv) {
       }
     }
   } catch (const unimsg::TimeoutError& error) {
-    session.abort_restartable(error, step);
+    job.session.abort_restartable(error, state.step);
   }
+}
+
+void report_final(unimsg::Runtime& runtime, const State& state, bool json) {
+  double norm = 0;
+  for (double v : state.w) norm += v * v;
+  if (json) {
+    char line[128];
+    std::snprintf(line, sizeof line, "{\"final\":true,\"step\":%llu,\"w_l2\":%.17g}",
+                  static_cast<unsigned long long>(state.step), std::sqrt(norm));
+    std::printf("%s\n", line);
+  } else {
+    runtime.log().info("done: {} steps, |w| = {:.6f}", state.step, std::sqrt(norm));
+  }
+}
+
+int run(int argc, char** argv) {
+  unimsg::Runtime runtime(&argc, &argv);
+  const int rank = runtime.rank();
+  const auto settings = parse_settings(argc, argv, rank, runtime.size());
+  if (!settings) return 0;
+  // Heartbeats, status to rank 0 (docs/monitoring.md), the communicator and the engine.
+  unimsg::TrainingSession session(runtime, unimsg::TrainingSessionOptions::from_env());
+  unimsg::TieredCheckpointer checkpoints(tier_options(*settings, rank, session));
+  session.monitor().set_total_steps(settings->steps);
+  const auto fault = unimsg::FaultInjection::from_env();
+
+  const Data data = make_data(settings->samples, settings->dim);
+  State state;
+  state.w.assign(settings->dim, 0.0);
+  const auto restart = unimsg::env_uint("UNIMSG_RESTART_COUNT", 0, 1u << 30).value_or(0);
+  const Job job{.runtime = runtime,
+                .session = session,
+                .checkpoints = checkpoints,
+                .fault = fault,
+                .settings = *settings,
+                .data = data,
+                .restart = restart};
+  resume(job, state);
+  train(job, state);
   checkpoints.flush();
   session.finish();
-  if (rank == 0) {
-    double norm = 0;
-    for (double v : w) norm += v * v;
-    if (json) {
-      char line[128];
-      std::snprintf(line, sizeof line, "{\"final\":true,\"step\":%llu,\"w_l2\":%.17g}",
-                    static_cast<unsigned long long>(step), std::sqrt(norm));
-      std::printf("%s\n", line);
-    } else {
-      runtime.log().info("done: {} steps, |w| = {:.6f}", step, std::sqrt(norm));
-    }
-  }
+  if (rank == 0) report_final(runtime, state, settings->json);
   return 0;
 }
 

@@ -54,10 +54,13 @@ std::string read_manifest_everywhere(const std::string& path, int rank) {
   return text;
 }
 
-int run(int argc, char** argv) {
-  cxxopts::Options cli("unimsg-fetch",
-                       "Download a manifest's files into a content-addressed cache through the "
-                       "unimsg task queue (alone, or under mpirun with workers on every rank).");
+struct Settings {
+  std::string manifest;
+  unimsg::FetchQueueOptions options;
+  bool json = false;
+};
+
+void declare_options(cxxopts::Options& cli) {
   cli.add_options()("manifest", "JSON: {\"files\":[{\"name\",\"url\",\"sha256\",\"size\"?}]}",
                     cxxopts::value<std::string>())("cache", "cache directory (objects/<sha256>)",
                                                    cxxopts::value<std::string>())(
@@ -70,11 +73,9 @@ int run(int argc, char** argv) {
       "lease", "seconds a silent worker keeps a task before it is re-queued",
       cxxopts::value<double>()->default_value("30"))("json", "one JSON object per file (rank 0)")(
       "h,help", "show this help");
-  const auto args = cli.parse(argc, argv);
-  if (args.count("help")) {
-    std::puts(cli.help().c_str());
-    return 0;
-  }
+}
+
+Settings parse_settings(const cxxopts::ParseResult& args) {
   if (!args.count("manifest") || !args.count("cache")) {
     throw unimsg::ConfigError(unimsg::kNoRank, "unimsg-fetch",
                               "--manifest and --cache are required");
@@ -92,7 +93,9 @@ int run(int argc, char** argv) {
   if (workers < 1 || workers > 256) {
     throw unimsg::ConfigError(unimsg::kNoRank, "--workers", "must be from 1 to 256");
   }
-  unimsg::FetchQueueOptions options;
+  Settings s;
+  s.manifest = args["manifest"].as<std::string>();
+  unimsg::FetchQueueOptions& options = s.options;
   options.workers = workers;
   options.lease = std::chrono::milliseconds(static_cast<long long>(lease * 1000));
   options.fetch.cache = args["cache"].as<std::string>();
@@ -100,20 +103,19 @@ int run(int argc, char** argv) {
   options.fetch.attempt_timeout = std::chrono::milliseconds(static_cast<long long>(timeout * 1000));
   options.fetch.max_bytes_per_second =
       unimsg::parse_size(args["max-rate"].as<std::string>(), "--max-rate");
-  const bool json = args.count("json") > 0;
+  s.json = args.count("json") > 0;
+  return s;
+}
 
-  unimsg::Runtime runtime(&argc, &argv);
+// Progress every 2 s per file. UNIMSG_FAULT_INJECT's step counts this rank's progress reports
+// (one per 250 ms of transfer), so a fault lands in the middle of a download.
+void report_progress(unimsg::Runtime& runtime, unimsg::FetchOptions& fetch) {
   const int rank = runtime.rank();
-  const auto files =
-      unimsg::parse_manifest(read_manifest_everywhere(args["manifest"].as<std::string>(), rank));
-  // Progress every 2 s per file. UNIMSG_FAULT_INJECT's step counts this rank's progress reports
-  // (one per 250 ms of transfer), so a fault lands in the middle of a download.
   const auto fault = unimsg::FaultInjection::from_env();
-  options.fetch.progress_interval = std::chrono::milliseconds(250);
+  fetch.progress_interval = std::chrono::milliseconds(250);
   auto progress_state = std::make_shared<std::pair<std::mutex, std::uint64_t>>();
-  options.fetch.progress = [&runtime, fault, progress_state, rank](const unimsg::FetchSpec& spec,
-                                                                   std::uint64_t bytes,
-                                                                   std::uint64_t total) {
+  fetch.progress = [&runtime, fault, progress_state, rank](
+                       const unimsg::FetchSpec& spec, std::uint64_t bytes, std::uint64_t total) {
     std::uint64_t reports = 0;
     {
       std::lock_guard lock(progress_state->first);
@@ -124,40 +126,66 @@ int run(int argc, char** argv) {
       runtime.log().info("fetch {}: {:.1f} of {:.1f} MB", spec.name, bytes / 1e6, total / 1e6);
     }
   };
+}
 
-  int failed = 0;
-  {
-    unimsg::FetchQueue queue(runtime.bus(), options);
-    std::vector<std::future<unimsg::FetchResult>> results;
-    if (rank == 0) {
-      for (const auto& file : files) results.push_back(queue.submit(file));
-    }
-    queue.drain();
-    for (auto& future : results) {
-      const unimsg::FetchResult result = future.get();
-      const auto& outcome = result.outcome;
-      failed += outcome.status == unimsg::FetchStatus::kFailed;
-      if (json) {
-        std::printf("%s\n", nlohmann::json{{"name", outcome.name},
-                                           {"status", unimsg::to_string(outcome.status)},
-                                           {"attempts", outcome.attempts},
-                                           {"bytes", outcome.bytes},
-                                           {"seconds", outcome.seconds},
-                                           {"path", outcome.path.string()},
-                                           {"error", outcome.error},
-                                           {"worker_rank", result.worker_rank},
-                                           {"deliveries", result.deliveries}}
-                                .dump()
-                                .c_str());
-      } else {
-        runtime.log().info("{}: {} ({} attempts, {} bytes, {:.2f} s){}{}", outcome.name,
-                           unimsg::to_string(outcome.status), outcome.attempts, outcome.bytes,
-                           outcome.seconds, outcome.path.empty() ? "" : " -> ",
-                           outcome.path.empty() ? outcome.error : outcome.path.string());
-      }
-    }
-    std::fflush(stdout);
+void print_result(unimsg::Runtime& runtime, const unimsg::FetchResult& result, bool json) {
+  const auto& outcome = result.outcome;
+  if (json) {
+    std::printf("%s\n", nlohmann::json{{"name", outcome.name},
+                                       {"status", unimsg::to_string(outcome.status)},
+                                       {"attempts", outcome.attempts},
+                                       {"bytes", outcome.bytes},
+                                       {"seconds", outcome.seconds},
+                                       {"path", outcome.path.string()},
+                                       {"error", outcome.error},
+                                       {"worker_rank", result.worker_rank},
+                                       {"deliveries", result.deliveries}}
+                            .dump()
+                            .c_str());
+  } else {
+    runtime.log().info("{}: {} ({} attempts, {} bytes, {:.2f} s){}{}", outcome.name,
+                       unimsg::to_string(outcome.status), outcome.attempts, outcome.bytes,
+                       outcome.seconds, outcome.path.empty() ? "" : " -> ",
+                       outcome.path.empty() ? outcome.error : outcome.path.string());
   }
+}
+
+// Rank 0 submits the files; every rank works until the queue drains. Returns the failures.
+int fetch_all(unimsg::Runtime& runtime, const Settings& settings,
+              const std::vector<unimsg::FetchSpec>& files) {
+  int failed = 0;
+  unimsg::FetchQueue queue(runtime.bus(), settings.options);
+  std::vector<std::future<unimsg::FetchResult>> results;
+  if (runtime.rank() == 0) {
+    for (const auto& file : files) results.push_back(queue.submit(file));
+  }
+  queue.drain();
+  for (auto& future : results) {
+    const unimsg::FetchResult result = future.get();
+    failed += result.outcome.status == unimsg::FetchStatus::kFailed;
+    print_result(runtime, result, settings.json);
+  }
+  std::fflush(stdout);
+  return failed;
+}
+
+int run(int argc, char** argv) {
+  cxxopts::Options cli("unimsg-fetch",
+                       "Download a manifest's files into a content-addressed cache through the "
+                       "unimsg task queue (alone, or under mpirun with workers on every rank).");
+  declare_options(cli);
+  const auto args = cli.parse(argc, argv);
+  if (args.count("help")) {
+    std::puts(cli.help().c_str());
+    return 0;
+  }
+  Settings settings = parse_settings(args);
+
+  unimsg::Runtime runtime(&argc, &argv);
+  const auto files =
+      unimsg::parse_manifest(read_manifest_everywhere(settings.manifest, runtime.rank()));
+  report_progress(runtime, settings.options.fetch);
+  int failed = fetch_all(runtime, settings, files);
   MPI_Bcast(&failed, 1, MPI_INT, 0, MPI_COMM_WORLD);
   return failed == 0 ? 0 : 1;
 }

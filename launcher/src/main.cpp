@@ -24,6 +24,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <optional>
 #include <set>
 #include <string>
@@ -198,12 +199,17 @@ std::string describe(int status) {
   return "status " + std::to_string(status);
 }
 
-int run(int argc, char** argv) {
-  const SplitArgs split = split_arguments(argc, argv);
-  cxxopts::Options cli("unimsg-run",
-                       "Launch a unimsg program on N ranks through mpirun (or srun in a Slurm "
-                       "allocation); on failure, re-rank the survivors and relaunch.\n"
-                       "  unimsg-run -np 4 [options] [--] program [args...]");
+// What the command line asks for, checked.
+struct Settings {
+  LaunchPlan plan;
+  int max_restarts = 3;
+  int min_np = 1;
+  fs::path run_dir;
+  ProgressSettings progress;
+  bool dry_run = false;
+};
+
+void declare_options(cxxopts::Options& cli) {
   cli.add_options()("np", "ranks to start (also -np)", cxxopts::value<int>())(
       "H,host", "hosts and slots: host:slots,host,...", cxxopts::value<std::string>())(
       "hostfile", "a file of hosts ('host slots=N' or 'host:N' per line)",
@@ -229,17 +235,10 @@ int run(int argc, char** argv) {
       "progress-interval", "seconds between plain progress lines",
       cxxopts::value<int>()->default_value("10"))(
       "dry-run", "print the command that would run, and exit")("h,help", "show this help");
-  std::vector<char*> our_argv;
-  for (const auto& word : split.ours) our_argv.push_back(const_cast<char*>(word.c_str()));
-  const auto args = cli.parse(static_cast<int>(our_argv.size()), our_argv.data());
-  if (args.count("help")) {
-    std::puts(cli.help().c_str());
-    std::puts(
-        "Exit status: 0 done; 2 bad usage; 3 failed and --max-restarts spent; 4 fewer than "
-        "--min-np ranks left; 5 the program failed in a way a restart cannot fix (it exited "
-        "with status 2); 6 could not start mpirun/srun.");
-    return 0;
-  }
+}
+
+// -np, the program and the hosts.
+LaunchPlan parse_plan(const cxxopts::ParseResult& args, const SplitArgs& split) {
   if (!args.count("np")) throw unimsg::ConfigError(unimsg::kNoRank, "-np", "is required");
   LaunchPlan plan;
   plan.np = args["np"].as<int>();
@@ -256,23 +255,17 @@ int run(int argc, char** argv) {
   }
   if (args.count("host")) plan.hosts = parse_host_list(args["host"].as<std::string>());
   if (args.count("hostfile")) plan.hosts = parse_hostfile(args["hostfile"].as<std::string>());
-  const int max_restarts = args["max-restarts"].as<int>();
-  const int min_np = args["min-np"].as<int>();
-  if (max_restarts < 0) throw unimsg::ConfigError(unimsg::kNoRank, "--max-restarts", "< 0");
-  if (min_np < 1 || min_np > plan.np) {
-    throw unimsg::ConfigError(unimsg::kNoRank, "--min-np", "must be between 1 and -np");
-  }
-  plan.slurm = args.count("slurm") > 0 ||
-               (std::getenv("SLURM_JOB_ID") != nullptr && args.count("no-slurm") == 0);
-  plan.mpirun = args["mpirun"].as<std::string>();
+  return plan;
+}
 
-  const fs::path run_dir = fs::absolute(args["run-dir"].as<std::string>());
-  // Every UNIMSG_* variable of ours goes to the ranks, then what -x and the options add.
+// Every UNIMSG_* variable of ours goes to the ranks, then what -x and the options add.
+void pass_environment(const cxxopts::ParseResult& args, const fs::path& run_dir,
+                      std::map<std::string, std::string>& environment) {
   for (char** entry = environ; *entry != nullptr; ++entry) {
     const std::string text = *entry;
     const auto equals = text.find('=');
     if (text.rfind("UNIMSG_", 0) == 0 && equals != std::string::npos) {
-      plan.environment[text.substr(0, equals)] = text.substr(equals + 1);
+      environment[text.substr(0, equals)] = text.substr(equals + 1);
     }
   }
   if (args.count("x")) {
@@ -281,34 +274,36 @@ int run(int argc, char** argv) {
       const std::string name = item.substr(0, equals);
       if (name.empty()) throw unimsg::ConfigError(unimsg::kNoRank, "-x", "empty variable name");
       if (equals != std::string::npos) {
-        plan.environment[name] = item.substr(equals + 1);
+        environment[name] = item.substr(equals + 1);
       } else if (const char* value = std::getenv(name.c_str())) {
-        plan.environment[name] = value;
+        environment[name] = value;
       } else {
         throw unimsg::ConfigError(unimsg::kNoRank, "-x", name + " is not set here");
       }
     }
   }
   if (args.count("checkpoint-dir")) {
-    plan.environment["UNIMSG_CHECKPOINT_DIR"] =
+    environment["UNIMSG_CHECKPOINT_DIR"] =
         fs::absolute(args["checkpoint-dir"].as<std::string>()).string();
   }
   if (args.count("heartbeat-timeout")) {
-    plan.environment["UNIMSG_HEARTBEAT_TIMEOUT"] = args["heartbeat-timeout"].as<std::string>();
+    environment["UNIMSG_HEARTBEAT_TIMEOUT"] = args["heartbeat-timeout"].as<std::string>();
   }
   if (args.count("collective-timeout")) {
-    plan.environment["UNIMSG_COLLECTIVE_TIMEOUT_S"] = args["collective-timeout"].as<std::string>();
+    environment["UNIMSG_COLLECTIVE_TIMEOUT_S"] = args["collective-timeout"].as<std::string>();
   }
-  plan.environment["UNIMSG_RUN_DIR"] = run_dir.string();
-  plan.environment["UNIMSG_RESTART_COUNT"] = "0";
+  environment["UNIMSG_RUN_DIR"] = run_dir.string();
+  environment["UNIMSG_RESTART_COUNT"] = "0";
   // As torchrun sets OMP_NUM_THREADS=1: ranks share the host's cores, and OpenBLAS's own pool
   // (PowerSGD's products) spinning in every rank would take them from each other. An explicit
   // value (in this environment or through -x) wins.
-  if (!plan.environment.count("OPENBLAS_NUM_THREADS") &&
+  if (!environment.count("OPENBLAS_NUM_THREADS") &&
       std::getenv("OPENBLAS_NUM_THREADS") == nullptr) {
-    plan.environment["OPENBLAS_NUM_THREADS"] = "1";
+    environment["OPENBLAS_NUM_THREADS"] = "1";
   }
+}
 
+ProgressSettings parse_progress(const cxxopts::ParseResult& args, const fs::path& run_dir) {
   ProgressSettings progress;
   progress.mode = parse_progress_mode(args["progress"].as<std::string>(), ::isatty(STDERR_FILENO));
   progress.status_file = run_dir / "status.json";
@@ -317,94 +312,176 @@ int run(int argc, char** argv) {
     throw unimsg::ConfigError(unimsg::kNoRank, "--progress-interval", "must be at least 1 second");
   }
   progress.plain_interval = std::chrono::seconds(interval);
+  return progress;
+}
 
-  if (args.count("dry-run")) {
-    std::string line;
-    for (const auto& word : build_command(plan)) line += (line.empty() ? "" : " ") + word;
-    std::puts(line.c_str());
-    return kExitDone;
+Settings parse_settings(const cxxopts::ParseResult& args, const SplitArgs& split) {
+  Settings s;
+  s.plan = parse_plan(args, split);
+  s.max_restarts = args["max-restarts"].as<int>();
+  s.min_np = args["min-np"].as<int>();
+  if (s.max_restarts < 0) throw unimsg::ConfigError(unimsg::kNoRank, "--max-restarts", "< 0");
+  if (s.min_np < 1 || s.min_np > s.plan.np) {
+    throw unimsg::ConfigError(unimsg::kNoRank, "--min-np", "must be between 1 and -np");
   }
+  s.plan.slurm = args.count("slurm") > 0 ||
+                 (std::getenv("SLURM_JOB_ID") != nullptr && args.count("no-slurm") == 0);
+  s.plan.mpirun = args["mpirun"].as<std::string>();
+  s.run_dir = fs::absolute(args["run-dir"].as<std::string>());
+  pass_environment(args, s.run_dir, s.plan.environment);
+  s.progress = parse_progress(args, s.run_dir);
+  s.dry_run = args.count("dry-run") > 0;
+  return s;
+}
 
+// How one launch ended.
+struct Launch {
+  int status = 0;
+  bool interrupted = false;
+  std::optional<DeadProcess> dead;
+};
+
+// Starts the job once and waits for it; nothing when it could not start (the event is written).
+std::optional<Launch> launch_once(const Settings& s, EventLog& events, const fs::path& report_path,
+                                  int restart) {
+  const LaunchPlan& plan = s.plan;
+  if (plan.slurm) {
+    for (const auto& [name, value] : plan.environment) setenv(name.c_str(), value.c_str(), 1);
+  }
   std::error_code error;
-  fs::create_directories(run_dir, error);
+  fs::remove(report_path, error);
+  fs::remove(s.progress.status_file, error);  // the previous launch's
+  const auto command = build_command(plan);
+  events.write("launch", plan.np, restart);
+  spdlog::info("[unimsg-run] launch {} of {}: {} rank(s)", restart + 1, s.max_restarts + 1,
+               plan.np);
+  Launch launch;
+  try {
+    launch.status = run_and_wait(command, launch.interrupted, s.progress, launch.dead);
+  } catch (const unimsg::Error& failure) {
+    events.write("gave_up", plan.np, restart, {{"reason", failure.what()}});
+    spdlog::error("[unimsg-run] {}", failure.what());
+    return std::nullopt;
+  }
+  return launch;
+}
+
+// What was lost, from the watchdog's fault report or else mpirun's word; written as "failure".
+FaultReport record_failure(EventLog& events, const LaunchPlan& plan, int restart,
+                           const Launch& launch, const fs::path& report_path) {
+  const auto report = read_fault_report(report_path);
+  FaultReport lost = report.value_or(FaultReport{});
+  const auto& dead = launch.dead;
+  if (!report && dead) {
+    // No watchdog got to write a report (mpirun ended the job first): mpirun's word for it.
+    lost.lost_ranks = {dead->rank};
+    lost.rank_hosts = {dead->host};
+    lost.reason = "rank " + std::to_string(dead->rank) +
+                  (dead->host.empty() ? "" : " on " + dead->host) + ": " + dead->how +
+                  " (reported by " + (plan.slurm ? "srun" : "mpirun") + ")";
+  }
+  if (lost.reason.empty()) lost.reason = "the job ended with " + describe(launch.status);
+  nlohmann::json details{{"reason", lost.reason},
+                         {"lost_ranks", lost.lost_ranks},
+                         {"lost_hosts", lost.lost_hosts},
+                         {"fault_report", report.has_value()}};
+  if (lost.time) details["detected_at"] = *lost.time;
+  if (lost.last_step) details["last_step"] = *lost.last_step;
+  events.write("failure", plan.np, restart, details);
+  spdlog::warn("[unimsg-run] failure: {}", lost.reason);
+  return lost;
+}
+
+// The exit status when a failure ends the job; nothing when it may be relaunched.
+std::optional<int> stop_status(const Settings& s, EventLog& events, int restart,
+                               const Launch& launch) {
+  const int status = launch.status;
+  if (launch.interrupted) {
+    events.write("gave_up", s.plan.np, restart, {{"reason", "interrupted"}});
+    return WIFSIGNALED(status) ? 128 + WTERMSIG(status) : kExitRestartsSpent;
+  }
+  if (WIFEXITED(status) && WEXITSTATUS(status) == 2) {
+    events.write("gave_up", s.plan.np, restart, {{"reason", "the program reported bad usage"}});
+    return kExitNotRestartable;
+  }
+  if (restart >= s.max_restarts) {
+    events.write("gave_up", s.plan.np, restart, {{"reason", "--max-restarts spent"}});
+    spdlog::error("[unimsg-run] giving up: {} restart(s) spent", s.max_restarts);
+    return kExitRestartsSpent;
+  }
+  return std::nullopt;
+}
+
+// Drops what was lost from the plan; the exit status when too few ranks would remain.
+std::optional<int> rerank(Settings& s, EventLog& events, int restart, const FaultReport& lost) {
+  LaunchPlan& plan = s.plan;
+  const Shrink next = shrink(plan.hosts, plan.np, lost);
+  if (next.np < s.min_np) {
+    events.write("gave_up", next.np, restart, {{"reason", "fewer ranks than --min-np left"}});
+    spdlog::error("[unimsg-run] giving up: {} rank(s) left, --min-np is {}", next.np, s.min_np);
+    return kExitBelowMinNp;
+  }
+  events.write(
+      "rerank", next.np, restart,
+      {{"from", plan.np}, {"lost_ranks", lost.lost_ranks}, {"lost_hosts", lost.lost_hosts}});
+  spdlog::warn("[unimsg-run] re-ranking: {} -> {} rank(s)", plan.np, next.np);
+  plan.hosts = next.hosts;
+  plan.np = next.np;
+  events.write("restart", plan.np, restart + 1);
+  return std::nullopt;
+}
+
+// Launches until the job succeeds or may not be relaunched; returns the exit status.
+int supervise(Settings& s) {
+  std::error_code error;
+  fs::create_directories(s.run_dir, error);
   if (error) {
     throw unimsg::ConfigError(unimsg::kNoRank, "--run-dir",
-                              "cannot create " + run_dir.string() + ": " + error.message());
+                              "cannot create " + s.run_dir.string() + ": " + error.message());
   }
-  EventLog events(run_dir / "events.jsonl");
-  const fs::path report_path = run_dir / "fault-report.json";
+  EventLog events(s.run_dir / "events.jsonl");
+  const fs::path report_path = s.run_dir / "fault-report.json";
   for (int restart = 0;; ++restart) {
-    plan.environment["UNIMSG_RESTART_COUNT"] = std::to_string(restart);
-    if (plan.slurm) {
-      for (const auto& [name, value] : plan.environment) setenv(name.c_str(), value.c_str(), 1);
-    }
-    fs::remove(report_path, error);
-    fs::remove(progress.status_file, error);  // the previous launch's
-    const auto command = build_command(plan);
-    events.write("launch", plan.np, restart);
-    spdlog::info("[unimsg-run] launch {} of {}: {} rank(s)", restart + 1, max_restarts + 1,
-                 plan.np);
-    bool interrupted = false;
-    int status = 0;
-    std::optional<DeadProcess> dead;
-    try {
-      status = run_and_wait(command, interrupted, progress, dead);
-    } catch (const unimsg::Error& failure) {
-      events.write("gave_up", plan.np, restart, {{"reason", failure.what()}});
-      spdlog::error("[unimsg-run] {}", failure.what());
-      return kExitCannotStart;
-    }
-    if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
-      events.write("done", plan.np, restart);
+    s.plan.environment["UNIMSG_RESTART_COUNT"] = std::to_string(restart);
+    const auto launch = launch_once(s, events, report_path, restart);
+    if (!launch) return kExitCannotStart;
+    if (WIFEXITED(launch->status) && WEXITSTATUS(launch->status) == 0) {
+      events.write("done", s.plan.np, restart);
       spdlog::info("[unimsg-run] done after {} restart(s)", restart);
       return kExitDone;
     }
-    const auto report = read_fault_report(report_path);
-    FaultReport lost = report.value_or(FaultReport{});
-    if (!report && dead) {
-      // No watchdog got to write a report (mpirun ended the job first): mpirun's word for it.
-      lost.lost_ranks = {dead->rank};
-      lost.rank_hosts = {dead->host};
-      lost.reason = "rank " + std::to_string(dead->rank) +
-                    (dead->host.empty() ? "" : " on " + dead->host) + ": " + dead->how +
-                    " (reported by " + (plan.slurm ? "srun" : "mpirun") + ")";
-    }
-    if (lost.reason.empty()) lost.reason = "the job ended with " + describe(status);
-    nlohmann::json details{{"reason", lost.reason},
-                           {"lost_ranks", lost.lost_ranks},
-                           {"lost_hosts", lost.lost_hosts},
-                           {"fault_report", report.has_value()}};
-    if (lost.time) details["detected_at"] = *lost.time;
-    if (lost.last_step) details["last_step"] = *lost.last_step;
-    events.write("failure", plan.np, restart, details);
-    spdlog::warn("[unimsg-run] failure: {}", lost.reason);
-    if (interrupted) {
-      events.write("gave_up", plan.np, restart, {{"reason", "interrupted"}});
-      return WIFSIGNALED(status) ? 128 + WTERMSIG(status) : kExitRestartsSpent;
-    }
-    if (WIFEXITED(status) && WEXITSTATUS(status) == 2) {
-      events.write("gave_up", plan.np, restart, {{"reason", "the program reported bad usage"}});
-      return kExitNotRestartable;
-    }
-    if (restart >= max_restarts) {
-      events.write("gave_up", plan.np, restart, {{"reason", "--max-restarts spent"}});
-      spdlog::error("[unimsg-run] giving up: {} restart(s) spent", max_restarts);
-      return kExitRestartsSpent;
-    }
-    const Shrink next = shrink(plan.hosts, plan.np, lost);
-    if (next.np < min_np) {
-      events.write("gave_up", next.np, restart, {{"reason", "fewer ranks than --min-np left"}});
-      spdlog::error("[unimsg-run] giving up: {} rank(s) left, --min-np is {}", next.np, min_np);
-      return kExitBelowMinNp;
-    }
-    events.write(
-        "rerank", next.np, restart,
-        {{"from", plan.np}, {"lost_ranks", lost.lost_ranks}, {"lost_hosts", lost.lost_hosts}});
-    spdlog::warn("[unimsg-run] re-ranking: {} -> {} rank(s)", plan.np, next.np);
-    plan.hosts = next.hosts;
-    plan.np = next.np;
-    events.write("restart", plan.np, restart + 1);
+    const FaultReport lost = record_failure(events, s.plan, restart, *launch, report_path);
+    if (const auto status = stop_status(s, events, restart, *launch)) return *status;
+    if (const auto status = rerank(s, events, restart, lost)) return *status;
   }
+}
+
+int run(int argc, char** argv) {
+  const SplitArgs split = split_arguments(argc, argv);
+  cxxopts::Options cli("unimsg-run",
+                       "Launch a unimsg program on N ranks through mpirun (or srun in a Slurm "
+                       "allocation); on failure, re-rank the survivors and relaunch.\n"
+                       "  unimsg-run -np 4 [options] [--] program [args...]");
+  declare_options(cli);
+  std::vector<char*> our_argv;
+  for (const auto& word : split.ours) our_argv.push_back(const_cast<char*>(word.c_str()));
+  const auto args = cli.parse(static_cast<int>(our_argv.size()), our_argv.data());
+  if (args.count("help")) {
+    std::puts(cli.help().c_str());
+    std::puts(
+        "Exit status: 0 done; 2 bad usage; 3 failed and --max-restarts spent; 4 fewer than "
+        "--min-np ranks left; 5 the program failed in a way a restart cannot fix (it exited "
+        "with status 2); 6 could not start mpirun/srun.");
+    return 0;
+  }
+  Settings settings = parse_settings(args, split);
+  if (settings.dry_run) {
+    std::string line;
+    for (const auto& word : build_command(settings.plan)) line += (line.empty() ? "" : " ") + word;
+    std::puts(line.c_str());
+    return kExitDone;
+  }
+  return supervise(settings);
 }
 
 }  // namespace
