@@ -195,6 +195,8 @@ BusStats Bus::stats() const {
   out.rejected_messages = s.rejected_messages.load();
   out.late_replies = s.late_replies.load();
   out.handler_errors = s.handler_errors.load();
+  std::lock_guard lock(core_->mail_mutex);
+  out.pending_requests = core_->pending_requests.size();
   return out;
 }
 
@@ -249,6 +251,25 @@ void Subscription::reset() {
 PendingReply::PendingReply(std::shared_ptr<detail::BusCore> core,
                            std::shared_ptr<detail::ReplySlot> slot)
     : core_(std::move(core)), slot_(std::move(slot)) {}
+
+PendingReply::~PendingReply() {
+  withdraw();
+}
+
+PendingReply& PendingReply::operator=(PendingReply&& other) noexcept {
+  if (this != &other) {
+    withdraw();
+    core_ = std::move(other.core_);
+    slot_ = std::move(other.slot_);
+  }
+  return *this;
+}
+
+void PendingReply::withdraw() noexcept {
+  if (!core_ || !slot_) return;
+  std::lock_guard lock(core_->mail_mutex);
+  if (!slot_->done) core_->pending_requests.erase(slot_->request.correlation);
+}
 
 std::uint64_t PendingReply::correlation() const noexcept {
   return slot_ ? slot_->request.correlation : 0;

@@ -60,6 +60,8 @@ constexpr int kMaxReceivesPerRound = 64;
 // Bulk payloads being received at once: more would only split the memory bandwidth between them
 // and grow the buffer pool, without finishing any of them sooner.
 constexpr std::size_t kMaxPendingPayloadBytes = 1ull << 20;
+// How long shutdown waits at least for MPI to cancel each receive still posted.
+constexpr std::chrono::seconds kCancelGrace{1};
 
 inline void cpu_relax() noexcept {
 #if defined(__x86_64__) || defined(__i386__)
@@ -167,6 +169,11 @@ struct PendingReceive {
   std::array<std::byte, kHeaderSize> wire_header;
   Header header;
   std::optional<Message> ready;  // a packed message, decoded, waiting for its turn
+  // A split payload whose receive is not posted yet: no memory for its buffer when its header
+  // came (the payload waits in MPI, its sender's send unfinished, until a later round finds
+  // memory), or MPI refused the receive.
+  bool awaiting_post = false;
+  bool memory_warned = false;
 };
 
 // One preposted envelope receive.
@@ -214,7 +221,9 @@ struct BusCore : std::enable_shared_from_this<BusCore> {
   bool receive_messages();
   bool inbox_has_room() const;
   void post_ring_slot(RingSlot& slot);
+  void post_ring_slots();
   void accept_envelope(int source, std::span<const std::byte> wire);
+  bool post_payload_receive(int source, PendingReceive& pending);
   bool complete_receives();
   void accept_split(int source, PendingReceive& receive);
   void reject(int source, const std::string& reason);
@@ -236,6 +245,7 @@ struct BusCore : std::enable_shared_from_this<BusCore> {
 
   void unsubscribe(std::uint64_t id);
   void shutdown();
+  void abandon_requests(Clock::time_point deadline);
   void check_open(const char* operation) const;
   void check_topic(Topic topic, const char* operation) const;
   void check_payload(const Message& message, const char* operation) const;
@@ -274,6 +284,10 @@ struct BusCore : std::enable_shared_from_this<BusCore> {
   bool served_waiter_last_round = false;
   std::vector<char> blocked_scratch;
   std::shared_ptr<BufferPool> buffers;
+  // Buffers of transfers MPI still holds after shutdown (abandon_requests).
+  std::vector<std::shared_ptr<std::byte[]>> leaked_buffers;
+  std::vector<std::unique_ptr<std::byte[]>> leaked_ring_buffers;
+  std::vector<std::unique_ptr<InFlight>> leaked_flights;
 
   std::atomic<std::uint64_t> queued_bytes{0};
   std::atomic<std::uint64_t> queued_messages{0};

@@ -5,8 +5,10 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstring>
 #include <memory>
+#include <new>
 #include <string>
 #include <utility>
 
@@ -57,6 +59,9 @@ void BusCore::accept_split(int source, PendingReceive& receive) {
     deliver_received(std::move(message));
   } catch (const DecodeError& error) {
     reject(source, error.what());
+  } catch (const std::bad_alloc&) {
+    reject(source,
+           "no memory to decompress a message of " + std::to_string(receive.size) + " bytes");
   }
 }
 
@@ -74,14 +79,11 @@ void BusCore::accept_envelope(int source, std::span<const std::byte> wire) {
       pending.header = header;
       std::memcpy(pending.wire_header.data(), wire.data(), kHeaderSize);
       pending.size = header.payload_length;
-      pending.buffer = buffers->acquire(pending.size);
-      const int tag = kTagPayloadBase + static_cast<int>(header.sequence % payload_tag_span);
-      check_mpi(MPI_Irecv(pending.buffer.get(), static_cast<int>(pending.size), MPI_BYTE, source,
-                          tag, comm.get(), &pending.request),
-                rank, "bus: MPI_Irecv");
-      pending_payload_bytes += pending.size;
+      pending.awaiting_post = true;
       source_queue.push_back(std::move(pending));
       ++pending_receive_count;
+      // Queued first: if MPI refuses the receive, the entry stays and is posted again later.
+      post_payload_receive(source, source_queue.back());
       return;
     }
     const auto payload_bytes = wire.subspan(kHeaderSize);
@@ -102,7 +104,47 @@ void BusCore::accept_envelope(int source, std::span<const std::byte> wire) {
     ++pending_receive_count;
   } catch (const DecodeError& error) {
     reject(source, error.what());
+  } catch (const std::bad_alloc&) {
+    reject(source, "no memory to store a message of " + std::to_string(wire.size()) + " bytes");
   }
+}
+
+bool BusCore::post_payload_receive(int source, PendingReceive& pending) {
+  try {
+    if (!pending.buffer) pending.buffer = buffers->acquire(pending.size);
+  } catch (const std::bad_alloc&) {
+    if (!std::exchange(pending.memory_warned, true)) {
+      log->warn(
+          "bus: no memory for a payload of {} bytes from rank {} ({}); it and the later messages "
+          "from that rank wait until memory is free",
+          pending.size, source, describe(pending.header));
+    }
+    return false;
+  }
+  const int tag = kTagPayloadBase + static_cast<int>(pending.header.sequence % payload_tag_span);
+  check_mpi(MPI_Irecv(pending.buffer.get(), static_cast<int>(pending.size), MPI_BYTE, source, tag,
+                      comm.get(), &pending.request),
+            rank, "bus: MPI_Irecv");
+  pending.awaiting_post = false;
+  pending_payload_bytes += pending.size;
+  if (pending.memory_warned) {
+    log->info("bus: memory found for the payload of {} bytes from rank {}", pending.size, source);
+  }
+  return true;
+}
+
+void BusCore::post_ring_slots() {
+  // In ring order, which is the order MPI matches them in; a slot that MPI refused stays queued
+  // (with those after it) for the next round, instead of being lost or posted twice.
+  std::size_t posted = 0;
+  try {
+    for (; posted < ring_to_post.size(); ++posted) post_ring_slot(ring[ring_to_post[posted]]);
+  } catch (...) {
+    ring_to_post.erase(ring_to_post.begin(),
+                       ring_to_post.begin() + static_cast<std::ptrdiff_t>(posted));
+    throw;
+  }
+  ring_to_post.clear();
 }
 
 bool BusCore::inbox_has_room() const {
@@ -116,10 +158,7 @@ bool BusCore::inbox_has_room() const {
 bool BusCore::receive_messages() {
   // A full inbox stops receiving: no slot is posted again, so senders stall on their windows
   // (back-pressure).
-  if (!ring_to_post.empty() && inbox_has_room()) {
-    for (const std::size_t index : ring_to_post) post_ring_slot(ring[index]);
-    ring_to_post.clear();
-  }
+  if (!ring_to_post.empty() && inbox_has_room()) post_ring_slots();
   bool received = false;
   for (int round = 0; round < kMaxReceivesPerRound; ++round) {
     if (!inbox_has_room() || pending_payload_bytes >= kMaxPendingPayloadBytes) break;
@@ -148,10 +187,13 @@ bool BusCore::receive_messages() {
     MPI_Get_count(&status, MPI_BYTE, &count);
     const std::uint64_t generation = mail_generation.load(std::memory_order_relaxed);
     const bool was_served = direct_receive != nullptr && direct_receive->out->has_value();
-    accept_envelope(status.MPI_SOURCE,
-                    {slot.buffer.get(), static_cast<std::size_t>(std::max(count, 0))});
+    // Queued for posting again before the envelope is handled, whatever that throws: a slot left
+    // unposted would stop this rank's receiving for good. (It is posted next round, after its
+    // bytes have been read.)
     ring_to_post.push_back(ring_head);
     ring_head = (ring_head + 1) % ring.size();
+    accept_envelope(status.MPI_SOURCE,
+                    {slot.buffer.get(), static_cast<std::size_t>(std::max(count, 0))});
     const bool waiter_may_be_ready =
         (direct_receive != nullptr && direct_receive->out->has_value() && !was_served) ||
         (spinning_drivers.load(std::memory_order_relaxed) > 0 &&
@@ -171,6 +213,7 @@ bool BusCore::complete_receives() {
     auto& queue = pending_receives[static_cast<std::size_t>(source)];
     while (!queue.empty()) {
       PendingReceive& head = queue.front();
+      if (head.awaiting_post && !post_payload_receive(source, head)) break;
       if (!head.ready) {
         int done = 0;
         check_mpi(MPI_Test(&head.request, &done, MPI_STATUS_IGNORE), rank, "bus: MPI_Test");

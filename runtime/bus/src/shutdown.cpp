@@ -4,8 +4,12 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
+#include <chrono>
+#include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 
 namespace unimsg::detail {
 
@@ -18,6 +22,12 @@ BusCore::~BusCore() {
     progress_cv.notify_all();
     progress_thread.join();
   }
+  // Deliberately never freed: MPI may still use them (abandon_requests).
+  for (auto& buffer : leaked_buffers) {
+    std::make_unique<std::shared_ptr<std::byte[]>>(std::move(buffer)).release();
+  }
+  for (auto& buffer : leaked_ring_buffers) buffer.release();
+  for (auto& flight : leaked_flights) flight.release();
 }
 
 void BusCore::shutdown() {
@@ -67,23 +77,64 @@ void BusCore::shutdown() {
   }
   mail_cv.notify_all();
   std::lock_guard lock(progress_mutex);
+  abandon_requests(std::max(deadline, deadline_after(kCancelGrace)));
+}
+
+namespace {
+
+// Cancels a receive and waits for it to end until `deadline`. MPI cannot cancel a receive it has
+// already matched: that one ends only when its data has arrived, which a stopped sender may
+// never send, so an unbounded wait here could hang the rank.
+bool cancel_receive(MPI_Request& request, Clock::time_point deadline) {
+  MPI_Cancel(&request);
+  while (true) {
+    int done = 0;
+    if (MPI_Test(&request, &done, MPI_STATUS_IGNORE) != MPI_SUCCESS || done) return true;
+    if (Clock::now() >= deadline) {
+      MPI_Request_free(&request);
+      return false;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+}
+
+}  // namespace
+
+// What MPI still holds after shutdown: receives it would not cancel and sends no peer took.
+// Their buffers stay allocated for as long as the process lives, since MPI may still write or
+// read them; freeing them could corrupt memory or put garbage on the wire.
+void BusCore::abandon_requests(Clock::time_point deadline) {
+  std::size_t abandoned = 0;
   for (auto& queue : pending_receives) {
     for (auto& pending : queue) {
-      if (pending.request == MPI_REQUEST_NULL) continue;
-      MPI_Cancel(&pending.request);
-      MPI_Wait(&pending.request, MPI_STATUS_IGNORE);
+      if (pending.request == MPI_REQUEST_NULL || cancel_receive(pending.request, deadline)) {
+        continue;
+      }
+      ++abandoned;
+      leaked_buffers.push_back(std::move(pending.buffer));
     }
     queue.clear();
   }
   for (auto& slot : ring) {
-    if (slot.request == MPI_REQUEST_NULL) continue;
-    MPI_Cancel(&slot.request);
-    MPI_Wait(&slot.request, MPI_STATUS_IGNORE);
+    if (slot.request == MPI_REQUEST_NULL || cancel_receive(slot.request, deadline)) continue;
+    ++abandoned;
+    leaked_ring_buffers.push_back(std::move(slot.buffer));
   }
   for (auto& flight : in_flight) {
+    bool active = false;
     for (auto& request : flight->requests) {
-      if (request != MPI_REQUEST_NULL) MPI_Request_free(&request);
+      if (request == MPI_REQUEST_NULL) continue;
+      active = true;
+      MPI_Request_free(&request);
     }
+    if (active) {
+      ++abandoned;
+      leaked_flights.push_back(std::move(flight));
+    }
+  }
+  in_flight.clear();
+  if (abandoned > 0) {
+    log->warn("bus.shutdown: {} transfer(s) left unfinished with stopped or lost peers", abandoned);
   }
 }
 

@@ -89,6 +89,7 @@ struct BusStats {
   std::uint64_t rejected_messages = 0;  // failed decode or came from the wrong rank
   std::uint64_t late_replies = 0;       // replies whose request had already timed out
   std::uint64_t handler_errors = 0;     // exceptions thrown by subscription handlers
+  std::uint64_t pending_requests = 0;   // requests sent whose reply has not come yet
 };
 
 using Handler = std::function<void(const Message&)>;
@@ -120,9 +121,16 @@ class Subscription {
 
 // The reply to a request. get() waits (driving progress) until the reply arrives or the request's
 // deadline passes, then throws TimeoutError naming the peer, kind, topic and correlation id.
+// The reply to one request. Dropping it unanswered withdraws the request: a reply that comes
+// later counts as late (BusStats::late_replies) instead of being kept for nobody.
 class PendingReply {
  public:
   PendingReply() = default;
+  ~PendingReply();
+  PendingReply(PendingReply&& other) noexcept = default;
+  PendingReply& operator=(PendingReply&& other) noexcept;
+  PendingReply(const PendingReply&) = delete;
+  PendingReply& operator=(const PendingReply&) = delete;
   Message get();
   bool ready() const;
   std::uint64_t correlation() const noexcept;
@@ -130,6 +138,7 @@ class PendingReply {
  private:
   friend class Bus;
   PendingReply(std::shared_ptr<detail::BusCore> core, std::shared_ptr<detail::ReplySlot> slot);
+  void withdraw() noexcept;
   std::shared_ptr<detail::BusCore> core_;
   std::shared_ptr<detail::ReplySlot> slot_;
 };
