@@ -20,14 +20,25 @@ namespace {
 using nlohmann::json;
 namespace fs = std::filesystem;
 
+// Replaces `path` only once `content` is wholly on disk: the last write of a full disk fails at
+// close (the stream's buffer flushed), and renaming that file would publish a torn one.
 void write_atomically(const fs::path& path, const std::string& content) {
   const fs::path temp = path.string() + ".tmp";
-  {
-    std::ofstream out(temp, std::ios::trunc);
-    out << content;
-    if (!out) throw std::runtime_error("cannot write " + temp.string());
+  std::ofstream out(temp, std::ios::trunc);
+  out << content;
+  out.close();
+  if (out.fail()) {
+    std::error_code ignored;
+    fs::remove(temp, ignored);
+    throw std::runtime_error("cannot write " + temp.string() + " (disk full?); " +
+                             path.filename().string() + " keeps its last content");
   }
-  fs::rename(temp, path);
+  std::error_code error;
+  fs::rename(temp, path, error);
+  if (error) {
+    fs::remove(temp, error);
+    throw std::runtime_error("cannot replace " + path.string() + ": " + error.message());
+  }
 }
 
 }  // namespace
@@ -47,7 +58,7 @@ void Monitor::handle_report(const StatusReport& report) {
   json line = report.to_json_value();
   line["type"] = "report";
   line["time"] = now;
-  record(line.dump());
+  record(detail::dump(line));
   if (change) {
     const std::string& text = change->text;
     if (change->straggler) {
@@ -55,13 +66,11 @@ void Monitor::handle_report(const StatusReport& report) {
     } else {
       log_->info("monitor: {}", text);
     }
-    record(json{
-        {"type", "event"},
-        {"time", now},
-        {"kind", change->straggler ? "straggler" : "straggler_cleared"},
-        {"rank", change->rank},
-        {"text",
-         text}}.dump());
+    record(detail::dump(json{{"type", "event"},
+                             {"time", now},
+                             {"kind", change->straggler ? "straggler" : "straggler_cleared"},
+                             {"rank", change->rank},
+                             {"text", text}}));
   }
   if (report.final_report) {
     std::lock_guard lock(final_mutex_);
@@ -97,9 +106,13 @@ void Monitor::record(const std::string& json_line) {
 void Monitor::write_status_file(double now) {
   if (options_.run_dir.empty()) return;
   try {
-    write_atomically(options_.run_dir / "status.json", board_->snapshot(now, false).dump());
+    write_atomically(options_.run_dir / "status.json", detail::dump(board_->snapshot(now, false)));
+    if (status_file_failing_) log_->info("monitor: status.json written again");
+    status_file_failing_ = false;
   } catch (const std::exception& error) {
-    log_->warn("monitor: status.json: {}", error.what());
+    // (Once per failing stretch: it is retried every second.)
+    if (!status_file_failing_) log_->warn("monitor: status.json: {}", error.what());
+    status_file_failing_ = true;
   }
 }
 

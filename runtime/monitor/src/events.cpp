@@ -10,6 +10,7 @@
 #include <exception>
 #include <fstream>
 #include <optional>
+#include <string_view>
 #include <vector>
 
 #include "monitor_internal.hpp"
@@ -17,6 +18,34 @@
 
 namespace unimsg {
 namespace {
+
+// The length of the well-formed UTF-8 character at the start of `text` (RFC 3629: no overlong
+// forms, no surrogates, nothing past U+10FFFF), 0 if there is none.
+std::size_t utf8_length(std::string_view text) {
+  const auto byte = [&](std::size_t i) { return static_cast<unsigned char>(text[i]); };
+  const unsigned char lead = byte(0);
+  if (lead < 0x80) return 1;
+  std::size_t length = 0;
+  unsigned char low = 0x80, high = 0xBF;  // the second byte's range
+  if (lead >= 0xC2 && lead <= 0xDF) {
+    length = 2;
+  } else if (lead >= 0xE0 && lead <= 0xEF) {
+    length = 3;
+    if (lead == 0xE0) low = 0xA0;
+    if (lead == 0xED) high = 0x9F;
+  } else if (lead >= 0xF0 && lead <= 0xF4) {
+    length = 4;
+    if (lead == 0xF0) low = 0x90;
+    if (lead == 0xF4) high = 0x8F;
+  } else {
+    return 0;
+  }
+  if (text.size() < length || byte(1) < low || byte(1) > high) return 0;
+  for (std::size_t i = 2; i < length; ++i) {
+    if (byte(i) < 0x80 || byte(i) > 0xBF) return 0;
+  }
+  return length;
+}
 
 using detail::kMaxEventKind;
 using detail::kMaxEventText;
@@ -55,22 +84,41 @@ std::optional<StatusEvent> launcher_event(const std::string& line) {
   } else {
     out.text = field("reason");
   }
-  if (out.text.size() > kMaxEventText) out.text.resize(kMaxEventText);
+  out.text = detail::clean_utf8(out.text, kMaxEventText);
   return out;
 }
 
 }  // namespace
 
+std::string detail::clean_utf8(std::string_view text, std::size_t max_bytes) {
+  static constexpr std::string_view kReplacement = "\xEF\xBF\xBD";  // U+FFFD
+  std::string out;
+  out.reserve(std::min(text.size(), max_bytes));
+  while (!text.empty()) {
+    const std::size_t length = utf8_length(text);
+    const std::string_view next = length > 0 ? text.substr(0, length) : kReplacement;
+    if (out.size() + next.size() > max_bytes) break;
+    out += next;
+    text.remove_prefix(length > 0 ? length : 1);
+  }
+  return out;
+}
+
+std::string detail::dump(const json& value) {
+  return value.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
 void Monitor::event(std::string kind, std::string text) {
-  if (kind.size() > kMaxEventKind) kind.resize(kMaxEventKind);
-  if (text.size() > kMaxEventText) text.resize(kMaxEventText);
+  kind = detail::clean_utf8(kind, kMaxEventKind);
+  text = detail::clean_utf8(text, kMaxEventText);
   if (bus_.rank() == 0) {
     handle_event(0, std::move(kind), std::move(text));
     return;
   }
   try {
-    bus_.send(0, Message::make(Kind::kStatus, kStatusEventTopic,
-                               Payload::from_string(json{{"kind", kind}, {"text", text}}.dump())));
+    bus_.send(
+        0, Message::make(Kind::kStatus, kStatusEventTopic,
+                         Payload::from_string(detail::dump(json{{"kind", kind}, {"text", text}}))));
   } catch (const std::exception& error) {
     log_->warn("monitor: event not sent: {}", error.what());
   }
@@ -95,8 +143,8 @@ void Monitor::handle_event(int source, std::string kind, std::string text) {
   const double now = detail::unix_now();
   text = "rank " + std::to_string(source) + ": " + text;
   log_->debug("monitor: event {}: {}", kind, text);  // (its sender logs it)
-  record(json{{"type", "event"}, {"time", now}, {"kind", kind}, {"rank", source}, {"text", text}}
-             .dump());
+  record(detail::dump(
+      json{{"type", "event"}, {"time", now}, {"kind", kind}, {"rank", source}, {"text", text}}));
   board_->add_event({now, std::move(kind), std::move(text)});
 }
 

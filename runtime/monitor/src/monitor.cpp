@@ -73,7 +73,7 @@ MonitorOptions MonitorOptions::from_env() {
 Monitor::Monitor(Bus& bus, MonitorOptions options)
     : bus_(bus),
       options_(std::move(options)),
-      host_(host_name()),
+      host_(detail::clean_utf8(host_name(), 255)),
       last_loss_(std::numeric_limits<double>::quiet_NaN()) {
   last_step_end_ = last_report_ = timeline_origin_ = Clock::now();
   log_ = make_rank_logger(bus_.rank(), bus_.size());
@@ -92,12 +92,11 @@ Monitor::Monitor(Bus& bus, MonitorOptions options)
         log_->warn("monitor: cannot write {}: no metrics.jsonl",
                    (options_.run_dir / "metrics.jsonl").string());
       }
-      record(json{{"type", "start"},
-                  {"time", unix_now()},
-                  {"job", options_.job},
-                  {"world_size", bus_.size()},
-                  {"restart", options_.restart}}
-                 .dump());
+      record(detail::dump(json{{"type", "start"},
+                               {"time", unix_now()},
+                               {"job", options_.job},
+                               {"world_size", bus_.size()},
+                               {"restart", options_.restart}}));
     }
     reports_ = bus_.subscribe(Filter{Kind::kStatus, kStatusReportTopic, std::nullopt},
                               [this](const Message& message) { on_report(message); });

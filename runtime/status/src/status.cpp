@@ -275,14 +275,30 @@ void StatusBoard::sample(double now) {
   }
 }
 
+std::vector<StatusBoard::RankView> StatusBoard::copy_ranks(bool with_history) const {
+  std::vector<RankView> ranks;
+  ranks.reserve(ranks_.size());
+  for (const RankView& view : ranks_) {
+    ranks.push_back({view.latest, view.received, view.heartbeat_age, view.straggler, {}});
+    if (with_history) ranks.back().history = view.history;
+  }
+  return ranks;
+}
+
+// prometheus() and snapshot() copy the board under its lock and render outside it: the bus
+// thread takes the lock for every report, and a client polling the server must not hold it up.
 std::string StatusBoard::prometheus(double now) const {
-  std::lock_guard lock(mutex_);
+  std::vector<RankView> ranks;
+  {
+    std::lock_guard lock(mutex_);
+    ranks = copy_ranks(false);
+  }
   std::string out;
   const auto family = [&](const char* name, const char* type, const char* help, auto value_of,
                           bool every_rank = false) {
     out += std::string("# HELP ") + name + " " + help + "\n# TYPE " + name + " " + type + "\n";
-    for (std::size_t r = 0; r < ranks_.size(); ++r) {
-      const RankView& view = ranks_[r];
+    for (std::size_t r = 0; r < ranks.size(); ++r) {
+      const RankView& view = ranks[r];
       if (!view.latest && !every_rank) continue;
       const std::optional<double> value = value_of(view);
       if (!value) continue;
@@ -329,7 +345,7 @@ std::string StatusBoard::prometheus(double now) const {
       "1 while the rank's compute time per step stays above UNIMSG_STRAGGLER_FACTOR x the median.",
       [](const RankView& v) { return V(v.straggler ? 1.0 : 0.0); }, true);
   out += "# HELP unimsg_world_size Ranks in this launch.\n# TYPE unimsg_world_size gauge\n";
-  out += "unimsg_world_size " + std::to_string(ranks_.size()) + "\n";
+  out += "unimsg_world_size " + std::to_string(ranks.size()) + "\n";
   out += "# HELP unimsg_restarts_total Relaunches of the job so far (unimsg-run).\n";
   out += "# TYPE unimsg_restarts_total counter\n";
   out += "unimsg_restarts_total " + std::to_string(restart_) + "\n";
@@ -364,15 +380,21 @@ json StatusBoard::rank_json(int rank, const RankView& view, double now) const {
 }
 
 json StatusBoard::snapshot(double now, bool with_history) const {
-  std::lock_guard lock(mutex_);
-  json out{{"job", job_}, {"time", now}, {"world_size", ranks_.size()}, {"restart", restart_}};
+  std::vector<RankView> views;
+  std::deque<StatusEvent> events;
+  {
+    std::lock_guard lock(mutex_);
+    views = copy_ranks(with_history);
+    events = events_;
+  }
+  json out{{"job", job_}, {"time", now}, {"world_size", views.size()}, {"restart", restart_}};
   std::optional<std::uint64_t> step;
   std::uint64_t total_steps = 0;
   double throughput = 0;
   double step_seconds = 0;
   json ranks = json::array();
-  for (std::size_t r = 0; r < ranks_.size(); ++r) {
-    const RankView& view = ranks_[r];
+  for (std::size_t r = 0; r < views.size(); ++r) {
+    const RankView& view = views[r];
     ranks.push_back(rank_json(static_cast<int>(r), view, now));
     if (!view.latest) continue;
     const StatusReport& report = *view.latest;
@@ -390,16 +412,16 @@ json StatusBoard::snapshot(double now, bool with_history) const {
   } else {
     out["eta_seconds"] = nullptr;
   }
-  json events = json::array();
-  for (const auto& event : events_) {
-    events.push_back({{"time", event.time}, {"kind", event.kind}, {"text", event.text}});
+  json event_list = json::array();
+  for (const auto& event : events) {
+    event_list.push_back({{"time", event.time}, {"kind", event.kind}, {"text", event.text}});
   }
-  out["events"] = std::move(events);
+  out["events"] = std::move(event_list);
   if (with_history) {
     json history = json::object();
-    for (std::size_t r = 0; r < ranks_.size(); ++r) {
+    for (std::size_t r = 0; r < views.size(); ++r) {
       json points = json::array();
-      for (const auto& point : ranks_[r].history) points.push_back(point);
+      for (const auto& point : views[r].history) points.push_back(point);
       history[std::to_string(r)] = std::move(points);
     }
     out["history"] = std::move(history);

@@ -62,9 +62,11 @@ struct MonitorOptions {
   // metrics.jsonl and status.json go here (UNIMSG_RUN_DIR, which unimsg-run sets); empty: none.
   std::filesystem::path run_dir;
   // Rank 0 serves /metrics, / and /api/status on this port (UNIMSG_METRICS_PORT; 0: no server)
-  // and address (UNIMSG_METRICS_ADDRESS).
+  // and address (UNIMSG_METRICS_ADDRESS). Loopback by default: the page and the metrics show the
+  // job to whoever reaches them, so serving other hosts ("0.0.0.0", for a Prometheus elsewhere)
+  // is asked for, not assumed (docs/monitoring.md).
   int metrics_port = 0;
-  std::string metrics_address = "0.0.0.0";
+  std::string metrics_address = "127.0.0.1";
   // The merged timeline's path (UNIMSG_TIMELINE; empty: no timeline), and the spans each rank
   // keeps at most (UNIMSG_TIMELINE_MAX_EVENTS; later ones are counted as dropped).
   std::filesystem::path timeline;
@@ -172,6 +174,7 @@ class Monitor {
   std::unique_ptr<StatusBoard> board_;
   std::mutex file_mutex_;
   std::ofstream metrics_file_;
+  bool status_file_failing_ = false;  // the last write of status.json failed (warned once)
   std::mutex final_mutex_;
   std::condition_variable final_cv_;
   std::vector<bool> final_ranks_;  // ranks whose last report arrived

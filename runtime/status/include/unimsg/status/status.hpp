@@ -98,7 +98,7 @@ struct StatusEvent {
 };
 
 // Rank 0's view of the run. Thread-safe: reports arrive on the bus thread while HTTP and the
-// ticker read.
+// ticker read (what they render is copied under the lock and rendered outside it).
 class StatusBoard {
  public:
   StatusBoard(int world_size, StragglerOptions straggler, std::string job, int restart);
@@ -127,6 +127,8 @@ class StatusBoard {
     std::deque<std::array<double, 4>> history;  // time, step seconds, samples/s, compute seconds
   };
   nlohmann::json rank_json(int rank, const RankView& view, double now) const;
+  // The ranks' views, with their histories or without (mutex_ held).
+  std::vector<RankView> copy_ranks(bool with_history) const;
 
   mutable std::mutex mutex_;
   std::string job_;
