@@ -1,9 +1,11 @@
 // unimsg-fetch: downloads the files of a manifest into a content-addressed cache through the
 // task queue: alone (one process, --workers threads) or under mpirun (workers on every rank,
-// rank 0 keeping the queue). docs/fetch.md.
+// rank 0 keeping the queue). Heartbeats watch the ranks: a rank that dies or freezes ends the
+// run (status 75, restartable under unimsg-run) instead of leaving the others in drain() for
+// ever. docs/fetch.md.
 //
 //   unimsg-fetch --manifest files.json --cache DIR [--workers N] [--retries R] [--timeout S]
-//                [--max-rate BYTES] [--json]
+//                [--max-rate BYTES] [--max-size BYTES] [--stall-timeout S] [--json]
 
 #include <mpi.h>
 
@@ -16,6 +18,7 @@
 #include <fstream>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -24,7 +27,9 @@
 #include "unimsg/core/config.hpp"
 #include "unimsg/core/error.hpp"
 #include "unimsg/fetch/fetch_queue.hpp"
+#include "unimsg/services/fault.hpp"
 #include "unimsg/services/fault_injection.hpp"
+#include "unimsg/services/heartbeat.hpp"
 #include "unimsg/services/runtime.hpp"
 
 namespace {
@@ -71,7 +76,11 @@ void declare_options(cxxopts::Options& cli) {
       "max-rate", "bytes per second per transfer (K/M/G suffixes; 0: unlimited)",
       cxxopts::value<std::string>()->default_value("0"))(
       "lease", "seconds a silent worker keeps a task before it is re-queued",
-      cxxopts::value<double>()->default_value("30"))("json", "one JSON object per file (rank 0)")(
+      cxxopts::value<double>()->default_value("30"))(
+      "max-size", "bytes a file without a manifest size may have (K/M/G suffixes)",
+      cxxopts::value<std::string>()->default_value("64G"))(
+      "stall-timeout", "seconds the queue may stand still before the run gives up",
+      cxxopts::value<double>()->default_value("120"))("json", "one JSON object per file (rank 0)")(
       "h,help", "show this help");
 }
 
@@ -83,12 +92,14 @@ Settings parse_settings(const cxxopts::ParseResult& args) {
   const int retries = args["retries"].as<int>();
   const double timeout = args["timeout"].as<double>();
   const double lease = args["lease"].as<double>();
+  const double stall = args["stall-timeout"].as<double>();
   const int workers = args["workers"].as<int>();
   if (retries < 0 || retries > 100) {
     throw unimsg::ConfigError(unimsg::kNoRank, "--retries", "must be from 0 to 100");
   }
-  if (!(timeout > 0) || !(lease > 0)) {
-    throw unimsg::ConfigError(unimsg::kNoRank, "--timeout/--lease", "must be positive seconds");
+  if (!(timeout > 0) || !(lease > 0) || !(stall > 0)) {
+    throw unimsg::ConfigError(unimsg::kNoRank, "--timeout/--lease/--stall-timeout",
+                              "must be positive seconds");
   }
   if (workers < 1 || workers > 256) {
     throw unimsg::ConfigError(unimsg::kNoRank, "--workers", "must be from 1 to 256");
@@ -98,11 +109,17 @@ Settings parse_settings(const cxxopts::ParseResult& args) {
   unimsg::FetchQueueOptions& options = s.options;
   options.workers = workers;
   options.lease = std::chrono::milliseconds(static_cast<long long>(lease * 1000));
+  options.stall_timeout = std::chrono::milliseconds(static_cast<long long>(stall * 1000));
   options.fetch.cache = args["cache"].as<std::string>();
   options.fetch.max_attempts = retries + 1;
   options.fetch.attempt_timeout = std::chrono::milliseconds(static_cast<long long>(timeout * 1000));
   options.fetch.max_bytes_per_second =
       unimsg::parse_size(args["max-rate"].as<std::string>(), "--max-rate");
+  options.fetch.max_file_bytes =
+      unimsg::parse_size(args["max-size"].as<std::string>(), "--max-size");
+  if (options.fetch.max_file_bytes == 0) {
+    throw unimsg::ConfigError(unimsg::kNoRank, "--max-size", "must be positive");
+  }
   s.json = args.count("json") > 0;
   return s;
 }
@@ -150,16 +167,28 @@ void print_result(unimsg::Runtime& runtime, const unimsg::FetchResult& result, b
   }
 }
 
+// A queue that stopped moving: a rank never came to drain(), or rank 0 stopped answering. Ends
+// the job at once, as a lost heartbeat does: unwinding would wait on the missing rank.
+void drain_or_abort(unimsg::FetchQueue& queue, const std::vector<std::string>& hosts) {
+  try {
+    queue.drain();
+  } catch (const unimsg::DrainStalledError& error) {
+    unimsg::abort_restartable({error.absent_ranks(), error.what(), std::nullopt}, hosts);
+  } catch (const unimsg::TimeoutError& error) {
+    unimsg::abort_restartable({{0}, error.what(), std::nullopt}, hosts);
+  }
+}
+
 // Rank 0 submits the files; every rank works until the queue drains. Returns the failures.
 int fetch_all(unimsg::Runtime& runtime, const Settings& settings,
-              const std::vector<unimsg::FetchSpec>& files) {
+              const std::vector<unimsg::FetchSpec>& files, const std::vector<std::string>& hosts) {
   int failed = 0;
   unimsg::FetchQueue queue(runtime.bus(), settings.options);
   std::vector<std::future<unimsg::FetchResult>> results;
   if (runtime.rank() == 0) {
     for (const auto& file : files) results.push_back(queue.submit(file));
   }
-  queue.drain();
+  drain_or_abort(queue, hosts);
   for (auto& future : results) {
     const unimsg::FetchResult result = future.get();
     failed += result.outcome.status == unimsg::FetchStatus::kFailed;
@@ -185,8 +214,14 @@ int run(int argc, char** argv) {
   const auto files =
       unimsg::parse_manifest(read_manifest_everywhere(settings.manifest, runtime.rank()));
   report_progress(runtime, settings.options.fetch);
-  int failed = fetch_all(runtime, settings, files);
+  // As a training session does: a rank silent past UNIMSG_HEARTBEAT_TIMEOUT (dead, or frozen
+  // while the others wait for it) is reported and the job aborted.
+  const auto hosts = unimsg::gather_host_names(MPI_COMM_WORLD);
+  unimsg::HeartbeatWatch heartbeat(runtime.bus(), unimsg::HeartbeatOptions::from_env(),
+                                   unimsg::abort_on_silence(hosts));
+  int failed = fetch_all(runtime, settings, files, hosts);
   MPI_Bcast(&failed, 1, MPI_INT, 0, MPI_COMM_WORLD);
+  heartbeat.stop();  // a planned end: a rank leaving first is not a lost one
   return failed == 0 ? 0 : 1;
 }
 

@@ -2,7 +2,8 @@
 // 127.0.0.1: every rank submits, workers on every rank fetch; every task completes once, a
 // file several ranks want is downloaded once (one node, one cache); a worker that dies holding
 // a task (its lease runs out) has the task re-queued and completed once by another; a failing
-// file ends as a dead letter with a clear error.
+// file ends as a dead letter with a clear error; a drain() that a rank never joins gives up
+// after the stall timeout, naming the rank.
 
 #include <gtest/gtest.h>
 #include <httplib.h>
@@ -19,6 +20,7 @@
 #include <thread>
 #include <vector>
 
+#include "unimsg/core/error.hpp"
 #include "unimsg/fetch/fetch_queue.hpp"
 #include "world_fixture.hpp"
 
@@ -208,6 +210,41 @@ TEST_F(FetchQueueTest, FailingFileIsADeadLetterWithItsError) {
     ASSERT_EQ(stats.dead_letters.size(), 1u);
     EXPECT_EQ(stats.dead_letters[0].outcome.name, file_name(kFiles + 1));
   }
+}
+
+// The last rank keeps away from drain() (as a rank that froze would) until the others have
+// given up on it or half a minute has passed: their drain() must throw, naming it, once nothing
+// has moved for the stall timeout, instead of waiting for ever.
+TEST_F(FetchQueueTest, DrainThatARankNeverJoinsGivesUpNamingIt) {
+  if (ranks() < 2) GTEST_SKIP() << "needs a second rank";
+  auto o = options();
+  o.lease = 300ms;
+  o.stall_timeout = 1s;
+  FetchQueue queue(*bus_, o);
+  const int laggard = ranks() - 1;
+  MPI_Request gave_up = MPI_REQUEST_NULL;
+  if (rank() == laggard) {
+    MPI_Ibarrier(MPI_COMM_WORLD, &gave_up);
+    const auto deadline = std::chrono::steady_clock::now() + 30s;
+    int done = 0;
+    while (!done && std::chrono::steady_clock::now() < deadline) {
+      MPI_Test(&gave_up, &done, MPI_STATUS_IGNORE);
+      std::this_thread::sleep_for(10ms);
+    }
+    queue.drain();  // everyone else has joined: returns at once
+    MPI_Wait(&gave_up, MPI_STATUS_IGNORE);
+    return;
+  }
+  try {
+    queue.drain();
+    ADD_FAILURE() << "drain() returned though rank " << laggard << " never joined";
+  } catch (const TimeoutError& error) {
+    const std::string text = error.what();
+    EXPECT_NE(text.find("[" + std::to_string(laggard) + "]"), std::string::npos) << text;
+    EXPECT_NE(text.find("no progress"), std::string::npos) << text;
+  }
+  MPI_Ibarrier(MPI_COMM_WORLD, &gave_up);
+  MPI_Wait(&gave_up, MPI_STATUS_IGNORE);
 }
 
 }  // namespace

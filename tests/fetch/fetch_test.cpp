@@ -1,7 +1,9 @@
 // Downloads against a real HTTP server on 127.0.0.1 (cpp-httplib) with injected faults: a 500
 // then success, a connection cut mid-body (resumed with Range), a server slower than the
 // timeout, a wrong checksum, a 404; the content-addressed cache (one download per node even
-// when several want the file at once); file:// URLs; manifest validation.
+// when several want the file at once); file:// URLs; manifest validation. Hardening: an endless
+// body cut at its bound (the size, or the cap), redirects to other schemes refused, credentials
+// kept out of errors, a progress callback that throws.
 
 #include <gtest/gtest.h>
 #include <httplib.h>
@@ -94,6 +96,31 @@ class FetchTest : public ::testing::Test {
     server_.Get("/missing", [&](const httplib::Request& request, httplib::Response& response) {
       count(request);
       response.status = 404;
+    });
+    // A body that never ends; a Range request is honoured (206 from the asked offset), so each
+    // resumed attempt appends to the same partial file.
+    server_.Get("/endless", [&](const httplib::Request& request, httplib::Response& response) {
+      count(request);
+      if (request.has_header("Range")) {
+        const std::string range = request.get_header_value("Range");  // bytes=N-
+        response.status = 206;
+        response.set_header("Content-Range",
+                            "bytes " + range.substr(6, range.find('-') - 6) + "-999999999999/*");
+      }
+      response.set_chunked_content_provider("application/octet-stream",
+                                            [](std::size_t, httplib::DataSink& sink) {
+                                              const std::string chunk(16384, 'x');
+                                              std::this_thread::sleep_for(10ms);
+                                              return sink.write(chunk.data(), chunk.size());
+                                            });
+    });
+    server_.Get("/to-ftp", [&](const httplib::Request& request, httplib::Response& response) {
+      count(request);
+      response.set_redirect("ftp://127.0.0.1:1/x");
+    });
+    server_.Get("/to-file", [&](const httplib::Request& request, httplib::Response& response) {
+      count(request);
+      response.set_redirect("file://" + (dir_ / "scratch").string());
     });
     port_ = server_.bind_to_any_port("127.0.0.1");
     ASSERT_GT(port_, 0);
@@ -227,13 +254,123 @@ TEST_F(FetchTest, FileUrlsAndSizes) {
   FetchSpec wrong_size{"sized", "file://" + source.string(), sha256_of("x", dir_ / "x"), 1};
   const auto bad = fetch_file(wrong_size, options_);
   EXPECT_EQ(bad.status, FetchStatus::kFailed);
-  EXPECT_NE(bad.error.find("size 300000 instead of 1"), std::string::npos) << bad.error;
+  EXPECT_NE(bad.error.find("larger than the expected size of 1 bytes"), std::string::npos)
+      << bad.error;
 
   FetchSpec absent{"absent", "file://" + (dir_ / "nope").string(), sha256_of("y", dir_ / "y"),
                    std::nullopt};
   const auto missing = fetch_file(absent, options_);
   EXPECT_EQ(missing.status, FetchStatus::kFailed);
   EXPECT_EQ(missing.attempts, 1) << "a missing local file is permanent";
+}
+
+TEST_F(FetchTest, EndlessBodyFailsAtTheCapAndKeepsNoMoreOnDisk) {
+  options_.max_file_bytes = 100000;
+  options_.attempt_timeout = 2s;
+  options_.max_attempts = 3;
+  const auto got = fetch_file(spec("/endless"), options_);
+  EXPECT_EQ(got.status, FetchStatus::kFailed);
+  EXPECT_NE(got.error.find("100000"), std::string::npos) << got.error;
+  EXPECT_NE(got.error.find("max_file_bytes"), std::string::npos) << got.error;
+  EXPECT_LE(got.bytes, 100000u);
+  const fs::path part = options_.cache / "partial" / (sha_ + ".part");
+  std::error_code ignored;
+  EXPECT_LE(fs::exists(part) ? fs::file_size(part, ignored) : 0, 100000u);
+}
+
+// Attempts cut short by the timeout keep their partial file and resume; the resumed file still
+// never goes past the bound, however many attempts there are.
+TEST_F(FetchTest, ResumedAttemptsNeverGrowThePartialFilePastTheBound) {
+  options_.attempt_timeout = 300ms;
+  options_.max_attempts = 6;
+  FetchSpec sized = spec("/endless");
+  sized.size = 120000;
+  const auto got = fetch_file(sized, options_);
+  EXPECT_EQ(got.status, FetchStatus::kFailed);
+  EXPECT_LE(got.bytes, 120000u);
+  const fs::path part = options_.cache / "partial" / (sha_ + ".part");
+  std::error_code ignored;
+  EXPECT_LE(fs::exists(part) ? fs::file_size(part, ignored) : 0, 120000u);
+  if (got.error.find("gave up") == std::string::npos) {
+    EXPECT_NE(got.error.find("120000"), std::string::npos) << got.error;
+  }
+}
+
+TEST_F(FetchTest, AnnouncedBodyLargerThanTheSizeIsRefusedAtOnce) {
+  FetchSpec sized = spec("/file");
+  sized.size = 1000;
+  const auto got = fetch_file(sized, options_);
+  EXPECT_EQ(got.status, FetchStatus::kFailed);
+  EXPECT_EQ(got.attempts, 1);
+  EXPECT_EQ(hits("/file"), 1);
+  EXPECT_NE(got.error.find("1000 bytes"), std::string::npos) << got.error;
+  EXPECT_FALSE(fs::exists(options_.cache / "partial" / (sha_ + ".part")));
+}
+
+TEST_F(FetchTest, PartialFileAlreadyOverTheBoundIsDropped) {
+  fs::create_directories(options_.cache / "partial");
+  {
+    std::ofstream out(options_.cache / "partial" / (sha_ + ".part"), std::ios::binary);
+    out << random_bytes(data_.size() + 100000, 3);
+  }
+  FetchSpec sized = spec("/file");
+  sized.size = data_.size();
+  const auto got = fetch_file(sized, options_);
+  ASSERT_EQ(got.status, FetchStatus::kDownloaded) << got.error;
+  EXPECT_EQ(got.attempts, 1) << "an oversized partial file is not resumed";
+  EXPECT_EQ(read_file(got.path), data_);
+}
+
+TEST_F(FetchTest, RedirectToAnotherSchemeIsRefused) {
+  const auto to_ftp = fetch_file(spec("/to-ftp"), options_);
+  EXPECT_EQ(to_ftp.status, FetchStatus::kFailed);
+  EXPECT_EQ(to_ftp.attempts, 1) << "a refused redirect is permanent: " << to_ftp.error;
+  EXPECT_NE(to_ftp.error.find("redirect"), std::string::npos) << to_ftp.error;
+  std::ofstream(dir_ / "scratch", std::ios::binary) << data_;
+  const auto to_file = fetch_file(spec("/to-file"), options_);
+  EXPECT_EQ(to_file.status, FetchStatus::kFailed);
+  EXPECT_FALSE(cached_object(options_.cache, sha_)) << "file:// reached through http";
+  EXPECT_EQ(allowed_redirect_protocols("https://x/a"), "https");
+  EXPECT_EQ(allowed_redirect_protocols("HTTPS://x/a"), "https");
+  EXPECT_EQ(allowed_redirect_protocols("http://x/a"), "http,https");
+  EXPECT_EQ(allowed_redirect_protocols("file:///a"), "http,https");
+}
+
+TEST_F(FetchTest, CredentialsStayOutOfErrors) {
+  FetchSpec secret{"secret", "http://alice:hunter2@127.0.0.1:1/x?token=s3cret&b=1", sha_,
+                   std::nullopt};
+  options_.max_attempts = 1;
+  const auto got = fetch_file(secret, options_);
+  EXPECT_EQ(got.status, FetchStatus::kFailed);
+  EXPECT_EQ(got.error.find("hunter2"), std::string::npos) << got.error;
+  EXPECT_EQ(got.error.find("s3cret"), std::string::npos) << got.error;
+  EXPECT_EQ(redact_url("https://alice:hunter2@host/a?token=s3cret&x=1#f"),
+            "https://alice:***@host/a?token=***&x=***#f");
+  EXPECT_EQ(redact_url("https://host/a"), "https://host/a");
+  EXPECT_EQ(redact_url("https://alice@host/a?flag"), "https://alice@host/a?flag");
+}
+
+TEST_F(FetchTest, ThrowingProgressCallbackIsAnErrorNotACrash) {
+  options_.progress_interval = 0ms;
+  options_.progress = [](const FetchSpec&, std::uint64_t, std::uint64_t) {
+    throw std::runtime_error("cancelled by the caller");
+  };
+  try {
+    fetch_file(spec("/file"), options_);
+    ADD_FAILURE() << "no exception";
+  } catch (const Error& error) {
+    EXPECT_NE(std::string(error.what()).find("cancelled by the caller"), std::string::npos)
+        << error.what();
+    EXPECT_NE(std::string(error.what()).find("file"), std::string::npos) << error.what();
+  }
+  options_.progress = [](const FetchSpec&, std::uint64_t, std::uint64_t) {
+    throw ShutdownError(kNoRank, "test", "stopping");
+  };
+  EXPECT_THROW(fetch_file(spec("/file"), options_), ShutdownError);
+  EXPECT_FALSE(cached_object(options_.cache, sha_));
+  options_.progress = nullptr;
+  const auto after = fetch_file(spec("/file"), options_);
+  EXPECT_EQ(after.status, FetchStatus::kDownloaded) << "the lock was released: " << after.error;
 }
 
 TEST(FetchManifestTest, ParsesAndRejectsClearly) {
@@ -263,6 +400,16 @@ TEST(FetchManifestTest, ParsesAndRejectsClearly) {
   rejects(R"({"files":[{"name":"a","url":"http://x","sha256":")" + sha +
               R"("},{"name":"a","url":"http://y","sha256":")" + sha + R"("}]})",
           "used twice");
+  try {
+    parse_manifest(R"({"files":[{"name":"a","url":"ftp://bob:hunter2@x/a?sig=s3cret","sha256":")" +
+                   sha + R"("}]})");
+    ADD_FAILURE() << "an ftp URL accepted";
+  } catch (const ConfigError& error) {
+    const std::string text = error.what();
+    EXPECT_EQ(text.find("hunter2"), std::string::npos) << text;
+    EXPECT_EQ(text.find("s3cret"), std::string::npos) << text;
+    EXPECT_NE(text.find("ftp://bob:***@x/a"), std::string::npos) << text;
+  }
 }
 
 }  // namespace

@@ -11,13 +11,15 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <exception>
 #include <fstream>
+#include <limits>
 #include <mutex>
-#include <nlohmann/json.hpp>
 #include <random>
-#include <set>
+#include <span>
 #include <thread>
 
+#include "fetch_internal.hpp"
 #include "unimsg/core/error.hpp"
 
 namespace unimsg {
@@ -25,12 +27,6 @@ namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
 namespace {
-
-bool is_sha256(const std::string& text) {
-  return text.size() == 64 && std::all_of(text.begin(), text.end(), [](char c) {
-           return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f');
-         });
-}
 
 // libcurl wants one process-wide initialisation before any thread uses it.
 void init_curl_once() {
@@ -127,7 +123,8 @@ struct Attempt {
   Verdict verdict = Verdict::kPermanent;
   std::string error;
   std::uint64_t received = 0;
-  std::string digest;  // of the whole file, when done
+  std::string digest;         // of the whole file, when done
+  bool drop_partial = false;  // what it kept is no use to a later attempt
 };
 
 struct TransferState {
@@ -135,16 +132,26 @@ struct TransferState {
   Sha256* hash = nullptr;  // hashed as it streams: no second pass over the file
   std::uint64_t resume_from = 0;
   std::uint64_t received = 0;
+  std::uint64_t bound = 0;  // the most bytes the whole file may have
+  bool over_bound = false;
   bool checked_status = false;
   bool restarted = false;  // the server ignored the Range request: start the file over
   CURL* curl = nullptr;
   const FetchSpec* spec = nullptr;
   const FetchOptions* options = nullptr;
   Clock::time_point last_progress;
+  // Thrown inside a callback: an exception must not unwind through libcurl's C frames, so it
+  // waits here until curl_easy_perform has returned.
+  std::exception_ptr callback_error;
 };
 
-std::size_t write_body(char* data, std::size_t size, std::size_t count, void* user) {
-  auto& state = *static_cast<TransferState*>(user);
+// The bytes of the file this transfer's response starts at.
+std::uint64_t base_offset(const TransferState& state) {
+  return state.restarted ? 0 : state.resume_from;
+}
+
+// The write callback's work; returns false to abort the transfer.
+bool write_chunk(TransferState& state, std::span<const char> chunk) {
   if (!state.checked_status) {
     state.checked_status = true;
     long code = 0;
@@ -152,17 +159,34 @@ std::size_t write_body(char* data, std::size_t size, std::size_t count, void* us
     if (state.resume_from > 0 && code == 200) {
       // A full body instead of the asked-for range: what was kept is overwritten.
       if (std::fseek(state.file, 0, SEEK_SET) != 0 || ::ftruncate(::fileno(state.file), 0) != 0) {
-        return 0;
+        return false;
       }
       state.restarted = true;
       state.hash->reset();
     }
   }
+  // Checked before writing: the partial file never holds more than the bound, however many
+  // attempts resume it.
+  if (chunk.size() > state.bound - std::min(state.bound, base_offset(state) + state.received)) {
+    state.over_bound = true;
+    return false;
+  }
+  if (std::fwrite(chunk.data(), 1, chunk.size(), state.file) != chunk.size()) return false;
+  state.hash->update(chunk.data(), chunk.size());
+  state.received += chunk.size();
+  return true;
+}
+
+std::size_t write_body(char* data, std::size_t size, std::size_t count, void* user) {
+  auto& state = *static_cast<TransferState*>(user);
   const std::size_t bytes = size * count;
-  if (std::fwrite(data, 1, bytes, state.file) != bytes) return 0;  // disk full: abort
-  state.hash->update(data, bytes);
-  state.received += bytes;
-  return bytes;
+  try {
+    // Any other count than `bytes` aborts (CURLE_WRITE_ERROR); 0 is never a valid chunk size.
+    return write_chunk(state, std::span<const char>(data, bytes)) ? bytes : 0;
+  } catch (...) {
+    state.callback_error = std::current_exception();
+    return 0;
+  }
 }
 
 int on_progress(void* user, curl_off_t total, curl_off_t now, curl_off_t, curl_off_t) {
@@ -171,10 +195,41 @@ int on_progress(void* user, curl_off_t total, curl_off_t now, curl_off_t, curl_o
   const auto time = Clock::now();
   if (time - state.last_progress < state.options->progress_interval) return 0;
   state.last_progress = time;
-  const std::uint64_t base = state.restarted ? 0 : state.resume_from;
-  state.options->progress(*state.spec, base + static_cast<std::uint64_t>(now),
-                          total > 0 ? base + static_cast<std::uint64_t>(total) : 0);
+  const std::uint64_t base = base_offset(state);
+  try {
+    state.options->progress(*state.spec, base + static_cast<std::uint64_t>(now),
+                            total > 0 ? base + static_cast<std::uint64_t>(total) : 0);
+  } catch (...) {
+    state.callback_error = std::current_exception();
+    return 1;  // non-zero: libcurl aborts the transfer (CURLE_ABORTED_BY_CALLBACK)
+  }
   return 0;
+}
+
+// Rethrows what a callback threw, as an unimsg Error (an Error thrown, a cancellation's
+// ShutdownError say, is kept as it was).
+[[noreturn]] void rethrow_callback_error(const std::exception_ptr& error, const FetchSpec& spec) {
+  try {
+    std::rethrow_exception(error);
+  } catch (const Error&) {
+    throw;
+  } catch (const std::exception& thrown) {
+    throw Error(kNoRank, "fetch",
+                "the progress callback for '" + spec.name + "' threw: " + thrown.what());
+  } catch (...) {
+    throw Error(kNoRank, "fetch",
+                "the progress callback for '" + spec.name + "' threw a non-standard exception");
+  }
+}
+
+std::string bound_error(const FetchSpec& spec, std::uint64_t bound) {
+  if (spec.size) {
+    return "larger than the expected size of " + std::to_string(bound) +
+           " bytes (the manifest's \"size\"): transfer aborted";
+  }
+  return "larger than the cap of " + std::to_string(bound) +
+         " bytes for a file without a size (max_file_bytes; unimsg-fetch --max-size): transfer "
+         "aborted";
 }
 
 Verdict classify_http(long code) {
@@ -203,11 +258,83 @@ Verdict classify_curl(CURLcode code) {
   }
 }
 
+void set_options(CURL* c, const FetchSpec& spec, const FetchOptions& options, TransferState& state,
+                 char* error_text) {
+  curl_easy_setopt(c, CURLOPT_URL, spec.url.c_str());
+  curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https,file");
+  curl_easy_setopt(c, CURLOPT_FOLLOWLOCATION, 1L);
+  curl_easy_setopt(c, CURLOPT_MAXREDIRS, 10L);
+  // Never from https down to http, never to file:// or another scheme.
+  const std::string redirects = allowed_redirect_protocols(spec.url);
+  curl_easy_setopt(c, CURLOPT_REDIR_PROTOCOLS_STR, redirects.c_str());
+  curl_easy_setopt(c, CURLOPT_FAILONERROR, 1L);  // a 4xx/5xx body is an error page, not data
+  curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);     // timeouts without signals (threads)
+  curl_easy_setopt(c, CURLOPT_ERRORBUFFER, error_text);
+  curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, write_body);
+  curl_easy_setopt(c, CURLOPT_WRITEDATA, &state);
+  curl_easy_setopt(c, CURLOPT_NOPROGRESS, 0L);
+  curl_easy_setopt(c, CURLOPT_XFERINFOFUNCTION, on_progress);
+  curl_easy_setopt(c, CURLOPT_XFERINFODATA, &state);
+  curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, static_cast<long>(options.attempt_timeout.count()));
+  curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS,
+                   static_cast<long>(options.connect_timeout.count()));
+  // A response that announces more than the bound is refused before its body (the write
+  // callback catches the ones that announce nothing). A full body instead of a resumed range
+  // announces the whole size, hence the bound rather than what is left of it. 0 means no limit
+  // to libcurl: an empty file's bound is left to the write callback.
+  if (state.bound > 0) {
+    curl_easy_setopt(c, CURLOPT_MAXFILESIZE_LARGE,
+                     static_cast<curl_off_t>(std::min<std::uint64_t>(
+                         state.bound, std::numeric_limits<curl_off_t>::max())));
+  }
+  if (options.max_bytes_per_second > 0) {
+    curl_easy_setopt(c, CURLOPT_MAX_RECV_SPEED_LARGE,
+                     static_cast<curl_off_t>(options.max_bytes_per_second));
+  }
+  if (state.resume_from > 0) {
+    curl_easy_setopt(c, CURLOPT_RESUME_FROM_LARGE, static_cast<curl_off_t>(state.resume_from));
+  }
+}
+
+// The verdict on a transfer that did not end with CURLE_OK.
+void classify_failure(Attempt& attempt, CURL* c, CURLcode result, const TransferState& state,
+                      const FetchSpec& spec, const std::string& curl_text) {
+  const std::string detail = detail::redact_text(curl_text, spec.url);
+  long http = 0;
+  curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &http);
+  long redirects = 0;
+  curl_easy_getinfo(c, CURLINFO_REDIRECT_COUNT, &redirects);
+  if (state.over_bound || result == CURLE_FILESIZE_EXCEEDED) {
+    // More bytes than the file may have: another attempt would only fetch them again.
+    attempt.verdict = Verdict::kPermanent;
+    attempt.drop_partial = true;
+    attempt.error = bound_error(spec, state.bound);
+  } else if (result == CURLE_HTTP_RETURNED_ERROR) {
+    attempt.verdict = http == 416 ? Verdict::kRetryFromScratch : classify_http(http);
+    attempt.error = "HTTP " + std::to_string(http) + " (" + detail + ")";
+  } else if (result == CURLE_UNSUPPORTED_PROTOCOL && redirects > 0) {
+    const char* target = nullptr;
+    curl_easy_getinfo(c, CURLINFO_EFFECTIVE_URL, &target);
+    attempt.verdict = Verdict::kPermanent;
+    attempt.error = "redirect to '" + redact_url(target ? target : "?") + "' refused: only " +
+                    allowed_redirect_protocols(spec.url) + " may be followed from this URL (" +
+                    detail + ")";
+  } else {
+    attempt.verdict = classify_curl(result);
+    attempt.error = detail;
+  }
+}
+
 // One transfer into `part`, resuming from its current length.
 Attempt transfer(const FetchSpec& spec, const FetchOptions& options, const fs::path& part) {
   Attempt attempt;
+  const std::uint64_t bound = spec.size.value_or(options.max_file_bytes);
   std::error_code ignored;
-  const std::uint64_t have = fs::exists(part, ignored) ? fs::file_size(part, ignored) : 0;
+  std::uint64_t have = fs::exists(part, ignored) ? fs::file_size(part, ignored) : 0;
+  if (have > bound) {
+    fs::remove(part, ignored);  // left by an attempt with another bound: not worth resuming
+    have = 0;
+  }
   File file(std::fopen(part.c_str(), "ab"));
   if (!file) {
     throw Error(kNoRank, "fetch", "cannot write " + part.string() + ": " + std::strerror(errno));
@@ -220,34 +347,15 @@ Attempt transfer(const FetchSpec& spec, const FetchOptions& options, const fs::p
   state.file = file.get();
   state.hash = &hash;
   state.resume_from = have;
+  state.bound = bound;
   state.curl = curl.get();
   state.spec = &spec;
   state.options = &options;
   state.last_progress = Clock::now();
   char error_text[CURL_ERROR_SIZE] = {0};
-  CURL* c = curl.get();
-  curl_easy_setopt(c, CURLOPT_URL, spec.url.c_str());
-  curl_easy_setopt(c, CURLOPT_FOLLOWLOCATION, 1L);
-  curl_easy_setopt(c, CURLOPT_MAXREDIRS, 10L);
-  curl_easy_setopt(c, CURLOPT_FAILONERROR, 1L);  // a 4xx/5xx body is an error page, not data
-  curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);     // timeouts without signals (threads)
-  curl_easy_setopt(c, CURLOPT_ERRORBUFFER, error_text);
-  curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, write_body);
-  curl_easy_setopt(c, CURLOPT_WRITEDATA, &state);
-  curl_easy_setopt(c, CURLOPT_NOPROGRESS, 0L);
-  curl_easy_setopt(c, CURLOPT_XFERINFOFUNCTION, on_progress);
-  curl_easy_setopt(c, CURLOPT_XFERINFODATA, &state);
-  curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, static_cast<long>(options.attempt_timeout.count()));
-  curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS,
-                   static_cast<long>(options.connect_timeout.count()));
-  if (options.max_bytes_per_second > 0) {
-    curl_easy_setopt(c, CURLOPT_MAX_RECV_SPEED_LARGE,
-                     static_cast<curl_off_t>(options.max_bytes_per_second));
-  }
-  if (have > 0) curl_easy_setopt(c, CURLOPT_RESUME_FROM_LARGE, static_cast<curl_off_t>(have));
-  const CURLcode result = curl_easy_perform(c);
-  long http = 0;
-  curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &http);
+  set_options(curl.get(), spec, options, state, error_text);
+  const CURLcode result = curl_easy_perform(curl.get());
+  if (state.callback_error) rethrow_callback_error(state.callback_error, spec);
   attempt.received = state.received;
   if (std::fflush(file.get()) != 0) {
     attempt.verdict = Verdict::kPermanent;
@@ -265,15 +373,49 @@ Attempt transfer(const FetchSpec& spec, const FetchOptions& options, const fs::p
     attempt.digest = hash.hex();
     return attempt;
   }
-  const std::string detail = error_text[0] != 0 ? error_text : curl_easy_strerror(result);
-  if (result == CURLE_HTTP_RETURNED_ERROR) {
-    attempt.verdict = http == 416 ? Verdict::kRetryFromScratch : classify_http(http);
-    attempt.error = "HTTP " + std::to_string(http) + " (" + detail + ")";
-  } else {
-    attempt.verdict = classify_curl(result);
-    attempt.error = detail;
-  }
+  classify_failure(attempt, curl.get(), result, state, spec,
+                   error_text[0] != 0 ? error_text : curl_easy_strerror(result));
   return attempt;
+}
+
+void create_cache_dirs(const fs::path& cache) {
+  for (const char* sub : {"objects", "partial", "locks"}) {
+    std::error_code error;
+    fs::create_directories(cache / sub, error);
+    if (error) {
+      throw Error(kNoRank, "fetch",
+                  "cannot create " + (cache / sub).string() + ": " + error.message());
+    }
+  }
+}
+
+// Exponential back-off with full jitter (AWS's advice): spreads retrying ranks apart.
+void back_off(const FetchOptions& options, int attempt, std::mt19937_64& jitter) {
+  const auto ceiling =
+      std::min(options.max_backoff.count(), options.backoff.count() << std::min(attempt - 2, 20));
+  const auto wait = std::uniform_int_distribution<long long>(ceiling / 2, ceiling)(jitter);
+  std::this_thread::sleep_for(std::chrono::milliseconds(wait));
+}
+
+// A complete download goes into the cache if its size and digest check out; otherwise it is
+// deleted (never resume onto bad bytes) and the mismatch returned.
+std::optional<std::string> store_if_verified(const FetchSpec& spec, const fs::path& part,
+                                             const fs::path& object, const std::string& digest,
+                                             std::uint64_t& size) {
+  std::error_code error;
+  size = fs::file_size(part, error);
+  if ((!spec.size || *spec.size == size) && digest == spec.sha256) {
+    fs::rename(part, object, error);
+    if (error) {
+      throw Error(kNoRank, "fetch",
+                  "cannot move " + part.string() + " into the cache: " + error.message());
+    }
+    return std::nullopt;
+  }
+  fs::remove(part, error);
+  return spec.size && *spec.size != size
+             ? "size " + std::to_string(size) + " instead of " + std::to_string(*spec.size)
+             : "sha256 " + digest + " instead of " + spec.sha256;
 }
 
 }  // namespace
@@ -288,57 +430,6 @@ const char* to_string(FetchStatus status) noexcept {
       return "failed";
   }
   return "failed";
-}
-
-std::vector<FetchSpec> parse_manifest(std::string_view json_text) {
-  nlohmann::json document;
-  try {
-    document = nlohmann::json::parse(json_text);
-  } catch (const std::exception& error) {
-    throw ConfigError(kNoRank, "manifest", std::string("not valid JSON: ") + error.what());
-  }
-  if (!document.is_object() || !document.contains("files") || !document["files"].is_array()) {
-    throw ConfigError(kNoRank, "manifest", "expected an object with a \"files\" array");
-  }
-  std::vector<FetchSpec> specs;
-  std::set<std::string> names;
-  std::size_t index = 0;
-  for (const auto& entry : document["files"]) {
-    const std::string where = "manifest: files[" + std::to_string(index++) + "]";
-    if (!entry.is_object()) throw ConfigError(kNoRank, where, "is not an object");
-    const auto text = [&](const char* field) {
-      if (!entry.contains(field) || !entry[field].is_string() ||
-          entry[field].get<std::string>().empty()) {
-        throw ConfigError(kNoRank, where,
-                          std::string("\"") + field + "\" is missing or not a non-empty string");
-      }
-      return entry[field].get<std::string>();
-    };
-    FetchSpec spec{text("name"), text("url"), text("sha256"), std::nullopt};
-    if (!is_sha256(spec.sha256)) {
-      throw ConfigError(kNoRank, where + " (" + spec.name + ")",
-                        "\"sha256\" must be 64 lowercase hex digits, got '" + spec.sha256 + "'");
-    }
-    const auto scheme_end = spec.url.find("://");
-    const std::string scheme =
-        scheme_end == std::string::npos ? "" : spec.url.substr(0, scheme_end);
-    if (scheme != "http" && scheme != "https" && scheme != "file") {
-      throw ConfigError(kNoRank, where + " (" + spec.name + ")",
-                        "\"url\" must be http://, https:// or file://, got '" + spec.url + "'");
-    }
-    if (entry.contains("size")) {
-      if (!entry["size"].is_number_unsigned()) {
-        throw ConfigError(kNoRank, where + " (" + spec.name + ")",
-                          "\"size\" must be a non-negative integer");
-      }
-      spec.size = entry["size"].get<std::uint64_t>();
-    }
-    if (!names.insert(spec.name).second) {
-      throw ConfigError(kNoRank, where, "the name '" + spec.name + "' is used twice");
-    }
-    specs.push_back(std::move(spec));
-  }
-  return specs;
 }
 
 std::string sha256_file(const fs::path& path) {
@@ -369,17 +460,10 @@ FetchOutcome fetch_file(const FetchSpec& spec, const FetchOptions& options,
     outcome.seconds = std::chrono::duration<double>(Clock::now() - start).count();
     return outcome;
   };
-  if (!is_sha256(spec.sha256)) {
+  if (!detail::is_sha256(spec.sha256)) {
     return finish(FetchStatus::kFailed, "sha256 '" + spec.sha256 + "' is not 64 hex digits");
   }
-  for (const char* sub : {"objects", "partial", "locks"}) {
-    std::error_code error;
-    fs::create_directories(options.cache / sub, error);
-    if (error) {
-      throw Error(kNoRank, "fetch",
-                  "cannot create " + (options.cache / sub).string() + ": " + error.message());
-    }
-  }
+  create_cache_dirs(options.cache);
   // One download per node: whoever holds the lock downloads; the others then find the object.
   const FileLock lock(options.cache / "locks" / (spec.sha256 + ".lock"));
   if (auto object = cached_object(options.cache, spec.sha256)) {
@@ -392,26 +476,14 @@ FetchOutcome fetch_file(const FetchSpec& spec, const FetchOptions& options,
   bool mismatch_before = false;
   std::string last_error = "no attempt made (max_attempts < 1)";
   for (int attempt = 1; attempt <= options.max_attempts; ++attempt) {
-    if (attempt > 1) {
-      // Exponential back-off with full jitter (AWS's advice): spreads retrying ranks apart.
-      const auto ceiling = std::min(options.max_backoff.count(), options.backoff.count()
-                                                                     << std::min(attempt - 2, 20));
-      const auto wait = std::uniform_int_distribution<long long>(ceiling / 2, ceiling)(jitter);
-      std::this_thread::sleep_for(std::chrono::milliseconds(wait));
-    }
+    if (attempt > 1) back_off(options, attempt, jitter);
     ++outcome.attempts;
     const Attempt result = transfer(spec, options, part);
     outcome.bytes += result.received;
     if (result.verdict == Verdict::kDone) {
-      std::error_code error;
-      const std::uint64_t size = fs::file_size(part, error);
-      const std::string& digest = result.digest;
-      if ((!spec.size || *spec.size == size) && digest == spec.sha256) {
-        fs::rename(part, object, error);
-        if (error) {
-          throw Error(kNoRank, "fetch",
-                      "cannot move " + part.string() + " into the cache: " + error.message());
-        }
+      std::uint64_t size = 0;
+      const auto mismatch = store_if_verified(spec, part, object, result.digest, size);
+      if (!mismatch) {
         if (log) {
           log->debug("fetch name={} attempt={}/{} result=verified bytes={} received={}", spec.name,
                      attempt, options.max_attempts, size, outcome.bytes);
@@ -419,11 +491,7 @@ FetchOutcome fetch_file(const FetchSpec& spec, const FetchOptions& options,
         outcome.path = object;
         return finish(FetchStatus::kDownloaded);
       }
-      last_error =
-          spec.size && *spec.size != size
-              ? "size " + std::to_string(size) + " instead of " + std::to_string(*spec.size)
-              : "sha256 " + digest + " instead of " + spec.sha256;
-      fs::remove(part, error);  // never resume onto bad bytes
+      last_error = *mismatch;
       if (log) {
         log->warn("fetch name={} attempt={}/{} result={} error=\"{}\"", spec.name, attempt,
                   options.max_attempts, mismatch_before ? "failed" : "retry-from-scratch",
@@ -434,7 +502,7 @@ FetchOutcome fetch_file(const FetchSpec& spec, const FetchOptions& options,
       continue;
     }
     last_error = result.error;
-    if (result.verdict == Verdict::kRetryFromScratch) {
+    if (result.verdict == Verdict::kRetryFromScratch || result.drop_partial) {
       std::error_code error;
       fs::remove(part, error);
     }
@@ -449,6 +517,8 @@ FetchOutcome fetch_file(const FetchSpec& spec, const FetchOptions& options,
       return finish(FetchStatus::kFailed, last_error);
     }
   }
+  std::error_code error;
+  if (fs::exists(part, error) && fs::file_size(part, error) == 0) fs::remove(part, error);
   return finish(FetchStatus::kFailed,
                 "gave up after " + std::to_string(outcome.attempts) + " attempts: " + last_error);
 }

@@ -8,6 +8,7 @@
 #include <deque>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <thread>
 
@@ -95,6 +96,9 @@ struct FetchQueue::Server {
   std::uint64_t next_lease = 1;
   std::set<int> draining;
   std::set<int> stopped;
+  // Counts what moves the queue on (a task submitted, taken, renewed or finished, a rank
+  // joining the drain): drain() gives up when it stands still for the stall timeout.
+  std::uint64_t progress = 0;
   std::condition_variable stopped_cv;
   FetchQueueStats stats;
 
@@ -145,6 +149,21 @@ struct FetchQueue::Server {
     return true;
   }
 
+  // The answer to a drain() that must wait: what it waits for.
+  json drain_wait() const {
+    std::vector<int> absent;
+    for (int rank = 0; rank < bus.size(); ++rank) {
+      if (!draining.count(rank)) absent.push_back(rank);
+    }
+    std::size_t leased = 0;
+    for (const auto& [id, task] : tasks) leased += !task.done && task.lease != 0;
+    return {{"status", "wait"},
+            {"progress", progress},
+            {"absent", absent},
+            {"queued", queue.size()},
+            {"leased", leased}};
+  }
+
   json handle(const json& request, int rank) {
     std::lock_guard lock(mutex);
     const auto now = Clock::now();
@@ -160,6 +179,7 @@ struct FetchQueue::Server {
       tasks.emplace(id, std::move(task));
       queue.push_back(id);
       ++stats.submitted;
+      ++progress;
       return {{"status", "queued"}, {"task", id}};
     }
     if (op == "take") {
@@ -176,6 +196,7 @@ struct FetchQueue::Server {
       task.worker = rank;
       task.deadline = now + options.lease;
       ++task.deliveries;
+      ++progress;
       return {{"status", "task"},
               {"task", id},
               {"lease", task.lease},
@@ -188,6 +209,7 @@ struct FetchQueue::Server {
         return {{"status", "ignored"}};
       }
       it->second.deadline = now + options.lease;
+      ++progress;
       return {{"status", "ok"}};
     }
     if (op == "done") {
@@ -201,12 +223,13 @@ struct FetchQueue::Server {
       auto pos = std::find(queue.begin(), queue.end(), it->first);
       if (pos != queue.end()) queue.erase(pos);
       finish(it->first, it->second, outcome_from_json(request.at("outcome")), rank);
+      ++progress;
       return {{"status", "ok"}};
     }
     if (op == "drain") {
-      draining.insert(rank);
-      const bool done = static_cast<int>(draining.size()) == bus.size() && idle();
-      return {{"status", done ? "done" : "wait"}};
+      progress += draining.insert(rank).second;
+      if (static_cast<int>(draining.size()) == bus.size() && idle()) return {{"status", "done"}};
+      return drain_wait();
     }
     if (op == "stop") {
       stopped.insert(rank);
@@ -419,19 +442,53 @@ std::future<FetchResult> FetchQueue::submit(FetchSpec spec, Placement placement)
   return future;
 }
 
+DrainStalledError::DrainStalledError(int rank, std::string cause, std::vector<int> absent_ranks)
+    : TimeoutError(rank, "fetch queue.drain", std::move(cause)),
+      absent_ranks_(std::move(absent_ranks)) {}
+
+namespace {
+
+[[noreturn]] void throw_stalled(int rank, const json& answer, std::chrono::milliseconds stall) {
+  const auto absent = answer.value("absent", std::vector<int>{});
+  std::string ranks;
+  for (int r : absent) ranks += (ranks.empty() ? "" : ", ") + std::to_string(r);
+  throw DrainStalledError(
+      rank,
+      "no progress for " + std::to_string(stall.count()) + " ms (stall_timeout): rank(s) [" +
+          ranks + "] have not called drain(); " +
+          std::to_string(answer.value("queued", std::size_t{0})) + " task(s) queued, " +
+          std::to_string(answer.value("leased", std::size_t{0})) + " leased",
+      absent);
+}
+
+}  // namespace
+
 void FetchQueue::drain() {
+  // Renewals come every third of a lease: a shorter stall timeout would take a long download
+  // for a stall.
+  const auto stall = std::max(options_.stall_timeout, options_.lease);
+  std::optional<std::uint64_t> seen;
+  auto moved = Clock::now();
   while (true) {
     const Message reply = bus_.request(0, make_message(Kind::kTask, kQueueTopic, {{"op", "drain"}}),
                                        options_.request_timeout)
                               .get();
-    std::string status;
+    json answer;
     try {
-      status = json::parse(reply.payload.as_string()).value("status", "");
+      answer = json::parse(reply.payload.as_string());
     } catch (const std::exception& error) {
       throw Error(bus_.rank(), "fetch queue.drain",
                   std::string("rank 0 answered: ") + error.what());
     }
-    if (status == "done") return;
+    if (answer.value("status", "") == "done") return;
+    const auto progress = answer.value("progress", std::uint64_t{0});
+    const auto now = Clock::now();
+    if (seen != progress) {
+      seen = progress;
+      moved = now;
+    } else if (now - moved > stall) {
+      throw_stalled(bus_.rank(), answer, stall);
+    }
     std::this_thread::sleep_for(options_.idle_poll);
   }
 }

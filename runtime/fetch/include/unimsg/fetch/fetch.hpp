@@ -54,6 +54,9 @@ struct FetchOptions {
   std::chrono::milliseconds backoff{250};  // before the 2nd attempt; doubles, with jitter
   std::chrono::milliseconds max_backoff{10000};
   std::uint64_t max_bytes_per_second = 0;  // per transfer; 0: unlimited
+  // The most bytes a file without a `size` may have (with one, the size is the bound): a
+  // transfer that goes past its bound is aborted, so an endless response cannot fill the disk.
+  std::uint64_t max_file_bytes = std::uint64_t{64} << 30;
   // Called with (bytes so far, total or 0) at most every progress_interval during a transfer.
   std::function<void(const FetchSpec&, std::uint64_t, std::uint64_t)> progress;
   std::chrono::milliseconds progress_interval{2000};
@@ -81,6 +84,14 @@ FetchOutcome fetch_file(const FetchSpec& spec, const FetchOptions& options,
 // The path a verified object has in `cache`, if it is there.
 std::optional<std::filesystem::path> cached_object(const std::filesystem::path& cache,
                                                    const std::string& sha256);
+
+// `url` fit for an error or a log: the password of user:password@ and the value of every query
+// parameter (tokens, signatures) replaced with ***.
+std::string redact_url(std::string_view url);
+
+// The schemes a redirect from `url` may lead to (libcurl's CURLOPT_REDIR_PROTOCOLS_STR): from
+// https only https, so a redirect never downgrades; from anything else http or https.
+std::string allowed_redirect_protocols(std::string_view url);
 
 // SHA-256 of a file, lowercase hex (OpenSSL).
 std::string sha256_file(const std::filesystem::path& path);

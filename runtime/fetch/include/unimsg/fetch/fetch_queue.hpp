@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "unimsg/bus/bus.hpp"
+#include "unimsg/core/error.hpp"
 #include "unimsg/fetch/fetch.hpp"
 
 namespace unimsg {
@@ -37,6 +38,9 @@ struct FetchQueueOptions {
   int max_deliveries = 3;                   // leases that may run out before a dead letter
   std::chrono::milliseconds idle_poll{50};  // an idle worker's pause between asks
   std::chrono::milliseconds request_timeout{60000};
+  // drain() throws TimeoutError once the queue has seen no progress (a task taken, renewed or
+  // finished, a rank joining the drain) for this long; never less than the lease.
+  std::chrono::milliseconds stall_timeout{120000};
   FetchOptions fetch;
 };
 
@@ -53,6 +57,17 @@ struct FetchQueueStats {  // rank 0's view
   std::uint64_t requeued = 0;           // leases that ran out
   std::uint64_t duplicate_results = 0;  // results for a task already completed, ignored
   std::vector<FetchResult> dead_letters;
+};
+
+// drain() gave up: the queue stood still for the stall timeout. absent_ranks(): the ranks that
+// had not called drain() (frozen, or stuck elsewhere).
+class DrainStalledError : public TimeoutError {
+ public:
+  DrainStalledError(int rank, std::string cause, std::vector<int> absent_ranks);
+  const std::vector<int>& absent_ranks() const noexcept { return absent_ranks_; }
+
+ private:
+  std::vector<int> absent_ranks_;
 };
 
 class FetchQueue {
@@ -72,7 +87,8 @@ class FetchQueue {
   // ShutdownError.
   std::future<FetchResult> submit(FetchSpec spec, Placement placement = Placement::kAnyHost);
   // Collective, once, at the end: returns on every rank once every rank has called it and every
-  // task submitted before is completed or dead.
+  // task submitted before is completed or dead. Throws DrainStalledError when nothing has moved
+  // (no task submitted, taken, renewed or finished, no rank joining) for the stall timeout.
   void drain();
   FetchQueueStats stats() const;  // meaningful on rank 0
 
