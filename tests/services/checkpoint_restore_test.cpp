@@ -1,15 +1,18 @@
 // Restore from the newest checkpoint any rank holds (node-local fast tiers: each rank its own
 // directory here), on 1-5 ranks: broadcast from the lowest holder to the ranks that lack it,
 // byte-equal everywhere; a damaged newest copy skipped in favour of the newest intact one;
-// nothing anywhere; the transfer format refusing truncated bytes.
+// nothing anywhere; a rank stuck loading making the others time out; the transfer format
+// refusing truncated bytes.
 
 #include <gtest/gtest.h>
 #include <mpi.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "unimsg/core/error.hpp"
@@ -123,6 +126,37 @@ TEST_F(CheckpointRestoreTest, DamagedNewestIsSkippedForTheNewestIntact) {
 
 TEST_F(CheckpointRestoreTest, NothingAnywhereIsNothingEverywhere) {
   EXPECT_FALSE(restore());
+}
+
+// A rank stuck on a slow filesystem still heartbeats, so nothing else notices it: the restore's
+// own collectives must give up on it, with an error naming the restore, long before it arrives.
+TEST_F(CheckpointRestoreTest, ARankStuckLoadingMakesTheOthersTimeOut) {
+  if (world_size() < 2) GTEST_SKIP() << "needs a second rank";
+  const int stuck = world_size() - 1;
+  constexpr auto kDelay = std::chrono::seconds(15);
+  RestoreOptions options;
+  options.timeout = std::chrono::seconds(3);
+  const auto start = std::chrono::steady_clock::now();
+  std::string error;
+  try {
+    const auto restored = restore_newest_anywhere(
+        MPI_COMM_WORLD,
+        [&](std::vector<std::string>*) -> std::optional<Checkpoint> {
+          if (world_rank() == stuck) std::this_thread::sleep_for(kDelay);
+          return std::nullopt;
+        },
+        nullptr, options);
+    EXPECT_FALSE(restored);
+  } catch (const TimeoutError& timeout) {
+    error = timeout.what();
+  }
+  const auto waited = std::chrono::steady_clock::now() - start;
+  if (world_rank() != stuck) {
+    EXPECT_NE(error.find("checkpoint restore"), std::string::npos)
+        << "no timeout naming the restore (\"" << error << "\") after "
+        << std::chrono::duration_cast<std::chrono::milliseconds>(waited).count() << " ms";
+    EXPECT_LT(waited, kDelay - std::chrono::seconds(3)) << "the error came only when it arrived";
+  }
 }
 
 TEST(CheckpointTransferTest, TruncatedOrPaddedBytesAreRefused) {

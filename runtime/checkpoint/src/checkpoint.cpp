@@ -1,155 +1,118 @@
 #include "unimsg/checkpoint/checkpoint.hpp"
 
-#include <fcntl.h>
-#include <unistd.h>
-
-#if defined(__x86_64__)
-#define XXH_DISPATCH_DISABLE_REPLACE 1
-#include <xxh_x86dispatch.h>
-#else
-#include <xxhash.h>
-#endif
-#include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
+#include <sys/stat.h>
 
 #include <algorithm>
-#include <cerrno>
-#include <charconv>
-#include <cstdio>
-#include <cstring>
-#include <fstream>
+#include <nlohmann/json.hpp>
 
+#include "checkpoint_disk.hpp"
 #include "unimsg/core/error.hpp"
 
 namespace unimsg {
-namespace {
 
 namespace fs = std::filesystem;
-constexpr int kFormat = 1;
-constexpr std::string_view kPrefix = "step-";
+using namespace checkpoint_disk;
 
-std::uint64_t checksum(std::span<const std::byte> bytes) {
-#if defined(__x86_64__)
-  return XXH3_64bits_dispatch(bytes.data(), bytes.size());
-#else
-  return XXH3_64bits(bytes.data(), bytes.size());
-#endif
+namespace {
+
+std::optional<std::pair<std::uint64_t, std::uint64_t>> directory_id(const fs::path& path) {
+  struct stat info {};
+  if (::lstat(path.c_str(), &info) != 0 || !S_ISDIR(info.st_mode)) return std::nullopt;
+  return std::pair<std::uint64_t, std::uint64_t>{info.st_dev, info.st_ino};
 }
 
-std::string step_name(std::uint64_t step) {
-  char name[32];
-  std::snprintf(name, sizeof name, "step-%012llu", static_cast<unsigned long long>(step));
-  return name;
-}
-
-std::optional<std::uint64_t> parse_step(const std::string& name) {
-  if (name.size() <= kPrefix.size() || name.compare(0, kPrefix.size(), kPrefix) != 0) {
-    return std::nullopt;
+// Steps with a directory of their own, newest first (set-aside copies not included).
+std::vector<std::uint64_t> own_steps(const fs::path& directory) {
+  std::vector<std::uint64_t> found;
+  std::error_code error;
+  for (const fs::path& entry : entries_of(directory)) {
+    if (!fs::is_directory(entry, error)) continue;
+    if (const auto step = parse_step(entry.filename().string())) found.push_back(*step);
   }
-  std::uint64_t step = 0;
-  const char* begin = name.data() + kPrefix.size();
-  const char* end = name.data() + name.size();
-  const auto [ptr, ec] = std::from_chars(begin, end, step);
-  if (ec != std::errc() || ptr != end) return std::nullopt;
-  return step;
+  std::sort(found.rbegin(), found.rend());
+  return found;
 }
 
-struct Fd {
-  int fd = -1;
-  ~Fd() {
-    if (fd >= 0) ::close(fd);
+std::string describe(const std::exception_ptr& failure) {
+  try {
+    std::rethrow_exception(failure);
+  } catch (const std::exception& error) {
+    return error.what();
+  } catch (...) {
+    return "an unknown exception";
   }
+}
+
+// A write in progress: its directory, locked (so that no other writer's cleanup takes it for a
+// dead writer's) until it is renamed into place.
+struct Temporary {
+  fs::path path;
+  DirLock lock;
 };
 
-[[noreturn]] void fail_errno(int rank, const std::string& what, const fs::path& path) {
+Temporary create_temporary(int rank, const fs::path& directory, std::uint64_t step) {
+  Temporary temp;
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    temp.path = directory / leftover_name(LeftoverKind::kTemporary, step);
+    std::error_code error;
+    if (!fs::create_directory(temp.path, error) || error) {
+      throw CheckpointError(
+          rank, "checkpoint",
+          "cannot create " + temp.path.string() + ": " + (error ? error.message() : "it exists"));
+    }
+    // A cleanup may take it in the instant before it is locked: then a fresh one.
+    temp.lock = lock_directory(temp.path, /*wait=*/true);
+    if (temp.lock.state == LockState::kHeld || temp.lock.state == LockState::kUnsupported) {
+      return temp;
+    }
+  }
   throw CheckpointError(rank, "checkpoint",
-                        what + " " + path.string() + ": " + std::strerror(errno));
+                        "cannot keep a temporary directory in " + directory.string() +
+                            ": each one vanished as it was created");
 }
 
-void write_file(int rank, const fs::path& path, std::span<const std::byte> bytes) {
-  Fd file{::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644)};
-  if (file.fd < 0) fail_errno(rank, "cannot create", path);
-  std::size_t done = 0;
-  while (done < bytes.size()) {
-    const ssize_t n = ::write(file.fd, bytes.data() + done, bytes.size() - done);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      fail_errno(rank, "cannot write", path);
-    }
-    done += static_cast<std::size_t>(n);
-  }
-  if (::fsync(file.fd) != 0) fail_errno(rank, "cannot fsync", path);
-  const int fd = file.fd;
-  file.fd = -1;
-  if (::close(fd) != 0) fail_errno(rank, "cannot close", path);
-}
-
-void fsync_directory(int rank, const fs::path& path) {
-  Fd dir{::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC)};
-  if (dir.fd < 0) fail_errno(rank, "cannot open directory", path);
-  if (::fsync(dir.fd) != 0) fail_errno(rank, "cannot fsync directory", path);
-}
-
-std::vector<std::byte> read_file(const fs::path& path, std::size_t expected) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw std::runtime_error("cannot open " + path.filename().string());
-  std::vector<std::byte> bytes(expected);
-  in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(expected));
-  if (static_cast<std::size_t>(in.gcount()) != expected) {
-    throw std::runtime_error(path.filename().string() + " holds " + std::to_string(in.gcount()) +
-                             " bytes, the manifest says " + std::to_string(expected));
-  }
-  if (in.peek() != std::char_traits<char>::eof()) {
-    throw std::runtime_error(path.filename().string() + " is longer than the manifest says");
-  }
-  return bytes;
-}
-
-// Reads and verifies one checkpoint directory; throws std::runtime_error saying what is wrong.
-Checkpoint read_checkpoint(const fs::path& dir, std::uint64_t step) {
-  const fs::path manifest_path = dir / "manifest.json";
-  std::ifstream in(manifest_path);
-  if (!in) throw std::runtime_error("no manifest.json (an incomplete write?)");
-  nlohmann::json manifest;
+// Writes the blobs, then the manifest, every file fsync'd, into a fresh temporary directory.
+Temporary write_temporary(int rank, const fs::path& directory, const Checkpoint& checkpoint,
+                          const nlohmann::json& metadata) {
+  Temporary temp = create_temporary(rank, directory, checkpoint.step);
   try {
-    manifest = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::exception& error) {
-    throw std::runtime_error(std::string("manifest.json is not valid JSON: ") + error.what());
-  }
-  try {
-    if (manifest.at("format").get<int>() != kFormat) {
-      throw std::runtime_error("manifest format " + manifest.at("format").dump() +
-                               ", this build reads " + std::to_string(kFormat));
+    nlohmann::json blobs = nlohmann::json::array();
+    std::size_t index = 0;
+    for (const auto& [blob_name, bytes] : checkpoint.blobs) {
+      const std::string file = std::to_string(index++) + ".blob";
+      write_file(rank, temp.path / file, bytes);
+      blobs.push_back({{"name", blob_name},
+                       {"file", file},
+                       {"bytes", bytes.size()},
+                       {"xxh3", checksum(bytes)}});
     }
-    if (manifest.at("step").get<std::uint64_t>() != step) {
-      throw std::runtime_error("manifest names step " + manifest.at("step").dump());
+    const std::string text = nlohmann::json{
+        {"format", kFormat},
+        {"step", checkpoint.step},
+        {"blobs", blobs},
+        {"metadata", metadata}}.dump(1);
+    if (text.size() > kMaxManifestBytes) {
+      throw CheckpointError(rank, "checkpoint",
+                            "step " + std::to_string(checkpoint.step) + ": a manifest of " +
+                                std::to_string(text.size()) +
+                                " bytes, more than a loader accepts (" +
+                                std::to_string(kMaxManifestBytes) + "): metadata too large?");
     }
-    Checkpoint checkpoint;
-    checkpoint.step = step;
-    checkpoint.metadata_json = manifest.at("metadata").dump();
-    for (const auto& blob : manifest.at("blobs")) {
-      const auto name = blob.at("name").get<std::string>();
-      const auto file = blob.at("file").get<std::string>();
-      if (file.find('/') != std::string::npos || file == ".." || file == ".") {
-        throw std::runtime_error("blob file name '" + file + "' leaves the directory");
-      }
-      const auto bytes = blob.at("bytes").get<std::uint64_t>();
-      const auto expected = blob.at("xxh3").get<std::uint64_t>();
-      auto data = read_file(dir / file, static_cast<std::size_t>(bytes));
-      if (checksum(data) != expected) {
-        throw std::runtime_error("blob '" + name + "' fails its checksum (damaged)");
-      }
-      checkpoint.blobs.emplace(name, std::move(data));
-    }
-    return checkpoint;
-  } catch (const nlohmann::json::exception& error) {
-    throw std::runtime_error(std::string("manifest.json is malformed: ") + error.what());
+    write_file(rank, temp.path / "manifest.json", std::as_bytes(std::span(text)));
+    fsync_directory(rank, temp.path);
+    return temp;
+  } catch (...) {
+    std::error_code ignored;
+    fs::remove_all(temp.path, ignored);
+    throw;
   }
 }
 
 }  // namespace
 
 Checkpointer::Checkpointer(std::filesystem::path directory, CheckpointOptions options)
-    : directory_(std::move(directory)), options_(options) {
+    : directory_(std::move(directory)), options_(std::move(options)) {
   if (options_.keep == 0) throw ConfigError(options_.rank, "checkpoint", "keep must be at least 1");
   std::error_code error;
   fs::create_directories(directory_, error);
@@ -157,6 +120,10 @@ Checkpointer::Checkpointer(std::filesystem::path directory, CheckpointOptions op
     throw CheckpointError(options_.rank, "checkpoint",
                           "cannot use directory " + directory_.string() + ": " +
                               (error ? error.message() : "not a directory"));
+  }
+  remove_leftovers();
+  for (const std::uint64_t step : own_steps(directory_)) {
+    if (const auto id = directory_id(directory_ / step_name(step))) present_at_start_[step] = *id;
   }
   writer_ = std::thread([this] { writer_main(); });
 }
@@ -168,6 +135,16 @@ Checkpointer::~Checkpointer() {
   }
   changed_.notify_all();
   writer_.join();
+  if (error_) {
+    log().error(
+        "checkpoint: the asynchronous save of step {} to {} failed and was never "
+        "reported: {}",
+        error_step_, directory_.string(), describe(error_));
+  }
+}
+
+spdlog::logger& Checkpointer::log() const {
+  return options_.logger ? *options_.logger : *spdlog::default_logger_raw();
 }
 
 void Checkpointer::writer_main() {
@@ -187,7 +164,14 @@ void Checkpointer::writer_main() {
     }
     lock.lock();
     busy_ = false;
-    if (failure && !error_) error_ = failure;
+    if (failure && !error_) {
+      error_ = failure;
+      error_step_ = next.step;
+    } else if (failure) {
+      // Only the first failure is rethrown: a later one would vanish unseen.
+      log().error("checkpoint: the asynchronous save of step {} to {} failed: {}", next.step,
+                  directory_.string(), describe(failure));
+    }
     changed_.notify_all();
   }
 }
@@ -211,6 +195,11 @@ void Checkpointer::flush() {
   if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
 }
 
+std::exception_ptr Checkpointer::last_error() const {
+  std::lock_guard lock(mutex_);
+  return error_;
+}
+
 void Checkpointer::write(const Checkpoint& checkpoint) {
   const int rank = options_.rank;
   std::uint64_t bytes = 0;
@@ -221,85 +210,134 @@ void Checkpointer::write(const Checkpoint& checkpoint) {
                                                  {"directory", directory_.string()}}
                                       .dump()
                                 : std::string());
+  nlohmann::json metadata;
   try {
-    (void)nlohmann::json::parse(checkpoint.metadata_json).is_object();
+    metadata = nlohmann::json::parse(checkpoint.metadata_json);
   } catch (const nlohmann::json::exception& error) {
-    throw CheckpointError(rank, "checkpoint", std::string("metadata is not JSON: ") + error.what());
+    throw CheckpointError(
+        rank, "checkpoint",
+        "step " + std::to_string(checkpoint.step) + ": metadata is not JSON: " + error.what());
   }
-  const std::string name = step_name(checkpoint.step);
-  const fs::path final_dir = directory_ / name;
-  const fs::path temp_dir = directory_ / (".tmp-" + name + "-" + std::to_string(::getpid()));
-  std::error_code ignored;
-  fs::remove_all(temp_dir, ignored);
+  const Temporary temp = write_temporary(rank, directory_, checkpoint, metadata);
   try {
-    if (!fs::create_directory(temp_dir)) {
-      throw CheckpointError(rank, "checkpoint", "cannot create " + temp_dir.string());
-    }
-  } catch (const fs::filesystem_error& error) {
-    throw CheckpointError(rank, "checkpoint",
-                          "cannot create " + temp_dir.string() + ": " + error.code().message());
-  }
-  try {
-    nlohmann::json blobs = nlohmann::json::array();
-    std::size_t index = 0;
-    for (const auto& [blob_name, bytes] : checkpoint.blobs) {
-      const std::string file = std::to_string(index++) + ".blob";
-      write_file(rank, temp_dir / file, bytes);
-      blobs.push_back({{"name", blob_name},
-                       {"file", file},
-                       {"bytes", bytes.size()},
-                       {"xxh3", checksum(bytes)}});
-    }
-    const nlohmann::json manifest{{"format", kFormat},
-                                  {"step", checkpoint.step},
-                                  {"blobs", blobs},
-                                  {"metadata", nlohmann::json::parse(checkpoint.metadata_json)}};
-    const std::string text = manifest.dump(1);
-    write_file(rank, temp_dir / "manifest.json", std::as_bytes(std::span(text)));
-    fsync_directory(rank, temp_dir);
-    // Replacing an existing checkpoint of the same step: move it away first (rename cannot
-    // replace a non-empty directory).
-    if (fs::exists(final_dir)) fs::remove_all(final_dir);
-    fs::rename(temp_dir, final_dir);
+    replace_directory(rank, temp.path, directory_, checkpoint.step);
     fsync_directory(rank, directory_);
-  } catch (const fs::filesystem_error& error) {
-    fs::remove_all(temp_dir, ignored);
-    throw CheckpointError(rank, "checkpoint",
-                          "cannot write step " + std::to_string(checkpoint.step) + " to " +
-                              directory_.string() + ": " + error.code().message());
   } catch (...) {
-    fs::remove_all(temp_dir, ignored);
+    std::error_code ignored;
+    fs::remove_all(temp.path, ignored);
     throw;
   }
-  prune();
+  {
+    std::lock_guard lock(prune_mutex_);
+    if (const auto print = fingerprint(directory_ / step_name(checkpoint.step))) {
+      verified_[checkpoint.step] = *print;
+    }
+  }
+  try {
+    prune(checkpoint.step);
+  } catch (const std::exception& error) {
+    // The checkpoint is written: a prune that failed halfway is a warning, not a failed save.
+    log().warn("checkpoint: pruning {} after step {} failed: {}", directory_.string(),
+               checkpoint.step, error.what());
+  }
 }
 
-void Checkpointer::prune() {
-  const auto all = steps();
-  for (std::size_t i = options_.keep; i < all.size(); ++i) {
+// Dead writers' leftovers: temporary directories are removed; a set-aside copy is put back
+// under its step's name when that is missing (a replacement cut short), removed otherwise.
+void Checkpointer::remove_leftovers() {
+  std::error_code error;
+  std::vector<std::pair<Leftover, fs::path>> found;
+  for (const fs::path& entry : entries_of(directory_)) {
+    if (auto leftover = parse_leftover(entry.filename().string())) {
+      found.emplace_back(std::move(*leftover), entry);
+    }
+  }
+  // Set-aside copies first: when one cannot go back, the temporary copy is not needed either.
+  std::stable_partition(found.begin(), found.end(), [](const auto& item) {
+    return item.first.kind == LeftoverKind::kSetAside;
+  });
+  for (const auto& [leftover, path] : found) {
+    const DirLock lock = lock_directory(path, /*wait=*/false);
+    if (lock.state == LockState::kBusy || lock.state == LockState::kGone) continue;
+    if (lock.state == LockState::kUnsupported && !owner_dead_here(leftover.owner)) continue;
+    const fs::path own = directory_ / step_name(leftover.step);
+    if (leftover.kind == LeftoverKind::kSetAside && !fs::exists(own, error)) {
+      if (::rename(path.c_str(), own.c_str()) == 0) {
+        log().warn("checkpoint: {} put back as {} (its replacement was cut short)", path.string(),
+                   own.string());
+        continue;
+      }
+    }
+    fs::remove_all(path, error);
+  }
+}
+
+bool Checkpointer::intact(std::uint64_t step, std::string& why) {
+  const fs::path dir = directory_ / step_name(step);
+  const auto print = fingerprint(dir);
+  const auto known = verified_.find(step);
+  if (print && known != verified_.end() && known->second == *print) return true;
+  try {
+    verify_checkpoint(dir, step);
+  } catch (const std::exception& error) {
+    why = error.what();
+    return false;
+  }
+  if (print) verified_[step] = *print;
+  return true;
+}
+
+void Checkpointer::prune(std::uint64_t written) {
+  std::lock_guard lock(prune_mutex_);
+  remove_leftovers();
+  std::size_t kept = 0;
+  for (const std::uint64_t step : own_steps(directory_)) {
+    const fs::path dir = directory_ / step_name(step);
+    const auto id = directory_id(dir);
+    std::string why;
+    const auto before = present_at_start_.find(step);
+    if (step > written && id && before != present_at_start_.end() && before->second == *id) {
+      why = "numbered above step " + std::to_string(written) +
+            " just written, and there before this run's writer started (an older run's)";
+    } else if (kept < options_.keep) {
+      if (intact(step, why)) {
+        ++kept;
+        continue;
+      }
+      why = "damaged: " + why;
+    }
     std::error_code ignored;
-    fs::remove_all(directory_ / step_name(all[i]), ignored);
+    fs::remove_all(dir, ignored);
+    verified_.erase(step);
+    if (!why.empty()) log().warn("checkpoint: removed {}: {}", dir.string(), why);
   }
 }
 
 std::vector<std::uint64_t> Checkpointer::steps() const {
   std::vector<std::uint64_t> found;
   std::error_code error;
-  for (const auto& entry : fs::directory_iterator(directory_, error)) {
-    if (!entry.is_directory()) continue;
-    if (const auto step = parse_step(entry.path().filename().string())) found.push_back(*step);
+  for (const fs::path& entry : entries_of(directory_)) {
+    if (!fs::is_directory(entry, error)) continue;
+    const std::string name = entry.filename().string();
+    if (const auto step = parse_step(name)) {
+      found.push_back(*step);
+    } else if (const auto leftover = parse_leftover(name);
+               leftover && leftover->kind == LeftoverKind::kSetAside) {
+      found.push_back(leftover->step);
+    }
   }
   std::sort(found.rbegin(), found.rend());
+  found.erase(std::unique(found.begin(), found.end()), found.end());
   return found;
 }
 
 std::optional<Checkpoint> Checkpointer::load_latest(std::vector<std::string>* skipped) const {
   for (const std::uint64_t step : steps()) {
-    try {
-      return read_checkpoint(directory_ / step_name(step), step);
-    } catch (const std::exception& error) {
-      if (skipped) {
-        skipped->push_back((directory_ / step_name(step)).string() + ": " + error.what());
+    for (const fs::path& copy : copies_of(directory_, step)) {
+      try {
+        return read_checkpoint(copy, step);
+      } catch (const std::exception& error) {
+        if (skipped) skipped->push_back(copy.string() + ": " + error.what());
       }
     }
   }
@@ -307,15 +345,20 @@ std::optional<Checkpoint> Checkpointer::load_latest(std::vector<std::string>* sk
 }
 
 Checkpoint Checkpointer::load(std::uint64_t step) const {
-  const fs::path dir = directory_ / step_name(step);
-  if (!fs::is_directory(dir)) {
-    throw CheckpointError(options_.rank, "checkpoint", "no checkpoint " + dir.string());
+  const auto copies = copies_of(directory_, step);
+  if (copies.empty()) {
+    throw CheckpointError(options_.rank, "checkpoint",
+                          "no checkpoint " + (directory_ / step_name(step)).string());
   }
-  try {
-    return read_checkpoint(dir, step);
-  } catch (const std::exception& error) {
-    throw CheckpointError(options_.rank, "checkpoint", dir.string() + ": " + error.what());
+  std::string why;
+  for (const fs::path& copy : copies) {
+    try {
+      return read_checkpoint(copy, step);
+    } catch (const std::exception& error) {
+      why += (why.empty() ? "" : "; ") + copy.string() + ": " + error.what();
+    }
   }
+  throw CheckpointError(options_.rank, "checkpoint", why);
 }
 
 TieredCheckpointer::TieredCheckpointer(TieredCheckpointOptions options)

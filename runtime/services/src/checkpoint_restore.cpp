@@ -1,10 +1,14 @@
 #include "unimsg/services/checkpoint_restore.hpp"
 
 #include <algorithm>
+#include <chrono>
 #include <climits>
 #include <cstring>
+#include <memory>
+#include <mutex>
 
 #include "unimsg/bus/mpi.hpp"
+#include "unimsg/core/backoff.hpp"
 #include "unimsg/core/error.hpp"
 
 namespace unimsg {
@@ -52,13 +56,92 @@ class Reader {
   std::size_t at_ = 0;
 };
 
+// What a restore's pending MPI operations may still write into: the communicator and the
+// buffers. A started MPI collective cannot be cancelled, so after a timeout it stays pending
+// (it completes if the late rank ever arrives): its buffers are parked until the process exits
+// instead of being freed under it, and the communicator is not freed.
+struct Exchange {
+  MPI_Comm comm = MPI_COMM_NULL;
+  std::vector<long long> table;  // per rank: newest intact step (-1: none), load failed (0/1)
+  unsigned long long size = 0;
+  std::vector<std::byte> bytes;
+};
+
+void park(std::unique_ptr<Exchange> exchange) {
+  static std::mutex mutex;
+  static std::vector<std::unique_ptr<Exchange>> parked;
+  const std::lock_guard lock(mutex);
+  parked.push_back(std::move(exchange));
+}
+
+// The restore's own communicator (a duplicate of the caller's, so that an abandoned operation
+// never mixes with the caller's later collectives), every wait on it bounded by `timeout`.
+class RestoreChannel {
+ public:
+  RestoreChannel(MPI_Comm parent, int rank, std::chrono::nanoseconds timeout)
+      : exchange_(std::make_unique<Exchange>()), rank_(rank), timeout_(timeout) {
+    MPI_Request request = MPI_REQUEST_NULL;
+    check_mpi(MPI_Comm_idup(parent, &exchange_->comm, &request), rank_, "restore: MPI_Comm_idup");
+    try {
+      wait(request, "duplicating the communicator");
+    } catch (...) {
+      park(std::move(exchange_));  // the destructor does not run for a throwing constructor
+      throw;
+    }
+  }
+  ~RestoreChannel() {
+    if (abandoned_) {
+      park(std::move(exchange_));
+    } else if (exchange_->comm != MPI_COMM_NULL) {
+      MPI_Comm_free(&exchange_->comm);
+    }
+  }
+  RestoreChannel(const RestoreChannel&) = delete;
+  RestoreChannel& operator=(const RestoreChannel&) = delete;
+
+  Exchange& exchange() noexcept { return *exchange_; }
+  MPI_Comm comm() const noexcept { return exchange_->comm; }
+
+  // Tests `request` until it completes; a TimeoutError naming the restore once `timeout` has
+  // passed (the operation is then abandoned, with everything it may write into).
+  void wait(MPI_Request& request, const char* what) {
+    const auto start = std::chrono::steady_clock::now();
+    Backoff backoff(kSpinPolls, kYieldPolls);
+    while (true) {
+      int done = 0;
+      check_mpi(MPI_Test(&request, &done, MPI_STATUS_IGNORE), rank_, "restore: MPI_Test");
+      if (done) return;
+      if (std::chrono::steady_clock::now() - start >= timeout_) break;
+      backoff.pause(std::chrono::microseconds(200));
+    }
+    abandoned_ = true;
+    throw TimeoutError(
+        rank_, "restore",
+        std::string("checkpoint restore: ") + what + " did not complete within " +
+            std::to_string(
+                std::chrono::duration_cast<std::chrono::milliseconds>(timeout_).count()) +
+            " ms: a rank has not reached it (stuck loading its checkpoints, or gone)");
+  }
+
+ private:
+  static constexpr std::uint64_t kSpinPolls = 200;
+  static constexpr std::uint64_t kYieldPolls = 2000;
+  std::unique_ptr<Exchange> exchange_;
+  int rank_;
+  std::chrono::nanoseconds timeout_;
+  bool abandoned_ = false;
+};
+
 // MPI counts are ints: large buffers go in pieces.
-void broadcast_bytes(std::vector<std::byte>& bytes, int root, MPI_Comm comm, int rank) {
+void broadcast_bytes(RestoreChannel& channel, int root, int rank) {
   constexpr std::size_t kPiece = std::size_t{1} << 30;
+  std::vector<std::byte>& bytes = channel.exchange().bytes;
   for (std::size_t offset = 0; offset < bytes.size(); offset += kPiece) {
     const auto count = static_cast<int>(std::min(kPiece, bytes.size() - offset));
-    check_mpi(MPI_Bcast(bytes.data() + offset, count, MPI_BYTE, root, comm), rank,
-              "restore: MPI_Bcast");
+    MPI_Request request = MPI_REQUEST_NULL;
+    check_mpi(MPI_Ibcast(bytes.data() + offset, count, MPI_BYTE, root, channel.comm(), &request),
+              rank, "restore: MPI_Ibcast");
+    channel.wait(request, "sending the checkpoint");
   }
 }
 
@@ -101,9 +184,14 @@ Checkpoint deserialize_checkpoint(const std::vector<std::byte>& bytes, int rank)
 
 std::optional<RestoredCheckpoint> restore_newest_anywhere(MPI_Comm comm,
                                                           const LocalCheckpointLoader& load_local,
-                                                          std::vector<std::string>* skipped) {
+                                                          std::vector<std::string>* skipped,
+                                                          const RestoreOptions& options) {
   int rank = 0;
-  MPI_Comm_rank(comm, &rank);
+  int size = 1;
+  check_mpi(MPI_Comm_rank(comm, &rank), kNoRank, "restore: MPI_Comm_rank");
+  check_mpi(MPI_Comm_size(comm, &size), rank, "restore: MPI_Comm_size");
+  RestoreChannel channel(comm, rank, options.timeout);
+  Exchange& exchange = channel.exchange();
   // Load what this rank sees; an error (an unreadable directory) must not leave the others
   // waiting in the collectives below, so it travels as "nothing here" and is rethrown after.
   std::optional<Checkpoint> local;
@@ -113,42 +201,52 @@ std::optional<RestoredCheckpoint> restore_newest_anywhere(MPI_Comm comm,
   } catch (...) {
     failure = std::current_exception();
   }
-  long long mine = local ? static_cast<long long>(local->step) : -1;
-  long long newest = -1;
-  check_mpi(MPI_Allreduce(&mine, &newest, 1, MPI_LONG_LONG, MPI_MAX, comm), rank,
-            "restore: MPI_Allreduce");
-  int failed = failure ? 1 : 0;
-  check_mpi(MPI_Allreduce(MPI_IN_PLACE, &failed, 1, MPI_INT, MPI_MAX, comm), rank,
-            "restore: MPI_Allreduce");
+  const long long mine = local ? static_cast<long long>(local->step) : -1;
+  // One agreement: every rank's newest step and whether its load failed.
+  exchange.table.assign(2 * static_cast<std::size_t>(size) + 2, 0);
+  long long* const sent = exchange.table.data() + 2 * size;
+  sent[0] = mine;
+  sent[1] = failure ? 1 : 0;
+  MPI_Request request = MPI_REQUEST_NULL;
+  check_mpi(MPI_Iallgather(sent, 2, MPI_LONG_LONG, exchange.table.data(), 2, MPI_LONG_LONG,
+                           channel.comm(), &request),
+            rank, "restore: MPI_Iallgather");
+  channel.wait(request, "agreeing on the newest step");
   if (failure) std::rethrow_exception(failure);
-  if (failed) {
-    throw CheckpointError(rank, "restore", "another rank could not read its checkpoints");
+  long long newest = -1;
+  bool failed = false;
+  for (int r = 0; r < size; ++r) {
+    newest = std::max(newest, exchange.table[2 * static_cast<std::size_t>(r)]);
+    failed = failed || exchange.table[2 * static_cast<std::size_t>(r) + 1] != 0;
   }
+  if (failed) throw CheckpointError(rank, "restore", "another rank could not read its checkpoints");
   if (newest < 0) return std::nullopt;
-  int holder = mine == newest ? rank : INT_MAX;
-  check_mpi(MPI_Allreduce(MPI_IN_PLACE, &holder, 1, MPI_INT, MPI_MIN, comm), rank,
-            "restore: MPI_Allreduce");
-  int lacking = mine == newest ? 0 : 1;
-  check_mpi(MPI_Allreduce(MPI_IN_PLACE, &lacking, 1, MPI_INT, MPI_SUM, comm), rank,
-            "restore: MPI_Allreduce");
+  int holder = INT_MAX;
+  bool lacking = false;
+  for (int r = 0; r < size; ++r) {
+    const bool holds = exchange.table[2 * static_cast<std::size_t>(r)] == newest;
+    if (holds) holder = std::min(holder, r);
+    lacking = lacking || !holds;
+  }
   RestoredCheckpoint restored;
   restored.source_rank = mine == newest ? rank : holder;
-  if (lacking == 0) {
+  if (!lacking) {
     restored.checkpoint = std::move(*local);
     return restored;
   }
   // The holder sends its copy (verified when it loaded it) to everyone; those who hold the
   // same step keep their own.
-  std::vector<std::byte> bytes;
-  if (rank == holder) bytes = serialize_checkpoint(*local);
-  unsigned long long size = bytes.size();
-  check_mpi(MPI_Bcast(&size, 1, MPI_UNSIGNED_LONG_LONG, holder, comm), rank, "restore: MPI_Bcast");
-  bytes.resize(size);
-  broadcast_bytes(bytes, holder, comm, rank);
+  if (rank == holder) exchange.bytes = serialize_checkpoint(*local);
+  exchange.size = exchange.bytes.size();
+  check_mpi(MPI_Ibcast(&exchange.size, 1, MPI_UNSIGNED_LONG_LONG, holder, channel.comm(), &request),
+            rank, "restore: MPI_Ibcast");
+  channel.wait(request, "sending the checkpoint's size");
+  exchange.bytes.resize(exchange.size);
+  broadcast_bytes(channel, holder, rank);
   if (mine == newest) {
     restored.checkpoint = std::move(*local);
   } else {
-    restored.checkpoint = deserialize_checkpoint(bytes, rank);
+    restored.checkpoint = deserialize_checkpoint(exchange.bytes, rank);
     restored.received = true;
     if (restored.checkpoint.step != static_cast<std::uint64_t>(newest)) {
       throw CheckpointError(rank, "restore",

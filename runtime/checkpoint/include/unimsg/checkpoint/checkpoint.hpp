@@ -9,7 +9,17 @@
 //
 // A write goes to a temporary directory (every file fsync'd), which is renamed into place and
 // the parent directory fsync'd: a checkpoint either exists whole or not at all, and a failed
-// write (read-only or full disk) leaves the previous ones untouched. The last `keep` are kept.
+// write (read-only or full disk) leaves the previous ones untouched. Re-saving a step swaps the
+// new copy in atomically (renameat2 RENAME_EXCHANGE), or where the filesystem cannot, sets the
+// old one aside first: after a crash in between, the set-aside copy is read and put back.
+// Temporary and set-aside directories of writers that died are removed when a writer starts and
+// after each write; a live writer's (it holds an flock on them) are left alone.
+//
+// After each write, the newest `keep` intact checkpoints are kept (each verified once per writer,
+// and again when its files change): damaged ones do not count and are removed, and so are
+// checkpoints numbered above the step just written that were already there when this
+// Checkpointer started (left by an older or abandoned run: kept, they would outlive every prune
+// and be restored after this run's next crash).
 // Restore takes the newest intact checkpoint; a damaged one (missing file, wrong size or
 // checksum, bad manifest) is reported and skipped, never loaded.
 
@@ -21,13 +31,19 @@
 #include <filesystem>
 #include <functional>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "unimsg/trace/trace.hpp"
+
+namespace spdlog {
+class logger;
+}
 
 namespace unimsg {
 
@@ -43,25 +59,33 @@ struct CheckpointOptions {
   int rank = -1;                   // for error messages and logs
   // Each write is a "checkpoint" span on this timeline (monitor.hpp), when set.
   TraceRecorder* trace = nullptr;
+  // Where failures nobody is left to rethrow, and removed damaged checkpoints, are reported;
+  // null: spdlog's default logger.
+  std::shared_ptr<spdlog::logger> logger;
 };
 
 class Checkpointer {
  public:
-  // Creates `directory` if needed (a CheckpointError if it cannot).
+  // Creates `directory` if needed (a CheckpointError if it cannot) and removes dead writers'
+  // leftovers in it.
   explicit Checkpointer(std::filesystem::path directory, CheckpointOptions options = {});
-  ~Checkpointer();  // finishes queued saves
+  // Finishes queued saves; a failure among them that was never rethrown is logged (as error).
+  ~Checkpointer();
   Checkpointer(const Checkpointer&) = delete;
   Checkpointer& operator=(const Checkpointer&) = delete;
 
   // Writes now (CheckpointError on failure; the previous checkpoints stay).
   void save(const Checkpoint& checkpoint);
   // Queues the write on the writer thread (blocks while the queue is full). A failure is
-  // rethrown by the next save_async(), flush() or the destructor's caller via last_error().
+  // rethrown by the next save_async() or flush(); last_error() shows it meanwhile.
   void save_async(Checkpoint checkpoint);
   // Waits for queued saves; rethrows the first failure among them.
   void flush();
+  // The first failure of an asynchronous save not yet rethrown, or null; it stays pending.
+  std::exception_ptr last_error() const;
 
-  // Steps of the checkpoint directories present (complete or not), newest first.
+  // Steps of the checkpoint directories present (complete or not, or only set aside by a
+  // replacement that was cut short), newest first.
   std::vector<std::uint64_t> steps() const;
   // The newest checkpoint that verifies; damaged ones are skipped and described in `skipped`.
   std::optional<Checkpoint> load_latest(std::vector<std::string>* skipped = nullptr) const;
@@ -71,18 +95,30 @@ class Checkpointer {
   const std::filesystem::path& directory() const noexcept { return directory_; }
 
  private:
+  using DirectoryId = std::pair<std::uint64_t, std::uint64_t>;  // device, inode
+
   void write(const Checkpoint& checkpoint);
-  void prune();
+  void prune(std::uint64_t written);
+  void remove_leftovers();
+  bool intact(std::uint64_t step, std::string& why);
   void writer_main();
+  spdlog::logger& log() const;
 
   std::filesystem::path directory_;
   CheckpointOptions options_;
-  std::mutex mutex_;
+  mutable std::mutex mutex_;
   std::condition_variable changed_;
   std::deque<Checkpoint> queue_;
   bool busy_ = false;
   bool stopping_ = false;
   std::exception_ptr error_;
+  std::uint64_t error_step_ = 0;
+  // Prune's state: the step directories there when this writer started, and the fingerprints
+  // of those verified (a checkpoint is read again only once it may have changed, not on every
+  // save).
+  std::mutex prune_mutex_;
+  std::map<std::uint64_t, DirectoryId> present_at_start_;
+  std::map<std::uint64_t, std::uint64_t> verified_;
   std::thread writer_;
 };
 

@@ -7,6 +7,7 @@
 
 #include <mpi.h>
 
+#include <chrono>
 #include <functional>
 #include <optional>
 #include <string>
@@ -25,12 +26,22 @@ struct RestoredCheckpoint {
   bool received = false;  // it came over MPI: this rank held no copy of that step
 };
 
-// Collective over `comm`. `load_local` is this rank's view (Checkpointer::load_latest or
-// TieredCheckpointer::load_latest); damaged checkpoints it skipped are added to `skipped`.
-// nullopt on every rank when no rank holds one.
+struct RestoreOptions {
+  // How long each of the restore's collectives waits for the other ranks (a rank stuck loading
+  // from a slow filesystem still heartbeats, so only this bound notices it). The default is
+  // CommunicatorOptions{}.timeout's; a caller with a communicator passes its timeout.
+  std::chrono::nanoseconds timeout = std::chrono::seconds(300);
+};
+
+// Collective over `comm` (on a duplicate of it). `load_local` is this rank's view
+// (Checkpointer::load_latest or TieredCheckpointer::load_latest); damaged checkpoints it skipped
+// are added to `skipped`. nullopt on every rank when no rank holds one. A TimeoutError naming
+// the checkpoint restore when the other ranks do not reach one of its collectives within
+// options.timeout: the restore's communicator is then abandoned (a started MPI collective
+// cannot be cancelled), so the caller should treat it as a fault of the job.
 std::optional<RestoredCheckpoint> restore_newest_anywhere(
     MPI_Comm comm, const LocalCheckpointLoader& load_local,
-    std::vector<std::string>* skipped = nullptr);
+    std::vector<std::string>* skipped = nullptr, const RestoreOptions& options = {});
 
 // The byte form a checkpoint travels in (step, metadata, named blobs; lengths first), and back
 // (CheckpointError for truncated or inconsistent bytes: never an over-read).
