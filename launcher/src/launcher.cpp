@@ -1,14 +1,24 @@
 #include "unimsg/launcher/launcher.hpp"
 
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <spdlog/spdlog.h>
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <cctype>
+#include <cerrno>
 #include <charconv>
+#include <chrono>
+#include <climits>
+#include <cstring>
 #include <fstream>
 #include <sstream>
 
 #include "unimsg/core/error.hpp"
+#include "unimsg/launcher/events.hpp"
 
 namespace unimsg {
 namespace {
@@ -25,6 +35,20 @@ int parse_slots(std::string_view text, const std::string& entry) {
   }
   return slots;
 }
+
+// Host lists from users can name absurd slot counts: their sum must stay an int.
+void check_total(const std::vector<Host>& hosts, const std::string& what) {
+  long long total = 0;
+  for (const auto& host : hosts) {
+    total += host.slots;
+    if (total > INT_MAX) {
+      bad(what, "the slots add up to more than " + std::to_string(INT_MAX));
+    }
+  }
+}
+
+// A fault report is a few hundred bytes; anything much larger is not one.
+constexpr std::uintmax_t kMaxFaultReportBytes = 1 << 20;
 
 bool valid_host_name(std::string_view name) {
   return !name.empty() && std::all_of(name.begin(), name.end(), [](char c) {
@@ -49,12 +73,16 @@ std::vector<Host> parse_host_list(std::string_view text) {
     auto same = std::find_if(hosts.begin(), hosts.end(),
                              [&](const Host& h) { return h.name == host.name; });
     if (same != hosts.end()) {
+      if (same->slots > INT_MAX - host.slots) {
+        bad("-H", "'" + host.name + "': the slots add up to more than " + std::to_string(INT_MAX));
+      }
       same->slots += host.slots;
     } else {
       hosts.push_back(host);
     }
     start = comma + 1;
   }
+  check_total(hosts, "-H");
   return hosts;
 }
 
@@ -95,10 +123,12 @@ std::vector<Host> parse_hostfile(const std::filesystem::path& path) {
     hosts.push_back(host);
   }
   if (hosts.empty()) bad("--hostfile", path.string() + " lists no hosts");
+  check_total(hosts, "--hostfile " + path.string());
   return hosts;
 }
 
 int total_slots(const std::vector<Host>& hosts) {
+  check_total(hosts, "host list");
   int total = 0;
   for (const auto& host : hosts) total += host.slots;
   return total;
@@ -134,20 +164,39 @@ std::vector<std::string> build_command(const LaunchPlan& plan) {
       }
       command.insert(command.end(), {"--host", list, "--bind-to", "none"});
     }
-    for (const auto& [name, value] : plan.environment) {
+    // Names only: mpirun takes each value from its own environment.
+    for (const auto& entry : plan.environment) {
       command.push_back("-x");
-      command.push_back(name + "=" + value);
+      command.push_back(entry.first);
     }
   }
   command.insert(command.end(), plan.program.begin(), plan.program.end());
   return command;
 }
 
+std::string describe_launch(const LaunchPlan& plan) {
+  std::string text;
+  for (const auto& word : build_command(plan)) text += (text.empty() ? "" : " ") + word;
+  text += "\nenvironment of the ranks (values hidden):";
+  for (const auto& entry : plan.environment) text += " " + entry.first + "=***";
+  return text;
+}
+
 std::optional<FaultReport> read_fault_report(const std::filesystem::path& path) {
+  std::error_code error;
+  if (!std::filesystem::exists(path, error)) return std::nullopt;
+  const auto ignore = [&](const std::string& why) -> std::optional<FaultReport> {
+    spdlog::warn("[unimsg-run] ignoring the fault report {}: {}", path.string(), why);
+    return std::nullopt;
+  };
+  const auto size = std::filesystem::file_size(path, error);
+  if (error) return ignore("cannot read it: " + error.message());
+  if (size > kMaxFaultReportBytes) return ignore(std::to_string(size) + " bytes, not a report");
   std::ifstream in(path);
-  if (!in) return std::nullopt;
+  if (!in) return ignore(std::string("cannot open it: ") + std::strerror(errno));
   try {
     const auto json = nlohmann::json::parse(in);
+    if (!json.is_object()) return ignore("not a JSON object");
     FaultReport report;
     report.lost_ranks = json.value("lost_ranks", std::vector<int>{});
     report.lost_hosts = json.value("lost_hosts", std::vector<std::string>{});
@@ -159,9 +208,91 @@ std::optional<FaultReport> read_fault_report(const std::filesystem::path& path) 
       report.last_step = json.at("last_step").get<long long>();
     }
     return report;
-  } catch (const nlohmann::json::exception& error) {
-    bad("fault report", path.string() + " is malformed: " + error.what());
+  } catch (const nlohmann::json::exception& damaged) {
+    return ignore(cut_utf8(damaged.what(), kMaxEventText));
   }
+}
+
+RunDirLock::RunDirLock(const std::filesystem::path& run_dir) {
+  const auto path = run_dir / "unimsg-run.lock";
+  fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd_ < 0) bad("--run-dir", "cannot open " + path.string() + ": " + std::strerror(errno));
+  int result = 0;
+  do {
+    result = ::flock(fd_, LOCK_EX | LOCK_NB);
+  } while (result != 0 && errno == EINTR);
+  if (result != 0) {
+    const int cause = errno;
+    ::close(fd_);
+    if (cause == EWOULDBLOCK) {
+      bad("--run-dir", "another job is running in " + run_dir.string() + " (it holds " +
+                           path.string() + "); give this one a run dir of its own with --run-dir");
+    }
+    bad("--run-dir", "cannot lock " + path.string() + ": " + std::strerror(cause));
+  }
+}
+
+RunDirLock::~RunDirLock() {
+  ::close(fd_);
+}
+
+std::string cut_utf8(std::string_view text, std::size_t max_bytes) {
+  if (text.size() <= max_bytes) return std::string(text);
+  std::size_t end = max_bytes;
+  // Back over continuation bytes (10xxxxxx) to the lead byte of the character the cut falls in;
+  // keep it whole only if it ends exactly at the cut. A stray byte is a character of its own.
+  std::size_t lead = end;
+  while (lead > 0 && end - lead < 3 &&
+         (static_cast<unsigned char>(text[lead - 1]) & 0xC0) == 0x80) {
+    --lead;
+  }
+  if (lead > 0) {
+    const auto byte = static_cast<unsigned char>(text[lead - 1]);
+    const std::size_t length = byte >= 0xF8   ? 1
+                               : byte >= 0xF0 ? 4
+                               : byte >= 0xE0 ? 3
+                               : byte >= 0xC0 ? 2
+                                              : 1;
+    if (length > 1 && lead - 1 + length > end) end = lead - 1;
+  }
+  return std::string(text.substr(0, end));
+}
+
+namespace {
+
+void cut_strings(nlohmann::json& value) {
+  if (value.is_string()) {
+    auto& text = value.get_ref<std::string&>();
+    if (text.size() > kMaxEventText) text = cut_utf8(text, kMaxEventText);
+  } else if (value.is_structured()) {
+    for (auto& item : value) cut_strings(item);
+  }
+}
+
+}  // namespace
+
+std::string event_line(const std::string& event, double time, int world_size, int restart,
+                       nlohmann::json details) {
+  nlohmann::json line{
+      {"event", event}, {"time", time}, {"world_size", world_size}, {"restart", restart}};
+  if (details.is_object()) {
+    cut_strings(details);
+    line.update(details);
+  }
+  // Bytes that are not UTF-8 (from a damaged report, a rank's output) become U+FFFD.
+  return line.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+}
+
+EventLog::EventLog(const std::filesystem::path& path) : out_(path, std::ios::app) {
+  if (!out_) bad("--run-dir", "cannot write " + path.string());
+}
+
+void EventLog::write(const std::string& event, int world_size, int restart,
+                     nlohmann::json details) {
+  const double now =
+      std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+  out_ << event_line(event, now, world_size, restart, std::move(details)) << '\n';
+  out_.flush();
 }
 
 Shrink shrink(const std::vector<Host>& hosts, int np, const FaultReport& report) {

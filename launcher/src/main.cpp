@@ -23,7 +23,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <map>
 #include <optional>
 #include <set>
@@ -32,6 +31,7 @@
 
 #include "unimsg/core/config.hpp"
 #include "unimsg/core/error.hpp"
+#include "unimsg/launcher/events.hpp"
 #include "unimsg/launcher/launcher.hpp"
 #include "unimsg/launcher/progress.hpp"
 
@@ -85,52 +85,51 @@ SplitArgs split_arguments(int argc, char** argv) {
   return split;
 }
 
-double unix_time() {
-  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
-}
-
-class EventLog {
- public:
-  explicit EventLog(const fs::path& path) : out_(path, std::ios::app) {
-    if (!out_) {
-      throw unimsg::ConfigError(unimsg::kNoRank, "--run-dir", "cannot write " + path.string());
-    }
-  }
-  void write(const std::string& event, int world_size, int restart, nlohmann::json details = {}) {
-    nlohmann::json line{
-        {"event", event}, {"time", unix_time()}, {"world_size", world_size}, {"restart", restart}};
-    if (details.is_object()) line.update(details);
-    out_ << line.dump() << '\n';
-    out_.flush();
-  }
-
- private:
-  std::ofstream out_;
-};
-
 struct ProgressSettings {
   ProgressMode mode = ProgressMode::kOff;
   fs::path status_file;
   std::chrono::seconds plain_interval{10};
 };
 
-// Runs `command` and waits, forwarding SIGINT/SIGTERM to it, showing progress meanwhile. Its
-// output passes through us; the first rank death mpirun or srun reports there lands in `dead`.
-// Returns the wait status.
-int run_and_wait(const std::vector<std::string>& command, bool& interrupted,
+// The signal that stops the job gracefully, for one that reached the launcher. srun answers a
+// single SIGINT with a status report only: it gets SIGTERM, which it passes to the tasks.
+int forwarded_signal(int signal_number, bool slurm) {
+  if (signal_number == SIGHUP || (slurm && signal_number == SIGINT)) return SIGTERM;
+  return signal_number;
+}
+
+// mpirun starts with our signal mask from before the blocking (`mask`), SIGPIPE back to its
+// default (ignored here: our reader may quit), in a process group of its own: a Ctrl-C on the
+// terminal reaches our group only, and mpirun gets the one SIGINT we forward. (Two in a row
+// make mpirun quit at once, leaving the ranks running unsignalled; srun likewise aborts on a
+// second within a second.)
+void init_spawn_attributes(posix_spawnattr_t& attributes, const sigset_t& mask) {
+  posix_spawnattr_init(&attributes);
+  posix_spawnattr_setsigmask(&attributes, &mask);
+  sigset_t defaults;
+  sigemptyset(&defaults);
+  sigaddset(&defaults, SIGPIPE);
+  posix_spawnattr_setsigdefault(&attributes, &defaults);
+  posix_spawnattr_setpgroup(&attributes, 0);
+  posix_spawnattr_setflags(&attributes,
+                           POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETPGROUP);
+}
+
+// Runs `command` and waits, forwarding SIGINT/SIGTERM/SIGHUP to it, showing progress meanwhile.
+// Its output passes through us; the first rank death mpirun or srun reports there lands in
+// `dead`. Returns the wait status.
+int run_and_wait(const std::vector<std::string>& command, bool slurm, bool& interrupted,
                  const ProgressSettings& progress, std::optional<DeadProcess>& dead) {
   sigset_t handled;
   sigemptyset(&handled);
-  sigaddset(&handled, SIGINT);
-  sigaddset(&handled, SIGTERM);
-  sigaddset(&handled, SIGCHLD);
+  for (const int signal_number : {SIGINT, SIGTERM, SIGHUP, SIGCHLD}) {
+    sigaddset(&handled, signal_number);
+  }
   sigset_t previous;
   pthread_sigmask(SIG_BLOCK, &handled, &previous);
 
   posix_spawnattr_t attributes;
-  posix_spawnattr_init(&attributes);
-  posix_spawnattr_setsigmask(&attributes, &previous);
-  posix_spawnattr_setflags(&attributes, POSIX_SPAWN_SETSIGMASK);
+  init_spawn_attributes(attributes, previous);
   // The job's output passes through us: the progress line stays below it on a terminal, and
   // mpirun's report of a dead rank can be read (pipes close-on-exec here; dup2 makes the child's
   // copies inheritable). Without pipes the output goes straight to ours.
@@ -159,7 +158,8 @@ int run_and_wait(const std::vector<std::string>& command, bool& interrupted,
     throw unimsg::Error(unimsg::kNoRank, "unimsg-run",
                         "cannot start " + command[0] + ": " + std::strerror(error));
   }
-  // (Started with SIGINT/SIGTERM/SIGCHLD blocked: its thread leaves them to sigwaitinfo below.)
+  // (Started with SIGINT/SIGTERM/SIGHUP/SIGCHLD blocked: its thread leaves them to sigwaitinfo
+  // below.)
   std::optional<ProgressDisplay> display;
   const auto watch = [&dead](std::string_view line) {
     if (!dead) dead = parse_dead_process(line);
@@ -180,9 +180,9 @@ int run_and_wait(const std::vector<std::string>& command, bool& interrupted,
   while (true) {
     siginfo_t info;
     const int signal_number = sigwaitinfo(&handled, &info);
-    if (signal_number == SIGINT || signal_number == SIGTERM) {
+    if (signal_number == SIGINT || signal_number == SIGTERM || signal_number == SIGHUP) {
       interrupted = true;
-      kill(child, signal_number);
+      kill(child, forwarded_signal(signal_number, slurm));
       continue;
     }
     const pid_t done = waitpid(child, &status, WNOHANG);
@@ -345,9 +345,8 @@ struct Launch {
 std::optional<Launch> launch_once(const Settings& s, EventLog& events, const fs::path& report_path,
                                   int restart) {
   const LaunchPlan& plan = s.plan;
-  if (plan.slurm) {
-    for (const auto& [name, value] : plan.environment) setenv(name.c_str(), value.c_str(), 1);
-  }
+  // The values reach the ranks through mpirun's (srun's) environment, never its command line.
+  for (const auto& [name, value] : plan.environment) setenv(name.c_str(), value.c_str(), 1);
   std::error_code error;
   fs::remove(report_path, error);
   fs::remove(s.progress.status_file, error);  // the previous launch's
@@ -357,7 +356,7 @@ std::optional<Launch> launch_once(const Settings& s, EventLog& events, const fs:
                plan.np);
   Launch launch;
   try {
-    launch.status = run_and_wait(command, launch.interrupted, s.progress, launch.dead);
+    launch.status = run_and_wait(command, plan.slurm, launch.interrupted, s.progress, launch.dead);
   } catch (const unimsg::Error& failure) {
     events.write("gave_up", plan.np, restart, {{"reason", failure.what()}});
     spdlog::error("[unimsg-run] {}", failure.what());
@@ -439,6 +438,7 @@ int supervise(Settings& s) {
     throw unimsg::ConfigError(unimsg::kNoRank, "--run-dir",
                               "cannot create " + s.run_dir.string() + ": " + error.message());
   }
+  const RunDirLock lock(s.run_dir);  // one job per run dir
   EventLog events(s.run_dir / "events.jsonl");
   const fs::path report_path = s.run_dir / "fault-report.json";
   for (int restart = 0;; ++restart) {
@@ -476,11 +476,11 @@ int run(int argc, char** argv) {
   }
   Settings settings = parse_settings(args, split);
   if (settings.dry_run) {
-    std::string line;
-    for (const auto& word : build_command(settings.plan)) line += (line.empty() ? "" : " ") + word;
-    std::puts(line.c_str());
+    std::puts(describe_launch(settings.plan).c_str());
     return kExitDone;
   }
+  // A reader of our output may quit (| head -1): the job runs on (progress.hpp).
+  ::signal(SIGPIPE, SIG_IGN);
   return supervise(settings);
 }
 

@@ -7,6 +7,7 @@
 #include <spdlog/spdlog.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
@@ -20,13 +21,21 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-void write_all(int fd, std::string_view text) {
+// Whether `fd` took all of `text`: false once it is gone (a reader that quit, with SIGPIPE
+// ignored: EPIPE; a closed terminal).
+bool write_all(int fd, std::string_view text) {
   while (!text.empty()) {
     const ssize_t n = ::write(fd, text.data(), text.size());
     if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return;  // a closed terminal: nothing to do about it
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      pollfd ready{fd, POLLOUT, 0};
+      ::poll(&ready, 1, 1000);
+      continue;
+    }
+    if (n <= 0) return false;
     text.remove_prefix(static_cast<std::size_t>(n));
   }
+  return true;
 }
 
 std::size_t terminal_width() {
@@ -89,6 +98,60 @@ std::optional<std::string> progress_text(std::string_view status_json) {
   if (stragglers > 0)
     line << " | " << stragglers << (stragglers == 1 ? " straggler" : " stragglers");
   return line.str();
+}
+
+void LineSplitter::read_more(std::string_view text) {
+  line_.append(text.substr(0, std::min(text.size(), kMaxHeld - std::min(kMaxHeld, line_.size()))));
+}
+
+void LineSplitter::end_line(const Sink& line) {
+  std::string_view text = line_;
+  if (!text.empty() && text.back() == '\r') text.remove_suffix(1);
+  if (line) line(text);
+  line_.clear();
+}
+
+void LineSplitter::feed(std::string_view data, const Sink& relay, const Sink& line) {
+  const std::size_t last = data.rfind('\n');
+  if (last != std::string_view::npos) {
+    // Whole lines: read each, relay them in one piece (with what was held of the first).
+    for (std::size_t start = 0; start <= last;) {
+      const std::size_t stop = data.find('\n', start);
+      read_more(data.substr(start, stop - start));
+      end_line(line);
+      start = stop + 1;
+    }
+    if (held_.empty()) {
+      relay(data.substr(0, last + 1));
+    } else {
+      held_.append(data.substr(0, last + 1));
+      relay(held_);
+      held_.clear();
+    }
+    data.remove_prefix(last + 1);
+  }
+  if (data.empty()) return;
+  read_more(data);
+  held_.append(data);
+  const std::size_t carriage = held_.rfind('\r');
+  const std::size_t out = held_.size() >= kMaxHeld        ? held_.size()
+                          : carriage != std::string::npos ? carriage + 1
+                                                          : 0;
+  if (out > 0) {
+    relay(std::string_view(held_).substr(0, out));
+    held_.erase(0, out);
+  }
+}
+
+void LineSplitter::release(const Sink& relay) {
+  if (held_.empty()) return;
+  relay(held_);
+  held_.clear();
+}
+
+void LineSplitter::finish(const Sink& relay, const Sink& line) {
+  release(relay);
+  if (!line_.empty()) end_line(line);
 }
 
 ProgressMode parse_progress_mode(std::string_view text, bool stderr_is_terminal) {
@@ -155,34 +218,34 @@ void ProgressDisplay::draw() {
   drawn_line_ = line_;
 }
 
-bool ProgressDisplay::relay(int fd, int to, std::string& pending) {
+void ProgressDisplay::pass_on(int to, std::string_view text, bool& to_open) {
+  if (!to_open) return;
+  clear();
+  if (write_all(to, text)) return;
+  // Our reader is gone (| head -1): the job runs on, its output is dropped from here on.
+  to_open = false;
+  if (to == STDOUT_FILENO && err_open_) {
+    err_open_ = write_all(STDERR_FILENO,
+                          "[unimsg-run] stdout is closed: the job's output to it is dropped\n");
+  }
+}
+
+bool ProgressDisplay::relay(int fd, int to, LineSplitter& splitter, bool& to_open) {
   char buffer[65536];
   ssize_t n = 0;
   do {
     n = ::read(fd, buffer, sizeof buffer);
   } while (n < 0 && errno == EINTR);
-  if (n > 0) pending.append(buffer, static_cast<std::size_t>(n));
-  const bool end_of_output = n <= 0;
-  // Whole lines go out; at the end, the unterminated rest too. (rfind's npos + 1 is 0.)
-  const std::size_t end = end_of_output ? pending.size() : pending.rfind('\n') + 1;
-  if (end > 0) {
-    clear();
-    const std::string_view lines = std::string_view(pending).substr(0, end);
-    write_all(to, lines);
-    if (on_line_) {
-      std::size_t start = 0;
-      while (start < lines.size()) {
-        std::size_t stop = lines.find('\n', start);
-        if (stop == std::string_view::npos) stop = lines.size();
-        std::string_view line = lines.substr(start, stop - start);
-        if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
-        on_line_(line);
-        start = stop + 1;
-      }
-    }
-    pending.erase(0, end);
+  const auto out = [&](std::string_view text) { pass_on(to, text, to_open); };
+  const auto read = [&](std::string_view line) {
+    if (on_line_) on_line_(line);
+  };
+  if (n <= 0) {
+    splitter.finish(out, read);
+    return true;
   }
-  return end_of_output;
+  splitter.feed(std::string_view(buffer, static_cast<std::size_t>(n)), out, read);
+  return false;
 }
 
 void ProgressDisplay::run() {
@@ -194,13 +257,14 @@ void ProgressDisplay::run() {
       pollfd fds[2] = {{out_pipe_, POLLIN, 0}, {err_pipe_, POLLIN, 0}};
       const int ready = ::poll(fds, 2, 250);
       const int targets[2] = {STDOUT_FILENO, STDERR_FILENO};
-      std::string* pendings[2] = {&out_pending_, &err_pending_};
+      LineSplitter* splitters[2] = {&out_split_, &err_split_};
+      bool* open[2] = {&out_open_, &err_open_};
       int* pipes[2] = {&out_pipe_, &err_pipe_};
       bool wrote = false;
       for (int i = 0; i < 2 && ready > 0; ++i) {
         if (*pipes[i] < 0 || fds[i].revents == 0) continue;
         wrote = true;
-        if (relay(*pipes[i], targets[i], *pendings[i])) {
+        if (relay(*pipes[i], targets[i], *splitters[i], *open[i])) {
           ::close(*pipes[i]);
           *pipes[i] = -1;
         }
@@ -208,10 +272,9 @@ void ProgressDisplay::run() {
       if (ready == 0) {
         // Output that has waited a quarter second without its newline (a prompt) goes out.
         for (int i = 0; i < 2; ++i) {
-          if (!pendings[i]->empty()) {
-            clear();
-            write_all(targets[i], *pendings[i]);
-            pendings[i]->clear();
+          if (splitters[i]->held() > 0) {
+            splitters[i]->release(
+                [&](std::string_view text) { pass_on(targets[i], text, *open[i]); });
             wrote = true;
           }
         }

@@ -1,10 +1,14 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <string>
+#include <vector>
 
 #include "unimsg/core/error.hpp"
+#include "unimsg/launcher/events.hpp"
 #include "unimsg/launcher/launcher.hpp"
 #include "unimsg/launcher/progress.hpp"
 
@@ -99,7 +103,7 @@ TEST(Launcher, CommandLinesForMpirunAndSrun) {
   plan.environment = {{"UNIMSG_RESTART_COUNT", "1"}};
   EXPECT_EQ(build_command(plan),
             (std::vector<std::string>{"mpirun", "-np", "4", "--oversubscribe", "--bind-to", "none",
-                                      "-x", "UNIMSG_RESTART_COUNT=1", "./train", "--epochs", "1"}));
+                                      "-x", "UNIMSG_RESTART_COUNT", "./train", "--epochs", "1"}));
   plan.hosts = {{"a", 2}, {"b", 2}};
   EXPECT_EQ(build_command(plan)[3], "--host");
   EXPECT_EQ(build_command(plan)[4], "a:2,b:2");
@@ -142,9 +146,150 @@ TEST(Launcher, FaultReportsAreReadOrRejected) {
   EXPECT_EQ(report->lost_ranks, std::vector<int>{1});
   EXPECT_EQ(report->lost_hosts, std::vector<std::string>{"b"});
   EXPECT_EQ(report->last_step, 40);
-  std::ofstream(path) << R"({"lost_ranks":"one"})";
-  EXPECT_THROW(read_fault_report(path), ConfigError);
+  // A damaged report (a full disk left it empty, a crash cut it, garbage) is no report: the
+  // launcher must still relaunch, not stop on it.
+  for (const char* damaged : {R"({"lost_ranks":"one"})", "", "\x00{garbage", R"({"lost_ranks":[1)",
+                              R"({"lost_ranks":[1],"last_step":"x"})", "[]"}) {
+    std::ofstream(path) << damaged;
+    EXPECT_FALSE(read_fault_report(path).has_value()) << damaged;
+  }
   std::filesystem::remove(path);
+}
+
+TEST(Launcher, CommandLineHoldsNoValues) {
+  // Anything on mpirun's command line is visible in ps on every host: names only, the values go
+  // through mpirun's environment.
+  LaunchPlan plan;
+  plan.np = 2;
+  plan.program = {"./train"};
+  plan.environment = {{"DB_PASSWORD", "pw-s3cr3t"}, {"UNIMSG_API_TOKEN", "tok-hunter2"}};
+  const auto command = build_command(plan);
+  for (const auto& word : command) {
+    EXPECT_EQ(word.find("s3cr3t"), std::string::npos) << word;
+    EXPECT_EQ(word.find("hunter2"), std::string::npos) << word;
+  }
+  EXPECT_NE(std::find(command.begin(), command.end(), "DB_PASSWORD"), command.end());
+  EXPECT_NE(std::find(command.begin(), command.end(), "UNIMSG_API_TOKEN"), command.end());
+}
+
+TEST(Launcher, SlotCountsThatOverflowAreRefused) {
+  EXPECT_THROW(parse_host_list("a:2000000000,b:2000000000"), ConfigError);
+  EXPECT_THROW(parse_host_list("a:2000000000,a:2000000000"), ConfigError);
+  EXPECT_THROW(parse_host_list("a:99999999999"), ConfigError);
+  const auto path =
+      std::filesystem::temp_directory_path() / ("unimsg_hosts_big_" + std::to_string(::getpid()));
+  std::ofstream(path) << "a slots=2000000000\nb:2000000000\n";
+  EXPECT_THROW(parse_hostfile(path), ConfigError);
+  std::filesystem::remove(path);
+  EXPECT_EQ(total_slots(parse_host_list("a:1000000000,b:1000000000")), 2000000000);
+}
+
+TEST(Launcher, DryRunHidesValues) {
+  LaunchPlan plan;
+  plan.np = 2;
+  plan.program = {"./train"};
+  plan.environment = {{"DB_PASSWORD", "pw-s3cr3t"}, {"UNIMSG_RUN_DIR", "/runs/a"}};
+  const std::string text = describe_launch(plan);
+  EXPECT_EQ(text.find("s3cr3t"), std::string::npos) << text;
+  EXPECT_EQ(text.find("/runs/a"), std::string::npos) << text;
+  EXPECT_NE(text.find("DB_PASSWORD=***"), std::string::npos) << text;
+  plan.slurm = true;  // srun passes its environment: the names are still listed, not the values
+  EXPECT_EQ(describe_launch(plan).find("s3cr3t"), std::string::npos);
+  EXPECT_NE(describe_launch(plan).find("DB_PASSWORD"), std::string::npos);
+}
+
+TEST(Launcher, OneJobPerRunDir) {
+  const auto dir =
+      std::filesystem::temp_directory_path() / ("unimsg_lock_" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  {
+    const RunDirLock first(dir);
+    try {
+      const RunDirLock second(dir);
+      ADD_FAILURE() << "a second job got the run dir";
+    } catch (const ConfigError& refused) {
+      const std::string message = refused.what();
+      EXPECT_NE(message.find(dir.string()), std::string::npos) << message;
+      EXPECT_NE(message.find("--run-dir"), std::string::npos) << message;
+    }
+  }
+  EXPECT_NO_THROW(RunDirLock again(dir));  // released with the first
+  std::filesystem::remove_all(dir);
+}
+
+TEST(Events, TextIsCutOnACharacterBoundary) {
+  const std::string e_acute = "\xC3\xA9";
+  const std::string euro = "\xE2\x82\xAC";
+  EXPECT_EQ(cut_utf8("abc", 8), "abc");
+  EXPECT_EQ(cut_utf8("ab" + e_acute, 3), "ab");  // the cut falls inside é
+  EXPECT_EQ(cut_utf8("ab" + e_acute, 4), "ab" + e_acute);
+  EXPECT_EQ(cut_utf8("a" + euro + "b", 2), "a");
+  EXPECT_EQ(cut_utf8("a" + euro + "b", 3), "a");
+  EXPECT_EQ(cut_utf8("a" + euro + "b", 4), "a" + euro);
+  EXPECT_EQ(cut_utf8("ab\xFF\xFE", 3), "ab\xFF");  // stray bytes are characters of their own
+  EXPECT_EQ(cut_utf8("ab\x82\x82\x82\x82", 4), "ab\x82\x82");
+}
+
+TEST(Events, LinesAreValidJsonWhateverTheText) {
+  // A 2-byte character across the cut, then bytes that are not UTF-8.
+  std::string reason(kMaxEventText - 1, 'x');
+  reason += "\xC3\xA9" + std::string(10, 'y') + "\xFF\xFE";
+  const std::string line =
+      event_line("failure", 1.5, 3, 1, {{"reason", reason}, {"lost_hosts", {"h\xFF"}}});
+  const auto parsed = nlohmann::json::parse(line);  // valid UTF-8 and JSON
+  const auto cut = parsed.at("reason").get<std::string>();
+  EXPECT_EQ(cut, std::string(kMaxEventText - 1, 'x'));
+  EXPECT_EQ(parsed.at("lost_hosts").at(0).get<std::string>(), "h\xEF\xBF\xBD");  // U+FFFD
+  EXPECT_EQ(parsed.at("event"), "failure");
+  EXPECT_EQ(parsed.at("world_size"), 3);
+  // Bytes that are not UTF-8 inside the kept part are replaced, not thrown over.
+  const auto bad = nlohmann::json::parse(event_line("failure", 1, 1, 0,
+                                                    {{"reason",
+                                                      "a\xFF"
+                                                      "b"}}));
+  EXPECT_EQ(bad.at("reason").get<std::string>(),
+            "a\xEF\xBF\xBD"
+            "b");
+}
+
+TEST(Progress, SplitterPassesOnLinesAndBoundsWhatItHolds) {
+  LineSplitter splitter;
+  std::string relayed;
+  std::vector<std::string> lines;
+  const LineSplitter::Sink relay = [&](std::string_view text) { relayed += text; };
+  const LineSplitter::Sink line = [&](std::string_view text) { lines.emplace_back(text); };
+  splitter.feed("one\ntwo\r\nthr", relay, line);
+  EXPECT_EQ(relayed, "one\ntwo\r\n");
+  EXPECT_EQ(lines, (std::vector<std::string>{"one", "two"}));
+  splitter.feed("ee\n", relay, line);
+  EXPECT_EQ(lines.back(), "three");
+  // A progress bar: each '\r' sends what came before it, at once.
+  relayed.clear();
+  splitter.feed("10%\r20%\r3", relay, line);
+  EXPECT_EQ(relayed, "10%\r20%\r");
+  EXPECT_EQ(splitter.held(), 1u);
+  splitter.feed("0%\rdone\n", relay, line);
+  EXPECT_EQ(relayed, "10%\r20%\r30%\rdone\n");
+  EXPECT_EQ(lines.back(), "10%\r20%\r30%\rdone");
+  // Output that never ends its line: nothing waits beyond the bound, nothing is lost.
+  relayed.clear();
+  const std::string chunk(1000, 'b');
+  for (int i = 0; i < 100; ++i) {
+    splitter.feed(chunk, relay, line);
+    EXPECT_LT(splitter.held(), LineSplitter::kMaxHeld);
+  }
+  EXPECT_GE(relayed.size(), 100 * chunk.size() - LineSplitter::kMaxHeld);
+  splitter.finish(relay, line);
+  EXPECT_EQ(relayed, std::string(100 * chunk.size(), 'b'));
+  EXPECT_EQ(lines.back(), std::string(LineSplitter::kMaxHeld, 'b'));  // the read line is cut
+  // A pause sends what is held; the line stays open for reading.
+  relayed.clear();
+  lines.clear();
+  splitter.feed("prompt> ", relay, line);
+  splitter.release(relay);
+  EXPECT_EQ(relayed, "prompt> ");
+  splitter.feed("yes\n", relay, line);
+  EXPECT_EQ(lines, (std::vector<std::string>{"prompt> yes"}));
 }
 
 }  // namespace

@@ -1,6 +1,14 @@
 #include <gtest/gtest.h>
 
+#include <sys/mount.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <string>
 
 #include "unimsg/core/error.hpp"
 #include "unimsg/services/fault.hpp"
@@ -47,6 +55,61 @@ TEST(FaultReportTest, AHostIsLostOnlyWhenAllItsRanksAre) {
   EXPECT_TRUE(lost_hosts(hosts, {1}).empty());
   EXPECT_EQ(lost_hosts(hosts, {2, 3}), std::vector<std::string>{"b"});
   EXPECT_EQ(lost_hosts(hosts, {0, 1, 3}), std::vector<std::string>{"a"});
+}
+
+// A run directory of its own for a report test, removed afterwards.
+class FaultReportWriteTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = std::filesystem::temp_directory_path() /
+           ("unimsg_fault_" + std::to_string(::getpid()) + "_" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    std::filesystem::create_directories(dir_);
+    ::setenv("UNIMSG_RUN_DIR", dir_.c_str(), 1);
+  }
+  void TearDown() override {
+    if (mounted_) ::umount(dir_.c_str());
+    ::unsetenv("UNIMSG_RUN_DIR");
+    std::error_code ignored;
+    std::filesystem::remove_all(dir_, ignored);
+  }
+  std::filesystem::path report() const { return dir_ / "fault-report.json"; }
+
+  std::filesystem::path dir_;
+  bool mounted_ = false;
+};
+
+TEST_F(FaultReportWriteTest, AFullDiskPublishesNoReport) {
+  // A 16 KiB tmpfs, filled up: the report's bytes cannot be written.
+  if (::mount("tmpfs", dir_.c_str(), "tmpfs", 0, "size=16k") != 0) {
+    GTEST_SKIP() << "cannot mount a small tmpfs to fill (" << std::strerror(errno)
+                 << "; needs root or CAP_SYS_ADMIN)";
+  }
+  mounted_ = true;
+  {
+    std::ofstream filler(dir_ / "filler", std::ios::binary);
+    const std::string block(4096, 'x');
+    for (int i = 0; i < 64 && filler; ++i) filler << block << std::flush;
+  }
+  ASSERT_LT(std::filesystem::file_size(dir_ / "filler"), 64u * 4096u) << "the tmpfs did not fill";
+  EXPECT_FALSE(write_fault_report({{1}, "heartbeat", 40}, {"a", "b"}).has_value());
+  // No report rather than an empty (or cut) one that the launcher would stop on.
+  EXPECT_FALSE(std::filesystem::exists(report()))
+      << "size " << std::filesystem::file_size(report());
+}
+
+TEST_F(FaultReportWriteTest, TheTempNameIsNotJustThePid) {
+  // A rank on another host with this pid, sharing the run dir: its temporary file (here a
+  // directory, so that writing to it fails) must not be ours.
+  std::filesystem::create_directory(report().string() + ".tmp-" + std::to_string(::getpid()));
+  const auto where = write_fault_report({{1}, "heartbeat", 40}, {"a", "b"});
+  ASSERT_TRUE(where.has_value());
+  EXPECT_EQ(*where, report().string());
+  std::ifstream in(report());
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_NE(text.find("\"lost_ranks\":[1]"), std::string::npos) << text;
+  // The first report stays: a second rank's does not replace it.
+  EXPECT_FALSE(write_fault_report({{0}, "other", 41}, {"a", "b"}).has_value());
 }
 
 TEST(HeartbeatOptionsTest, FromEnvironment) {

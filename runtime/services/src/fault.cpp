@@ -1,5 +1,6 @@
 #include "unimsg/services/fault.hpp"
 
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <spdlog/spdlog.h>
@@ -7,11 +8,12 @@
 
 #include <algorithm>
 #include <array>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <set>
+#include <string_view>
 
 #include "unimsg/core/config.hpp"
 
@@ -47,6 +49,44 @@ std::vector<std::string> gather_host_names(MPI_Comm comm) {
   return names;
 }
 
+std::filesystem::path fault_report_temp_path(const std::filesystem::path& final_path) {
+  std::array<char, 256> host{};
+  if (::gethostname(host.data(), host.size() - 1) != 0) host[0] = '\0';
+  std::string name = final_path.filename().string() + ".tmp-" + host.data();
+  // Ranks of several hosts share the run dir and may share a pid: host, rank and pid together
+  // name one process.
+  int initialized = 0;
+  int finalized = 0;
+  MPI_Initialized(&initialized);
+  MPI_Finalized(&finalized);
+  if (initialized != 0 && finalized == 0) {
+    int rank = 0;
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    name.append("-r").append(std::to_string(rank));
+  }
+  name.append("-").append(std::to_string(::getpid()));
+  return final_path.parent_path() / name;
+}
+
+namespace {
+
+// Whether all of `text` reached the disk's page cache: a full disk shows at write or at close,
+// and an unchecked close would let an empty or cut report be published.
+bool write_whole_file(const std::filesystem::path& path, std::string_view text) {
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return false;
+  bool ok = true;
+  while (ok && !text.empty()) {
+    const ssize_t n = ::write(fd, text.data(), text.size());
+    if (n < 0 && errno == EINTR) continue;
+    ok = n > 0;
+    if (ok) text.remove_prefix(static_cast<std::size_t>(n));
+  }
+  return ::close(fd) == 0 && ok;
+}
+
+}  // namespace
+
 std::optional<std::string> write_fault_report(const FaultInfo& fault,
                                               const std::vector<std::string>& host_of_rank) {
   const auto run_dir = env_value("UNIMSG_RUN_DIR");
@@ -60,12 +100,14 @@ std::optional<std::string> write_fault_report(const FaultInfo& fault,
       {"reason", fault.reason},
       {"last_step", fault.last_step ? nlohmann::json(*fault.last_step) : nlohmann::json(nullptr)}};
   const std::filesystem::path final_path = std::filesystem::path(*run_dir) / "fault-report.json";
-  const std::filesystem::path temp_path =
-      final_path.string() + ".tmp-" + std::to_string(::getpid());
-  {
-    std::ofstream out(temp_path);
-    out << report.dump() << '\n';
-    if (!out) return std::nullopt;
+  const std::filesystem::path temp_path = fault_report_temp_path(final_path);
+  // (A reason with bytes that are not UTF-8 must not throw here, on the way to MPI_Abort.)
+  const std::string text =
+      report.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + '\n';
+  if (!write_whole_file(temp_path, text)) {
+    std::error_code ignored;
+    std::filesystem::remove(temp_path, ignored);
+    return std::nullopt;
   }
   // link() publishes the whole file at once and fails if a report is already there: the first
   // rank to report wins (a rank thawed by the tear-down's SIGCONT must not overwrite it).

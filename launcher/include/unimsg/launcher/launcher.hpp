@@ -18,10 +18,12 @@ struct Host {
   bool operator==(const Host&) const = default;
 };
 
-// "a:2,b,c:4" (a host without ":N" has one slot). ConfigError naming the bad entry.
+// "a:2,b,c:4" (a host without ":N" has one slot). ConfigError naming the bad entry, or when the
+// slots add up to more than an int holds.
 std::vector<Host> parse_host_list(std::string_view text);
 // One host per line: "name", "name slots=N" or "name:N"; '#' starts a comment.
 std::vector<Host> parse_hostfile(const std::filesystem::path& path);
+// ConfigError when the sum does not fit an int.
 int total_slots(const std::vector<Host>& hosts);
 
 struct LaunchPlan {
@@ -30,12 +32,17 @@ struct LaunchPlan {
   bool slurm = false;       // srun --mpi=pmix instead of mpirun
   std::string mpirun = "mpirun";
   std::string srun = "srun";
-  // Variables to set for the ranks (forwarded with -x on mpirun; srun passes its environment).
+  // Variables to set for the ranks. Their values go through mpirun's (srun's) environment,
+  // which the caller sets: mpirun gets only their names (-x NAME), since a command line is
+  // visible to every user of every host (ps) and the values may be secrets.
   std::map<std::string, std::string> environment;
   std::vector<std::string> program;  // the program and its arguments
 };
 
 std::vector<std::string> build_command(const LaunchPlan& plan);
+// What --dry-run prints: the command line, then the variables given to the ranks with their
+// values hidden.
+std::string describe_launch(const LaunchPlan& plan);
 
 // What a failed run lost, from the fault report the ranks' fault handler writes (run dir's
 // fault-report.json: {"lost_ranks":[...], "lost_hosts":[...], "reason":..., "last_step":...}).
@@ -49,8 +56,23 @@ struct FaultReport {
   std::optional<long long> last_step;
   std::optional<double> time;  // when the fault was detected (Unix seconds)
 };
-// nullopt when there is no report; ConfigError when it exists but is malformed.
+// nullopt when there is no report, and when it is unreadable or damaged (a full disk, a rank
+// killed mid-write, garbage): logged, then treated as no report, so the job is still relaunched.
 std::optional<FaultReport> read_fault_report(const std::filesystem::path& path);
+
+// One job per run dir: its events, fault reports and status file have fixed names. Holds an
+// exclusive flock on <run dir>/unimsg-run.lock for its lifetime (released by the kernel however
+// the launcher ends); ConfigError naming the run dir when another job holds it.
+class RunDirLock {
+ public:
+  explicit RunDirLock(const std::filesystem::path& run_dir);
+  ~RunDirLock();
+  RunDirLock(const RunDirLock&) = delete;
+  RunDirLock& operator=(const RunDirLock&) = delete;
+
+ private:
+  int fd_ = -1;
+};
 
 // The hosts for the next attempt: lost hosts removed, then one slot less for each lost rank
 // that was not on a lost host (from the host that held it when known, else the last host with

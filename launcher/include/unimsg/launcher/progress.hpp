@@ -5,10 +5,13 @@
 // and is redrawn in place while the job's output scrolls above it; elsewhere (a log file, CI) a
 // plain line is printed every interval, only when the step moved. The job's stdout and stderr
 // pass through here line by line (so that the launcher can also read mpirun's word on a rank
-// that died, docs/launcher.md).
+// that died, docs/launcher.md); a line that does not end (a '\r' progress bar, binary output)
+// is passed on in pieces, never held without bound. Where our own stdout or stderr is gone (a
+// reader that quit: `| head -1`), that stream is no longer relayed; the job runs on.
 
 #include <atomic>
 #include <chrono>
+#include <cstddef>
 #include <filesystem>
 #include <functional>
 #include <mutex>
@@ -25,6 +28,31 @@ namespace unimsg {
 std::optional<std::string> progress_text(std::string_view status_json);
 // "1h02m", "3m05s", "42s".
 std::string format_duration(double seconds);
+
+// Cuts a stream of output into the text to relay and the lines to read. Whole lines go out as
+// they complete; an open line goes out up to its last '\r' (a progress bar redrawn in place),
+// and whole once kMaxHeld bytes of it wait. The lines to read are cut to kMaxHeld bytes.
+class LineSplitter {
+ public:
+  static constexpr std::size_t kMaxHeld = 4096;
+  using Sink = std::function<void(std::string_view)>;
+
+  // The next bytes of output: `relay` gets what goes out now, `line` each complete line
+  // (without its "\n" or "\r\n").
+  void feed(std::string_view data, const Sink& relay, const Sink& line);
+  // What is held back goes out (after a pause in the output); the line stays open.
+  void release(const Sink& relay);
+  // The end of the output: what is held back goes out, the unterminated line is read.
+  void finish(const Sink& relay, const Sink& line);
+  std::size_t held() const { return held_.size(); }
+
+ private:
+  void read_more(std::string_view text);
+  void end_line(const Sink& line);
+
+  std::string held_;  // not yet relayed: less than kMaxHeld bytes between calls
+  std::string line_;  // the open line as far as it is read
+};
 
 enum class ProgressMode { kOff, kTerminal, kPlain };
 // "auto" (a terminal on stderr: kTerminal, else kPlain), "tty", "plain" or "off"; a
@@ -47,8 +75,11 @@ class ProgressDisplay {
 
  private:
   void run();
-  // Reads what `fd` has and writes its whole lines to `to`; true at the end of the output.
-  bool relay(int fd, int to, std::string& pending);
+  // Reads what `fd` has and relays it to `to` (while `to` takes it); true at the end of the
+  // output.
+  bool relay(int fd, int to, LineSplitter& splitter, bool& to_open);
+  // `text` to `to`, below the terminal's progress line; `to_open` false once `to` fails.
+  void pass_on(int to, std::string_view text, bool& to_open);
   void draw();
   // Plain mode: prints the line if it changed since the last one printed; whether it did.
   bool print_plain();
@@ -60,11 +91,12 @@ class ProgressDisplay {
   std::chrono::seconds plain_interval_;
   int out_pipe_, err_pipe_;
   LineHandler on_line_;
-  std::string out_pending_, err_pending_;
-  std::string line_;        // the progress line as last read
-  std::string printed_;     // plain mode: the last line printed
-  bool drawn_ = false;      // terminal mode: a line is on screen...
-  std::string drawn_line_;  // ...this one
+  LineSplitter out_split_, err_split_;
+  bool out_open_ = true, err_open_ = true;  // our stdout / stderr still take output
+  std::string line_;                        // the progress line as last read
+  std::string printed_;                     // plain mode: the last line printed
+  bool drawn_ = false;                      // terminal mode: a line is on screen...
+  std::string drawn_line_;                  // ...this one
   std::atomic<bool> stopping_{false};
   std::thread thread_;
 };

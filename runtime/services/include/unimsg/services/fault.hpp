@@ -8,6 +8,7 @@
 // included, is brought down quickly.
 
 #include <cstdint>
+#include <filesystem>
 #include <functional>
 #include <optional>
 #include <string>
@@ -30,7 +31,11 @@ std::vector<std::string> lost_hosts(const std::vector<std::string>& host_of_rank
                                     const std::vector<int>& lost_ranks);
 // Every rank's host name (collective over `comm`).
 std::vector<std::string> gather_host_names(MPI_Comm comm);
-// Writes the report (no-op without UNIMSG_RUN_DIR); returns where it went.
+// Where a report is written before it is published: host, rank (once MPI is up) and pid in the
+// name, since ranks of several hosts write into one shared run dir.
+std::filesystem::path fault_report_temp_path(const std::filesystem::path& final_path);
+// Writes the report (no-op without UNIMSG_RUN_DIR); returns where it went, nothing when it could
+// not be written whole (a full disk) or another rank's came first.
 std::optional<std::string> write_fault_report(const FaultInfo& fault,
                                               const std::vector<std::string>& host_of_rank);
 // The heartbeat watchdog's answer to silent ranks in a training job: report them and abort.
