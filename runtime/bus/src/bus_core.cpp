@@ -30,6 +30,7 @@ BusCore::BusCore(MPI_Comm parent, BusOptions opts) : comm(parent), options(std::
   limits.max_payload_bytes = options.max_payload_bytes;
   peers.resize(static_cast<std::size_t>(size));
   pending_receives.resize(static_cast<std::size_t>(size));
+  posted_payload_bytes.resize(static_cast<std::size_t>(size), 0);
   goodbye_from.assign(static_cast<std::size_t>(size), 0);
   buffers = std::make_shared<BufferPool>(options.buffer_pool_bytes);
 

@@ -57,8 +57,9 @@ constexpr std::size_t kRingSlots = 32;
 constexpr Topic kTopicGoodbye = kReservedTopicBase + 1;
 // Bounds on the work one progress round does, so that no caller is held up for long.
 constexpr int kMaxReceivesPerRound = 64;
-// Bulk payloads being received at once: more would only split the memory bandwidth between them
-// and grow the buffer pool, without finishing any of them sooner.
+// Bulk payloads being received at once from one source (beyond the first): more would only split
+// the memory bandwidth between them and grow the buffer pool, without finishing any of them
+// sooner. Per source, so that a stopped sender holds back only its own messages.
 constexpr std::size_t kMaxPendingPayloadBytes = 1ull << 20;
 // How long shutdown waits at least for MPI to cancel each receive still posted.
 constexpr std::chrono::seconds kCancelGrace{1};
@@ -273,7 +274,8 @@ struct BusCore : std::enable_shared_from_this<BusCore> {
   int payload_tag_span = 1;
   std::vector<std::deque<PendingReceive>> pending_receives;  // per source, in match order
   std::size_t pending_receive_count = 0;
-  std::size_t pending_payload_bytes = 0;
+  // Bytes of split payloads being received, per source (kMaxPendingPayloadBytes).
+  std::vector<std::size_t> posted_payload_bytes;
   // The receive() whose thread is driving progress right now, if any: a message for it goes
   // straight to it (deliver_received).
   DirectReceive* direct_receive = nullptr;

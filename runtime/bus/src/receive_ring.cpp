@@ -83,7 +83,11 @@ void BusCore::accept_envelope(int source, std::span<const std::byte> wire) {
       source_queue.push_back(std::move(pending));
       ++pending_receive_count;
       // Queued first: if MPI refuses the receive, the entry stays and is posted again later.
-      post_payload_receive(source, source_queue.back());
+      // Posted in order only: behind one still waiting, it waits its turn at the queue's head.
+      const bool waiting_ahead =
+          std::any_of(source_queue.begin(), source_queue.end() - 1,
+                      [](const PendingReceive& p) { return p.awaiting_post; });
+      if (!waiting_ahead) post_payload_receive(source, source_queue.back());
       return;
     }
     const auto payload_bytes = wire.subspan(kHeaderSize);
@@ -110,6 +114,8 @@ void BusCore::accept_envelope(int source, std::span<const std::byte> wire) {
 }
 
 bool BusCore::post_payload_receive(int source, PendingReceive& pending) {
+  auto& posted = posted_payload_bytes[static_cast<std::size_t>(source)];
+  if (posted > 0 && posted + pending.size > kMaxPendingPayloadBytes) return false;
   try {
     if (!pending.buffer) pending.buffer = buffers->acquire(pending.size);
   } catch (const std::bad_alloc&) {
@@ -126,7 +132,7 @@ bool BusCore::post_payload_receive(int source, PendingReceive& pending) {
                       comm.get(), &pending.request),
             rank, "bus: MPI_Irecv");
   pending.awaiting_post = false;
-  pending_payload_bytes += pending.size;
+  posted += pending.size;
   if (pending.memory_warned) {
     log->info("bus: memory found for the payload of {} bytes from rank {}", pending.size, source);
   }
@@ -161,7 +167,7 @@ bool BusCore::receive_messages() {
   if (!ring_to_post.empty() && inbox_has_room()) post_ring_slots();
   bool received = false;
   for (int round = 0; round < kMaxReceivesPerRound; ++round) {
-    if (!inbox_has_room() || pending_payload_bytes >= kMaxPendingPayloadBytes) break;
+    if (!inbox_has_room()) break;
     RingSlot& slot = ring[ring_head];
     if (slot.request == MPI_REQUEST_NULL) break;  // consumed, waiting to be posted again
     int done = 0;
@@ -218,7 +224,7 @@ bool BusCore::complete_receives() {
         int done = 0;
         check_mpi(MPI_Test(&head.request, &done, MPI_STATUS_IGNORE), rank, "bus: MPI_Test");
         if (!done) break;
-        pending_payload_bytes -= head.size;
+        posted_payload_bytes[static_cast<std::size_t>(source)] -= head.size;
       }
       PendingReceive pending = std::move(head);
       queue.pop_front();
