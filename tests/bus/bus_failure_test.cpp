@@ -65,6 +65,12 @@ Payload patterned(std::size_t size) {
 // A payload that finds no memory when its header arrives waits in MPI until memory is free;
 // meanwhile the ring keeps receiving. (It used to stop this rank's receiving for good.)
 TEST(BusFailureTest, APayloadWithoutMemoryWaitsAndNothingIsLost) {
+#if defined(__SANITIZE_ADDRESS__)
+  // AddressSanitizer's operator new aborts the process where the allocator would throw
+  // std::bad_alloc, so the failure this test provokes cannot be survived there; the release
+  // build runs it (scripts/run, stage 1).
+  GTEST_SKIP() << "needs a throwing operator new; AddressSanitizer's aborts on exhaustion";
+#endif
   constexpr std::size_t kLarge = 192u << 20;
   Bus bus(MPI_COMM_WORLD, test_options());
   if (bus.rank() == 1) {
