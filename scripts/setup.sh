@@ -13,6 +13,7 @@ packages=(
   libcurl4-openssl-dev libssl-dev libcpp-httplib-dev curl
   libtorch-dev dataset-fashion-mnist
   clang libclang-rt-14-dev clang-format
+  iproute2 util-linux
 )
 if [[ ${1:-} == test ]]; then
   packages+=(chromium)

@@ -218,7 +218,7 @@ int run(int argc, char** argv) {
   // while the others wait for it) is reported and the job aborted.
   const auto hosts = unimsg::gather_host_names(MPI_COMM_WORLD);
   unimsg::HeartbeatWatch heartbeat(runtime.bus(), unimsg::HeartbeatOptions::from_env(),
-                                   unimsg::abort_on_silence(hosts));
+                                   unimsg::abort_on_silence(hosts), unimsg::exit_when_isolated());
   int failed = fetch_all(runtime, settings, files, hosts);
   MPI_Bcast(&failed, 1, MPI_INT, 0, MPI_COMM_WORLD);
   heartbeat.stop();  // a planned end: a rank leaving first is not a lost one

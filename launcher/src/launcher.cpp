@@ -56,6 +56,21 @@ bool valid_host_name(std::string_view name) {
   });
 }
 
+// A host named again adds its slots to its first entry (mpirun's "-H a,a" and a $PBS_NODEFILE,
+// one line per slot), so that a lost host is dropped whole.
+void add_host(std::vector<Host>& hosts, const Host& host, const std::string& what) {
+  const auto same =
+      std::find_if(hosts.begin(), hosts.end(), [&](const Host& h) { return h.name == host.name; });
+  if (same == hosts.end()) {
+    hosts.push_back(host);
+    return;
+  }
+  if (same->slots > INT_MAX - host.slots) {
+    bad(what, "'" + host.name + "': the slots add up to more than " + std::to_string(INT_MAX));
+  }
+  same->slots += host.slots;
+}
+
 }  // namespace
 
 std::vector<Host> parse_host_list(std::string_view text) {
@@ -70,16 +85,7 @@ std::vector<Host> parse_host_list(std::string_view text) {
     host.name = entry.substr(0, colon);
     if (!valid_host_name(host.name)) bad("-H", "'" + entry + "' is not a host name");
     if (colon != std::string::npos) host.slots = parse_slots(entry.substr(colon + 1), entry);
-    auto same = std::find_if(hosts.begin(), hosts.end(),
-                             [&](const Host& h) { return h.name == host.name; });
-    if (same != hosts.end()) {
-      if (same->slots > INT_MAX - host.slots) {
-        bad("-H", "'" + host.name + "': the slots add up to more than " + std::to_string(INT_MAX));
-      }
-      same->slots += host.slots;
-    } else {
-      hosts.push_back(host);
-    }
+    add_host(hosts, host, "-H");
     start = comma + 1;
   }
   check_total(hosts, "-H");
@@ -120,7 +126,7 @@ std::vector<Host> parse_hostfile(const std::filesystem::path& path) {
       bad("--hostfile", path.string() + ":" + std::to_string(number) + ": '" + host.name +
                             "' is not a host name");
     }
-    hosts.push_back(host);
+    add_host(hosts, host, "--hostfile " + path.string());
   }
   if (hosts.empty()) bad("--hostfile", path.string() + " lists no hosts");
   check_total(hosts, "--hostfile " + path.string());
@@ -164,6 +170,9 @@ std::vector<std::string> build_command(const LaunchPlan& plan) {
       }
       command.insert(command.end(), {"--host", list, "--bind-to", "none"});
     }
+    if (!plan.launch_agent.empty()) {
+      command.insert(command.end(), {"--mca", "plm_rsh_agent", plan.launch_agent});
+    }
     // Names only: mpirun takes each value from its own environment.
     for (const auto& entry : plan.environment) {
       command.push_back("-x");
@@ -179,6 +188,10 @@ std::string describe_launch(const LaunchPlan& plan) {
   for (const auto& word : build_command(plan)) text += (text.empty() ? "" : " ") + word;
   text += "\nenvironment of the ranks (values hidden):";
   for (const auto& entry : plan.environment) text += " " + entry.first + "=***";
+  if (!plan.mpi_settings.empty()) {
+    text += "\nOpen MPI settings inherited from this environment:";
+    for (const auto& [name, value] : plan.mpi_settings) text += " " + name + "=" + value;
+  }
   return text;
 }
 
@@ -390,6 +403,30 @@ std::optional<DeadProcess> parse_dead_process(std::string_view line) {
     if (!rank || host.size() < 2 || host.back() != ':') return std::nullopt;
     std::string_view how = end + 2 <= line.size() ? line.substr(end + 2) : std::string_view();
     return DeadProcess{*rank, host.substr(0, host.size() - 1), std::string(how)};
+  }
+  return std::nullopt;
+}
+
+std::optional<LostHost> parse_lost_host(std::string_view line) {
+  while (!line.empty() && std::isspace(static_cast<unsigned char>(line.back()))) {
+    line.remove_suffix(1);
+  }
+  // (prefix, what follows the host name): the host is the word in between.
+  static constexpr std::pair<std::string_view, std::string_view> kForms[] = {
+      {"ssh: connect to host ", " port "},
+      {"ssh: Could not resolve hostname ", ": "},
+      {"Connection to ", " closed by remote host."},
+      {"Timeout, server ", " not responding."},
+  };
+  for (const auto& [prefix, after] : kForms) {
+    const std::size_t at = line.find(prefix);
+    if (at == std::string_view::npos) continue;
+    const std::size_t start = at + prefix.size();
+    const std::size_t end = line.find(after, start);
+    if (end == std::string_view::npos) continue;
+    const std::string host(line.substr(start, end - start));
+    if (!valid_host_name(host)) continue;
+    return LostHost{host, cut_utf8(line.substr(at), kMaxEventText)};
   }
   return std::nullopt;
 }

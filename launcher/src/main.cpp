@@ -6,9 +6,7 @@
 //              [--checkpoint-dir D] [--run-dir R] [-x VAR[=value]] [--progress auto|tty|plain|off]
 //              [--dry-run] -- program args
 
-#include <fcntl.h>
 #include <signal.h>
-#include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -18,6 +16,7 @@
 #include <cxxopts.hpp>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -29,10 +28,12 @@
 #include <string>
 #include <vector>
 
+#include "job_process.hpp"
 #include "unimsg/core/config.hpp"
 #include "unimsg/core/error.hpp"
 #include "unimsg/launcher/events.hpp"
 #include "unimsg/launcher/launcher.hpp"
+#include "unimsg/launcher/process_tree.hpp"
 #include "unimsg/launcher/progress.hpp"
 
 extern char** environ;
@@ -65,7 +66,9 @@ SplitArgs split_arguments(int argc, char** argv) {
                                                 "--progress",
                                                 "--progress-interval",
                                                 "-x",
-                                                "--mpirun"};
+                                                "--mpirun",
+                                                "--launch-agent",
+                                                "--teardown-grace"};
   SplitArgs split;
   split.ours.push_back(argv[0]);
   for (int i = 1; i < argc; ++i) {
@@ -85,114 +88,6 @@ SplitArgs split_arguments(int argc, char** argv) {
   return split;
 }
 
-struct ProgressSettings {
-  ProgressMode mode = ProgressMode::kOff;
-  fs::path status_file;
-  std::chrono::seconds plain_interval{10};
-};
-
-// The signal that stops the job gracefully, for one that reached the launcher. srun answers a
-// single SIGINT with a status report only: it gets SIGTERM, which it passes to the tasks.
-int forwarded_signal(int signal_number, bool slurm) {
-  if (signal_number == SIGHUP || (slurm && signal_number == SIGINT)) return SIGTERM;
-  return signal_number;
-}
-
-// mpirun starts with our signal mask from before the blocking (`mask`), SIGPIPE back to its
-// default (ignored here: our reader may quit), in a process group of its own: a Ctrl-C on the
-// terminal reaches our group only, and mpirun gets the one SIGINT we forward. (Two in a row
-// make mpirun quit at once, leaving the ranks running unsignalled; srun likewise aborts on a
-// second within a second.)
-void init_spawn_attributes(posix_spawnattr_t& attributes, const sigset_t& mask) {
-  posix_spawnattr_init(&attributes);
-  posix_spawnattr_setsigmask(&attributes, &mask);
-  sigset_t defaults;
-  sigemptyset(&defaults);
-  sigaddset(&defaults, SIGPIPE);
-  posix_spawnattr_setsigdefault(&attributes, &defaults);
-  posix_spawnattr_setpgroup(&attributes, 0);
-  posix_spawnattr_setflags(&attributes,
-                           POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETPGROUP);
-}
-
-// Runs `command` and waits, forwarding SIGINT/SIGTERM/SIGHUP to it, showing progress meanwhile.
-// Its output passes through us; the first rank death mpirun or srun reports there lands in
-// `dead`. Returns the wait status.
-int run_and_wait(const std::vector<std::string>& command, bool slurm, bool& interrupted,
-                 const ProgressSettings& progress, std::optional<DeadProcess>& dead) {
-  sigset_t handled;
-  sigemptyset(&handled);
-  for (const int signal_number : {SIGINT, SIGTERM, SIGHUP, SIGCHLD}) {
-    sigaddset(&handled, signal_number);
-  }
-  sigset_t previous;
-  pthread_sigmask(SIG_BLOCK, &handled, &previous);
-
-  posix_spawnattr_t attributes;
-  init_spawn_attributes(attributes, previous);
-  // The job's output passes through us: the progress line stays below it on a terminal, and
-  // mpirun's report of a dead rank can be read (pipes close-on-exec here; dup2 makes the child's
-  // copies inheritable). Without pipes the output goes straight to ours.
-  int out_pipe[2] = {-1, -1};
-  int err_pipe[2] = {-1, -1};
-  posix_spawn_file_actions_t files;
-  posix_spawn_file_actions_init(&files);
-  const bool through_us = ::pipe2(out_pipe, O_CLOEXEC) == 0 && ::pipe2(err_pipe, O_CLOEXEC) == 0;
-  if (through_us) {
-    posix_spawn_file_actions_adddup2(&files, out_pipe[1], STDOUT_FILENO);
-    posix_spawn_file_actions_adddup2(&files, err_pipe[1], STDERR_FILENO);
-  }
-  std::vector<char*> args;
-  for (const auto& word : command) args.push_back(const_cast<char*>(word.c_str()));
-  args.push_back(nullptr);
-  pid_t child = 0;
-  const int error = posix_spawnp(&child, args[0], &files, &attributes, args.data(), environ);
-  posix_spawnattr_destroy(&attributes);
-  posix_spawn_file_actions_destroy(&files);
-  for (int* ends : {out_pipe, err_pipe}) {
-    if (ends[1] >= 0) ::close(ends[1]);
-    if (error != 0 && ends[0] >= 0) ::close(ends[0]);
-  }
-  if (error != 0) {
-    pthread_sigmask(SIG_SETMASK, &previous, nullptr);
-    throw unimsg::Error(unimsg::kNoRank, "unimsg-run",
-                        "cannot start " + command[0] + ": " + std::strerror(error));
-  }
-  // (Started with SIGINT/SIGTERM/SIGHUP/SIGCHLD blocked: its thread leaves them to sigwaitinfo
-  // below.)
-  std::optional<ProgressDisplay> display;
-  const auto watch = [&dead](std::string_view line) {
-    if (!dead) dead = parse_dead_process(line);
-  };
-  if (through_us) {
-    display.emplace(progress.mode, progress.status_file, progress.plain_interval, out_pipe[0],
-                    err_pipe[0], watch);
-  } else {
-    for (const int fd : {out_pipe[0], err_pipe[0]}) {
-      if (fd >= 0) ::close(fd);
-    }
-    // (No terminal line without the output passing through: it would be drawn over.)
-    const auto mode =
-        progress.mode == ProgressMode::kTerminal ? ProgressMode::kPlain : progress.mode;
-    display.emplace(mode, progress.status_file, progress.plain_interval);
-  }
-  int status = 0;
-  while (true) {
-    siginfo_t info;
-    const int signal_number = sigwaitinfo(&handled, &info);
-    if (signal_number == SIGINT || signal_number == SIGTERM || signal_number == SIGHUP) {
-      interrupted = true;
-      kill(child, forwarded_signal(signal_number, slurm));
-      continue;
-    }
-    const pid_t done = waitpid(child, &status, WNOHANG);
-    if (done == child) break;
-  }
-  display.reset();  // relays the rest of the output first
-  pthread_sigmask(SIG_SETMASK, &previous, nullptr);
-  return status;
-}
-
 std::string describe(int status) {
   if (WIFEXITED(status)) return "exit status " + std::to_string(WEXITSTATUS(status));
   if (WIFSIGNALED(status)) return std::string("signal ") + strsignal(WTERMSIG(status));
@@ -206,6 +101,7 @@ struct Settings {
   int min_np = 1;
   fs::path run_dir;
   ProgressSettings progress;
+  TeardownSettings teardown;
   bool dry_run = false;
 };
 
@@ -228,6 +124,14 @@ void declare_options(cxxopts::Options& cli) {
       "slurm", "launch with srun --mpi=pmix (default inside a Slurm allocation)")(
       "no-slurm", "launch with mpirun even inside a Slurm allocation")(
       "mpirun", "the mpirun to use", cxxopts::value<std::string>()->default_value("mpirun"))(
+      "launch-agent",
+      "what mpirun runs in place of ssh to start its daemons on the hosts (--mca plm_rsh_agent; "
+      "scripts/cluster's agent for namespace hosts)",
+      cxxopts::value<std::string>())(
+      "teardown-grace",
+      "seconds a failed job may take to end by itself after its fault is known, before the "
+      "launcher ends it",
+      cxxopts::value<int>()->default_value("15"))(
       "progress",
       "a progress line (step, samples/s, ETA) from the job's monitor: auto (on a terminal: one "
       "line kept below the output; otherwise plain lines), tty, plain or off",
@@ -327,19 +231,24 @@ Settings parse_settings(const cxxopts::ParseResult& args, const SplitArgs& split
   s.plan.slurm = args.count("slurm") > 0 ||
                  (std::getenv("SLURM_JOB_ID") != nullptr && args.count("no-slurm") == 0);
   s.plan.mpirun = args["mpirun"].as<std::string>();
+  if (args.count("launch-agent")) s.plan.launch_agent = args["launch-agent"].as<std::string>();
+  for (char** entry = environ; *entry != nullptr; ++entry) {
+    const std::string text = *entry;
+    const auto equals = text.find('=');
+    if (text.rfind("OMPI_MCA_", 0) == 0 && equals != std::string::npos) {
+      s.plan.mpi_settings[text.substr(0, equals)] = text.substr(equals + 1);
+    }
+  }
+  const int grace = args["teardown-grace"].as<int>();
+  if (grace < 1) throw unimsg::ConfigError(unimsg::kNoRank, "--teardown-grace", "< 1 s");
+  s.teardown.grace = std::chrono::seconds(grace);
   s.run_dir = fs::absolute(args["run-dir"].as<std::string>());
   pass_environment(args, s.run_dir, s.plan.environment);
+  s.teardown.fault_report = s.run_dir / "fault-report.json";
   s.progress = parse_progress(args, s.run_dir);
   s.dry_run = args.count("dry-run") > 0;
   return s;
 }
-
-// How one launch ended.
-struct Launch {
-  int status = 0;
-  bool interrupted = false;
-  std::optional<DeadProcess> dead;
-};
 
 // Starts the job once and waits for it; nothing when it could not start (the event is written).
 std::optional<Launch> launch_once(const Settings& s, EventLog& events, const fs::path& report_path,
@@ -356,7 +265,7 @@ std::optional<Launch> launch_once(const Settings& s, EventLog& events, const fs:
                plan.np);
   Launch launch;
   try {
-    launch.status = run_and_wait(command, plan.slurm, launch.interrupted, s.progress, launch.dead);
+    launch = run_and_wait(command, plan.slurm, s.progress, s.teardown);
   } catch (const unimsg::Error& failure) {
     events.write("gave_up", plan.np, restart, {{"reason", failure.what()}});
     spdlog::error("[unimsg-run] {}", failure.what());
@@ -379,7 +288,20 @@ FaultReport record_failure(EventLog& events, const LaunchPlan& plan, int restart
                   (dead->host.empty() ? "" : " on " + dead->host) + ": " + dead->how +
                   " (reported by " + (plan.slurm ? "srun" : "mpirun") + ")";
   }
+  // Hosts the launch agent could not reach or lost (ssh's word): dropped whole.
+  for (const auto& host : launch.lost_hosts) {
+    if (std::find(lost.lost_hosts.begin(), lost.lost_hosts.end(), host.host) ==
+        lost.lost_hosts.end()) {
+      lost.lost_hosts.push_back(host.host);
+    }
+  }
+  if (!report && !launch.lost_hosts.empty()) {
+    lost.reason = "host " + launch.lost_hosts.front().host +
+                  " unreachable or lost: " + launch.lost_hosts.front().how +
+                  (lost.reason.empty() ? "" : "; " + lost.reason);
+  }
   if (lost.reason.empty()) lost.reason = "the job ended with " + describe(launch.status);
+  if (launch.torn_down) lost.reason += " (the launcher ended the job: it did not end by itself)";
   nlohmann::json details{{"reason", lost.reason},
                          {"lost_ranks", lost.lost_ranks},
                          {"lost_hosts", lost.lost_hosts},
@@ -439,6 +361,8 @@ int supervise(Settings& s) {
                               "cannot create " + s.run_dir.string() + ": " + error.message());
   }
   const RunDirLock lock(s.run_dir);  // one job per run dir
+  // What a launch orphans (Open MPI's launch agents, their daemons) stays ours to end.
+  if (!become_subreaper()) spdlog::warn("[unimsg-run] cannot become a child subreaper");
   EventLog events(s.run_dir / "events.jsonl");
   const fs::path report_path = s.run_dir / "fault-report.json";
   for (int restart = 0;; ++restart) {

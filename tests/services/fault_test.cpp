@@ -126,5 +126,19 @@ TEST(HeartbeatOptionsTest, FromEnvironment) {
   ::unsetenv("UNIMSG_HEARTBEAT_INTERVAL_MS");
 }
 
+// Only the side of a partition that still hears most of the world blames the other.
+TEST(HeartbeatQuorumTest, OnlyAMajorityBlames) {
+  EXPECT_TRUE(hears_quorum(6, {2, 3}));            // 3 hosts x 2, one host lost
+  EXPECT_FALSE(hears_quorum(6, {0, 1, 4, 5}));     // ... as the lost host sees it
+  EXPECT_FALSE(hears_quorum(6, {0, 1, 2, 3, 5}));  // a rank that hears nobody
+  EXPECT_TRUE(hears_quorum(4, {2, 3}));            // two halves: the one with rank 0 acts
+  EXPECT_FALSE(hears_quorum(4, {0, 1}));
+  EXPECT_TRUE(hears_quorum(2, {1}));
+  EXPECT_FALSE(hears_quorum(2, {0}));
+  EXPECT_TRUE(hears_quorum(5, {4}));
+  EXPECT_TRUE(hears_quorum(5, {0, 4}));
+  EXPECT_FALSE(hears_quorum(5, {1, 2, 3}));
+}
+
 }  // namespace
 }  // namespace unimsg

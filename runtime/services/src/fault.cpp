@@ -125,6 +125,17 @@ std::function<void(const std::vector<int>&, std::uint64_t)> abort_on_silence(
   };
 }
 
+std::function<void(int, int)> exit_when_isolated() {
+  return [](int heard, int world) {
+    spdlog::error(
+        "fault: this rank has heard only {} of {} rank(s) (itself included) for two heartbeat "
+        "timeouts: it, not they, is taken to be cut off; exiting (status {}) without a report",
+        heard, world, kRestartableExitStatus);
+    std::fflush(nullptr);
+    std::_Exit(kRestartableExitStatus);
+  };
+}
+
 void abort_restartable(const FaultInfo& fault, const std::vector<std::string>& host_of_rank) {
   std::string ranks;
   for (int rank : fault.lost_ranks) ranks += (ranks.empty() ? "" : ", ") + std::to_string(rank);

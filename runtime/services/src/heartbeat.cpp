@@ -31,8 +31,19 @@ HeartbeatOptions HeartbeatOptions::from_env() {
   return options;
 }
 
-HeartbeatWatch::HeartbeatWatch(Bus& bus, HeartbeatOptions options, LossHandler on_loss)
-    : bus_(bus), options_(options), on_loss_(std::move(on_loss)) {
+bool hears_quorum(int world_size, const std::vector<int>& silent_ranks) {
+  const int heard = world_size - static_cast<int>(silent_ranks.size());
+  const bool hears_rank0 =
+      std::find(silent_ranks.begin(), silent_ranks.end(), 0) == silent_ranks.end();
+  return 2 * heard > world_size || (2 * heard == world_size && hears_rank0);
+}
+
+HeartbeatWatch::HeartbeatWatch(Bus& bus, HeartbeatOptions options, LossHandler on_loss,
+                               IsolationHandler on_isolated)
+    : bus_(bus),
+      options_(options),
+      on_loss_(std::move(on_loss)),
+      on_isolated_(std::move(on_isolated)) {
   const auto now = Clock::now();
   // Until a rank's first heartbeat its clock starts here: a rank that never starts is lost too.
   last_seen_.assign(static_cast<std::size_t>(bus_.size()), now);
@@ -104,22 +115,52 @@ void HeartbeatWatch::run() {
       // more than this one beat, and the silent peer is what the watchdog is for.
     }
     lock.lock();
-    const auto now = Clock::now();
-    std::vector<int> silent;
-    for (std::size_t rank = 0; rank < last_seen_.size(); ++rank) {
-      if (static_cast<int>(rank) == bus_.rank()) continue;
-      if (now - last_seen_[rank] > options_.timeout) silent.push_back(static_cast<int>(rank));
-    }
-    if (!silent.empty() && !reported_) {
-      reported_ = true;
-      std::uint64_t last = step;
-      for (int rank : silent) last = std::min(last, last_step_[static_cast<std::size_t>(rank)]);
-      lock.unlock();
-      on_loss_(silent, last);
-      lock.lock();
-    }
+    judge(Clock::now(), step, lock);
     wake_.wait_for(lock, options_.interval, [&] { return stopping_; });
   }
+}
+
+void HeartbeatWatch::judge(Clock::time_point now, std::uint64_t step,
+                           std::unique_lock<std::mutex>& lock) {
+  if (reported_) return;
+  const auto silent_for = [&](std::size_t rank) { return now - last_seen_[rank]; };
+  bool any_lost = false;
+  for (std::size_t rank = 0; rank < last_seen_.size(); ++rank) {
+    if (static_cast<int>(rank) != bus_.rank() && silent_for(rank) > options_.timeout) {
+      any_lost = true;
+    }
+  }
+  if (!any_lost) {
+    isolated_ = false;
+    return;
+  }
+  std::vector<int> silent;
+  for (std::size_t rank = 0; rank < last_seen_.size(); ++rank) {
+    if (static_cast<int>(rank) != bus_.rank() && silent_for(rank) > options_.timeout / 2) {
+      silent.push_back(static_cast<int>(rank));
+    }
+  }
+  const int world = static_cast<int>(last_seen_.size());
+  if (!hears_quorum(world, silent)) {
+    // Most of the world silent at once is more likely this rank's own trouble than theirs.
+    if (!isolated_) {
+      isolated_ = true;
+      isolated_since_ = now;
+    }
+    if (now - isolated_since_ <= options_.timeout) return;
+    reported_ = true;
+    const int heard = world - static_cast<int>(silent.size());
+    lock.unlock();
+    if (on_isolated_) on_isolated_(heard, world);
+    lock.lock();
+    return;
+  }
+  reported_ = true;
+  std::uint64_t last = step;
+  for (int rank : silent) last = std::min(last, last_step_[static_cast<std::size_t>(rank)]);
+  lock.unlock();
+  on_loss_(silent, last);
+  lock.lock();
 }
 
 }  // namespace unimsg

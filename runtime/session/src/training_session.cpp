@@ -27,7 +27,7 @@ CommunicationCounters communication_counters(const Engine& engine) {
 
 TrainingSession::TrainingSession(Runtime& runtime, TrainingSessionOptions options)
     : hosts_(gather_host_names(MPI_COMM_WORLD)),
-      heartbeat_(runtime.bus(), options.heartbeat, abort_on_silence(hosts_)),
+      heartbeat_(runtime.bus(), options.heartbeat, abort_on_silence(hosts_), exit_when_isolated()),
       monitor_(runtime.bus(), std::move(options.monitor)),
       communicator_(MPI_COMM_WORLD, runtime.bus(), std::move(options.communicator)),
       engine_(communicator_, runtime.bus(), traced(std::move(options.engine), monitor_.trace())) {

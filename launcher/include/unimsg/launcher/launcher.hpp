@@ -37,6 +37,11 @@ struct LaunchPlan {
   // visible to every user of every host (ps) and the values may be secrets.
   std::map<std::string, std::string> environment;
   std::vector<std::string> program;  // the program and its arguments
+  // mpirun's launch agent in place of ssh (--mca plm_rsh_agent), e.g. scripts/cluster's.
+  std::string launch_agent;
+  // Open MPI's settings in the launcher's environment (OMPI_MCA_*): mpirun inherits them; kept
+  // here so that --dry-run shows them (they hold no secrets).
+  std::map<std::string, std::string> mpi_settings;
 };
 
 std::vector<std::string> build_command(const LaunchPlan& plan);
@@ -90,6 +95,19 @@ struct DeadProcess {
   bool operator==(const DeadProcess&) const = default;
 };
 std::optional<DeadProcess> parse_dead_process(std::string_view line);
+// A host that the launch agent (ssh, or scripts/cluster's agent, which speaks like it) could not
+// reach or lost, as it says so on mpirun's output:
+//   "ssh: connect to host n3 port 22: No route to host"
+//   "ssh: Could not resolve hostname n3: Name or service not known"
+//   "Connection to n3 closed by remote host."
+//   "Timeout, server n3 not responding."
+struct LostHost {
+  std::string host;
+  std::string how;  // the whole line
+  bool operator==(const LostHost&) const = default;
+};
+std::optional<LostHost> parse_lost_host(std::string_view line);
+
 struct Shrink {
   std::vector<Host> hosts;
   int np = 0;

@@ -41,6 +41,10 @@ std::optional<std::string> write_fault_report(const FaultInfo& fault,
 // The heartbeat watchdog's answer to silent ranks in a training job: report them and abort.
 std::function<void(const std::vector<int>&, std::uint64_t)> abort_on_silence(
     std::vector<std::string> host_of_rank);
+// The heartbeat watchdog's answer to hearing no quorum (heartbeat.hpp): this rank is the one cut
+// off or stalled, so it blames nobody (no report: the ranks that still hear each other write
+// theirs) and exits with kRestartableExitStatus, leaving nothing of the job running on its side.
+std::function<void(int, int)> exit_when_isolated();
 // Report, log and abort the job with kRestartableExitStatus.
 [[noreturn]] void abort_restartable(const FaultInfo& fault,
                                     const std::vector<std::string>& host_of_rank);

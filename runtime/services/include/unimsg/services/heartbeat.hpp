@@ -3,8 +3,12 @@
 // Heartbeats and the watchdog: every rank broadcasts a Heartbeat message (carrying its last
 // reported step) every interval from a thread of its own, and watches every other rank's. A rank
 // silent for longer than the timeout — crashed, stopped (SIGSTOP), or on a host that vanished —
-// is reported once to `on_loss`, on the watchdog thread, with every rank silent at that moment.
-// Nothing waits forever on a lost peer: the fault handler (fault.hpp) takes it from there.
+// is reported once to `on_loss`, on the watchdog thread, with every rank silent for half the
+// timeout at that moment (ranks of one lost host fall silent together, not at the same beat).
+// Only a rank that still hears a quorum blames (hears_quorum): one on the small side of a cut
+// link, or one that hears nobody because its own receiving stalled, suspects itself, and after
+// another timeout of it goes to `on_isolated` instead. Nothing waits forever on a lost peer: the
+// fault handler (fault.hpp) takes it from there.
 
 #include <atomic>
 #include <chrono>
@@ -25,11 +29,17 @@ struct HeartbeatOptions {
   static HeartbeatOptions from_env();
 };
 
+// Whether the ranks a rank still hears (itself included) may blame the silent ones: more than
+// half of the world, or exactly half with rank 0 among them (so that of two halves, one acts).
+bool hears_quorum(int world_size, const std::vector<int>& silent_ranks);
+
 class HeartbeatWatch {
  public:
   using LossHandler =
       std::function<void(const std::vector<int>& silent_ranks, std::uint64_t last_step)>;
-  HeartbeatWatch(Bus& bus, HeartbeatOptions options, LossHandler on_loss);
+  using IsolationHandler = std::function<void(int heard_ranks, int world_size)>;
+  HeartbeatWatch(Bus& bus, HeartbeatOptions options, LossHandler on_loss,
+                 IsolationHandler on_isolated = {});
   ~HeartbeatWatch();
   HeartbeatWatch(const HeartbeatWatch&) = delete;
   HeartbeatWatch& operator=(const HeartbeatWatch&) = delete;
@@ -44,10 +54,14 @@ class HeartbeatWatch {
 
  private:
   void run();
+  // Under mutex_: the silent ranks at `now`, and what to do about them.
+  void judge(std::chrono::steady_clock::time_point now, std::uint64_t step,
+             std::unique_lock<std::mutex>& lock);
 
   Bus& bus_;
   HeartbeatOptions options_;
   LossHandler on_loss_;
+  IsolationHandler on_isolated_;
   std::atomic<std::uint64_t> step_{0};
   mutable std::mutex mutex_;
   std::condition_variable wake_;
@@ -55,6 +69,8 @@ class HeartbeatWatch {
   std::vector<std::uint64_t> last_step_;
   bool stopping_ = false;
   bool reported_ = false;
+  bool isolated_ = false;  // hearing no quorum since isolated_since_
+  std::chrono::steady_clock::time_point isolated_since_;
   Subscription subscription_;
   std::thread thread_;
 };
