@@ -133,9 +133,9 @@ TEST_F(CheckpointRestoreTest, NothingAnywhereIsNothingEverywhere) {
 TEST_F(CheckpointRestoreTest, ARankStuckLoadingMakesTheOthersTimeOut) {
   if (world_size() < 2) GTEST_SKIP() << "needs a second rank";
   const int stuck = world_size() - 1;
-  constexpr auto kDelay = std::chrono::seconds(15);
+  constexpr auto kDelay = std::chrono::seconds(10);
   RestoreOptions options;
-  options.timeout = std::chrono::seconds(3);
+  options.timeout = std::chrono::seconds(2);
   const auto start = std::chrono::steady_clock::now();
   std::string error;
   try {

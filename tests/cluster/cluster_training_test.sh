@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The main job across hosts: train_fashion_mnist on 3 namespace hosts x 2 ranks under unimsg-run
+# (a quarter epoch; it must learn, and its ranks must have run two per host); the allreduce and
+# bus benchmarks across the hosts, briefly (smoke runs; docs/benchmarks.md has the figures); and
+# the training again with a host killed mid-run: that host dropped, resumed, still learning.
+#   cluster_training_test.sh CLUSTER UNIMSG_RUN TRAINER BENCH_ALLREDUCE BENCH_BUS
+# Exit status 77 (a skip, saying why) where namespaces cannot be made (not root).
+set -euo pipefail
+cluster=$1
+launcher=$2
+trainer=$3
+bench_allreduce=$4
+bench_bus=$5
+work=$(mktemp -d)
+fail() { echo "FAIL: $*"; exit 1; }
+
+set +e
+info=$("$cluster" up --hosts 3 --slots 2 --json)
+status=$?
+set -e
+if ((status == 77)); then
+  echo "SKIP: this test needs a cluster of namespace hosts, which needs root"
+  exit 77
+fi
+((status == 0)) || fail "scripts/cluster up failed ($status)"
+name=$(sed -E 's/^\{"name":"([a-z0-9]+)".*/\1/' <<<"$info")
+hostfile=$(sed -E 's/.*"hostfile":"([^"]+)".*/\1/' <<<"$info")
+trap '"$cluster" down --name "$name"; rm -rf "$work"' EXIT
+eval "$("$cluster" env --name "$name")"
+
+"$launcher" -np 6 --hostfile "$hostfile" --max-restarts 0 --run-dir "$work/run" --progress plain \
+  -- "$trainer" --epochs 1 --limit 15000 --test-limit 2000 --batch-size 240 --min-accuracy 0.70 \
+  --json >"$work/out" 2>"$work/err" || { tail -30 "$work/err"; fail "training exited with $?"; }
+grep -o '"test_accuracy":[0-9.]*' "$work/out" | tail -1
+# Rank 0's board names each rank's host: two ranks on each of the three.
+for k in 0 1 2; do
+  count=$(grep -o "\"host\":\"$name-h$k\"" "$work/run/status.json" | wc -l)
+  [[ $count == 2 ]] || { cat "$work/run/status.json"; fail "$count rank(s) on $name-h$k, not 2"; }
+done
+
+mpirun -np 6 --hostfile "$hostfile" "$bench_allreduce" -b 4K -e 1M -f 16 -n 3 -w 1 -c 1 \
+  --backend mpi,engine --compress none,onebit --json >"$work/allreduce" 2>"$work/err" ||
+  { tail "$work/err"; fail "unimsg-bench-allreduce across hosts"; }
+grep -q '"busbw' "$work/allreduce" || fail "no allreduce figures"
+mpirun -np 2 --host "$name-h0,$name-h2" "$bench_bus" --quick --json >"$work/bus" 2>"$work/err" ||
+  { tail "$work/err"; fail "unimsg-bench-bus across hosts"; }
+[[ -s $work/bus ]] || fail "no bus figures"
+# A host killed while the main job trains (checkpoints every 10 of its ~62 steps).
+"$launcher" -np 6 --hostfile "$hostfile" --max-restarts 1 --run-dir "$work/kill" \
+  --checkpoint-dir "$work/ck" -- "$trainer" --epochs 1 --limit 15000 --test-limit 2000 \
+  --batch-size 240 --checkpoint-every 10 --min-accuracy 0.70 --json >"$work/out" 2>"$work/err" &
+job=$!
+for _ in $(seq 1200); do
+  step=$(grep -o "\"step\":[0-9]*" "$work/kill/status.json" 2>/dev/null | head -1 | cut -d: -f2 || true)
+  [[ -n $step ]] && ((step >= 20)) && break
+  kill -0 $job 2>/dev/null || break
+  sleep 0.1
+done
+"$cluster" kill "$name-h1"
+echo "killed $name-h1 at step ${step:-?}"
+wait $job || { tail -30 "$work/err"; fail "training with a host killed: unimsg-run exited with $?"; }
+grep -q "\"event\":\"failure\".*\"lost_hosts\":\\[\"$name-h1\"\\]" "$work/kill/events.jsonl" ||
+  { cat "$work/kill/events.jsonl"; fail "the killed host was not named"; }
+grep -q '"event":"done","restart":1,.*"world_size":4' "$work/kill/events.jsonl" ||
+  { cat "$work/kill/events.jsonl"; fail "did not finish on the other two hosts"; }
+grep -q "resumed from step" "$work/err" || fail "the relaunch did not resume from a checkpoint"
+grep -o '"test_accuracy":[0-9.]*' "$work/out" | tail -1
+echo "PASS"
