@@ -11,6 +11,7 @@
 #include <cxxopts.hpp>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -144,13 +145,18 @@ std::optional<Settings> parse_settings(int argc, char** argv, int rank, int worl
   return s;
 }
 
+// Rank 0 writes both tiers; its buddy on another host writes a replica of the node-local fast
+// tier (fast_tier_writers), so that losing rank 0's host loses at most the fast interval.
 unimsg::TieredCheckpointOptions tier_options(const Settings& s, int rank,
                                              unimsg::TrainingSession& session) {
   unimsg::TieredCheckpointOptions tiers;
   tiers.persistent_directory = s.persistent_dir;
   tiers.persistent_every = s.persistent_dir.empty() ? 0 : s.checkpoint_every;
+  tiers.write_persistent = rank == 0;
   tiers.fast_directory = s.fast_dir;
   tiers.fast_every = tiers.fast_directory.empty() ? 0 : s.fast_every;
+  const auto writers = unimsg::fast_tier_writers(session.host_of_rank());
+  tiers.write_fast = std::find(writers.begin(), writers.end(), rank) != writers.end();
   tiers.options.rank = rank;
   tiers.options.trace = session.trace();
   tiers.options.keep = static_cast<std::size_t>(s.checkpoint_keep);
@@ -283,7 +289,7 @@ void train(const Job& job, State& state) {
       ++state.step;
       job.session.step(state.step, gradient[s.dim], local_batch);
       after_step(job, state.step, gradient[s.dim]);
-      if (rank == 0) {
+      if (job.checkpoints.due(state.step)) {  // only on the ranks that write a tier
         job.checkpoints.maybe_save(state.step, [&] {
           unimsg::Checkpoint checkpoint;
           checkpoint.blobs["w"] = as_bytes(state.w);

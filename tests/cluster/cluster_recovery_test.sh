@@ -28,36 +28,39 @@ hostfile=$(sed -E 's/.*"hostfile":"([^"]+)".*/\1/' <<<"$info")
 trap '"$cluster" down --name "$name"; rm -rf "$work"' EXIT
 eval "$("$cluster" env --name "$name")"
 lost=$name-h1
+local_dir=$(sed -E 's/.*"local_dir":"([^"]+)".*/\1/' <<<"$info")  # each host's own disk
+disks=$(sed -E 's/.*"local_dirs":"([^"]+)".*/\1/' <<<"$info")     # ... as seen from here
 echo "cluster $name: $(paste -sd' ' "$(dirname "$hostfile")/hosts")"
 
 export UNIMSG_FUSION_THRESHOLD=0  # bitwise-reproducible reductions (docs/architecture.md)
 train=(--steps 120 --batch-size 60 --step-ms 20 --checkpoint-every 10 --checkpoint-keep 20 --json)
 
-# Runs the job under unimsg-run in the background, applies FAULT to the lost host once rank 0 has
-# passed step 25, and checks the recovery. `run NAME FAULT [unimsg-run options]`.
+# Runs the job under unimsg-run in the background, applies FAULT to host LOST once rank 0 has
+# passed step 25, and checks the recovery. `run NAME FAULT LOST [trainer options]`.
 run() {
-  local label=$1 fault=$2
-  shift 2
+  local label=$1 fault=$2 lost=$3
+  shift 3
   local dir=$work/$label
   mkdir -p "$dir"
   local started=$SECONDS
   "$launcher" -np 6 --hostfile "$hostfile" --max-restarts 2 --heartbeat-timeout 4 \
-    --teardown-grace 8 --checkpoint-dir "$dir/ck" --run-dir "$dir/run" "$@" \
-    -- "$trainer" "${train[@]}" >"$dir/out" 2>"$dir/err" &
+    --teardown-grace 8 --checkpoint-dir "$dir/ck" --run-dir "$dir/run" \
+    -- "$trainer" "${train[@]}" "$@" >"$dir/out" 2>"$dir/err" &
   local job=$!
   for _ in $(seq 600); do
     grep -Eq '"step":(2[5-9]|[3-9][0-9])[,}]' "$dir/out" 2>/dev/null && break
     kill -0 $job 2>/dev/null || break
     sleep 0.1
   done
+  fault_step=$(grep -Eo '"step":[0-9]+' "$dir/out" | tail -1 | cut -d: -f2 || true)
   "$cluster" "$fault" "$lost"
-  echo "$label: $fault $lost at $(grep -Eo '"step":[0-9]+' "$dir/out" | tail -1)"
+  echo "$label: $fault $lost at step ${fault_step:-?} or just after"
   wait $job || { tail -30 "$dir/err"; fail "$label: unimsg-run exited with $?"; }
   echo "$label: recovered in $((SECONDS - started)) s"
   local events
   events=$(grep -o '"event":"[a-z_]*"' "$dir/run/events.jsonl" | cut -d'"' -f4 | paste -sd' ')
   [[ $events == "launch failure rerank restart launch done" ]] ||
-    { cat "$dir/run/events.jsonl"; fail "$label: events $events"; }
+    { cat "$dir/run/events.jsonl"; grep -v '"loss"' "$dir/err" | head -60; fail "$label: events $events"; }
   grep -q "\"event\":\"failure\".*\"lost_hosts\":\\[\"$lost\"\\]" "$dir/run/events.jsonl" ||
     { cat "$dir/run/events.jsonl"; fail "$label: $lost not named the lost host"; }
   grep -q '"event":"launch","restart":1,.*"world_size":4' "$dir/run/events.jsonl" ||
@@ -71,7 +74,11 @@ run() {
   [[ -n $from ]] || fail "$label: no resume"
   recovered=$(grep -o '"w_l2":[-0-9.e+]*' "$dir/out" | tail -1 | cut -d: -f2)
   mkdir -p "$dir/ref"
-  cp -r "$dir/ck/step-$(printf '%012d' "$from")" "$dir/ref/"
+  local saved
+  saved=$(ls -d "$dir/ck/step-$(printf '%012d' "$from")" "$disks"/*/fast/step-"$(printf '%012d' "$from")" 2>/dev/null | head -1 || true)
+  [[ -n $saved ]] || fail "$label: no checkpoint of step $from anywhere"
+  cp -r "$saved" "$dir/ref/"
+  echo "$label: the checkpoint of step $from was ${saved#$work/}"
   mpirun -np 4 --oversubscribe --bind-to none "$trainer" "${train[@]}" --checkpoint-dir "$dir/ref" \
     >"$dir/ref.out" 2>"$dir/ref.err" || { tail "$dir/ref.err"; fail "$label: reference run"; }
   reference=$(grep -o '"w_l2":[-0-9.e+]*' "$dir/ref.out" | tail -1 | cut -d: -f2)
@@ -79,16 +86,31 @@ run() {
   [[ -n $recovered && $recovered == "$reference" ]] || fail "$label: differs from the reference"
 }
 
-run kill kill
+run kill kill "$lost"
 "$cluster" heal "$lost"
-run cut cut
+run cut cut "$lost"
 grep -q "the launcher ended the job" "$work/cut/run/events.jsonl" ||
   echo "cut: (mpirun ended the job by itself this time)"
 "$cluster" heal "$lost"
-run freeze freeze
+run freeze freeze "$lost"
 "$cluster" thaw "$lost"
 grep -q '"fault_report":true' "$work/freeze/run/events.jsonl" ||
   fail "freeze: the watchdog wrote no fault report"
+
+# Rank 0's host killed, with its node-local fast tier (every 2 steps) gone with its disk, and no
+# persistent checkpoint yet (every 1000 steps): the relaunch resumes from the replica its buddy
+# on the next host wrote, losing at most the fast interval.
+run buddy kill "$name-h0" --fast-dir "$local_dir/fast" --fast-every 2 --checkpoint-every 1000 \
+  --checkpoint-keep 100
+from=$(grep -o "resumed from step [0-9]*" "$work/buddy/err" | tail -1 | grep -o '[0-9]*$')
+[[ ! -e $disks/$name-h0 ]] || fail "buddy: the killed host's disk is still there"
+ls -d "$disks/$name-h1/fast/step-$(printf '%012d' "$from")" >/dev/null ||
+  fail "buddy: step $from is not in the buddy's replica"
+[[ -z $(ls "$work/buddy/ck" 2>/dev/null | grep step- || true) ]] ||
+  fail "buddy: a persistent checkpoint was written"
+# (A save still being written when the host died may be lost too: 2 intervals at most.)
+((from >= fault_step - 4)) || fail "buddy: resumed from step $from, the fault was at $fault_step"
+"$cluster" heal "$name-h0"
 
 # A host that does not answer at launch: named in a failure at once, and the job runs without it.
 "$cluster" cut "$name-h2"
@@ -96,7 +118,7 @@ mkdir -p "$work/unreachable"
 timeout -k 10 120 "$launcher" -np 6 --hostfile "$hostfile" --max-restarts 1 \
   --run-dir "$work/unreachable/run" -- "$trainer" --steps 20 --batch-size 60 --json \
   --checkpoint-dir "$work/unreachable/ck" >"$work/unreachable/out" 2>"$work/unreachable/err" ||
-  { tail -20 "$work/unreachable/err"; fail "unreachable host: unimsg-run exited with $?"; }
+  { status=$?; tail -20 "$work/unreachable/err"; fail "unreachable host: unimsg-run exited with $status"; }
 grep -q "\"event\":\"failure\".*\"lost_hosts\":\\[\"$name-h2\"\\].*unreachable" \
   "$work/unreachable/run/events.jsonl" || { cat "$work/unreachable/run/events.jsonl"; fail "unreachable host not named"; }
 grep -q '"event":"done","restart":1,.*"world_size":4' "$work/unreachable/run/events.jsonl" ||

@@ -11,6 +11,7 @@
 #include <string>
 
 #include "unimsg/core/error.hpp"
+#include "unimsg/services/checkpoint_restore.hpp"
 #include "unimsg/services/fault.hpp"
 #include "unimsg/services/fault_injection.hpp"
 #include "unimsg/services/heartbeat.hpp"
@@ -138,6 +139,15 @@ TEST(HeartbeatQuorumTest, OnlyAMajorityBlames) {
   EXPECT_TRUE(hears_quorum(5, {4}));
   EXPECT_TRUE(hears_quorum(5, {0, 4}));
   EXPECT_FALSE(hears_quorum(5, {1, 2, 3}));
+}
+
+// The fast tier lives on two hosts: rank 0's and the next one's.
+TEST(FastTierWritersTest, RankZeroAndItsBuddyOnTheNextHost) {
+  EXPECT_EQ(fast_tier_writers({"a", "a", "b", "b", "c", "c"}), (std::vector<int>{0, 2}));
+  EXPECT_EQ(fast_tier_writers({"a", "b", "a", "b"}), (std::vector<int>{0, 1}));
+  EXPECT_EQ(fast_tier_writers({"a", "a", "a"}), (std::vector<int>{0}));
+  EXPECT_EQ(fast_tier_writers({"a"}), (std::vector<int>{0}));
+  EXPECT_TRUE(fast_tier_writers({}).empty());
 }
 
 }  // namespace

@@ -370,16 +370,17 @@ TieredCheckpointer::TieredCheckpointer(TieredCheckpointOptions options)
 }
 
 bool TieredCheckpointer::due(std::uint64_t step) const noexcept {
-  return (fast_ && step % options_.fast_every == 0) ||
-         (persistent_ && step % options_.persistent_every == 0);
+  return (fast_ && options_.write_fast && step % options_.fast_every == 0) ||
+         (persistent_ && options_.write_persistent && step % options_.persistent_every == 0);
 }
 
 bool TieredCheckpointer::maybe_save(std::uint64_t step, const std::function<Checkpoint()>& make) {
   if (!due(step)) return false;
   Checkpoint checkpoint = make();
   checkpoint.step = step;
-  const bool to_fast = fast_ && step % options_.fast_every == 0;
-  const bool to_persistent = persistent_ && step % options_.persistent_every == 0;
+  const bool to_fast = fast_ && options_.write_fast && step % options_.fast_every == 0;
+  const bool to_persistent =
+      persistent_ && options_.write_persistent && step % options_.persistent_every == 0;
   if (to_fast && to_persistent) {
     fast_->save_async(checkpoint);
     persistent_->save_async(std::move(checkpoint));

@@ -258,4 +258,20 @@ std::optional<RestoredCheckpoint> restore_newest_anywhere(MPI_Comm comm,
   return restored;
 }
 
+std::vector<int> fast_tier_writers(const std::vector<std::string>& host_of_rank) {
+  if (host_of_rank.empty()) return {};
+  // Each host's lowest rank, hosts in the order those ranks come.
+  std::vector<int> first_of_host;
+  for (int rank = 0; rank < static_cast<int>(host_of_rank.size()); ++rank) {
+    const auto& host = host_of_rank[static_cast<std::size_t>(rank)];
+    bool seen = false;
+    for (const int first : first_of_host) {
+      seen = seen || host_of_rank[static_cast<std::size_t>(first)] == host;
+    }
+    if (!seen) first_of_host.push_back(rank);
+  }
+  if (first_of_host.size() < 2) return {0};
+  return {0, first_of_host[1]};
+}
+
 }  // namespace unimsg

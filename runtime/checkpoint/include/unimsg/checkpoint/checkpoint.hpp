@@ -124,12 +124,15 @@ class Checkpointer {
 
 // Two tiers: a fast node-local one (e.g. /dev/shm) written every `fast_every` steps and a
 // persistent one every `persistent_every` steps (0 turns a tier off). Restore takes the newest
-// intact checkpoint of either tier.
+// intact checkpoint of either tier. A rank that only reads a tier (the job's other ranks, which
+// may find the newest copy after a relaunch) sets its write_* false.
 struct TieredCheckpointOptions {
   std::filesystem::path fast_directory;
   std::uint64_t fast_every = 0;
   std::filesystem::path persistent_directory;
   std::uint64_t persistent_every = 0;
+  bool write_fast = true;
+  bool write_persistent = true;
   CheckpointOptions options;
 };
 

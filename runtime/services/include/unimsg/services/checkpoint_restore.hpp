@@ -43,6 +43,13 @@ std::optional<RestoredCheckpoint> restore_newest_anywhere(
     MPI_Comm comm, const LocalCheckpointLoader& load_local,
     std::vector<std::string>* skipped = nullptr, const RestoreOptions& options = {});
 
+// Who writes the node-local fast tier, given each rank's host: rank 0 and its buddy, the lowest
+// rank on the next host (hosts in order of their lowest rank, the last host's buddy the first),
+// so that every fast checkpoint lives on two hosts and the loss of either keeps the other's copy
+// (Gemini's placement, for a job whose ranks all hold the same state: the buddy writes its own
+// replica, nothing crosses the network). One host: rank 0 alone.
+std::vector<int> fast_tier_writers(const std::vector<std::string>& host_of_rank);
+
 // The byte form a checkpoint travels in (step, metadata, named blobs; lengths first), and back
 // (CheckpointError for truncated or inconsistent bytes: never an over-read).
 std::vector<std::byte> serialize_checkpoint(const Checkpoint& checkpoint);
