@@ -2,15 +2,22 @@
 // under unimsg-run, once with a rank killed (SIGKILL) and once with a rank stopped (SIGSTOP),
 // and reports per fault the time to detection and to the first step after the resume, the steps
 // lost, and the phases in between (detect, tear down, relaunch, restore, first step), from the
-// trainer's JSON lines and unimsg-run's events.jsonl.
+// trainer's JSON lines and unimsg-run's events.jsonl. With --cluster, on 3 namespace hosts x 2
+// ranks (scripts/cluster, docs/cluster.md) a whole host is lost instead, three ways: kill, cut,
+// freeze (root only).
 //
 //   unimsg-bench-recovery [--json] [--heartbeat-timeout 2] [--fast-every 5]
+//   unimsg-bench-recovery --cluster scripts/cluster [--faults kill,cut,freeze] [--json]
 
 #include <unistd.h>
+
+#include <cstdlib>
 
 #include <cxxopts.hpp>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -76,8 +83,86 @@ std::string launch_line(const std::string& fault, const fs::path& launcher, cons
   return line_command;
 }
 
-// The injection, the resume and the first step after it, from the trainer's JSON lines.
-void read_trainer_lines(FILE* pipe, Result& result) {
+// The cluster a --cluster run loses a host of (one per fault: a lost host stays lost).
+struct Cluster {
+  std::string script;
+  std::string name;
+  fs::path hostfile;
+  fs::path local_dir;
+};
+
+double unix_now() {
+  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
+std::string run_output(const std::string& command) {
+  std::unique_ptr<FILE, int (*)(FILE*)> pipe(popen(command.c_str(), "r"), pclose);
+  std::string out;
+  char buffer[4096];
+  while (pipe && std::fgets(buffer, sizeof buffer, pipe.get()) != nullptr) out += buffer;
+  if (!pipe || pclose(pipe.release()) != 0) {
+    throw unimsg::Error(unimsg::kNoRank, "bench-recovery", "failed: " + command);
+  }
+  return out;
+}
+
+// 3 hosts x 2 slots; mpirun's settings for them (the agent, the subnet) go into our environment,
+// which unimsg-run and mpirun inherit.
+Cluster cluster_up(const std::string& script) {
+  const auto info = nlohmann::json::parse(run_output(quote(script) + " up --hosts 3 --json"));
+  for (const auto& [name, value] : info.at("env").items()) {
+    setenv(name.c_str(), value.get<std::string>().c_str(), 1);
+  }
+  return {script, info.at("name").get<std::string>(), info.at("hostfile").get<std::string>(),
+          info.at("local_dir").get<std::string>()};
+}
+
+void cluster_down(const Cluster& cluster) {
+  const std::string command = quote(cluster.script) + " down --name " + quote(cluster.name);
+  if (std::system(command.c_str()) != 0)
+    std::fprintf(stderr, "warning: %s failed\n", command.c_str());
+}
+
+// unimsg-run on the cluster's 6 slots, the fast tier on each host's own disk.
+std::string cluster_launch_line(const Cluster& cluster, const fs::path& launcher,
+                                const fs::path& trainer, const std::string& heartbeat_timeout,
+                                std::uint64_t fast_every, const fs::path& work) {
+  const std::vector<std::string> command{launcher.string(),
+                                         "-np",
+                                         "6",
+                                         "--hostfile",
+                                         cluster.hostfile.string(),
+                                         "--max-restarts",
+                                         "1",
+                                         "--heartbeat-timeout",
+                                         heartbeat_timeout,
+                                         "--teardown-grace",
+                                         "8",
+                                         "--checkpoint-dir",
+                                         (work / "ck").string(),
+                                         "--run-dir",
+                                         (work / "run").string(),
+                                         "--",
+                                         trainer.string(),
+                                         "--steps",
+                                         "150",
+                                         "--step-ms",
+                                         "10",
+                                         "--fast-dir",
+                                         (cluster.local_dir / "fast").string(),
+                                         "--fast-every",
+                                         std::to_string(fast_every),
+                                         "--checkpoint-every",
+                                         "50",
+                                         "--json"};
+  std::string line_command;
+  for (const auto& word : command) line_command += quote(word) + " ";
+  return line_command + "2>" + quote((work / "stderr").string());
+}
+
+// The injection, the resume and the first step after it, from the trainer's JSON lines. With a
+// cluster, the injection is ours: the host fault once the first launch passes step 63.
+void read_trainer_lines(FILE* pipe, Result& result, const Cluster* cluster = nullptr) {
   char buffer[4096];
   bool after_resume = false;
   while (std::fgets(buffer, sizeof buffer, pipe) != nullptr) {
@@ -87,7 +172,21 @@ void read_trainer_lines(FILE* pipe, Result& result) {
     } catch (const nlohmann::json::exception&) {
       continue;  // not one of the trainer's lines
     }
-    if (line.value("event", "") == "inject") {
+    if (cluster != nullptr && line.value("restart", 1) == 0 && line.contains("step")) {
+      // The steps lost count from the last step the first launch reached: the trainer runs on
+      // while the fault is being applied.
+      const auto step = line.at("step").get<std::uint64_t>();
+      if (result.inject != 0) result.inject_step = std::max(result.inject_step, step);
+      if (result.inject == 0 && step >= 63) {
+        const std::string command =
+            quote(cluster->script) + " " + result.fault + " " + quote(cluster->name + "-h1");
+        if (std::system(command.c_str()) != 0) {
+          throw unimsg::Error(unimsg::kNoRank, "bench-recovery", "failed: " + command);
+        }
+        result.inject = unix_now();
+        result.inject_step = step;
+      }
+    } else if (line.value("event", "") == "inject") {
       result.inject = line.at("time").get<double>();
       result.inject_step = line.at("step").get<std::uint64_t>();
     } else if (line.value("event", "") == "resumed" && line.value("restart", 0) == 1) {
@@ -116,17 +215,19 @@ void read_events(const fs::path& path, Result& result) {
 }
 
 Result measure(const std::string& fault, const fs::path& launcher, const fs::path& trainer,
-               const std::string& heartbeat_timeout, std::uint64_t fast_every,
-               const fs::path& work) {
+               const std::string& heartbeat_timeout, std::uint64_t fast_every, const fs::path& work,
+               const Cluster* cluster) {
   fs::remove_all(work);
   fs::create_directories(work);
   const std::string line_command =
-      launch_line(fault, launcher, trainer, heartbeat_timeout, fast_every, work);
+      cluster != nullptr
+          ? cluster_launch_line(*cluster, launcher, trainer, heartbeat_timeout, fast_every, work)
+          : launch_line(fault, launcher, trainer, heartbeat_timeout, fast_every, work);
   std::unique_ptr<FILE, int (*)(FILE*)> pipe(popen(line_command.c_str(), "r"), pclose);
   if (!pipe) throw unimsg::Error(unimsg::kNoRank, "bench-recovery", "cannot run unimsg-run");
   Result result;
   result.fault = fault;
-  read_trainer_lines(pipe.get(), result);
+  read_trainer_lines(pipe.get(), result, cluster);
   pipe.reset();  // waits for unimsg-run
   read_events(work / "run" / "events.jsonl", result);
   if (result.inject == 0 || result.first_step == 0 || result.failure == 0) {
@@ -147,6 +248,7 @@ struct Settings {
   bool json = false;
   fs::path work;
   std::vector<std::string> faults;
+  std::string cluster_script;  // --cluster: host faults on namespace hosts
 };
 
 Settings parse_settings(const cxxopts::ParseResult& args) {
@@ -162,12 +264,20 @@ Settings parse_settings(const cxxopts::ParseResult& args) {
   s.fast_every = args["fast-every"].as<std::uint64_t>();
   s.json = args.count("json") > 0;
   s.work = fs::temp_directory_path() / ("unimsg-bench-recovery-" + std::to_string(getpid()));
-  std::string list = args["faults"].as<std::string>();
+  if (args.count("cluster")) s.cluster_script = args["cluster"].as<std::string>();
+  const bool on_cluster = !s.cluster_script.empty();
+  std::string list = args.count("faults") ? args["faults"].as<std::string>()
+                     : on_cluster         ? std::string("kill,cut,freeze")
+                                          : std::string("kill,hang");
   for (std::size_t start = 0; start <= list.size();) {
     const auto comma = std::min(list.find(',', start), list.size());
     const std::string fault = list.substr(start, comma - start);
-    if (fault != "kill" && fault != "hang") {
-      throw unimsg::ConfigError(unimsg::kNoRank, "--faults", "'" + fault + "' is not kill or hang");
+    const bool known = on_cluster ? fault == "kill" || fault == "cut" || fault == "freeze"
+                                  : fault == "kill" || fault == "hang";
+    if (!known) {
+      throw unimsg::ConfigError(
+          unimsg::kNoRank, "--faults",
+          "'" + fault + "' is not " + (on_cluster ? "kill, cut or freeze" : "kill or hang"));
     }
     s.faults.push_back(fault);
     start = comma + 1;
@@ -215,8 +325,10 @@ int run(int argc, char** argv) {
       cxxopts::value<std::string>()->default_value((here / "../launcher/unimsg-run").string()))(
       "trainer", "train_linear",
       cxxopts::value<std::string>()->default_value((here / "../examples/train_linear").string()))(
-      "faults", "comma list of kill, hang",
-      cxxopts::value<std::string>()->default_value("kill,hang"))("h,help", "show this help");
+      "faults", "comma list of kill, hang (with --cluster: kill, cut, freeze of a host)",
+      cxxopts::value<std::string>())(
+      "cluster", "scripts/cluster: lose a whole host of 3 namespace hosts x 2 ranks (root)",
+      cxxopts::value<std::string>())("h,help", "show this help");
   const auto args = cli.parse(argc, argv);
   if (args.count("help")) {
     std::puts(cli.help().c_str());
@@ -225,16 +337,28 @@ int run(int argc, char** argv) {
   const Settings settings = parse_settings(args);
   if (!settings.json) {
     std::printf(
-        "# unimsg-bench-recovery: train_linear, 4 ranks, fault on rank 1 at step 63, "
-        "heartbeat timeout %s s, fast checkpoint every %llu steps\n",
+        settings.cluster_script.empty()
+            ? "# unimsg-bench-recovery: train_linear, 4 ranks, fault on rank 1 at step 63, "
+              "heartbeat timeout %s s, fast checkpoint every %llu steps\n"
+            : "# unimsg-bench-recovery --cluster: train_linear, 3 hosts x 2 ranks, host 1 lost "
+              "at step 63, heartbeat timeout %s s, teardown grace 8 s, fast checkpoint every "
+              "%llu steps (node-local, with a buddy)\n",
         settings.timeout.c_str(), static_cast<unsigned long long>(settings.fast_every));
     std::printf("%-6s %9s %9s %9s %9s %10s %9s %11s\n", "fault", "detect_s", "teardown", "relaunch",
                 "restore", "first_step", "resume_s", "steps_lost");
   }
   for (const auto& fault : settings.faults) {
-    const Result r = measure(fault, settings.launcher, settings.trainer, settings.timeout,
-                             settings.fast_every, settings.work);
-    print_row(settings, fault, r);
+    std::optional<Cluster> cluster;
+    if (!settings.cluster_script.empty()) cluster = cluster_up(settings.cluster_script);
+    try {
+      const Result r = measure(fault, settings.launcher, settings.trainer, settings.timeout,
+                               settings.fast_every, settings.work, cluster ? &*cluster : nullptr);
+      print_row(settings, fault, r);
+    } catch (...) {
+      if (cluster) cluster_down(*cluster);
+      throw;
+    }
+    if (cluster) cluster_down(*cluster);
     std::fflush(stdout);
   }
   std::error_code ignored;

@@ -122,7 +122,11 @@ class Teardown {
  private:
   void signal_tree(int signal_number) {
     ::kill(child_, signal_number);
-    for (const pid_t pid : descendants_of(::getpid())) ::kill(pid, signal_number);
+    for (const pid_t pid : descendants_of(::getpid())) {
+      ::kill(pid, signal_number);
+      // A stopped process (a frozen host's) acts on SIGTERM only once continued.
+      if (signal_number == SIGTERM) ::kill(pid, SIGCONT);
+    }
   }
 
   const TeardownSettings& settings_;

@@ -74,7 +74,10 @@ std::vector<pid_t> descendants_of(pid_t root) {
 int end_descendants(std::chrono::milliseconds grace) {
   auto left = descendants_of(::getpid());
   const int signalled = static_cast<int>(left.size());
-  for (const pid_t pid : left) ::kill(pid, SIGTERM);
+  for (const pid_t pid : left) {
+    ::kill(pid, SIGTERM);
+    ::kill(pid, SIGCONT);  // a stopped process acts on SIGTERM only once continued
+  }
   const auto deadline = std::chrono::steady_clock::now() + grace;
   while (!left.empty() && std::chrono::steady_clock::now() < deadline) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));

@@ -18,9 +18,9 @@ bool become_subreaper();
 // before their children.
 std::vector<pid_t> descendants_of(pid_t root);
 
-// Ends every descendant of this process: SIGTERM (which lets a launch agent pass it on to what it
-// runs on its host), then SIGKILL to whatever is left after `grace`, reaping them. Returns how
-// many processes it signalled.
+// Ends every descendant of this process: SIGTERM, and SIGCONT for the stopped ones (which lets a
+// launch agent pass it on to what it runs on its host), then SIGKILL to whatever is left after
+// `grace`, reaping them. Returns how many processes it signalled.
 int end_descendants(std::chrono::milliseconds grace);
 
 }  // namespace unimsg
