@@ -33,7 +33,7 @@ disks=$(sed -E 's/.*"local_dirs":"([^"]+)".*/\1/' <<<"$info")     # ... as seen 
 echo "cluster $name: $(paste -sd' ' "$(dirname "$hostfile")/hosts")"
 
 export UNIMSG_FUSION_THRESHOLD=0  # bitwise-reproducible reductions (docs/architecture.md)
-train=(--steps 120 --batch-size 60 --step-ms 20 --checkpoint-every 10 --checkpoint-keep 20 --json)
+train=(--steps 80 --batch-size 60 --step-ms 20 --checkpoint-every 10 --checkpoint-keep 20 --json)
 
 # Runs the job under unimsg-run in the background, applies FAULT to host LOST once rank 0 has
 # passed step 25, and checks the recovery. `run NAME FAULT LOST [trainer options]`.
