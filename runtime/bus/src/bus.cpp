@@ -86,6 +86,15 @@ Subscription Bus::subscribe(Filter filter, Handler handler) {
   return Subscription(core_, id);
 }
 
+Subscription Bus::subscribe_express(Filter filter, Handler handler) {
+  if (!handler) throw Error(core_->rank, "bus.subscribe_express", "the handler is empty");
+  if (filter.kind != Kind::kHeartbeat) {
+    throw ConfigError(core_->rank, "bus.subscribe_express",
+                      "only heartbeats travel express: the filter's kind must be heartbeat");
+  }
+  return Subscription(core_, core_->subscribe_express(std::move(filter), std::move(handler)));
+}
+
 std::optional<Message> Bus::try_receive(const Filter& filter) {
   std::lock_guard lock(core_->mail_mutex);
   auto& mailbox = core_->mailbox;
@@ -216,6 +225,27 @@ void Bus::send_raw_for_testing(int destination, std::span<const std::byte> bytes
   std::vector<detail::Outgoing> items;
   items.push_back(std::move(out));
   core_->enqueue(std::move(items), false);
+}
+
+void Bus::send_raw_express_for_testing(int destination, std::span<const std::byte> bytes) {
+  if (bytes.size() > detail::kExpressLimit) {
+    throw Error(core_->rank, "bus.send_raw_express_for_testing",
+                "raw express messages are limited to " + std::to_string(detail::kExpressLimit) +
+                    " bytes, as every sender's are");
+  }
+  if (destination < 0 || destination >= core_->size || destination == core_->rank) {
+    throw Error(core_->rank, "bus.send_raw_express_for_testing", "not a peer's rank");
+  }
+  auto flight = std::make_unique<detail::ExpressFlight>();
+  flight->destination = destination;
+  flight->size = bytes.size();
+  if (!bytes.empty()) std::memcpy(flight->wire.data(), bytes.data(), bytes.size());
+  std::lock_guard lock(core_->progress_mutex);
+  core_->check_open("bus.send_raw_express_for_testing");
+  check_mpi(MPI_Isend(flight->wire.data(), static_cast<int>(flight->size), MPI_BYTE, destination,
+                      detail::kTagExpress, core_->comm.get(), &flight->request),
+            core_->rank, "bus: MPI_Isend");
+  core_->express_flights.push_back(std::move(flight));
 }
 
 // --- Subscription

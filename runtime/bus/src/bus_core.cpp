@@ -32,6 +32,8 @@ BusCore::BusCore(MPI_Comm parent, BusOptions opts) : comm(parent), options(std::
   pending_receives.resize(static_cast<std::size_t>(size));
   posted_payload_bytes.resize(static_cast<std::size_t>(size), 0);
   goodbye_from.assign(static_cast<std::size_t>(size), 0);
+  express_peers.resize(static_cast<std::size_t>(size));
+  express_dropping.assign(static_cast<std::size_t>(size), 0);
   buffers = std::make_shared<BufferPool>(options.buffer_pool_bytes);
 
   check_wire_compatibility();
@@ -46,32 +48,37 @@ BusCore::BusCore(MPI_Comm parent, BusOptions opts) : comm(parent), options(std::
   ring.resize(
       static_cast<std::size_t>(std::clamp<std::uint64_t>(options.inbox_messages, 1, kRingSlots)));
   for (auto& slot : ring) post_ring_slot(slot);
+  // Not bounded by the inbox: express messages never enter it unless it has room.
+  for (std::size_t slot = 0; slot < kExpressSlots; ++slot) post_express_slot(slot);
 }
 
-// Every rank must speak the same wire format and envelope limit: the receive ring's buffers are
-// kPackedLimit bytes, and Open MPI 4.1 (vader, single-copy) writes a longer message past the end
-// of the receive buffer instead of truncating it. So each sender caps its envelopes, and here
-// every rank checks, once, that every other one does the same.
+// Every rank must speak the same wire format and envelope limits: the receive ring's buffers are
+// kPackedLimit bytes (the express receives' kExpressLimit), and Open MPI 4.1 (vader, single-copy)
+// writes a longer message past the end of the receive buffer instead of truncating it. So each
+// sender caps its envelopes, and here every rank checks, once, that every other one does the same.
 void BusCore::check_wire_compatibility() {
-  const std::array<int, 2> mine{kMessageVersion, static_cast<int>(kPackedLimit)};
-  std::vector<int> all(2 * static_cast<std::size_t>(size));
-  check_mpi(MPI_Allgather(mine.data(), 2, MPI_INT, all.data(), 2, MPI_INT, comm.get()), rank,
-            "bus: MPI_Allgather");
+  constexpr int kFields = 3;
+  const std::array<int, kFields> mine{kMessageVersion, static_cast<int>(kPackedLimit),
+                                      static_cast<int>(kExpressLimit)};
+  std::vector<int> all(kFields * static_cast<std::size_t>(size));
+  check_mpi(MPI_Allgather(mine.data(), kFields, MPI_INT, all.data(), kFields, MPI_INT, comm.get()),
+            rank, "bus: MPI_Allgather");
+  const auto limits_text = [](const int* fields) {
+    return "version " + std::to_string(fields[0]) + ", envelope limit " +
+           std::to_string(fields[1]) + ", express limit " + std::to_string(fields[2]);
+  };
   std::string different;
   for (int peer = 0; peer < size; ++peer) {
-    const int version = all[2 * static_cast<std::size_t>(peer)];
-    const int limit = all[2 * static_cast<std::size_t>(peer) + 1];
-    if (version != mine[0] || limit != mine[1]) {
+    const int* theirs = all.data() + kFields * static_cast<std::size_t>(peer);
+    if (!std::equal(mine.begin(), mine.end(), theirs)) {
       different += (different.empty() ? "" : ", ") + std::string("rank ") + std::to_string(peer) +
-                   " (version " + std::to_string(version) + ", envelope limit " +
-                   std::to_string(limit) + ")";
+                   " (" + limits_text(theirs) + ")";
     }
   }
   if (!different.empty()) {
     throw ConfigError(rank, "bus",
-                      "ranks run incompatible unimsg builds: this rank has wire version " +
-                          std::to_string(mine[0]) + " and envelope limit " +
-                          std::to_string(mine[1]) + ", but " + different);
+                      "ranks run incompatible unimsg builds: this rank has " +
+                          limits_text(mine.data()) + ", but " + different);
   }
 }
 

@@ -9,6 +9,7 @@
 //   receive_ring.cpp  preposted receives, split payloads, verification
 //   delivery.cpp      subscriptions, mailbox, handlers, direct receive hand-over
 //   drive_loop.cpp    progress rounds and the progress thread (drive_until is below: a template)
+//   express.cpp       the express path: heartbeats apart from every other message
 //   shutdown.cpp      shutdown and teardown
 //   buffer_pool.cpp   the receive buffer pool
 
@@ -63,6 +64,24 @@ constexpr int kMaxReceivesPerRound = 64;
 constexpr std::size_t kMaxPendingPayloadBytes = 1ull << 20;
 // How long shutdown waits at least for MPI to cancel each receive still posted.
 constexpr std::chrono::seconds kCancelGrace{1};
+
+// The express path (express.cpp). Heartbeats must be heard while handlers block or the inbox is
+// full, or a healthy rank goes deaf and is taken for an isolated one: so they travel on a tag of
+// their own, into receives that are always posted and never wait for inbox room.
+constexpr int kTagExpress = 102;
+// The largest express message, header included; larger heartbeats travel the ordinary way.
+constexpr std::size_t kExpressLimit = 256;
+constexpr std::size_t kExpressSlots = 8;
+// Express messages to one peer that may be unmatched there: every half window one goes with
+// MPI_Issend, as on the ordinary path, so a peer that stops receiving holds at most this many of
+// ours; heartbeats beyond them are dropped, since each one only repeats that we are alive.
+constexpr std::uint64_t kExpressWindow = 8;
+// A waiting thread's progress rounds test the express receives only every this many rounds:
+// each test is one more pass through MPI's progress engine on the latency path.
+constexpr std::uint32_t kExpressRounds = 16;
+// How long the progress thread may be busy running handlers before the express thread receives
+// the express messages in its place.
+constexpr std::chrono::milliseconds kExpressPoll{10};
 
 inline void cpu_relax() noexcept {
 #if defined(__x86_64__) || defined(__i386__)
@@ -183,6 +202,32 @@ struct RingSlot {
   std::unique_ptr<std::byte[]> buffer = std::make_unique_for_overwrite<std::byte[]>(kPackedLimit);
 };
 
+// The express receives: one request array, so that a single MPI_Testsome tests them all.
+struct ExpressRing {
+  std::array<MPI_Request, kExpressSlots> requests;
+  // When each slot was posted: MPI matches posted receives in that order, and completed slots
+  // are handled in it, so each source's heartbeats come out in send order.
+  std::array<std::uint64_t, kExpressSlots> posted_as{};
+  std::uint64_t next_post = 0;
+  std::unique_ptr<std::byte[]> buffers =
+      std::make_unique_for_overwrite<std::byte[]>(kExpressSlots * kExpressLimit);
+
+  ExpressRing() { requests.fill(MPI_REQUEST_NULL); }
+  std::byte* buffer(std::size_t slot) const noexcept {
+    return buffers.get() + slot * kExpressLimit;
+  }
+};
+
+// One express message on its way to one peer.
+struct ExpressFlight {
+  MPI_Request request = MPI_REQUEST_NULL;
+  int destination = 0;
+  bool synchronous = false;
+  std::uint64_t sync_mark = 0;
+  std::size_t size = 0;
+  std::array<std::byte, kExpressLimit> wire;
+};
+
 // A receive() driving progress itself, waiting for a message that `filter` matches.
 struct DirectReceive {
   const Filter* filter = nullptr;
@@ -230,6 +275,26 @@ struct BusCore : std::enable_shared_from_this<BusCore> {
   void reject(int source, const std::string& reason);
   void count_received(const Header& header, std::uint64_t wire_bytes);
 
+  // --- the express path (express.cpp)
+  static bool is_express(const Message& message) noexcept;
+  // To message.header.destination, or to every peer for kBroadcast.
+  void send_express(const Message& message);
+  void post_express(int peer, const ExpressFlight& wire, bool counted);
+  void complete_express_sends();
+  void post_express_slot(std::size_t slot);
+  bool receive_express();
+  std::optional<Message> accept_express(int source, std::span<const std::byte> wire);
+  void deliver_express(Message message);
+  // Whether an express subscription took the message.
+  bool run_express_handlers(const Message& message);
+  std::uint64_t subscribe_express(Filter filter, Handler handler);
+  bool unsubscribe_express(std::uint64_t id);
+  void start_express_thread();
+  void stop_express_thread();
+  void express_thread_main();
+  // Called by the progress thread around the handlers it runs (express_thread_main).
+  void mark_handlers_busy(bool busy) noexcept;
+
   // --- delivery
   void deliver(Message message);
   void deliver_received(Message message);
@@ -247,6 +312,7 @@ struct BusCore : std::enable_shared_from_this<BusCore> {
   void unsubscribe(std::uint64_t id);
   void shutdown();
   void abandon_requests(Clock::time_point deadline);
+  std::size_t abandon_express(Clock::time_point deadline);  // what MPI still holds of it
   void check_open(const char* operation) const;
   void check_topic(Topic topic, const char* operation) const;
   void check_payload(const Message& message, const char* operation) const;
@@ -290,6 +356,25 @@ struct BusCore : std::enable_shared_from_this<BusCore> {
   std::vector<std::shared_ptr<std::byte[]>> leaked_buffers;
   std::vector<std::unique_ptr<std::byte[]>> leaked_ring_buffers;
   std::vector<std::unique_ptr<InFlight>> leaked_flights;
+
+  // The express path (guarded by progress_mutex, but for what is marked otherwise).
+  ExpressRing express_ring;
+  std::vector<PeerState> express_peers;
+  std::vector<char> express_dropping;  // per peer: heartbeats to it are being dropped (logged)
+  std::vector<std::unique_ptr<ExpressFlight>> express_flights;
+  std::uint32_t express_countdown = kExpressRounds;
+  std::unique_ptr<std::byte[]> leaked_express_buffers;
+  std::vector<std::unique_ptr<ExpressFlight>> leaked_express_flights;
+  // Express handlers run with express_mutex held: one at a time, and none after unsubscribing.
+  std::mutex express_mutex;
+  std::vector<SubscriptionEntry> express_subscriptions;  // guarded by express_mutex
+  std::atomic<std::size_t> express_subscription_count{0};
+  // Since when the progress thread has been running handlers (steady clock, ns); 0 while not.
+  std::atomic<std::int64_t> handlers_busy_since{0};
+  std::mutex express_thread_mutex;
+  std::condition_variable express_cv;
+  bool express_stop = false;  // guarded by express_thread_mutex
+  std::thread express_thread;
 
   std::atomic<std::uint64_t> queued_bytes{0};
   std::atomic<std::uint64_t> queued_messages{0};

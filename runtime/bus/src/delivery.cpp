@@ -56,6 +56,8 @@ void BusCore::deliver(Message message) {
     if (sleeping_drivers > 0) mail_cv.notify_all();
     return;
   }
+  // The local copy of a heartbeat broadcast, or one too large for the express path.
+  if (header.kind == Kind::kHeartbeat && run_express_handlers(message)) return;
   const bool subscribed = has_subscriber(header);
   to_inbox(std::move(message), subscribed);
 }
@@ -87,7 +89,9 @@ void BusCore::deliver_received(Message message) {
   const bool for_waiter = waiter != nullptr && !waiter->out->has_value() && !header.is_reply() &&
                           !(header.kind == Kind::kControl && header.topic == kTopicGoodbye) &&
                           waiter->filter->matches(header) &&
-                          inbox_messages.load(std::memory_order_acquire) == 0;
+                          inbox_messages.load(std::memory_order_acquire) == 0 &&
+                          (header.kind != Kind::kHeartbeat ||
+                           express_subscription_count.load(std::memory_order_acquire) == 0);
   if (!for_waiter) {
     deliver(std::move(message));
   } else if (has_subscriber(header)) {
@@ -145,7 +149,11 @@ void BusCore::unsubscribe(std::uint64_t id) {
   std::unique_lock lock(subs_mutex);
   const auto it = std::find_if(subscriptions.begin(), subscriptions.end(),
                                [&](const SubscriptionEntry& entry) { return entry.id == id; });
-  if (it == subscriptions.end()) return;
+  if (it == subscriptions.end()) {
+    lock.unlock();  // lock order: express_mutex is never taken under subs_mutex
+    unsubscribe_express(id);
+    return;
+  }
   subscriptions.erase(it);
   subscription_count.fetch_sub(1, std::memory_order_acq_rel);
   if (std::this_thread::get_id() != dispatcher_id) {

@@ -16,7 +16,12 @@ namespace unimsg::detail {
 
 bool BusCore::progress_once() {
   // Receives first: a waiting thread is most often waiting for one.
-  bool progressed = receive_messages();
+  bool progressed = false;
+  if (--express_countdown == 0) {
+    express_countdown = kExpressRounds;
+    progressed = receive_express();
+  }
+  progressed |= receive_messages();
   served_waiter_last_round = served_waiter;
   if (std::exchange(served_waiter, false)) return true;
   progressed |= complete_receives();
@@ -44,9 +49,11 @@ void BusCore::progress_thread_main() {
         sub_guarded(inbox_bytes, job->payload.size());
         sub_guarded(inbox_messages, 1);
       } else if (stop_progress) {
+        mark_handlers_busy(false);
         return;
       }
     }
+    mark_handlers_busy(job.has_value());
     if (job) {
       run_handlers(std::move(*job));
       backoff.reset();
@@ -57,6 +64,8 @@ void BusCore::progress_thread_main() {
       if (spinning_drivers.load(std::memory_order_acquire) == 0 &&
           !shut_down.load(std::memory_order_acquire) && progress_mutex.try_lock()) {
         std::lock_guard lock(progress_mutex, std::adopt_lock);
+        // Every round of this thread tests the express receives: it is on nobody's latency path.
+        express_countdown = 1;
         progressed = progress_once();
       }
     } catch (const std::exception& error) {

@@ -78,6 +78,10 @@ void BusCore::send(int destination, Message message, bool internal) {
     deliver(std::move(message));
     return;
   }
+  if (is_express(message)) {
+    send_express(message);
+    return;
+  }
   if (options.compress_threshold != 0 && message.payload.size() >= options.compress_threshold) {
     message = compress(message);
     if (message.header.is_compressed()) stats.compressed_messages.fetch_add(1);
@@ -96,6 +100,12 @@ void BusCore::broadcast(Message message) {
   message.header.destination = kBroadcast;
   message.header.sequence = next_sequence.fetch_add(1, std::memory_order_relaxed);
   message.header.timestamp_ns = clock.now_ns();
+  if (is_express(message)) {
+    if (size > 1) send_express(message);
+    message.header.payload_length = message.payload.size();
+    deliver(std::move(message));
+    return;
+  }
   Message wire = message;
   if (options.compress_threshold != 0 && wire.payload.size() >= options.compress_threshold) {
     wire = compress(wire);

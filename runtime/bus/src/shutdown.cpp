@@ -14,6 +14,7 @@
 namespace unimsg::detail {
 
 BusCore::~BusCore() {
+  stop_express_thread();
   if (progress_thread.joinable()) {
     {
       std::lock_guard lock(mail_mutex);
@@ -28,6 +29,8 @@ BusCore::~BusCore() {
   }
   for (auto& buffer : leaked_ring_buffers) buffer.release();
   for (auto& flight : leaked_flights) flight.release();
+  leaked_express_buffers.release();
+  for (auto& flight : leaked_express_flights) flight.release();
 }
 
 void BusCore::shutdown() {
@@ -63,6 +66,7 @@ void BusCore::shutdown() {
   }
   progress_cv.notify_all();
   if (progress_thread.joinable()) progress_thread.join();
+  stop_express_thread();
   shut_down.store(true, std::memory_order_release);
   // 4. Nobody can answer any more.
   {
@@ -133,9 +137,29 @@ void BusCore::abandon_requests(Clock::time_point deadline) {
     }
   }
   in_flight.clear();
+  abandoned += abandon_express(deadline);
   if (abandoned > 0) {
     log->warn("bus.shutdown: {} transfer(s) left unfinished with stopped or lost peers", abandoned);
   }
+}
+
+// The express path's share of abandon_requests: the same rules, one buffer block for all slots.
+std::size_t BusCore::abandon_express(Clock::time_point deadline) {
+  std::size_t abandoned = 0;
+  for (auto& request : express_ring.requests) {
+    if (request == MPI_REQUEST_NULL || cancel_receive(request, deadline)) continue;
+    ++abandoned;
+  }
+  if (abandoned > 0) leaked_express_buffers = std::move(express_ring.buffers);
+  for (auto& flight : express_flights) {
+    int done = 0;
+    if (MPI_Test(&flight->request, &done, MPI_STATUS_IGNORE) != MPI_SUCCESS || done) continue;
+    MPI_Request_free(&flight->request);
+    ++abandoned;
+    leaked_express_flights.push_back(std::move(flight));
+  }
+  express_flights.clear();
+  return abandoned;
 }
 
 }  // namespace unimsg::detail

@@ -156,7 +156,8 @@ class Bus {
 
   // Queues `message` for `destination` (this rank included) and returns; blocks only while the
   // send queue is full. Messages from one rank on one topic arrive in the order sent (among
-  // messages of one priority: a higher priority may overtake queued lower ones).
+  // messages of one priority: a higher priority may overtake queued lower ones; heartbeats on
+  // the express path, subscribe_express, keep order only among themselves).
   void send(int destination, Message message);
   // To every rank, this one included.
   void broadcast(Message message);
@@ -166,6 +167,17 @@ class Bus {
   // `handler` runs on the bus's progress thread, one message at a time, in arrival order.
   // Messages that no subscription matches go to the mailbox, read by receive().
   Subscription subscribe(Filter filter, Handler handler);
+  // Heartbeats, heard apart from everything else (the express path, docs/architecture.md): a
+  // heartbeat of at most 192 payload bytes that is no request or reply travels on receives of
+  // its own that neither a full inbox nor a blocked handler holds up, and `handler` runs on the
+  // thread driving MPI progress at that moment (the progress thread, one waiting in the bus, or
+  // the bus's express thread while the progress thread is busy with handlers), under the bus's
+  // progress lock; the sender's own copy of a broadcast runs it on the sending thread. So it
+  // must not block and must not call the bus: record and return.
+  // `filter.kind` must be Kind::kHeartbeat (ConfigError otherwise). A message an express
+  // subscription takes reaches no ordinary subscription and not the mailbox; one none takes
+  // goes there while the inbox has room, and is dropped when it is full.
+  Subscription subscribe_express(Filter filter, Handler handler);
 
   // The oldest mailbox message matching `filter`; waits up to `timeout` (TimeoutError).
   Message receive(const Filter& filter, std::chrono::nanoseconds timeout);
@@ -188,6 +200,8 @@ class Bus {
 
   // Puts `bytes` on the wire as if they were an encoded message: for fault-injection tests.
   void send_raw_for_testing(int destination, std::span<const std::byte> bytes);
+  // The same on the express path's tag (subscribe_express), at most 256 bytes.
+  void send_raw_express_for_testing(int destination, std::span<const std::byte> bytes);
 
  private:
   std::shared_ptr<detail::BusCore> core_;
