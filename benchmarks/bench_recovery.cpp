@@ -109,7 +109,9 @@ std::string run_output(const std::string& command) {
 // 3 hosts x 2 slots; mpirun's settings for them (the agent, the subnet) go into our environment,
 // which unimsg-run and mpirun inherit.
 Cluster cluster_up(const std::string& script) {
-  const auto info = nlohmann::json::parse(run_output(quote(script) + " up --hosts 3 --json"));
+  // (We own it: popen's shell, the default owner, is gone at once, making it "stale".)
+  const auto info = nlohmann::json::parse(run_output(quote(script) + " up --hosts 3 --owner " +
+                                                     std::to_string(::getpid()) + " --json"));
   for (const auto& [name, value] : info.at("env").items()) {
     setenv(name.c_str(), value.get<std::string>().c_str(), 1);
   }

@@ -217,7 +217,9 @@ int run(int argc, char** argv) {
   // As a training session does: a rank silent past UNIMSG_HEARTBEAT_TIMEOUT (dead, or frozen
   // while the others wait for it) is reported and the job aborted.
   const auto hosts = unimsg::gather_host_names(MPI_COMM_WORLD);
-  unimsg::HeartbeatWatch heartbeat(runtime.bus(), unimsg::HeartbeatOptions::from_env(),
+  auto heartbeat_options = unimsg::HeartbeatOptions::from_env();
+  heartbeat_options.host_of_rank = hosts;
+  unimsg::HeartbeatWatch heartbeat(runtime.bus(), heartbeat_options,
                                    unimsg::abort_on_silence(hosts), unimsg::exit_when_isolated());
   int failed = fetch_all(runtime, settings, files, hosts);
   MPI_Bcast(&failed, 1, MPI_INT, 0, MPI_COMM_WORLD);

@@ -10,6 +10,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstring>
@@ -140,29 +141,56 @@ class Teardown {
 
 }  // namespace
 
+// Blocks the signals the launch handles itself for as long as it lives, so that none of them
+// ends the launcher between the launch and the cleanup after it.
+class BlockedSignals {
+ public:
+  BlockedSignals() {
+    sigemptyset(&handled_);
+    for (const int signal_number : {SIGINT, SIGTERM, SIGHUP, SIGCHLD}) {
+      sigaddset(&handled_, signal_number);
+    }
+    pthread_sigmask(SIG_BLOCK, &handled_, &previous_);
+  }
+  ~BlockedSignals() { pthread_sigmask(SIG_SETMASK, &previous_, nullptr); }
+  BlockedSignals(const BlockedSignals&) = delete;
+  BlockedSignals& operator=(const BlockedSignals&) = delete;
+  const sigset_t& handled() const { return handled_; }
+  const sigset_t& previous() const { return previous_; }
+
+ private:
+  sigset_t handled_;
+  sigset_t previous_;
+};
+
+// Whatever the launch left running (a launch agent of a host behind a cut link, its daemon) is
+// ended when the launch is over, however it ends.
+struct EndLeftovers {
+  std::chrono::milliseconds grace;
+  ~EndLeftovers() {
+    if (const int left = end_descendants(grace); left > 0) {
+      spdlog::warn("[unimsg-run] ended {} process(es) the launch left running", left);
+    }
+  }
+};
+
 Launch run_and_wait(const std::vector<std::string>& command, bool slurm,
                     const ProgressSettings& progress, const TeardownSettings& teardown) {
-  sigset_t handled;
-  sigemptyset(&handled);
-  for (const int signal_number : {SIGINT, SIGTERM, SIGHUP, SIGCHLD}) {
-    sigaddset(&handled, signal_number);
-  }
-  sigset_t previous;
-  pthread_sigmask(SIG_BLOCK, &handled, &previous);
-  Spawned child;
-  try {
-    child = spawn(command, previous);
-  } catch (...) {
-    pthread_sigmask(SIG_SETMASK, &previous, nullptr);
-    throw;
-  }
+  const BlockedSignals signals;  // (declared first: released last, after the cleanup)
+  const Spawned child = spawn(command, signals.previous());
+  const EndLeftovers cleanup{teardown.kill_grace};
   // (Started with SIGINT/SIGTERM/SIGHUP/SIGCHLD blocked: its thread leaves them to
   // sigtimedwait below.)
   Launch launch;
   std::atomic<bool> fault_said{false};
   const auto watch = [&](std::string_view line) {  // on the display's thread
     if (!launch.dead && (launch.dead = parse_dead_process(line))) fault_said = true;
-    if (auto lost = parse_lost_host(line)) {
+    auto lost = parse_lost_host(line);
+    // Only a host of this launch, and each once: a rank's own "ssh: connect to host ..." about
+    // some other machine is not a lost host.
+    if (lost && teardown.hosts.count(lost->host) != 0 &&
+        std::none_of(launch.lost_hosts.begin(), launch.lost_hosts.end(),
+                     [&](const LostHost& known) { return known.host == lost->host; })) {
       launch.lost_hosts.push_back(std::move(*lost));
       fault_said = true;
     }
@@ -178,7 +206,7 @@ Launch run_and_wait(const std::vector<std::string>& command, bool slurm,
   const timespec tick{0, 500'000'000};
   for (bool done = false; !done;) {
     siginfo_t info;
-    const int signal_number = sigtimedwait(&handled, &info, &tick);
+    const int signal_number = sigtimedwait(&signals.handled(), &info, &tick);
     if (signal_number == SIGINT || signal_number == SIGTERM || signal_number == SIGHUP) {
       launch.interrupted = true;
       ::kill(child.pid, forwarded_signal(signal_number, slurm));
@@ -191,16 +219,15 @@ Launch run_and_wait(const std::vector<std::string>& command, bool slurm,
         done = true;
       }
     }
+    // An interrupted job that does not end (a host behind a cut link) is ended the same way.
     std::error_code ignored;
-    if (!done) ending.tick(fault_said || std::filesystem::exists(teardown.fault_report, ignored));
+    if (!done) {
+      ending.tick(launch.interrupted || fault_said ||
+                  std::filesystem::exists(teardown.fault_report, ignored));
+    }
   }
   display.reset();  // relays the rest of the output first
-  pthread_sigmask(SIG_SETMASK, &previous, nullptr);
   launch.torn_down = ending.acted();
-  // What the job left behind (a launch agent of a host behind a cut link, its daemon): ended.
-  if (const int left = end_descendants(teardown.kill_grace); left > 0) {
-    spdlog::warn("[unimsg-run] ended {} process(es) the launch left running", left);
-  }
   return launch;
 }
 

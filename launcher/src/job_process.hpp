@@ -26,6 +26,7 @@ struct ProgressSettings {
 // it and everything it started get SIGTERM, and `kill_grace` later SIGKILL.
 struct TeardownSettings {
   std::filesystem::path fault_report;
+  std::set<std::string> hosts;  // the launch's hosts: only these can be reported lost
   std::chrono::milliseconds grace{std::chrono::seconds(15)};
   std::chrono::milliseconds kill_grace{std::chrono::seconds(5)};
 };

@@ -418,8 +418,12 @@ std::optional<LostHost> parse_lost_host(std::string_view line) {
       {"Connection to ", " closed by remote host."},
       {"Timeout, server ", " not responding."},
   };
+  while (!line.empty() && std::isspace(static_cast<unsigned char>(line.front()))) {
+    line.remove_prefix(1);
+  }
   for (const auto& [prefix, after] : kForms) {
-    const std::size_t at = line.find(prefix);
+    // (At the start of the line only, as the agent writes it: not a rank quoting it.)
+    const std::size_t at = line.starts_with(prefix) ? 0 : std::string_view::npos;
     if (at == std::string_view::npos) continue;
     const std::size_t start = at + prefix.size();
     const std::size_t end = line.find(after, start);

@@ -231,7 +231,15 @@ Settings parse_settings(const cxxopts::ParseResult& args, const SplitArgs& split
   s.plan.slurm = args.count("slurm") > 0 ||
                  (std::getenv("SLURM_JOB_ID") != nullptr && args.count("no-slurm") == 0);
   s.plan.mpirun = args["mpirun"].as<std::string>();
-  if (args.count("launch-agent")) s.plan.launch_agent = args["launch-agent"].as<std::string>();
+  if (args.count("launch-agent")) {
+    s.plan.launch_agent = args["launch-agent"].as<std::string>();
+    if (s.plan.launch_agent.empty() || s.plan.slurm ||
+        s.plan.launch_agent.find_first_of(" \t,:") != std::string::npos) {
+      throw unimsg::ConfigError(unimsg::kNoRank, "--launch-agent",
+                                "wants a path without spaces, commas or colons, and mpirun "
+                                "(srun starts its tasks through slurmd)");
+    }
+  }
   for (char** entry = environ; *entry != nullptr; ++entry) {
     const std::string text = *entry;
     const auto equals = text.find('=');
@@ -265,7 +273,9 @@ std::optional<Launch> launch_once(const Settings& s, EventLog& events, const fs:
                plan.np);
   Launch launch;
   try {
-    launch = run_and_wait(command, plan.slurm, s.progress, s.teardown);
+    TeardownSettings teardown = s.teardown;
+    for (const auto& host : plan.hosts) teardown.hosts.insert(host.name);
+    launch = run_and_wait(command, plan.slurm, s.progress, teardown);
   } catch (const unimsg::Error& failure) {
     events.write("gave_up", plan.np, restart, {{"reason", failure.what()}});
     spdlog::error("[unimsg-run] {}", failure.what());

@@ -42,7 +42,7 @@ printf '%s slots=2\n' "$name-h0" "$name-h1" "$name-h2" >"$work/hostfile"
 "$launcher" -np 6 --hostfile "$work/hostfile" --max-restarts 0 --run-dir "$work/run" \
   -- "$trainer" --epochs 1 --limit 3000 --test-limit 1000 --batch-size 240 --min-accuracy 0.3 \
   --data-url "http://$server_address:$port" --data-cache "$local_dir/cache" --json \
-  >"$work/out" 2>"$work/err" || { tail -30 "$work/err"; fail "training exited with $?"; }
+  >"$work/out" 2>"$work/err" || { status=$?; tail -30 "$work/err"; fail "training exited with $status"; }
 
 for file in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte \
   t10k-labels-idx1-ubyte; do

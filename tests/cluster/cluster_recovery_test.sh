@@ -33,7 +33,7 @@ disks=$(sed -E 's/.*"local_dirs":"([^"]+)".*/\1/' <<<"$info")     # ... as seen 
 echo "cluster $name: $(paste -sd' ' "$(dirname "$hostfile")/hosts")"
 
 export UNIMSG_FUSION_THRESHOLD=0  # bitwise-reproducible reductions (docs/architecture.md)
-train=(--steps 80 --batch-size 60 --step-ms 20 --checkpoint-every 10 --checkpoint-keep 20 --json)
+train=(--steps 120 --batch-size 60 --step-ms 20 --checkpoint-every 10 --checkpoint-keep 20 --json)
 
 # Runs the job under unimsg-run in the background, applies FAULT to host LOST once rank 0 has
 # passed step 25, and checks the recovery. `run NAME FAULT LOST [trainer options]`.
@@ -47,15 +47,19 @@ run() {
     --teardown-grace 8 --checkpoint-dir "$dir/ck" --run-dir "$dir/run" \
     -- "$trainer" "${train[@]}" "$@" >"$dir/out" 2>"$dir/err" &
   local job=$!
-  for _ in $(seq 600); do
-    grep -Eq '"step":(2[5-9]|[3-9][0-9])[,}]' "$dir/out" 2>/dev/null && break
+  local reached=0
+  for _ in $(seq 1200); do
+    grep -Eq '"step":(2[5-9]|[3-9][0-9])[,}]' "$dir/out" 2>/dev/null && { reached=1; break; }
     kill -0 $job 2>/dev/null || break
     sleep 0.1
   done
+  ((reached)) || { kill $job 2>/dev/null; tail -20 "$dir/err"; fail "$label: the job never reached step 25"; }
   fault_step=$(grep -Eo '"step":[0-9]+' "$dir/out" | tail -1 | cut -d: -f2 || true)
   "$cluster" "$fault" "$lost"
   echo "$label: $fault $lost at step ${fault_step:-?} or just after"
-  wait $job || { tail -30 "$dir/err"; fail "$label: unimsg-run exited with $?"; }
+  local status=0
+  wait $job || status=$?
+  ((status == 0)) || { tail -30 "$dir/err"; fail "$label: unimsg-run exited with $status"; }
   echo "$label: recovered in $((SECONDS - started)) s"
   local events
   events=$(grep -o '"event":"[a-z_]*"' "$dir/run/events.jsonl" | cut -d'"' -f4 | paste -sd' ')

@@ -13,6 +13,7 @@ fi
 state=$(mktemp -d)
 export UNIMSG_CLUSTER_STATE=$state  # this test's clusters only: down --all touches no other
 made=()
+id=$(printf %04x $((RANDOM)))
 trap 'for n in "${made[@]}"; do "$cluster" down --name "$n" >/dev/null 2>&1 || true; done; rm -rf "$state"' EXIT
 
 expect_status() {  # expect_status STATUS command...
@@ -34,8 +35,12 @@ if command -v setpriv >/dev/null; then
   expect_status 77 setpriv --reuid 65534 --regid 65534 --clear-groups "$cluster" up --hosts 1
 fi
 
+# An up that fails half-way (tc refuses the rate) leaves nothing behind.
+expect_status 1 "$cluster" up --name "t${id}z" --hosts 1 --rate 0kbit
+[[ ! -e $state/t${id}z ]] && ! ip link show "t${id}z-br" >/dev/null 2>&1 ||
+  fail "a failed up left its cluster"
+
 # Two clusters side by side: distinct subnets; the same name twice is refused.
-id=$(printf %04x $((RANDOM)))
 a=t${id}a b=t${id}b
 made+=("$a" "$b")
 "$cluster" up --name "$a" --hosts 2 --slots 1 --rate 100mbit >/dev/null
@@ -80,7 +85,9 @@ ip link show "$a-v1" | grep -q "state UP" || fail "heal left the link down"
 "$state/$a/agent" "$a-h1" 'test "$(hostname)" = '"$a-h1" || fail "the agent's host has another name"
 touch "$state/$a/disk/$a-h1/marker"
 "$cluster" kill "$a-h1"
-wait $sleeper 2>/dev/null && fail "kill left the host's process alive" || true
+status=0
+wait $sleeper 2>/dev/null || status=$?
+((status == 128 + 9)) || fail "the host's process ended with status $status, not by SIGKILL"
 [[ ! -e $state/$a/disk/$a-h1 ]] || fail "kill left the host's disk"
 [[ -z $(ip netns pids "$a-h1") ]] || fail "kill left processes in the host"
 

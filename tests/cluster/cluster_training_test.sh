@@ -41,15 +41,19 @@ mpirun -np 2 --host "$name-h0,$name-h2" "$bench_bus" --quick --json >"$work/bus"
   --checkpoint-dir "$work/ck" -- "$trainer" --epochs 1 --limit 15000 --test-limit 2000 \
   --batch-size 240 --checkpoint-every 10 --min-accuracy 0.70 --json >"$work/out" 2>"$work/err" &
 job=$!
-for _ in $(seq 1200); do
+reached=0
+for _ in $(seq 1800); do
   step=$(grep -o "\"step\":[0-9]*" "$work/kill/status.json" 2>/dev/null | head -1 | cut -d: -f2 || true)
-  [[ -n $step ]] && ((step >= 20)) && break
+  [[ -n $step ]] && ((step >= 20)) && { reached=1; break; }
   kill -0 $job 2>/dev/null || break
   sleep 0.1
 done
+((reached)) || { kill $job 2>/dev/null; tail -20 "$work/err"; fail "the job never reached step 20"; }
 "$cluster" kill "$name-h1"
 echo "killed $name-h1 at step ${step:-?}"
-wait $job || { tail -30 "$work/err"; fail "training with a host killed: unimsg-run exited with $?"; }
+status=0
+wait $job || status=$?
+((status == 0)) || { tail -30 "$work/err"; fail "training with a host killed: unimsg-run exited with $status"; }
 grep -q "\"event\":\"failure\".*\"lost_hosts\":\\[\"$name-h1\"\\]" "$work/kill/events.jsonl" ||
   { cat "$work/kill/events.jsonl"; fail "the killed host was not named"; }
 grep -q '"event":"done","restart":1,.*"world_size":4' "$work/kill/events.jsonl" ||

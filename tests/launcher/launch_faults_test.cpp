@@ -33,7 +33,7 @@ TEST(LaunchFaults, HostsLostAsTheLaunchAgentSaysIt) {
   for (const char* other :
        {"", "Connection to n3 closed.", "ssh: connect to host  port 22: refused",
         "ssh: connect to host a;rm port 22: x", "mpirun noticed that process rank 2 with PID 1",
-        "{\"step\":3}", "Connection to "}) {
+        "{\"step\":3}", "Connection to ", "[rank 3] ssh: connect to host n3 port 22: refused"}) {
     EXPECT_FALSE(parse_lost_host(other)) << other;
   }
   // A host name is never taken from an absurdly long line whole.

@@ -48,18 +48,20 @@ HeartbeatWatch::HeartbeatWatch(Bus& bus, HeartbeatOptions options, LossHandler o
   // Until a rank's first heartbeat its clock starts here: a rank that never starts is lost too.
   last_seen_.assign(static_cast<std::size_t>(bus_.size()), now);
   last_step_.assign(static_cast<std::size_t>(bus_.size()), 0);
-  subscription_ = bus_.subscribe(Filter{Kind::kHeartbeat, kHeartbeatTopic, std::nullopt},
-                                 [this](const Message& message) {
-                                   const int source = message.header.source;
-                                   if (source < 0 || source >= static_cast<int>(last_seen_.size()))
-                                     return;
-                                   std::uint64_t step = 0;
-                                   if (message.payload.size() == sizeof step)
-                                     std::memcpy(&step, message.payload.data(), sizeof step);
-                                   std::lock_guard lock(mutex_);
-                                   last_seen_[static_cast<std::size_t>(source)] = Clock::now();
-                                   last_step_[static_cast<std::size_t>(source)] = step;
-                                 });
+  // Express: heard even while this rank's handlers block or its inbox is full, which would
+  // otherwise make a healthy rank deaf and take itself for isolated. The handler runs on the
+  // bus's progress path, so it only records, under a lock nobody holds for long.
+  subscription_ = bus_.subscribe_express(
+      Filter{Kind::kHeartbeat, kHeartbeatTopic, std::nullopt}, [this](const Message& message) {
+        const int source = message.header.source;
+        if (source < 0 || source >= static_cast<int>(last_seen_.size())) return;
+        std::uint64_t step = 0;
+        if (message.payload.size() == sizeof step)
+          std::memcpy(&step, message.payload.data(), sizeof step);
+        std::lock_guard lock(mutex_);
+        last_seen_[static_cast<std::size_t>(source)] = Clock::now();
+        last_step_[static_cast<std::size_t>(source)] = step;
+      });
   thread_ = std::thread([this] { run(); });
 }
 
@@ -124,36 +126,49 @@ void HeartbeatWatch::judge(Clock::time_point now, std::uint64_t step,
                            std::unique_lock<std::mutex>& lock) {
   if (reported_) return;
   const auto silent_for = [&](std::size_t rank) { return now - last_seen_[rank]; };
-  bool any_lost = false;
+  std::vector<int> lost;
   for (std::size_t rank = 0; rank < last_seen_.size(); ++rank) {
-    if (static_cast<int>(rank) != bus_.rank() && silent_for(rank) > options_.timeout) {
-      any_lost = true;
-    }
+    if (static_cast<int>(rank) == bus_.rank()) continue;
+    if (silent_for(rank) > options_.timeout) lost.push_back(static_cast<int>(rank));
   }
-  if (!any_lost) {
+  if (lost.empty()) {
     isolated_ = false;
     return;
   }
+  // Reported with them: their host-mates silent for half the timeout (at least three beats).
+  // Only host-mates: on a loaded machine a healthy rank's beat can be late by that much.
+  const auto along =
+      std::min(options_.timeout, std::max(options_.timeout / 2, 3 * options_.interval));
+  const auto& hosts = options_.host_of_rank;
+  const bool hosts_known = hosts.size() == last_seen_.size();
   std::vector<int> silent;
   for (std::size_t rank = 0; rank < last_seen_.size(); ++rank) {
-    if (static_cast<int>(rank) != bus_.rank() && silent_for(rank) > options_.timeout / 2) {
-      silent.push_back(static_cast<int>(rank));
-    }
+    const bool is_lost = std::find(lost.begin(), lost.end(), static_cast<int>(rank)) != lost.end();
+    const bool host_mate_quiet = hosts_known && static_cast<int>(rank) != bus_.rank() &&
+                                 silent_for(rank) > along &&
+                                 std::any_of(lost.begin(), lost.end(), [&](int other) {
+                                   return hosts[static_cast<std::size_t>(other)] == hosts[rank];
+                                 });
+    if (is_lost || host_mate_quiet) silent.push_back(static_cast<int>(rank));
   }
   const int world = static_cast<int>(last_seen_.size());
-  if (!hears_quorum(world, silent)) {
+  const int heard = world - static_cast<int>(lost.size());
+  if (!hears_quorum(world, lost)) {
     // Most of the world silent at once is more likely this rank's own trouble than theirs.
     if (!isolated_) {
       isolated_ = true;
       isolated_since_ = now;
     }
     if (now - isolated_since_ <= options_.timeout) return;
-    reported_ = true;
-    const int heard = world - static_cast<int>(silent.size());
-    lock.unlock();
-    if (on_isolated_) on_isolated_(heard, world);
-    lock.lock();
-    return;
+    // Two halves: rank 0's had a whole timeout to act and did not, so it is the lost one.
+    if (2 * heard < world) {
+      if (!on_isolated_) return;  // nothing to do but keep watching
+      reported_ = true;
+      lock.unlock();
+      on_isolated_(heard, world);
+      lock.lock();
+      return;
+    }
   }
   reported_ = true;
   std::uint64_t last = step;

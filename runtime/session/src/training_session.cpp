@@ -25,9 +25,19 @@ CommunicationCounters communication_counters(const Engine& engine) {
           stats.dense_wire_bytes};
 }
 
+namespace {
+
+HeartbeatOptions with_hosts(HeartbeatOptions options, const std::vector<std::string>& hosts) {
+  options.host_of_rank = hosts;
+  return options;
+}
+
+}  // namespace
+
 TrainingSession::TrainingSession(Runtime& runtime, TrainingSessionOptions options)
     : hosts_(gather_host_names(MPI_COMM_WORLD)),
-      heartbeat_(runtime.bus(), options.heartbeat, abort_on_silence(hosts_), exit_when_isolated()),
+      heartbeat_(runtime.bus(), with_hosts(std::move(options.heartbeat), hosts_),
+                 abort_on_silence(hosts_), exit_when_isolated()),
       monitor_(runtime.bus(), std::move(options.monitor)),
       communicator_(MPI_COMM_WORLD, runtime.bus(), std::move(options.communicator)),
       engine_(communicator_, runtime.bus(), traced(std::move(options.engine), monitor_.trace())) {

@@ -3,12 +3,13 @@
 // Heartbeats and the watchdog: every rank broadcasts a Heartbeat message (carrying its last
 // reported step) every interval from a thread of its own, and watches every other rank's. A rank
 // silent for longer than the timeout — crashed, stopped (SIGSTOP), or on a host that vanished —
-// is reported once to `on_loss`, on the watchdog thread, with every rank silent for half the
-// timeout at that moment (ranks of one lost host fall silent together, not at the same beat).
-// Only a rank that still hears a quorum blames (hears_quorum): one on the small side of a cut
-// link, or one that hears nobody because its own receiving stalled, suspects itself, and after
-// another timeout of it goes to `on_isolated` instead. Nothing waits forever on a lost peer: the
-// fault handler (fault.hpp) takes it from there.
+// is reported once to `on_loss`, on the watchdog thread, with every rank silent past the timeout
+// and their host-mates silent for half of it (at least three beats) (HeartbeatOptions). Only a rank
+// that still hears a quorum blames at once (hears_quorum): one on the small side of a cut link, or
+// one that hears nobody because its own receiving stalled, suspects itself, and after another
+// timeout of it goes to `on_isolated` instead (without one it keeps watching). Of two equal halves
+// the one without rank 0 waits that extra timeout, then blames: rank 0's half would have acted by
+// then. Nothing waits forever on a lost peer: the fault handler (fault.hpp) takes it from there.
 
 #include <atomic>
 #include <chrono>
@@ -16,6 +17,7 @@
 #include <cstdint>
 #include <functional>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -26,6 +28,10 @@ namespace unimsg {
 struct HeartbeatOptions {
   std::chrono::milliseconds interval{500};   // UNIMSG_HEARTBEAT_INTERVAL_MS
   std::chrono::milliseconds timeout{10000};  // UNIMSG_HEARTBEAT_TIMEOUT (seconds, fractions ok)
+  // Each rank's host, when known: a lost rank's host-mates silent for half the timeout are
+  // reported with it (a host's ranks fall silent together, not at the same beat). Without it,
+  // only the ranks silent past the timeout are.
+  std::vector<std::string> host_of_rank;
   static HeartbeatOptions from_env();
 };
 
