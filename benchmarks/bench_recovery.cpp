@@ -46,6 +46,13 @@ std::string quote(const std::string& word) {
   return quoted + "'";
 }
 
+// `command` as one shell line, its stderr to `stderr_file`.
+std::string shell_line(const std::vector<std::string>& command, const fs::path& stderr_file) {
+  std::string line;
+  for (const auto& word : command) line += quote(word) + " ";
+  return line + "2>" + quote(stderr_file.string());
+}
+
 // unimsg-run on 4 ranks with a fault on rank 1, as one shell line (its stderr to a file).
 std::string launch_line(const std::string& fault, const fs::path& launcher, const fs::path& trainer,
                         const std::string& heartbeat_timeout, std::uint64_t fast_every,
@@ -77,10 +84,7 @@ std::string launch_line(const std::string& fault, const fs::path& launcher, cons
                                          "--checkpoint-every",
                                          "50",
                                          "--json"};
-  std::string line_command;
-  for (const auto& word : command) line_command += quote(word) + " ";
-  line_command += "2>" + quote((work / "stderr").string());
-  return line_command;
+  return shell_line(command, work / "stderr");
 }
 
 // The cluster a --cluster run loses a host of (one per fault: a lost host stays lost).
@@ -157,9 +161,7 @@ std::string cluster_launch_line(const Cluster& cluster, const fs::path& launcher
                                          "--checkpoint-every",
                                          "50",
                                          "--json"};
-  std::string line_command;
-  for (const auto& word : command) line_command += quote(word) + " ";
-  return line_command + "2>" + quote((work / "stderr").string());
+  return shell_line(command, work / "stderr");
 }
 
 // The injection, the resume and the first step after it, from the trainer's JSON lines. With a

@@ -14,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "eventually.hpp"
 #include "unimsg/bus/bus.hpp"
 #include "unimsg/core/error.hpp"
 
@@ -28,17 +29,6 @@ BusOptions quiet_options() {
   BusOptions options;
   options.shutdown_timeout = 60s;
   return options;
-}
-
-// Waits (bounded) until `condition` holds; returns whether it did.
-template <typename Condition>
-bool eventually(Condition condition, std::chrono::milliseconds limit = 60000ms) {
-  const auto deadline = std::chrono::steady_clock::now() + limit;
-  while (!condition()) {
-    if (std::chrono::steady_clock::now() > deadline) return false;
-    std::this_thread::sleep_for(1ms);
-  }
-  return true;
 }
 
 // The (source, payload) pairs an express handler saw.

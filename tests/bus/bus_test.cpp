@@ -12,6 +12,7 @@
 #include <thread>
 #include <vector>
 
+#include "eventually.hpp"
 #include "unimsg/bus/bus.hpp"
 #include "unimsg/core/error.hpp"
 
@@ -37,17 +38,6 @@ std::uint64_t u64_at(const Message& message, std::size_t index) {
   std::uint64_t value = 0;
   std::memcpy(&value, message.payload.data() + index * 8, 8);
   return value;
-}
-
-// Waits (bounded) until `condition` holds; returns whether it did.
-template <typename Condition>
-bool eventually(Condition condition, std::chrono::milliseconds limit = 60000ms) {
-  const auto deadline = std::chrono::steady_clock::now() + limit;
-  while (!condition()) {
-    if (std::chrono::steady_clock::now() > deadline) return false;
-    std::this_thread::sleep_for(1ms);
-  }
-  return true;
 }
 
 TEST(BusTest, EveryKindReachesEveryRankWithItsFields) {

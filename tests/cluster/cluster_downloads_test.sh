@@ -3,32 +3,18 @@
 # server on a fourth host of its own, the cache on each host's own disk. Every host's cache must
 # hold all four files, and the server must have been asked for each file exactly once per host.
 #   cluster_downloads_test.sh CLUSTER UNIMSG_RUN TRAINER HTTP_SERVE
-# Exit status 77 (a skip, saying why) where namespaces cannot be made (not root).
+# Exit status 77 (a skip, saying why) where namespaces cannot be made (not root): cluster_lib.sh.
 set -euo pipefail
 cluster=$1
 launcher=$2
 trainer=$3
 serve=$4
 data=/usr/share/datasets/fashion-mnist
-work=$(mktemp -d)
-fail() { echo "FAIL: $*"; exit 1; }
-
-set +e
-info=$("$cluster" up --hosts 4 --slots 2 --json)
-status=$?
-set -e
-if ((status == 77)); then
-  echo "SKIP: this test needs a cluster of namespace hosts, which needs root"
-  exit 77
-fi
-((status == 0)) || fail "scripts/cluster up failed ($status)"
-name=$(sed -E 's/^\{"name":"([a-z0-9]+)".*/\1/' <<<"$info")
-local_dir=$(sed -E 's/.*"local_dir":"([^"]+)".*/\1/' <<<"$info")
-disks=$(sed -E 's/.*"local_dirs":"([^"]+)".*/\1/' <<<"$info")
+source "$(dirname "$0")/cluster_lib.sh"
+cluster_up "$cluster" 4
 server_address=$(sed -E 's/.*"addresses":\[("[^"]+",){3}"([^"]+)"\].*/\2/' <<<"$info")
 server_pid=
-trap '[[ -z $server_pid ]] || kill $server_pid; "$cluster" down --name "$name"; rm -rf "$work"' EXIT
-eval "$("$cluster" env --name "$name")"
+on_exit() { [[ -z $server_pid ]] || kill "$server_pid"; }
 
 # The server on host 3; the job on hosts 0-2.
 ip netns exec "$name-h3" "$serve" --bind "$server_address" --log "$work/requests" "$data" \

@@ -6,30 +6,14 @@
 # from the same checkpoint on 4 ranks; nothing of the job may be left running on any host. Then a
 # hostfile naming a host that does not answer: a clear failure naming it, and a run without it.
 #   cluster_recovery_test.sh CLUSTER UNIMSG_RUN TRAINER
-# Exit status 77 (a skip, saying why) where namespaces cannot be made (not root).
+# Exit status 77 (a skip, saying why) where namespaces cannot be made (not root): cluster_lib.sh.
 set -euo pipefail
 cluster=$1
 launcher=$2
 trainer=$3
-work=$(mktemp -d)
-fail() { echo "FAIL: $*"; exit 1; }
-
-set +e
-info=$("$cluster" up --hosts 3 --slots 2 --json)
-status=$?
-set -e
-if ((status == 77)); then
-  echo "SKIP: this test needs a cluster of namespace hosts, which needs root"
-  exit 77
-fi
-((status == 0)) || fail "scripts/cluster up failed ($status)"
-name=$(sed -E 's/^\{"name":"([a-z0-9]+)".*/\1/' <<<"$info")
-hostfile=$(sed -E 's/.*"hostfile":"([^"]+)".*/\1/' <<<"$info")
-trap '"$cluster" down --name "$name"; rm -rf "$work"' EXIT
-eval "$("$cluster" env --name "$name")"
+source "$(dirname "$0")/cluster_lib.sh"
+cluster_up "$cluster" 3
 lost=$name-h1
-local_dir=$(sed -E 's/.*"local_dir":"([^"]+)".*/\1/' <<<"$info")  # each host's own disk
-disks=$(sed -E 's/.*"local_dirs":"([^"]+)".*/\1/' <<<"$info")     # ... as seen from here
 echo "cluster $name: $(paste -sd' ' "$(dirname "$hostfile")/hosts")"
 
 export UNIMSG_FUSION_THRESHOLD=0  # bitwise-reproducible reductions (docs/architecture.md)

@@ -4,29 +4,15 @@
 # under unimsg-run (a quarter epoch) with a host killed mid-run: ranks on every host, that host
 # dropped, resumed from a checkpoint, and the model still learns (0.70).
 #   cluster_training_test.sh CLUSTER UNIMSG_RUN TRAINER BENCH_ALLREDUCE BENCH_BUS
-# Exit status 77 (a skip, saying why) where namespaces cannot be made (not root).
+# Exit status 77 (a skip, saying why) where namespaces cannot be made (not root): cluster_lib.sh.
 set -euo pipefail
 cluster=$1
 launcher=$2
 trainer=$3
 bench_allreduce=$4
 bench_bus=$5
-work=$(mktemp -d)
-fail() { echo "FAIL: $*"; exit 1; }
-
-set +e
-info=$("$cluster" up --hosts 3 --slots 2 --json)
-status=$?
-set -e
-if ((status == 77)); then
-  echo "SKIP: this test needs a cluster of namespace hosts, which needs root"
-  exit 77
-fi
-((status == 0)) || fail "scripts/cluster up failed ($status)"
-name=$(sed -E 's/^\{"name":"([a-z0-9]+)".*/\1/' <<<"$info")
-hostfile=$(sed -E 's/.*"hostfile":"([^"]+)".*/\1/' <<<"$info")
-trap '"$cluster" down --name "$name"; rm -rf "$work"' EXIT
-eval "$("$cluster" env --name "$name")"
+source "$(dirname "$0")/cluster_lib.sh"
+cluster_up "$cluster" 3
 
 mpirun -np 6 --hostfile "$hostfile" "$bench_allreduce" -b 4K -e 1M -f 16 -n 3 -w 1 -c 1 \
   --backend mpi,engine --compress none,onebit --json >"$work/allreduce" 2>"$work/err" ||
