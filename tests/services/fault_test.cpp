@@ -141,6 +141,46 @@ TEST(HeartbeatQuorumTest, OnlyAMajorityBlames) {
   EXPECT_FALSE(hears_quorum(5, {1, 2, 3}));
 }
 
+// A host cut off hears the others fall silent within a beat of each other. Seen on the cluster
+// under srun: a rank of the cut host found two healthy ranks past the timeout while the other
+// two were not quite, counted those as heard, had its quorum, and blamed a healthy host.
+TEST(HeartbeatVerdictTest, ACutHostWaitsUntilTheLastOfTheOthersIsSilentToo) {
+  using std::chrono::milliseconds;
+  HeartbeatOptions options;
+  options.timeout = milliseconds(4000);
+  options.interval = milliseconds(500);
+  options.host_of_rank = {"a", "a", "b", "b", "c", "c"};
+  const auto ages = [](std::initializer_list<int> ms) {
+    std::vector<std::chrono::steady_clock::duration> out;
+    for (int value : ms) out.emplace_back(milliseconds(value));
+    return out;
+  };
+  // Rank 2, on the cut host b: c went quiet a beat before a.
+  auto verdict = judge_silence(ages({3800, 3700, 0, 100, 4200, 4300}), 2, options);
+  EXPECT_EQ(verdict.lost, (std::vector<int>{4, 5}));
+  EXPECT_TRUE(verdict.undecided);
+  // A beat later every other host is past the timeout, and the rank hears no quorum.
+  verdict = judge_silence(ages({4300, 4200, 0, 100, 4700, 4800}), 2, options);
+  EXPECT_EQ(verdict.lost, (std::vector<int>{0, 1, 4, 5}));
+  EXPECT_FALSE(verdict.undecided);
+  EXPECT_FALSE(hears_quorum(6, verdict.lost));
+  // Rank 0, on the healthy side: b's first rank past the timeout, its host-mate reported along.
+  verdict = judge_silence(ages({0, 200, 4100, 3000, 300, 100}), 0, options);
+  EXPECT_EQ(verdict.lost, (std::vector<int>{2}));
+  EXPECT_EQ(verdict.silent, (std::vector<int>{2, 3}));
+  EXPECT_FALSE(verdict.undecided);
+  EXPECT_TRUE(hears_quorum(6, verdict.lost));
+  // A healthy rank elsewhere late by more than half the timeout (a loaded machine) delays the
+  // verdict rather than being blamed with the lost.
+  verdict = judge_silence(ages({0, 200, 4100, 3000, 2500, 100}), 0, options);
+  EXPECT_EQ(verdict.silent, (std::vector<int>{2, 3}));
+  EXPECT_TRUE(verdict.undecided);
+  // Nobody past the timeout: nothing to judge.
+  verdict = judge_silence(ages({0, 3900, 3900, 3900, 3900, 3900}), 0, options);
+  EXPECT_TRUE(verdict.lost.empty());
+  EXPECT_FALSE(verdict.undecided);
+}
+
 // The fast tier lives on two hosts: rank 0's and the next one's.
 TEST(FastTierWritersTest, RankZeroAndItsBuddyOnTheNextHost) {
   EXPECT_EQ(fast_tier_writers({"a", "a", "b", "b", "c", "c"}), (std::vector<int>{0, 2}));

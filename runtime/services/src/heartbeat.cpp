@@ -122,35 +122,49 @@ void HeartbeatWatch::run() {
   }
 }
 
+SilenceVerdict judge_silence(const std::vector<std::chrono::steady_clock::duration>& silent_for,
+                             int self, const HeartbeatOptions& options) {
+  SilenceVerdict verdict;
+  const auto ranks = silent_for.size();
+  for (std::size_t rank = 0; rank < ranks; ++rank) {
+    if (static_cast<int>(rank) != self && silent_for[rank] > options.timeout) {
+      verdict.lost.push_back(static_cast<int>(rank));
+    }
+  }
+  if (verdict.lost.empty()) return verdict;
+  // Reported with them: their host-mates silent for half the timeout (at least three beats).
+  // Only host-mates: on a loaded machine a healthy rank's beat can be late by that much.
+  const auto along = std::min(options.timeout, std::max(options.timeout / 2, 3 * options.interval));
+  const auto& hosts = options.host_of_rank;
+  const bool hosts_known = hosts.size() == ranks;
+  for (std::size_t rank = 0; rank < ranks; ++rank) {
+    if (static_cast<int>(rank) == self) continue;
+    const bool is_lost = std::find(verdict.lost.begin(), verdict.lost.end(),
+                                   static_cast<int>(rank)) != verdict.lost.end();
+    const bool quiet = silent_for[rank] > along;
+    const bool host_mate =
+        hosts_known && std::any_of(verdict.lost.begin(), verdict.lost.end(), [&](int other) {
+          return hosts[static_cast<std::size_t>(other)] == hosts[rank];
+        });
+    if (is_lost || (quiet && host_mate)) verdict.silent.push_back(static_cast<int>(rank));
+    if (!is_lost && quiet && !host_mate) verdict.undecided = true;
+  }
+  return verdict;
+}
+
 void HeartbeatWatch::judge(Clock::time_point now, std::uint64_t step,
                            std::unique_lock<std::mutex>& lock) {
   if (reported_) return;
-  const auto silent_for = [&](std::size_t rank) { return now - last_seen_[rank]; };
-  std::vector<int> lost;
-  for (std::size_t rank = 0; rank < last_seen_.size(); ++rank) {
-    if (static_cast<int>(rank) == bus_.rank()) continue;
-    if (silent_for(rank) > options_.timeout) lost.push_back(static_cast<int>(rank));
-  }
+  std::vector<Clock::duration> silent_for;
+  for (const auto& seen : last_seen_) silent_for.push_back(now - seen);
+  const SilenceVerdict verdict = judge_silence(silent_for, bus_.rank(), options_);
+  const auto& lost = verdict.lost;
+  const auto& silent = verdict.silent;
   if (lost.empty()) {
     isolated_ = false;
     return;
   }
-  // Reported with them: their host-mates silent for half the timeout (at least three beats).
-  // Only host-mates: on a loaded machine a healthy rank's beat can be late by that much.
-  const auto along =
-      std::min(options_.timeout, std::max(options_.timeout / 2, 3 * options_.interval));
-  const auto& hosts = options_.host_of_rank;
-  const bool hosts_known = hosts.size() == last_seen_.size();
-  std::vector<int> silent;
-  for (std::size_t rank = 0; rank < last_seen_.size(); ++rank) {
-    const bool is_lost = std::find(lost.begin(), lost.end(), static_cast<int>(rank)) != lost.end();
-    const bool host_mate_quiet = hosts_known && static_cast<int>(rank) != bus_.rank() &&
-                                 silent_for(rank) > along &&
-                                 std::any_of(lost.begin(), lost.end(), [&](int other) {
-                                   return hosts[static_cast<std::size_t>(other)] == hosts[rank];
-                                 });
-    if (is_lost || host_mate_quiet) silent.push_back(static_cast<int>(rank));
-  }
+  if (verdict.undecided) return;
   const int world = static_cast<int>(last_seen_.size());
   const int heard = world - static_cast<int>(lost.size());
   if (!hears_quorum(world, lost)) {

@@ -9,7 +9,8 @@
 // one that hears nobody because its own receiving stalled, suspects itself, and after another
 // timeout of it goes to `on_isolated` instead (without one it keeps watching). Of two equal halves
 // the one without rank 0 waits that extra timeout, then blames: rank 0's half would have acted by
-// then. Nothing waits forever on a lost peer: the fault handler (fault.hpp) takes it from there.
+// then. No verdict while another rank is half-way to the timeout (judge_silence). Nothing waits
+// forever on a lost peer: the fault handler (fault.hpp) takes it from there.
 
 #include <atomic>
 #include <chrono>
@@ -38,6 +39,20 @@ struct HeartbeatOptions {
 // Whether the ranks a rank still hears (itself included) may blame the silent ones: more than
 // half of the world, or exactly half with rank 0 among them (so that of two halves, one acts).
 bool hears_quorum(int world_size, const std::vector<int>& silent_ranks);
+
+// What one rank makes of the others' silence at one moment, given how long ago it heard each
+// (`silent_for`, indexed by rank; its own entry is ignored).
+struct SilenceVerdict {
+  std::vector<int> lost;    // silent past the timeout
+  std::vector<int> silent;  // the lost, with their host-mates silent for half of it (3 beats)
+  // Some other rank is silent for more than half the timeout but not yet past it: a host cut
+  // off hears the others go quiet within a beat of each other, not at once, and counting the
+  // last of them as heard would give it a quorum to blame the first. Judged again next beat
+  // (at most half a timeout later), when each has either spoken or is lost too.
+  bool undecided = false;
+};
+SilenceVerdict judge_silence(const std::vector<std::chrono::steady_clock::duration>& silent_for,
+                             int self, const HeartbeatOptions& options);
 
 class HeartbeatWatch {
  public:
