@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what unimsg needs on Debian 12 (only what is missing), as root or through sudo.
 #   scripts/setup.sh        to build and run
-#   scripts/setup.sh test   and to run every test (adds headless Chromium for the monitor's page)
+#   scripts/setup.sh test   and to run every test (adds headless Chromium for the monitor's page
+#                           and Slurm for the cluster tests under srun)
 set -euo pipefail
 
 packages=(
@@ -16,7 +17,8 @@ packages=(
   iproute2 util-linux
 )
 if [[ ${1:-} == test ]]; then
-  packages+=(chromium)
+  # The monitor's page in a headless browser; Slurm for the cluster tests under srun.
+  packages+=(chromium slurmctld slurmd slurm-client munge)
 fi
 
 missing=()

@@ -145,11 +145,25 @@ std::vector<std::string> build_command(const LaunchPlan& plan) {
   if (plan.program.empty()) bad("unimsg-run", "no program to run");
   std::vector<std::string> command;
   if (plan.slurm) {
+    // --overlap: a step on a lost node stays "running" to slurmctld until the node is declared
+    // down, holding its CPUs on the healthy nodes too; the relaunch must not wait for it (the
+    // launcher runs one step at a time, so it overlaps only the dead one's leftovers).
     command = {plan.srun, "--mpi=pmix", "--ntasks=" + std::to_string(plan.np),
-               "--kill-on-bad-exit=1"};
+               "--kill-on-bad-exit=1", "--overlap"};
     if (!plan.hosts.empty()) {
+      if (total_slots(plan.hosts) < plan.np) {
+        bad("-np", std::to_string(plan.np) + " ranks but only " +
+                       std::to_string(total_slots(plan.hosts)) + " CPUs on the nodes left");
+      }
+      // The first nodes that hold np ranks, all of them used (srun's --nodelist means every
+      // node listed gets a task).
       std::string list;
-      for (const auto& host : plan.hosts) list += (list.empty() ? "" : ",") + host.name;
+      int nodes = 0;
+      for (int slots = 0; slots < plan.np; ++nodes) {
+        slots += plan.hosts[nodes].slots;
+        list += (list.empty() ? "" : ",") + plan.hosts[nodes].name;
+      }
+      command.push_back("--nodes=" + std::to_string(nodes));
       command.push_back("--nodelist=" + list);
     }
     // srun passes the launcher's environment, which the caller has set.
@@ -395,13 +409,16 @@ std::optional<DeadProcess> parse_dead_process(std::string_view line) {
     if (!rank) return std::nullopt;
     return DeadProcess{*rank, "", "a non-zero exit"};
   }
-  // Slurm: "srun: error: n3: task 2: Killed".
+  // Slurm: "srun: error: n3: task 2: Killed", "srun: error: n3: tasks 2-3: Killed" (the first).
   if (line.rfind("srun: error: ", 0) == 0) {
     const std::string host = word_after("srun: error: ", 0);
     std::size_t end = 0;
-    const auto rank = number_after(": task ", 0, &end);
+    const bool several = line.find(": tasks ") != std::string_view::npos;
+    const auto rank = number_after(several ? ": tasks " : ": task ", 0, &end);
     if (!rank || host.size() < 2 || host.back() != ':') return std::nullopt;
-    std::string_view how = end + 2 <= line.size() ? line.substr(end + 2) : std::string_view();
+    end = line.find(": ", end);
+    std::string_view how =
+        end != std::string_view::npos ? line.substr(end + 2) : std::string_view();
     return DeadProcess{*rank, host.substr(0, host.size() - 1), std::string(how)};
   }
   return std::nullopt;
@@ -411,12 +428,11 @@ std::optional<LostHost> parse_lost_host(std::string_view line) {
   while (!line.empty() && std::isspace(static_cast<unsigned char>(line.back()))) {
     line.remove_suffix(1);
   }
-  // (prefix, what follows the host name): the host is the word in between.
+  // (prefix, what follows the host name): the host is the word in between ("": the line's end).
   static constexpr std::pair<std::string_view, std::string_view> kForms[] = {
-      {"ssh: connect to host ", " port "},
-      {"ssh: Could not resolve hostname ", ": "},
-      {"Connection to ", " closed by remote host."},
-      {"Timeout, server ", " not responding."},
+      {"ssh: connect to host ", " port "},           {"ssh: Could not resolve hostname ", ": "},
+      {"Connection to ", " closed by remote host."}, {"Timeout, server ", " not responding."},
+      {"srun: error: Node failure on ", ""},  // (the host's slurmd is gone)
   };
   while (!line.empty() && std::isspace(static_cast<unsigned char>(line.front()))) {
     line.remove_prefix(1);
@@ -426,7 +442,7 @@ std::optional<LostHost> parse_lost_host(std::string_view line) {
     const std::size_t at = line.starts_with(prefix) ? 0 : std::string_view::npos;
     if (at == std::string_view::npos) continue;
     const std::size_t start = at + prefix.size();
-    const std::size_t end = line.find(after, start);
+    const std::size_t end = after.empty() ? line.size() : line.find(after, start);
     if (end == std::string_view::npos) continue;
     const std::string host(line.substr(start, end - start));
     if (!valid_host_name(host)) continue;

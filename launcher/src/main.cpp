@@ -35,6 +35,7 @@
 #include "unimsg/launcher/launcher.hpp"
 #include "unimsg/launcher/process_tree.hpp"
 #include "unimsg/launcher/progress.hpp"
+#include "unimsg/launcher/slurm.hpp"
 
 extern char** environ;
 
@@ -230,6 +231,10 @@ Settings parse_settings(const cxxopts::ParseResult& args, const SplitArgs& split
   }
   s.plan.slurm = args.count("slurm") > 0 ||
                  (std::getenv("SLURM_JOB_ID") != nullptr && args.count("no-slurm") == 0);
+  if (s.plan.slurm && s.plan.hosts.empty()) {
+    // Inside an allocation its nodes are the host list (empty outside one: srun allocates).
+    s.plan.hosts = unimsg::allocation_hosts();
+  }
   s.plan.mpirun = args["mpirun"].as<std::string>();
   if (args.count("launch-agent")) {
     s.plan.launch_agent = args["launch-agent"].as<std::string>();
@@ -268,7 +273,9 @@ std::optional<Launch> launch_once(const Settings& s, EventLog& events, const fs:
   fs::remove(report_path, error);
   fs::remove(s.progress.status_file, error);  // the previous launch's
   const auto command = build_command(plan);
-  events.write("launch", plan.np, restart);
+  nlohmann::json details;  // the hosts, when the launch names them
+  for (const auto& host : plan.hosts) details["hosts"].push_back(host.name);
+  events.write("launch", plan.np, restart, details);
   spdlog::info("[unimsg-run] launch {} of {}: {} rank(s)", restart + 1, s.max_restarts + 1,
                plan.np);
   Launch launch;

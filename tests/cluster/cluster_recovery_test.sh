@@ -5,19 +5,47 @@
 # it, relaunch on the other two, and finish with bitwise the parameters of a reference resumed
 # from the same checkpoint on 4 ranks; nothing of the job may be left running on any host. Then a
 # hostfile naming a host that does not answer: a clear failure naming it, and a run without it.
-#   cluster_recovery_test.sh CLUSTER UNIMSG_RUN TRAINER
-# Exit status 77 (a skip, saying why) where namespaces cannot be made (not root): cluster_lib.sh.
+# With `slurm`, the same three losses under Slurm: a slurmd per host, unimsg-run in an allocation
+# (salloc --no-kill) launching with srun; the lost node must leave the node list of the relaunch.
+#   cluster_recovery_test.sh CLUSTER UNIMSG_RUN TRAINER [mpirun|slurm]
+# Exit status 77 (a skip, saying why) where namespaces cannot be made (not root) or, for slurm,
+# Slurm is not installed: cluster_lib.sh.
 set -euo pipefail
 cluster=$1
 launcher=$2
 trainer=$3
+mode=${4:-mpirun}
 source "$(dirname "$0")/cluster_lib.sh"
-cluster_up "$cluster" 3
+if [[ $mode == slurm ]]; then
+  cluster_up "$cluster" 3 --slurm
+  # The allocation outlives a lost node (--no-kill); unimsg-run finds it and launches with srun.
+  launch=(salloc --no-kill --quiet -n 6 "$launcher" -np 6)
+else
+  cluster_up "$cluster" 3
+  launch=("$launcher" -np 6 --hostfile "$hostfile")
+fi
 lost=$name-h1
 echo "cluster $name: $(paste -sd' ' "$(dirname "$hostfile")/hosts")"
 
 export UNIMSG_FUSION_THRESHOLD=0  # bitwise-reproducible reductions (docs/architecture.md)
 train=(--steps 120 --batch-size 60 --step-ms 20 --checkpoint-every 10 --checkpoint-keep 20 --json)
+
+# Nothing of the job may stay on any host: a cut-off host's ranks end by themselves within two
+# heartbeat timeouts of the cut (docs/cluster.md), the others with the job. (Under Slurm a node's
+# daemons stay: slurmd, and on a node cut off the step's slurmstepd, which ends once it reaches the
+# controller again.)
+no_job_left() {
+  local label=$1 host left round
+  for host in $(cat "$(dirname "$hostfile")/hosts"); do
+    for round in $(seq 60); do
+      left=$(ip netns pids "$host" | paste -sd,)
+      [[ -z $left ]] || left=$(ps -o pid=,comm= -p "$left" | grep -vE ' (slurmd|slurmstepd)$' || true)
+      [[ -n $left ]] || break
+      sleep 0.5
+    done
+    [[ -z $left ]] || { echo "$left"; fail "$label: processes left on $host 30 s after the job"; }
+  done
+}
 
 # Runs the job under unimsg-run in the background, applies FAULT to host LOST once rank 0 has
 # passed step 25, and checks the recovery. `run NAME FAULT LOST [trainer options]`.
@@ -27,7 +55,7 @@ run() {
   local dir=$work/$label
   mkdir -p "$dir"
   local started=$SECONDS
-  "$launcher" -np 6 --hostfile "$hostfile" --max-restarts 2 --heartbeat-timeout 4 \
+  "${launch[@]}" --max-restarts 2 --heartbeat-timeout 4 \
     --teardown-grace 8 --checkpoint-dir "$dir/ck" --run-dir "$dir/run" \
     -- "$trainer" "${train[@]}" "$@" >"$dir/out" 2>"$dir/err" &
   local job=$!
@@ -51,12 +79,13 @@ run() {
     { cat "$dir/run/events.jsonl"; grep -v '"loss"' "$dir/err" | head -60; fail "$label: events $events"; }
   grep -q "\"event\":\"failure\".*\"lost_hosts\":\\[\"$lost\"\\]" "$dir/run/events.jsonl" ||
     { cat "$dir/run/events.jsonl"; fail "$label: $lost not named the lost host"; }
-  grep -q '"event":"launch","restart":1,.*"world_size":4' "$dir/run/events.jsonl" ||
+  local relaunch
+  relaunch=$(grep '"event":"launch",.*"restart":1,.*"world_size":4' "$dir/run/events.jsonl") ||
     fail "$label: the relaunch did not run on the 4 ranks of the other two hosts"
-  for host in $(cat "$(dirname "$hostfile")/hosts"); do
-    [[ -z $(ip netns pids "$host") ]] ||
-      { ps -o pid,args -p "$(ip netns pids "$host" | paste -sd,)"; fail "$label: processes left on $host"; }
-  done
+  [[ $relaunch == *'"hosts":['* && $relaunch != *"\"$lost\""* ]] ||
+    fail "$label: the relaunch's hosts include $lost: $relaunch"
+  # (Under Slurm a frozen node's processes are out of the launcher's reach until thawed.)
+  [[ $mode == slurm && $fault == freeze ]] || no_job_left "$label"
   local from recovered reference
   from=$(grep -o "resumed from step [0-9]*" "$dir/err" | tail -1 | grep -o '[0-9]*$')
   [[ -n $from ]] || fail "$label: no resume"
@@ -78,12 +107,18 @@ run kill kill "$lost"
 "$cluster" heal "$lost"
 run cut cut "$lost"
 grep -q "the launcher ended the job" "$work/cut/run/events.jsonl" ||
-  echo "cut: (mpirun ended the job by itself this time)"
+  echo "cut: ($mode ended the job by itself this time)"
 "$cluster" heal "$lost"
 run freeze freeze "$lost"
 "$cluster" thaw "$lost"
+[[ $mode != slurm ]] || no_job_left "freeze (thawed)"
 grep -q '"fault_report":true' "$work/freeze/run/events.jsonl" ||
   fail "freeze: the watchdog wrote no fault report"
+if [[ $mode == slurm ]]; then
+  grep -q '^srun: ' "$work/kill/err" || fail "slurm: the job was not launched with srun"
+  echo "PASS"
+  exit 0
+fi
 
 # Rank 0's host killed, with its node-local fast tier (every 2 steps) gone with its disk, and no
 # persistent checkpoint yet (every 1000 steps): the relaunch resumes from the replica its buddy

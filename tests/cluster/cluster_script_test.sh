@@ -91,6 +91,31 @@ wait $sleeper 2>/dev/null || status=$?
 [[ ! -e $state/$a/disk/$a-h1 ]] || fail "kill left the host's disk"
 [[ -z $(ip netns pids "$a-h1") ]] || fail "kill left processes in the host"
 
+# --slurm: a controller here, a slurmd per host; srun reaches every host by its name; a killed
+# host's slurmd comes back with heal; down ends the controller and munged.
+if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null; then
+  d=t${id}d
+  made+=("$d")
+  info=$("$cluster" up --name "$d" --hosts 2 --slurm --json)
+  [[ $info == *'"slurm":true'* && $info == *"\"SLURM_CONF\":\"$state/$d/slurm/slurm.conf\""* ]] ||
+    fail "up --slurm: $info"
+  "$cluster" env --name "$d" | grep -qx "export SLURM_CONF=$state/$d/slurm/slurm.conf" ||
+    fail "env does not name the Slurm configuration"
+  ran=$(SLURM_CONF=$state/$d/slurm/slurm.conf timeout 60 srun -n 2 -N 2 hostname | sort | paste -sd' ')
+  [[ $ran == "$d-h0 $d-h1" ]] || fail "srun ran on '$ran'"
+  "$cluster" kill "$d-h1"
+  "$cluster" heal "$d-h1"
+  [[ $(SLURM_CONF=$state/$d/slurm/slurm.conf sinfo -h -n "$d-h1" -o %T) == idle ]] ||
+    fail "heal did not bring the killed host's slurmd back"
+  daemons="$(cat "$state/$d/slurm/slurmctld.pid") $(cat "$state/$d/slurm/munged.pid")"
+  "$cluster" down --name "$d"
+  for pid in $daemons; do
+    ! kill -0 "$pid" 2>/dev/null || fail "down left Slurm's daemon $pid running"
+  done
+else
+  echo "(Slurm is not installed: its part of this test not run; scripts/setup.sh test installs it)"
+fi
+
 # down: everything gone, and safe to repeat.
 "$cluster" down --name "$b"
 "$cluster" down --name "$b"

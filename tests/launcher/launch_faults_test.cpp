@@ -17,6 +17,7 @@
 #include "unimsg/core/error.hpp"
 #include "unimsg/launcher/launcher.hpp"
 #include "unimsg/launcher/process_tree.hpp"
+#include "unimsg/launcher/slurm.hpp"
 
 namespace unimsg {
 namespace {
@@ -30,8 +31,10 @@ TEST(LaunchFaults, HostsLostAsTheLaunchAgentSaysIt) {
   ASSERT_TRUE(closed);
   EXPECT_EQ(*closed, (LostHost{"c1-h2", "Connection to c1-h2 closed by remote host."}));
   EXPECT_EQ(parse_lost_host("Timeout, server n9.example not responding.")->host, "n9.example");
+  EXPECT_EQ(parse_lost_host("srun: error: Node failure on c1-h1")->host, "c1-h1");
   for (const char* other :
        {"", "Connection to n3 closed.", "ssh: connect to host  port 22: refused",
+        "srun: error: Node failure on ", "srun: error: Node failure on a b",
         "ssh: connect to host a;rm port 22: x", "mpirun noticed that process rank 2 with PID 1",
         "{\"step\":3}", "Connection to ", "[rank 3] ssh: connect to host n3 port 22: refused"}) {
     EXPECT_FALSE(parse_lost_host(other)) << other;
@@ -39,6 +42,30 @@ TEST(LaunchFaults, HostsLostAsTheLaunchAgentSaysIt) {
   // A host name is never taken from an absurdly long line whole.
   const std::string long_line = "ssh: connect to host n3 port 22: " + std::string(10000, 'x');
   EXPECT_LE(parse_lost_host(long_line)->how.size(), 4096u);
+}
+
+TEST(LaunchFaults, SlurmAllocationsAsHostLists) {
+  EXPECT_EQ(parse_slurm_counts("2(x3)"), (std::vector<int>{2, 2, 2}));
+  EXPECT_EQ(parse_slurm_counts("4,1(x2),8"), (std::vector<int>{4, 1, 1, 8}));
+  for (const char* bad :
+       {"", "0", "2(x0)", "2(x3", "x", "2,,1", "2(x-1)", "-2", "2(x99999999)", "99999999999"}) {
+    EXPECT_THROW(parse_slurm_counts(bad), ConfigError) << bad;
+  }
+  EXPECT_EQ(slurm_hosts({"c-h0", "c-h2"}, "2(x2)"), (std::vector<Host>{{"c-h0", 2}, {"c-h2", 2}}));
+  EXPECT_THROW(slurm_hosts({"c-h0", "c-h2"}, "2"), ConfigError);         // counts for 1 of 2 nodes
+  EXPECT_THROW(slurm_hosts({"c-h0"}, "2(x2)"), ConfigError);             // 2 counts for 1 node
+  EXPECT_THROW(slurm_hosts({"c h0"}, "2"), ConfigError);                 // not a host name
+  EXPECT_THROW(slurm_hosts({"a", "b"}, "2147483647(x2)"), ConfigError);  // past an int
+}
+
+TEST(LaunchFaults, AnAllocationNeedsScontrolToReadItsNodeList) {
+  ::setenv("SLURM_JOB_NODELIST", "c-h[0-2]", 1);
+  ::setenv("SLURM_JOB_CPUS_PER_NODE", "2(x3)", 1);
+  EXPECT_THROW(allocation_hosts("/nonexistent/scontrol"), ConfigError);
+  EXPECT_THROW(allocation_hosts("false"), ConfigError);
+  ::unsetenv("SLURM_JOB_NODELIST");
+  EXPECT_TRUE(allocation_hosts("/nonexistent/scontrol").empty());  // no allocation
+  ::unsetenv("SLURM_JOB_CPUS_PER_NODE");
 }
 
 TEST(LaunchFaults, AHostOnSeveralLinesIsOneHost) {

@@ -23,6 +23,8 @@ TEST(Launcher, DeadProcessFromMpirunAndSrunOutput) {
             (DeadProcess{3, "", "a non-zero exit"}));
   EXPECT_EQ(parse_dead_process("srun: error: n7: task 5: Killed"),
             (DeadProcess{5, "n7", "Killed"}));
+  EXPECT_EQ(parse_dead_process("srun: error: c-h2: tasks 4-5: Exited with exit code 75"),
+            (DeadProcess{4, "c-h2", "Exited with exit code 75"}));
   for (const char* other :
        {"", "[rank 2] UNIMSG_FAULT_INJECT: killing this rank at step 25",
         "mpirun noticed that process rank x with PID 1", "  Process name: [[31335,1],]",
@@ -113,7 +115,14 @@ TEST(Launcher, CommandLinesForMpirunAndSrun) {
   plan.slurm = true;
   EXPECT_EQ(build_command(plan),
             (std::vector<std::string>{"srun", "--mpi=pmix", "--ntasks=4", "--kill-on-bad-exit=1",
-                                      "--nodelist=a,b", "./train", "--epochs", "1"}));
+                                      "--overlap", "--nodes=2", "--nodelist=a,b", "./train",
+                                      "--epochs", "1"}));
+  plan.hosts = {{"a", 2}, {"b", 2}, {"c", 2}};
+  plan.np = 3;  // srun uses every node it is given: only those that hold the ranks
+  EXPECT_EQ(build_command(plan)[6], "--nodelist=a,b");
+  plan.np = 7;
+  EXPECT_THROW(build_command(plan), ConfigError);
+  plan.np = 4;
   plan.program.clear();
   EXPECT_THROW(build_command(plan), ConfigError);
 }
