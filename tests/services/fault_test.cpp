@@ -163,13 +163,21 @@ TEST(HeartbeatVerdictTest, ACutHostWaitsUntilTheLastOfTheOthersIsSilentToo) {
   verdict = judge_silence(ages({4300, 4200, 0, 100, 4700, 4800}), 2, options);
   EXPECT_EQ(verdict.lost, (std::vector<int>{0, 1, 4, 5}));
   EXPECT_FALSE(verdict.undecided);
-  EXPECT_FALSE(hears_quorum(6, verdict.lost));
+  EXPECT_FALSE(verdict.quorum);
+  // Rank 2 again, one rank of each other host past the timeout and its host-mate half-way: those
+  // host-mates are reported along, and count as silent for the quorum too (seen under srun: a
+  // rank of the cut host counted them as heard, and blamed both healthy hosts).
+  verdict = judge_silence(ages({4100, 3000, 0, 100, 4200, 2500}), 2, options);
+  EXPECT_EQ(verdict.lost, (std::vector<int>{0, 4}));
+  EXPECT_EQ(verdict.silent, (std::vector<int>{0, 1, 4, 5}));
+  EXPECT_FALSE(verdict.undecided);
+  EXPECT_FALSE(verdict.quorum);
   // Rank 0, on the healthy side: b's first rank past the timeout, its host-mate reported along.
   verdict = judge_silence(ages({0, 200, 4100, 3000, 300, 100}), 0, options);
   EXPECT_EQ(verdict.lost, (std::vector<int>{2}));
   EXPECT_EQ(verdict.silent, (std::vector<int>{2, 3}));
   EXPECT_FALSE(verdict.undecided);
-  EXPECT_TRUE(hears_quorum(6, verdict.lost));
+  EXPECT_TRUE(verdict.quorum);
   // A healthy rank elsewhere late by more than half the timeout (a loaded machine) delays the
   // verdict rather than being blamed with the lost.
   verdict = judge_silence(ages({0, 200, 4100, 3000, 2500, 100}), 0, options);

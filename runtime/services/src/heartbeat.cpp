@@ -149,6 +149,7 @@ SilenceVerdict judge_silence(const std::vector<std::chrono::steady_clock::durati
     if (is_lost || (quiet && host_mate)) verdict.silent.push_back(static_cast<int>(rank));
     if (!is_lost && quiet && !host_mate) verdict.undecided = true;
   }
+  verdict.quorum = hears_quorum(static_cast<int>(ranks), verdict.silent);
   return verdict;
 }
 
@@ -166,8 +167,8 @@ void HeartbeatWatch::judge(Clock::time_point now, std::uint64_t step,
   }
   if (verdict.undecided) return;
   const int world = static_cast<int>(last_seen_.size());
-  const int heard = world - static_cast<int>(lost.size());
-  if (!hears_quorum(world, lost)) {
+  const int heard = world - static_cast<int>(silent.size());
+  if (!verdict.quorum) {
     // Most of the world silent at once is more likely this rank's own trouble than theirs.
     if (!isolated_) {
       isolated_ = true;

@@ -50,6 +50,10 @@ struct SilenceVerdict {
   // last of them as heard would give it a quorum to blame the first. Judged again next beat
   // (at most half a timeout later), when each has either spoken or is lost too.
   bool undecided = false;
+  // Whether the ranks not in `silent` (this one included) are a quorum (hears_quorum): the
+  // host-mates reported along count as silent here too, or a rank of a host cut off that finds
+  // one rank of each other host past the timeout would count their host-mates as heard.
+  bool quorum = true;
 };
 SilenceVerdict judge_silence(const std::vector<std::chrono::steady_clock::duration>& silent_for,
                              int self, const HeartbeatOptions& options);
