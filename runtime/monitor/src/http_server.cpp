@@ -44,9 +44,8 @@ constexpr std::size_t kMaxRequestBytes = 32 << 10;
 // Threads serving connections, and accepted connections waiting for one.
 constexpr std::size_t kWorkers = 8;
 constexpr std::size_t kQueuedConnections = 16;
-// From a worker taking a connection: its head must have arrived within kHeadTime, and the
-// answer must have left within kConnectionTime.
-constexpr auto kHeadTime = std::chrono::seconds(10);
+// From a worker taking a connection: its head must have arrived within the head time
+// (MonitorOptions::http_head_time), and the answer must have left within kConnectionTime.
 constexpr auto kConnectionTime = std::chrono::seconds(30);
 // After answering, what is still arriving (a refused body) is read and dropped for this long,
 // so that the client sees the answer rather than a reset.
@@ -91,10 +90,10 @@ void socket_address(int fd, bool peer, std::string& ip, int& port) {
 // One connection as httplib reads and writes it, with the bounds above.
 class ConnectionStream final : public httplib::Stream {
  public:
-  ConnectionStream(int fd, const std::atomic<bool>& stopping)
+  ConnectionStream(int fd, const std::atomic<bool>& stopping, Clock::duration head_time)
       : fd_(fd),
         stopping_(stopping),
-        head_deadline_(Clock::now() + kHeadTime),
+        head_deadline_(Clock::now() + head_time),
         deadline_(Clock::now() + kConnectionTime) {}
 
   bool is_readable() const override {
@@ -247,7 +246,7 @@ bool is_get(const httplib::Request& request) {
 
 class HttpServer final : public httplib::Server {
  public:
-  HttpServer() {
+  explicit HttpServer(Clock::duration head_time) : head_time_(head_time) {
     // (httplib takes ownership of the queue it is handed, as a raw pointer.)
     new_task_queue = [] { return std::make_unique<BoundedQueue>().release(); };
     set_payload_max_length(kMaxRequestBytes);
@@ -283,19 +282,21 @@ class HttpServer final : public httplib::Server {
     bool closed = false;
     bool served = false;
     {
-      ConnectionStream stream(fd, stopping_);
+      ConnectionStream stream(fd, stopping_, head_time_);
       served = process_request(stream, /*close_connection=*/true, closed, nullptr);
     }
     linger_and_close(fd, stopping_);
     return served;
   }
 
+  const Clock::duration head_time_;
   std::atomic<bool> stopping_{false};
 };
 
 }  // namespace detail
 
-Monitor::Server::Server() : http(std::make_unique<detail::HttpServer>()) {}
+Monitor::Server::Server(std::chrono::milliseconds head_time)
+    : http(std::make_unique<detail::HttpServer>(head_time)) {}
 
 Monitor::Server::~Server() = default;
 
@@ -305,7 +306,7 @@ void Monitor::Server::stop() {
 }
 
 void Monitor::start_server() {
-  auto server = std::make_unique<Server>();
+  auto server = std::make_unique<Server>(options_.http_head_time);
   const auto respond = [this](const char* type, auto body) {
     return [this, type, body](const httplib::Request&, httplib::Response& response) {
       response.set_header("Cache-Control", "no-store");

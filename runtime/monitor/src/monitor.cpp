@@ -54,6 +54,9 @@ MonitorOptions MonitorOptions::from_env() {
   if (auto v = env_uint("UNIMSG_METRICS_PORT", 0, 65535))
     options.metrics_port = static_cast<int>(*v);
   if (auto v = env_value("UNIMSG_METRICS_ADDRESS")) options.metrics_address = *v;
+  if (auto v = env_uint("UNIMSG_METRICS_HEAD_TIMEOUT_S", 1, 3600)) {
+    options.http_head_time = std::chrono::seconds(*v);
+  }
   if (auto v = env_value("UNIMSG_TIMELINE")) options.timeline = *v;
   if (auto v = env_uint("UNIMSG_TIMELINE_MAX_EVENTS", 1, 1ull << 28)) {
     options.timeline_max_events = static_cast<std::size_t>(*v);

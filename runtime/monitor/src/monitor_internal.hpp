@@ -49,7 +49,7 @@ Payload clock_reply(Clock::time_point timeline_origin);
 // Only http_server.cpp sees httplib (a large header), so the server lives behind a pointer and
 // its constructor, destructor and stop() are defined there.
 struct Monitor::Server {
-  Server();
+  explicit Server(std::chrono::milliseconds head_time);
   ~Server();
   Server(const Server&) = delete;
   Server& operator=(const Server&) = delete;

@@ -67,6 +67,10 @@ struct MonitorOptions {
   // is asked for, not assumed (docs/monitoring.md).
   int metrics_port = 0;
   std::string metrics_address = "127.0.0.1";
+  // A connection whose request line and headers have not arrived this long after a server
+  // thread took it is closed (UNIMSG_METRICS_HEAD_TIMEOUT_S): slow clients cannot hold the
+  // server's few threads for long.
+  std::chrono::milliseconds http_head_time{std::chrono::seconds(10)};
   // The merged timeline's path (UNIMSG_TIMELINE; empty: no timeline), and the spans each rank
   // keeps at most (UNIMSG_TIMELINE_MAX_EVENTS; later ones are counted as dropped).
   std::filesystem::path timeline;
