@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -29,8 +30,17 @@ void check_sizes(std::size_t count, std::span<float> residual, std::size_t wire,
 }
 
 #if defined(__x86_64__)
+namespace {
+// UNIMSG_CPU_SIMD=off turns the AVX2/F16C paths off (the portable ones give the same bits:
+// kernels_unit_portable checks that).
+bool simd_allowed() noexcept {
+  const char* value = std::getenv("UNIMSG_CPU_SIMD");
+  return value == nullptr || (std::strcmp(value, "off") != 0 && std::strcmp(value, "0") != 0);
+}
+}  // namespace
+
 bool has_avx2() noexcept {
-  static const bool supported = __builtin_cpu_supports("avx2");
+  static const bool supported = simd_allowed() && __builtin_cpu_supports("avx2");
   return supported;
 }
 
@@ -38,8 +48,8 @@ bool has_f16c() noexcept {
   // (clang's __builtin_cpu_supports knows no "f16c": ask cpuid, leaf 1, ECX bit 29.)
   static const bool supported = [] {
     unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-    return __builtin_cpu_supports("avx2") && __get_cpuid(1, &eax, &ebx, &ecx, &edx) != 0 &&
-           (ecx & (1u << 29)) != 0;
+    return simd_allowed() && __builtin_cpu_supports("avx2") &&
+           __get_cpuid(1, &eax, &ebx, &ecx, &edx) != 0 && (ecx & (1u << 29)) != 0;
   }();
   return supported;
 }

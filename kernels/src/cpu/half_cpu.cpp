@@ -10,6 +10,7 @@
 #include <string_view>
 
 #include "cpu_support.hpp"
+#include "element_math.hpp"
 #include "unimsg/kernels/cast.hpp"
 
 namespace unimsg::detail {
@@ -18,11 +19,13 @@ namespace {
 #if defined(__x86_64__)
 // F16C converts 8 floats per instruction with IEEE round-to-nearest-even, NaN and infinity kept:
 // the scalar reference's semantics at ~20x its speed. Chosen at run time.
+// (A NaN keeps its payload here: compress() makes it canonical afterwards, when there is one.)
 __attribute__((target("avx2,f16c"))) void to_f16_with_feedback(const float* g, float* r,
                                                                std::byte* wire, std::size_t n,
                                                                float scale, bool update) {
+  const float inverse = math::fp16_inverse(scale);
   const __m256 scale8 = _mm256_set1_ps(scale);
-  const __m256 inverse8 = _mm256_set1_ps(1.0f / scale);
+  const __m256 inverse8 = _mm256_set1_ps(inverse);
   std::size_t i = 0;
   for (; i + 8 <= n; i += 8) {
     __m256 v = _mm256_loadu_ps(g + i);
@@ -34,28 +37,29 @@ __attribute__((target("avx2,f16c"))) void to_f16_with_feedback(const float* g, f
       _mm256_storeu_ps(r + i, _mm256_sub_ps(v, back));
     }
   }
-  for (; i < n; ++i) {
-    const float v = r != nullptr ? g[i] + r[i] : g[i];
-    const std::uint16_t h = f32_to_f16(v * scale);
+  for (; i < n; ++i) {  // the shared formulas, as the body computes them 8 at a time
+    const float v = math::corrected(g, r, i);
+    const std::uint16_t h = math::fp16_encode(v, scale);
     std::memcpy(wire + 2 * i, &h, 2);
-    if (update) r[i] = v - f16_to_f32(h) / scale;
+    if (update) r[i] = math::fp16_residual(v, h, inverse);
   }
 }
 
 __attribute__((target("avx2,f16c"))) void from_f16(const std::byte* wire, float* out, std::size_t n,
                                                    float scale, bool add) {
-  const __m256 inverse8 = _mm256_set1_ps(1.0f / scale);
+  const float inverse = math::fp16_inverse(scale);
+  const __m256 inverse8 = _mm256_set1_ps(inverse);
   std::size_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wire + 2 * i));
     __m256 v = _mm256_mul_ps(_mm256_cvtph_ps(h), inverse8);
-    if (add) v = _mm256_add_ps(v, _mm256_loadu_ps(out + i));
+    if (add) v = _mm256_add_ps(_mm256_loadu_ps(out + i), v);
     _mm256_storeu_ps(out + i, v);
   }
   for (; i < n; ++i) {
     std::uint16_t h;
     std::memcpy(&h, wire + 2 * i, 2);
-    out[i] = (add ? out[i] : 0.0f) + f16_to_f32(h) / scale;
+    out[i] = math::accumulate(out[i], math::fp16_decode(h, inverse), add);
   }
 }
 #endif
@@ -162,23 +166,29 @@ class HalfCompressor final : public DenseCompressor {
     float largest;
     std::memcpy(&largest, &largest_bits, 4);
     // f16 tops out at 65504: scale down only what would overflow (bf16 has f32's range).
-    const float scale = (!bf16_ && largest > 32768.0f) ? 32768.0f / largest : 1.0f;
+    const float scale = math::fp16_scale(largest);
     put(wire, 0, scale);
     const bool update = !r.empty() && result.nonfinite == 0;
+    const float* residual = r.empty() ? nullptr : r.data();
 #if defined(__x86_64__)
-    // (scale is 1 or 32768/largest: dividing by it or multiplying by its inverse differ by at
-    // most an ulp, well inside the format's own rounding.)
-    if (!bf16_ && has_f16c()) {
+    if (has_f16c()) {
       to_f16_with_feedback(g.data(), r.empty() ? nullptr : r.data(), wire.data() + 4, g.size(),
                            scale, update);
+      // F16C keeps a NaN's payload, the device does not: the wire's NaN is canonical. (Only a
+      // non-finite gradient makes a NaN: the residual stays finite.)
+      for (std::size_t i = 0; result.nonfinite > 0 && i < g.size(); ++i) {
+        if (math::is_nan(math::corrected(g.data(), residual, i)))
+          put(wire, 4 + 2 * i, math::kF16NaN);
+      }
       return result;
     }
 #endif
+    const float inverse = math::fp16_inverse(scale);
     for (std::size_t i = 0; i < g.size(); ++i) {
-      const float v = corrected(g, r, i);
-      const std::uint16_t h = bf16_ ? f32_to_bf16(v * scale) : f32_to_f16(v * scale);
+      const float v = math::corrected(g.data(), residual, i);
+      const std::uint16_t h = math::fp16_encode(v, scale);
       put(wire, 4 + 2 * i, h);
-      if (update) r[i] = v - (bf16_ ? bf16_to_f32(h) : f16_to_f32(h)) / scale;
+      if (update) r[i] = math::fp16_residual(v, h, inverse);
     }
     return result;
   }
@@ -196,9 +206,10 @@ class HalfCompressor final : public DenseCompressor {
       from_bf16(wire.subspan(4), out, add);  // (the scale is always 1)
       return;
     }
+    const float inverse = math::fp16_inverse(scale);
     for (std::size_t i = 0; i < out.size(); ++i) {
       const auto h = get<std::uint16_t>(wire, 4 + 2 * i);
-      out[i] = (add ? out[i] : 0.0f) + f16_to_f32(h) / scale;
+      out[i] = math::accumulate(out[i], math::fp16_decode(h, inverse), add);
     }
   }
 
@@ -213,19 +224,10 @@ class HalfCompressor final : public DenseCompressor {
       const float* gp = g.data() + begin;
       float* rp = r.empty() ? nullptr : r.data() + begin;
       for (std::size_t i = 0; i < n; ++i) {
-        const float v = rp != nullptr ? gp[i] + rp[i] : gp[i];
-        std::uint32_t bits;
-        std::memcpy(&bits, &v, 4);
-        const bool nan = (bits & 0x7fffffffu) > 0x7f800000u;
-        const std::uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-        const std::uint32_t h = nan ? ((bits >> 16) | 0x40u) : rounded;
-        block[i] = static_cast<std::uint16_t>(h);
-        if (update) {
-          const std::uint32_t back_bits = h << 16;
-          float back;
-          std::memcpy(&back, &back_bits, 4);
-          rp[i] = v - back;
-        }
+        const float v = math::corrected(gp, rp, i);
+        const std::uint16_t h = math::bf16_encode(v);
+        block[i] = h;
+        if (update) rp[i] = math::bf16_residual(v, h);
       }
       std::memcpy(wire.data() + 2 * begin, block, 2 * n);
     }
@@ -236,12 +238,8 @@ class HalfCompressor final : public DenseCompressor {
       const std::size_t n = std::min(kBlock, out.size() - begin);
       std::memcpy(block, wire.data() + 2 * begin, 2 * n);
       float* o = out.data() + begin;
-      for (std::size_t i = 0; i < n; ++i) {
-        const std::uint32_t bits = static_cast<std::uint32_t>(block[i]) << 16;
-        float value;
-        std::memcpy(&value, &bits, 4);
-        o[i] = add ? o[i] + value : value;
-      }
+      for (std::size_t i = 0; i < n; ++i)
+        o[i] = math::accumulate(o[i], math::bf16_decode(block[i]), add);
     }
   }
 

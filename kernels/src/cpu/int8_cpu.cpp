@@ -14,20 +14,13 @@
 
 #include "compress_format.hpp"
 #include "cpu_support.hpp"
+#include "element_math.hpp"
 
 namespace unimsg::detail {
 namespace {
 
 using format::kInt8Chunk;
 using format::uniform01;
-
-// int8's code for one value: stochastic rounding, floor(v / scale + u) with u uniform in [0, 1),
-// unbiased in expectation; a non-finite value codes as 0. The scalar loop and the AVX2 chunk's
-// tail share it, so their codes cannot drift apart.
-inline std::int8_t int8_code(float v, float scale, float u) noexcept {
-  const float x = std::isfinite(v) ? v / scale : 0.0f;
-  return static_cast<std::int8_t>(std::clamp(std::floor(x + u), -127.0f, 127.0f));
-}
 
 #if defined(__x86_64__)
 // 64-bit products, 4 lanes: AVX2 multiplies only 32 x 32 -> 64, so three of those.
@@ -86,10 +79,10 @@ __attribute__((target("avx2"))) void int8_chunk(const float* g, float* r, std::b
   float largest = 0;
   for (const std::uint32_t lane : lanes) largest = std::max(largest, std::bit_cast<float>(lane));
   for (std::size_t j = i; j < n; ++j) {
-    const float v = r != nullptr ? g[j] + r[j] : g[j];
+    const float v = math::corrected(g, r, j);
     if (std::isfinite(v)) largest = std::max(largest, std::fabs(v));
   }
-  const float scale = largest > 0 ? largest / 127.0f : 1.0f;
+  const float scale = math::int8_scale(largest);
   std::memcpy(at, &scale, 4);
   std::byte* codes = at + 4;
   const __m256 scale8 = _mm256_set1_ps(scale);
@@ -110,11 +103,11 @@ __attribute__((target("avx2"))) void int8_chunk(const float* g, float* r, std::b
     _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + i), _mm_packs_epi16(q16, q16));
     if (update) _mm256_storeu_ps(r + i, _mm256_sub_ps(v, _mm256_mul_ps(q, scale8)));
   }
-  for (; i < n; ++i) {
-    const float v = r != nullptr ? g[i] + r[i] : g[i];
-    const std::int8_t code = int8_code(v, scale, format::uniform01_from(base, first + i));
+  for (; i < n; ++i) {  // the shared formulas, as the body computes them 8 at a time
+    const float v = math::corrected(g, r, i);
+    const std::int8_t code = math::int8_code(v, scale, format::uniform01_from(base, first + i));
     std::memcpy(codes + i, &code, 1);
-    if (update) r[i] = v - static_cast<float>(code) * scale;
+    if (update) r[i] = math::int8_residual(v, code, scale);
   }
 }
 
@@ -146,19 +139,20 @@ class Int8Compressor final : public DenseCompressor {
         continue;
       }
 #endif
+      const float* residual = r.empty() ? nullptr : r.data();
       float largest = 0;
       for (std::size_t i = begin; i < end; ++i) {
-        const float v = corrected(g, r, i);
+        const float v = math::corrected(g.data(), residual, i);
         if (std::isfinite(v)) largest = std::max(largest, std::fabs(v));
       }
-      const float scale = largest > 0 ? largest / 127.0f : 1.0f;
+      const float scale = math::int8_scale(largest);
       const std::size_t at = chunk_offset(chunk);
       put(wire, at, scale);
       for (std::size_t i = begin; i < end; ++i) {
-        const float v = corrected(g, r, i);
-        const std::int8_t code = int8_code(v, scale, uniform01(spec_.seed, step, i));
+        const float v = math::corrected(g.data(), residual, i);
+        const std::int8_t code = math::int8_code(v, scale, uniform01(spec_.seed, step, i));
         put(wire, at + 4 + (i - begin), code);
-        if (update) r[i] = v - static_cast<float>(code) * scale;
+        if (update) r[i] = math::int8_residual(v, code, scale);
       }
     }
     return result;
@@ -173,9 +167,11 @@ class Int8Compressor final : public DenseCompressor {
       const auto* codes = reinterpret_cast<const std::int8_t*>(wire.data() + at + 4);
       float* o = out.data() + begin;
       if (add) {
-        for (std::size_t i = 0; i < end - begin; ++i) o[i] += static_cast<float>(codes[i]) * scale;
+        for (std::size_t i = 0; i < end - begin; ++i) {
+          o[i] = math::accumulate(o[i], math::int8_decode(codes[i], scale), true);
+        }
       } else {
-        for (std::size_t i = 0; i < end - begin; ++i) o[i] = static_cast<float>(codes[i]) * scale;
+        for (std::size_t i = 0; i < end - begin; ++i) o[i] = math::int8_decode(codes[i], scale);
       }
     }
   }

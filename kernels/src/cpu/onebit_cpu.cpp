@@ -12,6 +12,7 @@
 
 #include "compress_format.hpp"
 #include "cpu_support.hpp"
+#include "element_math.hpp"
 
 namespace unimsg::detail {
 namespace {
@@ -47,8 +48,8 @@ __attribute__((target("avx2"))) float onebit_chunk(const float* g, float* r, std
   double sum = 0;
   for (float lane : lanes) sum += lane;
   for (std::size_t j = i; j < n; ++j) {
-    const float v = r != nullptr ? g[j] + r[j] : g[j];
-    sum += static_cast<double>(v) * v;
+    const float v = math::corrected(g, r, j);
+    sum += static_cast<double>(v) * static_cast<double>(v);
   }
   const float scale = static_cast<float>(std::sqrt(sum / static_cast<double>(n)));
   const __m256 plus = _mm256_set1_ps(scale);
@@ -62,11 +63,11 @@ __attribute__((target("avx2"))) float onebit_chunk(const float* g, float* r, std
     bits[i / 8] = std::byte{static_cast<unsigned char>(~_mm256_movemask_ps(negative) & 0xff)};
     if (update) _mm256_storeu_ps(r + i, _mm256_sub_ps(v, _mm256_blendv_ps(plus, minus, negative)));
   }
-  for (std::size_t j = i; j < n; ++j) {
-    const float v = r != nullptr ? g[j] + r[j] : g[j];
-    const bool positive = !(v < 0);
-    if (positive) bits[j / 8] |= std::byte{static_cast<unsigned char>(1u << (j % 8))};
-    if (update) r[j] = v - (positive ? scale : -scale);
+  for (std::size_t j = i; j < n; ++j) {  // the shared formulas, as the body computes them
+    const float v = math::corrected(g, r, j);
+    if (math::onebit_positive(v))
+      bits[j / 8] |= std::byte{static_cast<unsigned char>(1u << (j % 8))};
+    if (update) r[j] = math::onebit_residual(v, scale);
   }
   return scale;
 }
@@ -121,29 +122,28 @@ class OneBitCompressor final : public DenseCompressor {
         continue;
       }
 #endif
-      // (The caller skips a step with NaN/Inf anyway: no finiteness test in this hot loop.)
-      double sum = 0;
-      for (std::size_t i = begin; i < end; ++i) {
-        const float v = r.empty() ? g[i] : g[i] + r[i];
-        sum += static_cast<double>(v) * v;
+      // The AVX2 loop's summation order, element by element (element_math.hpp).
+      const std::size_t n = end - begin;
+      float values[kOneBitChunk];
+      for (std::size_t i = 0; i < n; ++i) {
+        values[i] = math::corrected(g.data(), r.empty() ? nullptr : r.data(), begin + i);
       }
-      const float scale = static_cast<float>(std::sqrt(sum / static_cast<double>(end - begin)));
+      float lanes[math::kOneBitLanes];
+      for (int lane = 0; lane < math::kOneBitLanes; ++lane) {
+        lanes[lane] = math::onebit_lane_sum(values, n, lane);
+      }
+      const float scale = math::onebit_scale(lanes, values, n);
       const std::size_t at = chunk * kChunkBytes;
       put(wire, at, scale);
       std::byte* bits = wire.data() + at + 4;
       std::memset(bits, 0, kOneBitChunk / 8);
-      const float* gp = g.data();
-      float* rp = r.empty() ? nullptr : r.data();
-      for (std::size_t i = begin; i < end; i += 8) {
+      for (std::size_t i = 0; i < n; i += 8) {
         unsigned byte = 0;
-        const std::size_t stop = std::min(end, i + 8);
-        for (std::size_t j = i; j < stop; ++j) {
-          const float v = rp != nullptr ? gp[j] + rp[j] : gp[j];
-          const bool positive = !(v < 0);  // 0 (and NaN) map to +scale, by definition
-          byte |= static_cast<unsigned>(positive) << (j - i);
-          if (update) rp[j] = v - (positive ? scale : -scale);
+        for (std::size_t j = i; j < std::min(n, i + 8); ++j) {
+          byte |= static_cast<unsigned>(math::onebit_positive(values[j])) << (j - i);
+          if (update) r[begin + j] = math::onebit_residual(values[j], scale);
         }
-        bits[(i - begin) / 8] = std::byte{static_cast<unsigned char>(byte)};
+        bits[i / 8] = std::byte{static_cast<unsigned char>(byte)};
       }
     }
     return result;

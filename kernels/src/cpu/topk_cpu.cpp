@@ -12,6 +12,7 @@
 
 #include "compress_format.hpp"
 #include "cpu_support.hpp"
+#include "element_math.hpp"
 
 namespace unimsg::detail {
 namespace {
@@ -34,8 +35,7 @@ class TopKCompressor final : public Compressor {
     const std::size_t k = k_of(spec_.ratio, n);
     std::vector<float> values(n);
     for (std::size_t i = 0; i < n; ++i) {
-      const float v = corrected(g, r, i);
-      values[i] = std::isfinite(v) ? v : 0.0f;
+      values[i] = math::topk_value(math::corrected(g.data(), r.empty() ? nullptr : r.data(), i));
     }
     std::vector<std::uint32_t> chosen;
     chosen.reserve(k);
@@ -43,16 +43,16 @@ class TopKCompressor final : public Compressor {
     if (spec_.sampled && n > 4 * k) {
       // DGC: estimate the k-th largest magnitude from a sample, take what lies above it, and
       // trim (or top up) to exactly k from those candidates.
-      const std::size_t samples = std::min<std::size_t>(n, std::max<std::size_t>(k * 8, 1024));
+      const std::size_t samples = math::topk_samples(k, n);
       std::vector<float> sample(samples);
       for (std::size_t s = 0; s < samples; ++s) {
-        sample[s] = std::fabs(values[mix(spec_.seed ^ mix(step) ^ s) % n]);
+        sample[s] = std::fabs(values[math::topk_sample_index(spec_.seed, step, s, n)]);
       }
-      const std::size_t rank_in_sample = std::max<std::size_t>(1, samples * k / n);
+      const std::size_t rank_in_sample = math::topk_rank_in_sample(samples, k, n);
       std::nth_element(sample.begin(),
                        sample.begin() + static_cast<std::ptrdiff_t>(rank_in_sample - 1),
                        sample.end(), std::greater<float>());
-      const float threshold = sample[rank_in_sample - 1] * 0.8f;  // a margin: rather more than k
+      const float threshold = math::topk_threshold(sample[rank_in_sample - 1]);
       for (std::uint32_t i = 0; i < n; ++i) {
         if (magnitude(i) >= threshold) chosen.push_back(i);
       }

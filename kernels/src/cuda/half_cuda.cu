@@ -11,6 +11,7 @@
 #include <string>
 
 #include "compressor_cuda_support.cuh"
+#include "element_math.hpp"
 
 namespace unimsg::detail::cuda {
 namespace {
@@ -19,49 +20,43 @@ __global__ void write_f32_kernel(unsigned char* at, float value) {
   *reinterpret_cast<float*>(at) = value;
 }
 
-__global__ void to_f16_kernel(const float* g, float* r, __half* out, std::size_t n, float scale,
-                              float inverse, bool update) {
+// The shared formulas (element_math.hpp), as the CPU computes them.
+__global__ void to_f16_kernel(const float* g, float* r, std::uint16_t* out, std::size_t n,
+                              float scale, float inverse, bool update) {
   for (std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<std::size_t>(gridDim.x) * blockDim.x) {
-    const float v = corrected(g, r, i);
-    const __half h = __float2half_rn(__fmul_rn(v, scale));
+    const float v = math::corrected(g, r, i);
+    const std::uint16_t h = math::fp16_encode(v, scale);
     out[i] = h;
-    if (update) r[i] = __fsub_rn(v, __fmul_rn(__half2float(h), inverse));
+    if (update) r[i] = math::fp16_residual(v, h, inverse);
   }
 }
 
-// The scale is read where it lies on the wire (no round trip to the host); 1/scale with IEEE
-// division, as the CPU computes it.
+// The scale is read where it lies on the wire (no round trip to the host).
 __global__ void from_f16_kernel(const unsigned char* wire, float* out, std::size_t n, bool add) {
-  const float inverse = __fdiv_rn(1.0f, *reinterpret_cast<const float*>(wire));
-  const auto* in = reinterpret_cast<const __half*>(wire + 4);
+  const float inverse = math::fp16_inverse(*reinterpret_cast<const float*>(wire));
+  const auto* in = reinterpret_cast<const std::uint16_t*>(wire + 4);
   for (std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<std::size_t>(gridDim.x) * blockDim.x) {
-    const float value = __fmul_rn(__half2float(in[i]), inverse);
-    out[i] = add ? __fadd_rn(value, out[i]) : value;
+    out[i] = math::accumulate(out[i], math::fp16_decode(in[i], inverse), add);
   }
 }
 
-// bf16 on the bits, exactly as the CPU: round to nearest even, NaN quieted.
 __global__ void to_bf16_kernel(const float* g, float* r, std::uint16_t* out, std::size_t n,
                                bool update) {
   for (std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<std::size_t>(gridDim.x) * blockDim.x) {
-    const float v = corrected(g, r, i);
-    const unsigned bits = __float_as_uint(v);
-    const bool nan = (bits & 0x7fffffffu) > 0x7f800000u;
-    const unsigned h =
-        nan ? ((bits >> 16) | 0x40u) : ((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-    out[i] = static_cast<std::uint16_t>(h);
-    if (update) r[i] = __fsub_rn(v, __uint_as_float(h << 16));
+    const float v = math::corrected(g, r, i);
+    const std::uint16_t h = math::bf16_encode(v);
+    out[i] = h;
+    if (update) r[i] = math::bf16_residual(v, h);
   }
 }
 
 __global__ void from_bf16_kernel(const std::uint16_t* in, float* out, std::size_t n, bool add) {
   for (std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<std::size_t>(gridDim.x) * blockDim.x) {
-    const float value = __uint_as_float(static_cast<unsigned>(in[i]) << 16);
-    out[i] = add ? __fadd_rn(out[i], value) : value;
+    out[i] = math::accumulate(out[i], math::bf16_decode(in[i]), add);
   }
 }
 
@@ -77,7 +72,7 @@ class CudaHalf final : public CudaCompressor {
     float largest = 0;
     const std::size_t nonfinite = scan(g, r, bf16_ ? nullptr : &largest, op);
     // As the CPU: f16 tops out at 65504, so only what would overflow is scaled down.
-    const float scale = (!bf16_ && largest > 32768.0f) ? 32768.0f / largest : 1.0f;
+    const float scale = bf16_ ? 1.0f : math::fp16_scale(largest);
     const bool update = !r.empty() && nonfinite == 0;
     auto* bytes = reinterpret_cast<unsigned char*>(wire.data());
     write_f32_kernel<<<1, 1, 0, stream()>>>(bytes, scale);
@@ -87,8 +82,8 @@ class CudaHalf final : public CudaCompressor {
           g.data(), residual, reinterpret_cast<std::uint16_t*>(bytes + 4), g.size(), update);
     } else {
       to_f16_kernel<<<grid_for(g.size()), kThreads, 0, stream()>>>(
-          g.data(), residual, reinterpret_cast<__half*>(bytes + 4), g.size(), scale, 1.0f / scale,
-          update);
+          g.data(), residual, reinterpret_cast<std::uint16_t*>(bytes + 4), g.size(), scale,
+          math::fp16_inverse(scale), update);
     }
     check(cudaGetLastError(), op, "cast kernel");
     return {wire_bytes(g.size()), nonfinite};

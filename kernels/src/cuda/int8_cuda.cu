@@ -11,6 +11,7 @@
 #include <string>
 
 #include "compressor_cuda_support.cuh"
+#include "element_math.hpp"
 
 namespace unimsg::detail::cuda {
 namespace {
@@ -24,23 +25,21 @@ __global__ void int8_kernel(const float* g, float* r, unsigned char* wire, std::
   const std::size_t chunk = blockIdx.x;
   const std::size_t i = chunk * kChunk + threadIdx.x;
   const bool in = i < n;
-  const float v = in ? corrected(g, r, i) : 0.0f;
+  const float v = in ? math::corrected(g, r, i) : 0.0f;
   const bool finite = isfinite(v);
   using Reduce = cub::BlockReduce<float, kThreads>;
   __shared__ typename Reduce::TempStorage storage;
   __shared__ float shared_scale;
   const float largest = Reduce(storage).Reduce(in && finite ? fabsf(v) : 0.0f, MaxOp{});
-  if (threadIdx.x == 0) shared_scale = largest > 0 ? __fdiv_rn(largest, 127.0f) : 1.0f;
+  if (threadIdx.x == 0) shared_scale = math::int8_scale(largest);
   __syncthreads();
   const float scale = shared_scale;
   unsigned char* at = wire + chunk * kInt8ChunkBytes;
   if (threadIdx.x == 0) *reinterpret_cast<float*>(at) = scale;
   if (!in) return;
-  const float x = finite ? __fdiv_rn(v, scale) : 0.0f;
-  const float q = fminf(fmaxf(floorf(__fadd_rn(x, uniform01(seed, step, i))), -127.0f), 127.0f);
-  const auto code = static_cast<std::int8_t>(q);
+  const std::int8_t code = math::int8_code(v, scale, uniform01(seed, step, i));
   at[4 + threadIdx.x] = static_cast<unsigned char>(code);
-  if (update) r[i] = __fsub_rn(v, __fmul_rn(static_cast<float>(code), scale));
+  if (update) r[i] = math::int8_residual(v, code, scale);
 }
 
 __global__ void from_int8_kernel(const unsigned char* wire, float* out, std::size_t n, bool add) {
@@ -49,8 +48,7 @@ __global__ void from_int8_kernel(const unsigned char* wire, float* out, std::siz
     const unsigned char* at = wire + (i / kChunk) * kInt8ChunkBytes;
     const float scale = *reinterpret_cast<const float*>(at);
     const auto code = static_cast<std::int8_t>(at[4 + i % kChunk]);
-    const float value = __fmul_rn(static_cast<float>(code), scale);
-    out[i] = add ? __fadd_rn(out[i], value) : value;
+    out[i] = math::accumulate(out[i], math::int8_decode(code, scale), add);
   }
 }
 

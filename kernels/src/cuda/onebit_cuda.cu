@@ -10,15 +10,15 @@
 #include <string>
 
 #include "compressor_cuda_support.cuh"
+#include "element_math.hpp"
 
 namespace unimsg::detail::cuda {
 namespace {
 
 using format::kOneBitChunkBytes;
 
-// One block per chunk of 256: the root mean square, summed in the order of the CPU's AVX2 path
-// (eight f32 lanes over the whole groups of eight, the lanes then added in double, the tail in
-// double), then the signs, 32 per warp vote.
+// One block per chunk of 256: the root mean square in element_math.hpp's order (eight threads
+// sum a lane each, one adds them), then the signs, 32 per warp vote.
 __global__ void onebit_kernel(const float* g, float* r, unsigned char* wire, std::size_t n,
                               bool update) {
   __shared__ float values[kChunk];
@@ -29,40 +29,20 @@ __global__ void onebit_kernel(const float* g, float* r, unsigned char* wire, std
   const std::size_t count = min(kChunk, n - begin);
   const unsigned t = threadIdx.x;
   const bool in = t < count;
-  const float v = in ? corrected(g, r, begin + t) : 0.0f;
+  const float v = in ? math::corrected(g, r, begin + t) : 0.0f;
   values[t] = v;
   __syncthreads();
-  const std::size_t whole = count / 8 * 8;
-  if (t < 8) {
-    // The CPU's four sums per lane: values t + 8k + 32m into sum k, whole groups of 32 first,
-    // then the rest of the groups of 8 into sum 0.
-    const std::size_t whole32 = count / 32 * 32;
-    float sums[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (std::size_t j = t; j < whole32; j += 32) {
-      for (int k = 0; k < 4; ++k) {
-        const float x = values[j + 8 * k];
-        sums[k] = __fadd_rn(sums[k], __fmul_rn(x, x));
-      }
-    }
-    for (std::size_t j = whole32 + t; j < whole; j += 8)
-      sums[0] = __fadd_rn(sums[0], __fmul_rn(values[j], values[j]));
-    lanes[t] = __fadd_rn(__fadd_rn(sums[0], sums[1]), __fadd_rn(sums[2], sums[3]));
-  }
+  if (t < math::kOneBitLanes) lanes[t] = math::onebit_lane_sum(values, count, static_cast<int>(t));
   __syncthreads();
-  if (t == 0) {
-    double sum = 0;
-    for (int lane = 0; lane < 8; ++lane) sum += lanes[lane];
-    for (std::size_t j = whole; j < count; ++j) sum += static_cast<double>(values[j]) * values[j];
-    shared_scale = static_cast<float>(sqrt(sum / static_cast<double>(count)));
-  }
+  if (t == 0) shared_scale = math::onebit_scale(lanes, values, count);
   __syncthreads();
   const float scale = shared_scale;
   unsigned char* at = wire + chunk * kOneBitChunkBytes;
-  const bool positive = !(v < 0.0f);  // 0, -0 and NaN: positive, as on the CPU
+  const bool positive = math::onebit_positive(v);
   const unsigned word = __ballot_sync(0xffffffffu, in && positive);
   if (t % 32 == 0) reinterpret_cast<unsigned*>(at + 4)[t / 32] = word;
   if (t == 0) *reinterpret_cast<float*>(at) = scale;
-  if (in && update) r[begin + t] = __fsub_rn(v, positive ? scale : -scale);
+  if (in && update) r[begin + t] = math::onebit_residual(v, scale);
 }
 
 __global__ void from_onebit_kernel(const unsigned char* wire, float* out, std::size_t n, bool add) {
@@ -71,8 +51,8 @@ __global__ void from_onebit_kernel(const unsigned char* wire, float* out, std::s
     const unsigned char* at = wire + (i / kChunk) * kOneBitChunkBytes;
     const float scale = *reinterpret_cast<const float*>(at);
     const unsigned within = static_cast<unsigned>(i % kChunk);
-    const float value = ((at[4 + within / 8] >> (within % 8)) & 1u) ? scale : -scale;
-    out[i] = add ? __fadd_rn(value, out[i]) : value;
+    const bool positive = (at[4 + within / 8] >> (within % 8)) & 1u;
+    out[i] = math::accumulate(out[i], math::onebit_decode(positive, scale), add);
   }
 }
 

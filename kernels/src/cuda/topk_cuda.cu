@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "compressor_cuda_support.cuh"
+#include "element_math.hpp"
 
 namespace unimsg::detail::cuda {
 namespace {
@@ -28,8 +29,7 @@ __global__ void topk_prepare_kernel(const float* g, const float* r, float* value
                                     unsigned* indices, std::size_t n) {
   for (std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<std::size_t>(gridDim.x) * blockDim.x) {
-    const float v = corrected(g, r, i);
-    const float value = isfinite(v) ? v : 0.0f;
+    const float value = math::topk_value(math::corrected(g, r, i));
     values[i] = value;
     keys[i] = __float_as_uint(fabsf(value));
     indices[i] = static_cast<unsigned>(i);
@@ -40,7 +40,7 @@ __global__ void topk_sample_kernel(const float* values, float* sample, std::size
                                    std::size_t n, std::uint64_t seed, std::uint64_t step) {
   for (std::size_t s = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x; s < samples;
        s += static_cast<std::size_t>(gridDim.x) * blockDim.x) {
-    sample[s] = fabsf(values[splitmix64(seed ^ splitmix64(step) ^ s) % n]);
+    sample[s] = fabsf(values[math::topk_sample_index(seed, step, s, n)]);
   }
 }
 
@@ -183,7 +183,7 @@ class CudaTopK final : public CudaCompressor {
   // or all of them when fewer than k pass (the threshold was too high).
   Candidates sampled_candidates(const TopKArrays& arrays, std::size_t n, std::size_t k,
                                 std::uint64_t step, const std::string& op) const {
-    const std::size_t samples = std::min<std::size_t>(n, std::max<std::size_t>(k * 8, 1024));
+    const std::size_t samples = math::topk_samples(k, n);
     auto* sample = static_cast<float*>(scratch(6, 4 * samples));
     topk_sample_kernel<<<grid_for(samples), kThreads, 0, stream()>>>(arrays.values, sample, samples,
                                                                      n, spec_.seed, step);
@@ -192,10 +192,10 @@ class CudaTopK final : public CudaCompressor {
     check(cudaMemcpyAsync(host.data(), sample, 4 * samples, cudaMemcpyDeviceToHost, stream()), op,
           "cudaMemcpyAsync");
     check(cudaStreamSynchronize(stream()), op, "topk sample");
-    const std::size_t rank_in_sample = std::max<std::size_t>(1, samples * k / n);
+    const std::size_t rank_in_sample = math::topk_rank_in_sample(samples, k, n);
     std::nth_element(host.begin(), host.begin() + static_cast<std::ptrdiff_t>(rank_in_sample - 1),
                      host.end(), std::greater<float>());
-    const float threshold = host[rank_in_sample - 1] * 0.8f;
+    const float threshold = math::topk_threshold(host[rank_in_sample - 1]);
     auto* flags = static_cast<unsigned char*>(scratch(7, n));
     unsigned threshold_bits = 0;
     std::memcpy(&threshold_bits, &threshold, 4);
