@@ -31,8 +31,10 @@ struct NcclState {
   ncclComm_t nccl = nullptr;
   cudaStream_t stream = nullptr;
   std::atomic<bool> aborted{false};
-  // No thread may be inside NCCL while ncclCommAbort runs: launches and abort take this lock.
+  // No thread may be inside NCCL while ncclCommAbort runs, nor touch the handle after it (abort
+  // frees it): launches, polls, splits and abort take this lock, and abort clears `nccl`.
   std::mutex launch_mutex;
+  std::string abort_cause;  // why it was aborted (launch_mutex held)
   std::unique_ptr<DeviceBuffer> barrier_scratch;
 
   ~NcclState() {
@@ -58,41 +60,99 @@ struct NcclState {
 
 namespace {
 
-void check_nccl(ncclResult_t result, const NcclState& state, const char* what) {
-  if (result == ncclSuccess || result == ncclInProgress) return;
+// NCCL's words for a failed result, with the communicator's last error when it has one.
+std::string nccl_cause(ncclResult_t result, const NcclState& state) {
   std::string cause = ncclGetErrorString(result);
   if (state.nccl != nullptr) {
     const char* last = ncclGetLastError(state.nccl);
     if (last != nullptr && *last != '\0') cause += std::string(": ") + last;
   }
-  throw Error(state.comm.rank(), what, cause);
+  return cause;
 }
 
-void abort_communicator(NcclState& state) {
+// A call's own result (an argument NCCL refused): an Error; the communicator stays usable.
+void check_nccl(ncclResult_t result, const NcclState& state, const char* what) {
+  if (result == ncclSuccess || result == ncclInProgress) return;
+  throw Error(state.comm.rank(), what, nccl_cause(result, state));
+}
+
+// Aborts the communicator once (launch_mutex held). ncclCommAbort frees it: the handle is
+// cleared, and every later launch, poll or split meets `aborted` and the cause instead.
+void abort_locked(NcclState& state, const std::string& cause) {
+  if (state.aborted.exchange(true)) return;
+  state.abort_cause = cause;
+  if (state.nccl != nullptr) {
+    cudaSetDevice(state.device);
+    ncclCommAbort(state.nccl);
+    state.nccl = nullptr;
+  }
+}
+
+void abort_communicator(NcclState& state, const std::string& cause) {
   std::lock_guard lock(state.launch_mutex);
-  if (state.nccl != nullptr && !state.aborted.exchange(true)) ncclCommAbort(state.nccl);
+  abort_locked(state, cause);
+}
+
+[[noreturn]] void throw_aborted(const NcclState& state, const std::string& what) {
+  throw Error(state.comm.rank(), what, "the NCCL communicator was aborted: " + state.abort_cause);
+}
+
+// The communicator's asynchronous state (launch_mutex held): an asynchronous error is fatal to
+// it (as XLA and PyTorch's watchdog treat it): it is aborted at once, so that nothing more queues
+// on it and its kernels stop, and the Error carries the cause. Returns ncclSuccess or
+// ncclInProgress.
+ncclResult_t async_state(NcclState& state, const std::string& what) {
+  if (state.aborted.load()) throw_aborted(state, what);
+  ncclResult_t async = ncclSuccess;
+  const ncclResult_t query = ncclCommGetAsyncError(state.nccl, &async);
+  const ncclResult_t failed = query != ncclSuccess ? query : async;
+  if (failed == ncclSuccess || failed == ncclInProgress) return failed;
+  abort_locked(state, nccl_cause(failed, state));
+  throw_aborted(state, what);
 }
 
 // A non-blocking communicator reports ncclInProgress until an issued call is enqueued (or the
-// communicator is initialised); wait for that, bounded.
+// communicator is initialised); wait for that (launch_mutex held), bounded.
 void wait_enqueued(NcclState& state, const char* what, std::chrono::nanoseconds timeout) {
   const auto deadline = Clock::now() + timeout;
-  ncclResult_t async = ncclInProgress;
-  while (true) {
-    check_nccl(ncclCommGetAsyncError(state.nccl, &async), state, what);
-    if (async != ncclInProgress) break;
+  while (async_state(state, what) == ncclInProgress) {
     if (Clock::now() >= deadline) {
-      if (!state.aborted.exchange(true)) ncclCommAbort(state.nccl);
-      throw TimeoutError(
-          state.comm.rank(), what,
+      abort_locked(
+          state,
           "NCCL did not get ready within " +
               std::to_string(std::chrono::duration_cast<std::chrono::seconds>(timeout).count()) +
-              " s; the communicator was aborted");
+              " s");
+      throw TimeoutError(state.comm.rank(), what,
+                         state.abort_cause + "; the communicator was aborted");
     }
     std::this_thread::yield();
   }
-  check_nccl(async, state, what);
 }
+
+// ncclGroupStart .. ncclGroupEnd (launch_mutex held). An exception between them must not leave
+// the group open (the thread's later NCCL calls would queue into it): the group is closed, and
+// since half of it may have been issued, the communicator aborted.
+class NcclGroup {
+ public:
+  explicit NcclGroup(NcclState& state) : state_(state) {
+    check_nccl(ncclGroupStart(), state, "ncclGroupStart");
+  }
+  void end() {
+    open_ = false;
+    check_nccl(ncclGroupEnd(), state_, "ncclGroupEnd");
+  }
+  ~NcclGroup() {
+    if (!open_) return;
+    ncclGroupEnd();
+    abort_locked(state_, "an error inside an NCCL group left it half issued");
+  }
+  NcclGroup(const NcclGroup&) = delete;
+  NcclGroup& operator=(const NcclGroup&) = delete;
+
+ private:
+  NcclState& state_;
+  bool open_ = true;
+};
 
 ncclDataType_t nccl_type(DType dtype) {
   switch (dtype) {
@@ -174,9 +234,10 @@ class NcclWork final : public Work::State {
         rank_(state_->comm.rank()) {}
 
   bool poll() override {
-    ncclResult_t async = ncclSuccess;
-    ncclCommGetAsyncError(state_->nccl, &async);
-    if (async != ncclSuccess && async != ncclInProgress) check_nccl(async, *state_, "nccl wait");
+    {
+      std::lock_guard lock(state_->launch_mutex);
+      async_state(*state_, description_);  // (an abort, or an asynchronous error: an Error)
+    }
     const cudaError_t status = cudaEventQuery(event_.get());
     if (status == cudaSuccess) return true;
     if (status == cudaErrorNotReady) return false;
@@ -185,7 +246,9 @@ class NcclWork final : public Work::State {
   }
   std::string describe() const override { return description_; }
   std::string missing_ranks() const override { return missing_ranks_(); }
-  void on_timeout() override { abort_communicator(*state_); }
+  void on_timeout() override {
+    abort_communicator(*state_, description_ + " did not complete within the timeout");
+  }
   int rank() const override { return rank_; }
   std::chrono::nanoseconds default_timeout() const override { return timeout_; }
 
@@ -199,22 +262,24 @@ class NcclWork final : public Work::State {
   int rank_;
 };
 
-// Issues `calls` (NCCL and stream work) under the launch lock, then records an event that the
-// Work polls. `keep` holds buffers that must live until the operation completes.
+// Issues `calls` (NCCL and stream work) under the launch lock on the communicator's device, waits
+// until NCCL has enqueued them, runs `after_enqueue` (stream work that must follow the NCCL
+// kernels: a non-blocking communicator enqueues them from a helper thread, so work queued right
+// after ncclGroupEnd could reach the stream first), then records an event that the Work polls.
+// `keep` holds buffers that must live until the operation completes.
 Work launch(const std::shared_ptr<NcclState>& state, std::chrono::nanoseconds timeout,
             std::string description, const std::function<void()>& calls,
-            std::shared_ptr<void> keep = {}) {
+            std::shared_ptr<void> keep = {}, const std::function<void()>& after_enqueue = {}) {
   const int rank = state->comm.rank();
   const std::uint64_t index = state->progress->start();
   cudaEvent_t raw_event = nullptr;
   {
     std::lock_guard lock(state->launch_mutex);
-    if (state->aborted.load()) {
-      throw Error(rank, description, "the NCCL communicator was aborted after an earlier fault");
-    }
-    check_cuda(cudaSetDevice(state->device), rank, "cudaSetDevice");
+    if (state->aborted.load()) throw_aborted(*state, description);
+    const DeviceGuard device(state->device, rank, description);
     calls();
     wait_enqueued(*state, "nccl launch", timeout);
+    if (after_enqueue) after_enqueue();
     check_cuda(cudaEventCreateWithFlags(&raw_event, cudaEventDisableTiming), rank,
                "cudaEventCreate");
     check_cuda(cudaEventRecord(raw_event, state->stream), rank, "cudaEventRecord");
@@ -233,9 +298,15 @@ std::uint32_t draw_topic_seed(const MpiComm& comm) {
 }
 
 void finish_setup(NcclState& state, std::chrono::nanoseconds timeout) {
-  wait_enqueued(state, "ncclCommInitRankConfig", timeout);
-  check_cuda(cudaStreamCreateWithFlags(&state.stream, cudaStreamNonBlocking), state.comm.rank(),
-             "cudaStreamCreate");
+  {
+    std::lock_guard lock(state.launch_mutex);
+    wait_enqueued(state, "ncclCommInitRankConfig", timeout);
+  }
+  const DeviceGuard device(state.device, state.comm.rank(), "nccl.init");
+  // A blocking stream: ordered after the legacy default stream, where cudaMemcpy from pageable
+  // memory queues its DMA (it may return before the DMA lands): a collective must not read its
+  // input before that copy (DeviceBuffer::copy_from_host, the staging of host tensors).
+  check_cuda(cudaStreamCreate(&state.stream), state.comm.rank(), "cudaStreamCreate");
   state.barrier_scratch = std::make_unique<DeviceBuffer>(sizeof(float));
 }
 
@@ -374,7 +445,7 @@ Work NcclCommunicator::do_allgatherv(TensorView send, TensorView recv,
   const std::vector<std::size_t> sizes(counts.begin(), counts.end());
   // NCCL has no allgatherv: one broadcast per rank, grouped.
   return detail::launch(state_, default_timeout(), detail::describe("allgatherv", send, name), [&] {
-    detail::check_nccl(ncclGroupStart(), state, "ncclGroupStart");
+    detail::NcclGroup group(state);
     std::size_t offset = 0;
     for (int r = 0; r < size(); ++r) {
       std::byte* slot = detail::at(recv, offset);
@@ -384,7 +455,7 @@ Work NcclCommunicator::do_allgatherv(TensorView send, TensorView recv,
                          state, "ncclBroadcast");
       offset += sizes[static_cast<std::size_t>(r)];
     }
-    detail::check_nccl(ncclGroupEnd(), state, "ncclGroupEnd");
+    group.end();
   });
 }
 
@@ -405,12 +476,15 @@ Work NcclCommunicator::do_reduce_scatter(TensorView send, TensorView recv,
   // In place, the share is reduced into scratch and copied to the start of the buffer: the group
   // below still reads other ranks' shares from that buffer.
   std::shared_ptr<DeviceBuffer> scratch;
-  if (in_place) scratch = std::make_shared<DeviceBuffer>(share * element);
+  if (in_place) {
+    const DeviceGuard device(state.device, rank(), "reduce_scatter");  // (scratch on its GPU)
+    scratch = std::make_shared<DeviceBuffer>(share * element);
+  }
   void* target = in_place ? scratch->data() : recv.data;
   return detail::launch(
       state_, default_timeout(), detail::describe("reduce_scatter", send, name),
       [&] {
-        detail::check_nccl(ncclGroupStart(), state, "ncclGroupStart");
+        detail::NcclGroup group(state);
         for (int r = 0; r < size(); ++r) {
           const std::size_t n = reduce_scatter_share(send.count, size(), r);
           const std::byte* source = detail::at(send, reduce_scatter_offset(send.count, size(), r));
@@ -419,14 +493,17 @@ Work NcclCommunicator::do_reduce_scatter(TensorView send, TensorView recv,
                                         detail::nccl_op(op), r, state.nccl, state.stream),
                              state, "ncclReduce");
         }
-        detail::check_nccl(ncclGroupEnd(), state, "ncclGroupEnd");
+        group.end();
+      },
+      scratch,
+      [&] {
+        // After the reduction is enqueued, not merely issued (launch()).
         if (in_place && share != 0) {
           check_cuda(cudaMemcpyAsync(send.data, target, share * element, cudaMemcpyDeviceToDevice,
                                      state.stream),
                      rank(), "cudaMemcpyAsync");
         }
-      },
-      scratch);
+      });
 }
 
 Work NcclCommunicator::do_alltoall(TensorView send, TensorView recv,
@@ -443,7 +520,10 @@ Work NcclCommunicator::do_alltoall(TensorView send, TensorView recv,
   const std::size_t element = dtype_size(send.dtype);
   // In place, the outgoing blocks are copied aside first: sends and receives run concurrently.
   std::shared_ptr<DeviceBuffer> copy;
-  if (send.data == recv.data) copy = std::make_shared<DeviceBuffer>(send.bytes());
+  if (send.data == recv.data) {
+    const DeviceGuard device(state.device, rank(), "alltoall");  // (the copy on its GPU)
+    copy = std::make_shared<DeviceBuffer>(send.bytes());
+  }
   return detail::launch(
       state_, default_timeout(), detail::describe("alltoall", send, name),
       [&] {
@@ -454,7 +534,7 @@ Work NcclCommunicator::do_alltoall(TensorView send, TensorView recv,
                      rank(), "cudaMemcpyAsync");
           source = static_cast<const std::byte*>(copy->data());
         }
-        detail::check_nccl(ncclGroupStart(), state, "ncclGroupStart");
+        detail::NcclGroup group(state);
         for (std::size_t r = 0; r < ranks; ++r) {
           detail::check_nccl(
               ncclSend(source + r * block * element, block, detail::nccl_type(send.dtype),
@@ -465,7 +545,7 @@ Work NcclCommunicator::do_alltoall(TensorView send, TensorView recv,
                        static_cast<int>(r), state.nccl, state.stream),
               state, "ncclRecv");
         }
-        detail::check_nccl(ncclGroupEnd(), state, "ncclGroupEnd");
+        group.end();
       },
       copy);
 }
@@ -493,7 +573,11 @@ std::unique_ptr<Communicator> NcclCommunicator::split(std::span<const int> ranks
   config.blocking = 0;
   {
     std::lock_guard lock(state_->launch_mutex);
-    check_cuda(cudaSetDevice(state_->device), rank(), "cudaSetDevice");
+    if (state_->aborted.load()) {
+      if (child != MPI_COMM_NULL) MPI_Comm_free(&child);
+      detail::throw_aborted(*state_, "split");
+    }
+    const DeviceGuard device(state_->device, rank(), "split");
     detail::check_nccl(ncclCommSplit(state_->nccl, key >= 0 ? 0 : NCCL_SPLIT_NOCOLOR,
                                      std::max(key, 0), &nccl_child, &config),
                        *state_, "ncclCommSplit");

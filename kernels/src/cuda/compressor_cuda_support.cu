@@ -72,6 +72,7 @@ CompressResult CudaCompressor::compress(std::span<const float> g, std::span<floa
   if (reinterpret_cast<std::uintptr_t>(wire.data()) % 4 != 0) {
     throw Error(kNoRank, operation, "the wire buffer must be 4-byte aligned on the device");
   }
+  const DeviceGuard guard(device_, kNoRank, operation);
   std::lock_guard lock(mutex_);
   CompressResult result{need, 0};
   if (g.empty()) {
@@ -128,6 +129,7 @@ void CudaCompressor::expand_checked(std::span<const std::byte> wire, std::uint64
   if (reinterpret_cast<std::uintptr_t>(wire.data()) % 4 != 0) {
     throw Error(kNoRank, operation, "the wire buffer must be 4-byte aligned on the device");
   }
+  const DeviceGuard guard(device_, kNoRank, operation);
   std::lock_guard lock(mutex_);
   run_expand(wire, step, out, add, operation);
   check(cudaStreamSynchronize(stream_.get()), operation, "kernels");

@@ -69,8 +69,12 @@ class CudaStream {
 
 class CudaCompressor : public Compressor {
  public:
+  // Bound to the device current now: its stream and scratch live there, and every call sets it.
   CudaCompressor(CompressionSpec spec, std::string name)
-      : Compressor(std::move(spec)), name_(std::move(name)), stream_("compress " + name_) {}
+      : Compressor(std::move(spec)),
+        name_(std::move(name)),
+        device_(current_device(kNoRank, "compress " + name_)),
+        stream_("compress " + name_) {}
 
   std::string_view name() const noexcept override { return name_; }
 
@@ -103,14 +107,15 @@ class CudaCompressor : public Compressor {
                    const std::string& operation) const;
 
  private:
-  static void check_device(const void* pointer, const char* what, const std::string& operation) {
-    check_device_pointer(pointer, what, operation);
+  void check_device(const void* pointer, const char* what, const std::string& operation) const {
+    check_device_pointer(pointer, what, operation, device_);
   }
 
   void expand_checked(std::span<const std::byte> wire, std::uint64_t step, std::span<float> out,
                       bool add) const;
 
   std::string name_;
+  int device_;
   CudaStream stream_;
   mutable std::mutex mutex_;
   mutable std::vector<std::optional<DeviceBuffer>> scratch_;

@@ -26,15 +26,21 @@ inline void check(cudaError_t status, const std::string& operation, const char* 
   check_cuda(status, kNoRank, operation, call);
 }
 
-// An Error naming `what` unless `pointer` is device (or managed) memory.
+// An Error naming `what` unless `pointer` is device memory of `device` (or managed memory).
 inline void check_device_pointer(const void* pointer, const char* what,
-                                 const std::string& operation) {
+                                 const std::string& operation, int device) {
   cudaPointerAttributes attributes{};
   if (cudaPointerGetAttributes(&attributes, pointer) != cudaSuccess ||
       (attributes.type != cudaMemoryTypeDevice && attributes.type != cudaMemoryTypeManaged)) {
     cudaGetLastError();  // (a failed query leaves an error behind for the next check: clear it)
     throw Error(kNoRank, operation,
                 std::string("the ") + what + " is not in device memory (device pointers only)");
+  }
+  if (attributes.type == cudaMemoryTypeDevice && attributes.device != device) {
+    throw Error(kNoRank, operation,
+                std::string("the ") + what + " is on GPU " + std::to_string(attributes.device) +
+                    ", this compressor on GPU " + std::to_string(device) +
+                    " (the device current when it was made)");
   }
 }
 

@@ -29,8 +29,8 @@ void check(cublasStatus_t status, const char* what) {
   }
 }
 
-void check_device(const void* pointer, const char* what) {
-  detail::cuda::check_device_pointer(pointer, what, "cuda powersgd");
+void check_device(const void* pointer, const char* what, int device) {
+  detail::cuda::check_device_pointer(pointer, what, "cuda powersgd", device);
 }
 
 // M = gradient (+ residual) over the first `count` elements; the padding stays zero.
@@ -58,6 +58,7 @@ using detail::cuda::grid_for;
 struct CudaPowerSgd::State {
   std::size_t count = 0, rows = 0, cols = 0;
   int rank = 1;
+  int gpu = 0;  // the device current at construction: its stream, handle and buffers live there
   cudaStream_t stream = nullptr;
   cublasHandle_t blas = nullptr;
   std::optional<DeviceBuffer> matrix, p, q, approximation;
@@ -79,6 +80,7 @@ CudaPowerSgd::CudaPowerSgd(std::size_t count, int rank, std::uint64_t seed, std:
   s.cols = detail::powersgd_cols(count, rows);
   s.rows = (count + s.cols - 1) / s.cols;
   const auto r = static_cast<std::size_t>(rank);
+  s.gpu = current_device(kNoRank, "cuda powersgd");
   // A blocking stream: ordered after what the caller put on the legacy default stream.
   check(cudaStreamCreate(&s.stream), "cudaStreamCreate");
   check(cublasCreate(&s.blas), "cublasCreate");
@@ -115,14 +117,15 @@ int CudaPowerSgd::rank() const noexcept {
 std::span<float> CudaPowerSgd::begin(std::span<const float> gradient,
                                      std::span<const float> residual) {
   State& s = *state_;
+  const DeviceGuard guard(s.gpu, kNoRank, "cuda powersgd");
   if (gradient.size() != s.count || (!residual.empty() && residual.size() != s.count)) {
     throw Error(kNoRank, "cuda powersgd",
                 "expected " + std::to_string(s.count) + " elements, got " +
                     std::to_string(gradient.size()));
   }
   if (s.count == 0) return {s.device(s.p), 0};
-  check_device(gradient.data(), "gradient");
-  if (!residual.empty()) check_device(residual.data(), "residual");
+  check_device(gradient.data(), "gradient", s.gpu);
+  if (!residual.empty()) check_device(residual.data(), "residual", s.gpu);
   sum_kernel<<<grid_for(s.count), detail::cuda::kThreads, 0, s.stream>>>(
       gradient.data(), residual.empty() ? nullptr : residual.data(), s.device(s.matrix), s.count);
   check(cudaGetLastError(), "sum kernel");
@@ -139,6 +142,7 @@ std::span<float> CudaPowerSgd::begin(std::span<const float> gradient,
 
 std::span<float> CudaPowerSgd::project() {
   State& s = *state_;
+  const DeviceGuard guard(s.gpu, kNoRank, "cuda powersgd");
   const int r = s.rank;
   if (s.count == 0) return {s.device(s.q), 0};
   // Orthonormalised where the CPU does it, the CPU's way: rows x rank values.
@@ -157,12 +161,13 @@ std::span<float> CudaPowerSgd::project() {
 
 void CudaPowerSgd::finish(std::span<float> out, std::span<float> residual) {
   State& s = *state_;
+  const DeviceGuard guard(s.gpu, kNoRank, "cuda powersgd");
   if (out.size() != s.count || (!residual.empty() && residual.size() != s.count)) {
     throw Error(kNoRank, "cuda powersgd", "expected " + std::to_string(s.count) + " elements");
   }
   if (s.count == 0) return;
-  check_device(out.data(), "output");
-  if (!residual.empty()) check_device(residual.data(), "residual");
+  check_device(out.data(), "output", s.gpu);
+  if (!residual.empty()) check_device(residual.data(), "residual", s.gpu);
   // P Q^T (rows x cols, row-major); column-major: (cols x rows) = Q (cols x rank) P^T.
   const float one = 1.0f, zero = 0.0f;
   const int r = s.rank;
