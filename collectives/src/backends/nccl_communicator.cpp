@@ -234,12 +234,13 @@ class NcclWork final : public Work::State {
         rank_(state_->comm.rank()) {}
 
   bool poll() override {
+    // (Done is done, whatever happened to the communicator since.)
+    const cudaError_t status = cudaEventQuery(event_.get());
+    if (status == cudaSuccess) return true;
     {
       std::lock_guard lock(state_->launch_mutex);
       async_state(*state_, description_);  // (an abort, or an asynchronous error: an Error)
     }
-    const cudaError_t status = cudaEventQuery(event_.get());
-    if (status == cudaSuccess) return true;
     if (status == cudaErrorNotReady) return false;
     check_cuda(status, rank_, "nccl wait");
     return false;  // (not reached: status is an error)
