@@ -50,12 +50,6 @@ void check_total(const std::vector<Host>& hosts, const std::string& what) {
 // A fault report is a few hundred bytes; anything much larger is not one.
 constexpr std::uintmax_t kMaxFaultReportBytes = 1 << 20;
 
-bool valid_host_name(std::string_view name) {
-  return !name.empty() && std::all_of(name.begin(), name.end(), [](char c) {
-    return std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '.' || c == '_';
-  });
-}
-
 // A host named again adds its slots to its first entry (mpirun's "-H a,a" and a $PBS_NODEFILE,
 // one line per slot), so that a lost host is dropped whole.
 void add_host(std::vector<Host>& hosts, const Host& host, const std::string& what) {
@@ -72,6 +66,12 @@ void add_host(std::vector<Host>& hosts, const Host& host, const std::string& wha
 }
 
 }  // namespace
+
+bool valid_host_name(std::string_view name) {
+  return !name.empty() && std::all_of(name.begin(), name.end(), [](char c) {
+    return std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '.' || c == '_';
+  });
+}
 
 std::vector<Host> parse_host_list(std::string_view text) {
   std::vector<Host> hosts;

@@ -125,11 +125,8 @@ std::vector<Host> slurm_hosts(const std::vector<std::string>& nodes, std::string
   }
   std::vector<Host> hosts;
   for (std::size_t i = 0; i < nodes.size(); ++i) {
-    const bool valid =
-        !nodes[i].empty() && std::all_of(nodes[i].begin(), nodes[i].end(), [](char c) {
-          return std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '.' || c == '_';
-        });
-    if (!valid) bad(kNodesVariable, in_quotes(nodes[i]) + " is not a host name");
+    if (!valid_host_name(nodes[i]))
+      bad(kNodesVariable, in_quotes(nodes[i]) + " is not a host name");
     hosts.push_back(Host{nodes[i], counts[i]});
   }
   total_slots(hosts);  // (a sum past an int is refused)

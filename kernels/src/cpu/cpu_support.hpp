@@ -13,6 +13,7 @@
 #include <string>
 #include <utility>
 
+#include "element_math.hpp"
 #include "unimsg/core/error.hpp"
 #include "unimsg/core/random.hpp"
 #include "unimsg/kernels/compressor.hpp"
@@ -40,7 +41,7 @@ void check_sizes(std::size_t count, std::span<float> residual, std::size_t wire,
 // Gradient plus residual (error feedback) at i.
 inline float corrected(std::span<const float> gradient, std::span<const float> residual,
                        std::size_t i) noexcept {
-  return residual.empty() ? gradient[i] : gradient[i] + residual[i];
+  return math::corrected(gradient.data(), residual.empty() ? nullptr : residual.data(), i);
 }
 
 #if defined(__x86_64__)

@@ -25,6 +25,7 @@
 
 #include "compress_format.hpp"
 #include "cuda_support.cuh"
+#include "element_math.hpp"
 #include "unimsg/core/error.hpp"
 #include "unimsg/kernels/compressor.hpp"
 #include "unimsg/kernels/device_memory.hpp"
@@ -35,9 +36,8 @@ namespace unimsg::detail::cuda {
 constexpr std::size_t kChunk = format::kInt8Chunk;
 static_assert(format::kOneBitChunk == kChunk && kThreads == static_cast<int>(kChunk));
 
-__device__ __forceinline__ float corrected(const float* g, const float* r, std::size_t i) {
-  return r != nullptr ? __fadd_rn(g[i], r[i]) : g[i];
-}
+// Error feedback's corrected value, as the CPU computes it.
+using math::corrected;
 
 struct MaxOp {
   template <typename T>

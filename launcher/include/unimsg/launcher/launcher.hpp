@@ -18,6 +18,10 @@ struct Host {
   bool operator==(const Host&) const = default;
 };
 
+// Letters, digits, '-', '.' and '_' only, and not empty: what a host list may name (and may then
+// be put on mpirun's or srun's command line).
+bool valid_host_name(std::string_view name);
+
 // "a:2,b,c:4" (a host without ":N" has one slot). ConfigError naming the bad entry, or when the
 // slots add up to more than an int holds.
 std::vector<Host> parse_host_list(std::string_view text);
