@@ -4,13 +4,11 @@
 #include <cuda_runtime.h>
 #include <nccl.h>
 
-#include <atomic>
 #include <cstring>
 #include <mutex>
 #include <random>
-#include <thread>
-#include <type_traits>
 
+#include "nccl_state.hpp"
 #include "progress_tracker.hpp"
 #include "unimsg/bus/mpi.hpp"
 #include "unimsg/core/config.hpp"
@@ -19,140 +17,7 @@
 
 namespace unimsg {
 namespace detail {
-
-using Clock = std::chrono::steady_clock;
-using EventHandle = std::shared_ptr<std::remove_pointer_t<cudaEvent_t>>;
-
-struct NcclState {
-  MpiComm comm;  // membership and ranks on the host side
-  Bus* bus = nullptr;
-  std::unique_ptr<ProgressTracker> progress;
-  int device = 0;
-  ncclComm_t nccl = nullptr;
-  cudaStream_t stream = nullptr;
-  std::atomic<bool> aborted{false};
-  // No thread may be inside NCCL while ncclCommAbort runs, nor touch the handle after it (abort
-  // frees it): launches, polls, splits and abort take this lock, and abort clears `nccl`.
-  std::mutex launch_mutex;
-  std::string abort_cause;  // why it was aborted (launch_mutex held)
-  std::unique_ptr<DeviceBuffer> barrier_scratch;
-
-  ~NcclState() {
-    if (nccl != nullptr && !aborted.load()) {
-      cudaSetDevice(device);
-      // Flush what was issued, then free; a communicator that does not finish within the grace
-      // period (a peer is gone) is aborted instead.
-      ncclResult_t state = ncclCommFinalize(nccl);
-      const auto deadline = Clock::now() + std::chrono::seconds(30);
-      while (state == ncclInProgress && Clock::now() < deadline) {
-        if (ncclCommGetAsyncError(nccl, &state) != ncclSuccess) break;
-        std::this_thread::yield();
-      }
-      if (state == ncclSuccess) {
-        ncclCommDestroy(nccl);
-      } else {
-        ncclCommAbort(nccl);
-      }
-    }
-    if (stream != nullptr) cudaStreamDestroy(stream);
-  }
-};
-
 namespace {
-
-// NCCL's words for a failed result, with the communicator's last error when it has one.
-std::string nccl_cause(ncclResult_t result, const NcclState& state) {
-  std::string cause = ncclGetErrorString(result);
-  if (state.nccl != nullptr) {
-    const char* last = ncclGetLastError(state.nccl);
-    if (last != nullptr && *last != '\0') cause += std::string(": ") + last;
-  }
-  return cause;
-}
-
-// A call's own result (an argument NCCL refused): an Error; the communicator stays usable.
-void check_nccl(ncclResult_t result, const NcclState& state, const char* what) {
-  if (result == ncclSuccess || result == ncclInProgress) return;
-  throw Error(state.comm.rank(), what, nccl_cause(result, state));
-}
-
-// Aborts the communicator once (launch_mutex held). ncclCommAbort frees it: the handle is
-// cleared, and every later launch, poll or split meets `aborted` and the cause instead.
-void abort_locked(NcclState& state, const std::string& cause) {
-  if (state.aborted.exchange(true)) return;
-  state.abort_cause = cause;
-  if (state.nccl != nullptr) {
-    cudaSetDevice(state.device);
-    ncclCommAbort(state.nccl);
-    state.nccl = nullptr;
-  }
-}
-
-void abort_communicator(NcclState& state, const std::string& cause) {
-  std::lock_guard lock(state.launch_mutex);
-  abort_locked(state, cause);
-}
-
-[[noreturn]] void throw_aborted(const NcclState& state, const std::string& what) {
-  throw Error(state.comm.rank(), what, "the NCCL communicator was aborted: " + state.abort_cause);
-}
-
-// The communicator's asynchronous state (launch_mutex held): an asynchronous error is fatal to
-// it (as XLA and PyTorch's watchdog treat it): it is aborted at once, so that nothing more queues
-// on it and its kernels stop, and the Error carries the cause. Returns ncclSuccess or
-// ncclInProgress.
-ncclResult_t async_state(NcclState& state, const std::string& what) {
-  if (state.aborted.load()) throw_aborted(state, what);
-  ncclResult_t async = ncclSuccess;
-  const ncclResult_t query = ncclCommGetAsyncError(state.nccl, &async);
-  const ncclResult_t failed = query != ncclSuccess ? query : async;
-  if (failed == ncclSuccess || failed == ncclInProgress) return failed;
-  abort_locked(state, nccl_cause(failed, state));
-  throw_aborted(state, what);
-}
-
-// A non-blocking communicator reports ncclInProgress until an issued call is enqueued (or the
-// communicator is initialised); wait for that (launch_mutex held), bounded.
-void wait_enqueued(NcclState& state, const char* what, std::chrono::nanoseconds timeout) {
-  const auto deadline = Clock::now() + timeout;
-  while (async_state(state, what) == ncclInProgress) {
-    if (Clock::now() >= deadline) {
-      abort_locked(
-          state,
-          "NCCL did not get ready within " +
-              std::to_string(std::chrono::duration_cast<std::chrono::seconds>(timeout).count()) +
-              " s");
-      throw TimeoutError(state.comm.rank(), what,
-                         state.abort_cause + "; the communicator was aborted");
-    }
-    std::this_thread::yield();
-  }
-}
-
-// ncclGroupStart .. ncclGroupEnd (launch_mutex held). An exception between them must not leave
-// the group open (the thread's later NCCL calls would queue into it): the group is closed, and
-// since half of it may have been issued, the communicator aborted.
-class NcclGroup {
- public:
-  explicit NcclGroup(NcclState& state) : state_(state) {
-    check_nccl(ncclGroupStart(), state, "ncclGroupStart");
-  }
-  void end() {
-    open_ = false;
-    check_nccl(ncclGroupEnd(), state_, "ncclGroupEnd");
-  }
-  ~NcclGroup() {
-    if (!open_) return;
-    ncclGroupEnd();
-    abort_locked(state_, "an error inside an NCCL group left it half issued");
-  }
-  NcclGroup(const NcclGroup&) = delete;
-  NcclGroup& operator=(const NcclGroup&) = delete;
-
- private:
-  NcclState& state_;
-  bool open_ = true;
-};
 
 ncclDataType_t nccl_type(DType dtype) {
   switch (dtype) {
@@ -222,10 +87,11 @@ std::byte* at(const TensorView& view, std::size_t elements) {
 // wait that times out aborts the communicator (a hung collective cannot be cancelled).
 class NcclWork final : public Work::State {
  public:
-  NcclWork(std::shared_ptr<NcclState> state, EventHandle event, std::shared_ptr<void> keep,
-           std::string description, std::chrono::nanoseconds timeout,
+  NcclWork(std::shared_ptr<NcclState> state, std::uint64_t seq, EventHandle event,
+           std::shared_ptr<void> keep, std::string description, std::chrono::nanoseconds timeout,
            std::function<std::string()> missing_ranks)
       : state_(std::move(state)),
+        seq_(seq),
         event_(std::move(event)),
         keep_(std::move(keep)),
         description_(std::move(description)),
@@ -234,13 +100,20 @@ class NcclWork final : public Work::State {
         rank_(state_->comm.rank()) {}
 
   bool poll() override {
-    // (Done is done, whatever happened to the communicator since.)
     const cudaError_t status = cudaEventQuery(event_.get());
-    if (status == cudaSuccess) return true;
+    // (`aborted` is set before ncclCommAbort ends the stream's work early: an event found
+    // complete with no abort yet was completed by the collective itself.)
+    if (status == cudaSuccess && !state_->aborted.load()) return true;
     {
       std::lock_guard lock(state_->launch_mutex);
-      async_state(*state_, description_);  // (an abort, or an asynchronous error: an Error)
+      if (state_->aborted.load()) {
+        // Done is done, whatever happened to the communicator since; cut short is an error.
+        if (seq_ <= state_->done_before_abort) return true;
+        throw_aborted(*state_, description_);
+      }
+      async_state(*state_, description_);  // (an asynchronous error: abort, and an Error)
     }
+    if (status == cudaSuccess) return true;
     if (status == cudaErrorNotReady) return false;
     check_cuda(status, rank_, "nccl wait");
     return false;  // (not reached: status is an error)
@@ -255,6 +128,7 @@ class NcclWork final : public Work::State {
 
  private:
   std::shared_ptr<NcclState> state_;
+  std::uint64_t seq_;  // its place in the stream's order of launches
   EventHandle event_;
   std::shared_ptr<void> keep_;  // buffers that must live until the operation completes
   std::string description_;
@@ -273,7 +147,8 @@ Work launch(const std::shared_ptr<NcclState>& state, std::chrono::nanoseconds ti
             std::shared_ptr<void> keep = {}, const std::function<void()>& after_enqueue = {}) {
   const int rank = state->comm.rank();
   const std::uint64_t index = state->progress->start();
-  cudaEvent_t raw_event = nullptr;
+  EventHandle event;
+  std::uint64_t seq = 0;
   {
     std::lock_guard lock(state->launch_mutex);
     if (state->aborted.load()) throw_aborted(*state, description);
@@ -281,12 +156,15 @@ Work launch(const std::shared_ptr<NcclState>& state, std::chrono::nanoseconds ti
     calls();
     wait_enqueued(*state, "nccl launch", timeout);
     if (after_enqueue) after_enqueue();
+    cudaEvent_t raw_event = nullptr;
     check_cuda(cudaEventCreateWithFlags(&raw_event, cudaEventDisableTiming), rank,
                "cudaEventCreate");
+    event = EventHandle(raw_event, [](cudaEvent_t e) { cudaEventDestroy(e); });
     check_cuda(cudaEventRecord(raw_event, state->stream), rank, "cudaEventRecord");
+    seq = ++state->launched;
+    track_launch(*state, seq, event);
   }
-  EventHandle event(raw_event, [](cudaEvent_t e) { cudaEventDestroy(e); });
-  return Work(std::make_shared<NcclWork>(state, std::move(event), std::move(keep),
+  return Work(std::make_shared<NcclWork>(state, seq, std::move(event), std::move(keep),
                                          std::move(description), timeout,
                                          state->progress->missing_ranks(index)));
 }
