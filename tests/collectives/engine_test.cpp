@@ -437,8 +437,9 @@ TEST_F(EngineTest, DuplicateAndDeviceSubmissionsAreRefused) {
   Work first = engine.submit("dup", host_view(data.data(), data.size()), ReduceOp::kSum);
   EXPECT_THROW(engine.submit("dup", host_view(data.data(), data.size()), ReduceOp::kSum), Error);
   first.wait(kWait);
+  // Device tensors go uncompressed (engine_device_test.cpp reduces them).
   TensorView device{data.data(), data.size(), DType::kF32, Device::kCuda};
-  EXPECT_THROW(engine.submit("gpu", device, ReduceOp::kSum), Error);
+  EXPECT_THROW(engine.submit("gpu", device, ReduceOp::kSum, CompressionSpec::parse("fp16")), Error);
   // A group naming one tensor twice is refused whole: none of its names stays pending.
   std::vector<float> a(3, 1.0f), b(3, 2.0f);
   try {

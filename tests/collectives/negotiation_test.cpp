@@ -190,7 +190,8 @@ TEST(Negotiation, TheStallInspectorWarnsThenFailsNamingTheMissingRanks) {
 }
 
 TEST(Negotiation, TheWireRoundTripsAndRefusesWhatNoRankWrites) {
-  const NegotiationRequest request{true, {{"x", {DType::kBF16, 7, ReduceOp::kMax, "topk:0.01"}}}};
+  const NegotiationRequest request{
+      true, {{"x", {DType::kBF16, 7, ReduceOp::kMax, "topk:0.01", Device::kCuda}}}};
   const NegotiationRequest back = decode_request(encode_request(request));
   EXPECT_TRUE(back.joined);
   ASSERT_EQ(back.tensors.size(), 1u);
@@ -204,8 +205,10 @@ TEST(Negotiation, TheWireRoundTripsAndRefusesWhatNoRankWrites) {
   for (
       const char* bad :
       {"", "{}", "[1]", R"({"joined":true})",
-       R"({"joined":false,"requests":[{"name":"a","dtype":99,"count":1,"op":0,"compression":"none"}]})",
-       R"({"joined":false,"requests":[{"name":"a","dtype":0,"count":1,"op":0,"compression":"TOPK"}]})"}) {
+       R"({"joined":false,"requests":[{"name":"a","dtype":99,"count":1,"op":0,"compression":"none","device":0}]})",
+       R"({"joined":false,"requests":[{"name":"a","dtype":0,"count":1,"op":0,"compression":"TOPK","device":0}]})",
+       R"({"joined":false,"requests":[{"name":"a","dtype":0,"count":1,"op":0,"compression":"none","device":7}]})",
+       R"({"joined":false,"requests":[{"name":"a","dtype":0,"count":1,"op":0,"compression":"none"}]})"}) {
     EXPECT_ANY_THROW(decode_request(bad)) << bad;
   }
 }

@@ -47,6 +47,16 @@ EngineCore::EngineCore(Communicator& parent, Bus& bus_ref, EngineOptions opts)
   for (int r = 0; r < parent.size(); ++r) everyone[static_cast<std::size_t>(r)] = r;
   comm = parent.split(everyone);  // the engine's own: never collides with the caller's traffic
   comm->set_default_timeout(parent.default_timeout());
+  if (options.device_communicator != nullptr) {
+    if (options.device_communicator->size() != parent.size()) {
+      throw ConfigError(parent.rank(), "engine",
+                        "the device communicator has " +
+                            std::to_string(options.device_communicator->size()) +
+                            " ranks, the engine's " + std::to_string(parent.size()));
+    }
+    device_comm = options.device_communicator->split(everyone);
+    device_comm->set_default_timeout(parent.default_timeout());
+  }
   rank = comm->rank();
   size = comm->size();
   log = make_rank_logger(bus.rank(), bus.size());
@@ -293,9 +303,10 @@ Work submit_tensors(const std::shared_ptr<EngineCore>& engine, std::span<Submitt
     auto& [name, input, view] = tensors[i];
     if (name.empty()) throw Error(rank, "engine.submit", "a tensor needs a name");
     check_out_of_place(input, view, rank, name);
-    if (view.device != Device::kHost) {
+    if (view.device != Device::kHost && compression.compresses()) {
       throw Error(rank, "engine.submit",
-                  "tensor '" + name + "' is in device memory; the MPI engine takes host memory");
+                  "tensor '" + name + "' is in device memory: the engine compresses host tensors " +
+                      "only (submit it uncompressed, or a host copy)");
     }
     if (compression.compresses() &&
         (view.dtype != DType::kF32 || (op != ReduceOp::kSum && op != ReduceOp::kAvg))) {
@@ -308,7 +319,7 @@ Work submit_tensors(const std::shared_ptr<EngineCore>& engine, std::span<Submitt
     tensor.name = std::move(name);
     tensor.input = input;
     tensor.view = view;
-    tensor.signature = {view.dtype, view.count, op, compression_text};
+    tensor.signature = {view.dtype, view.count, op, compression_text, view.device};
     tensor.submitted = now;
   }
   if (grouped && locals.size() > 1) {
@@ -320,10 +331,21 @@ Work submit_tensors(const std::shared_ptr<EngineCore>& engine, std::span<Submitt
       }
     }
   }
+  // Device tensors live on the GPU current where they are submitted: one per engine.
+  const bool on_device = std::any_of(locals.begin(), locals.end(), [](const LocalTensor& t) {
+    return t.view.device == Device::kCuda;
+  });
+  const int gpu = on_device ? current_device() : -1;
   {
     std::lock_guard lock(engine->mutex);
     if (engine->fatal) std::rethrow_exception(engine->fatal);
     if (engine->stopping) throw ShutdownError(rank, "engine.submit", "the engine is shutting down");
+    if (gpu >= 0 && engine->device_index >= 0 && gpu != engine->device_index) {
+      throw Error(rank, "engine.submit",
+                  "device tensors submitted with GPU " + std::to_string(gpu) +
+                      " current; this engine's are on GPU " + std::to_string(engine->device_index));
+    }
+    if (gpu >= 0) engine->device_index = gpu;
     if (engine->names.size() + locals.size() > kMaxNames) {
       std::erase_if(engine->names, [](const auto& entry) { return !entry.second.pending; });
     }

@@ -27,6 +27,7 @@
 #include "negotiation.hpp"
 #include "unimsg/collectives/compressed_allreduce.hpp"
 #include "unimsg/collectives/engine.hpp"
+#include "unimsg/kernels/device_memory.hpp"
 #include "wake_timer.hpp"
 
 namespace spdlog {
@@ -191,6 +192,8 @@ struct EngineCore {
   std::string trace_wait_for_data(const std::vector<std::pair<Signature, LocalTensor*>>& batch,
                                   Clock::time_point started);
   // Packs (a joined rank's missing tensors as zeros), reduces once, unpacks.
+  // The communicator that reduces a batch of `device` tensors.
+  Communicator& reducer(Device device) const;
   void reduce_through_fusion_buffer(const std::vector<std::pair<Signature, LocalTensor*>>& batch,
                                     std::size_t total, const std::string& span_args);
   void reduce_compressed(std::vector<std::pair<Signature, LocalTensor*>>& batch, std::size_t total);
@@ -205,6 +208,7 @@ struct EngineCore {
   void cache_insert(const std::string& name, const Signature& signature);
 
   std::unique_ptr<Communicator> comm;
+  std::unique_ptr<Communicator> device_comm;  // for device tensors (EngineOptions); may be null
   Bus& bus;
   EngineOptions options;
   std::shared_ptr<spdlog::logger> log;
@@ -251,6 +255,10 @@ struct EngineCore {
   std::vector<LocalTensor*> slot_owner;  // this cycle: the pending tensor ready in each slot
   std::uint64_t use_clock = 0;
   std::vector<std::byte> fusion_buffer;
+  std::unique_ptr<DeviceBuffer> device_fusion_buffer;  // made when device tensors are fused
+  // The GPU of this rank's device tensors: the one current where the first was submitted
+  // (mutex held to set it); -1 before any.
+  int device_index = -1;
   // Compression: one CompressedAllreduce per spec, error feedback per tensor, and a step count
   // that advances alike on every rank (the same batches run in the same order everywhere).
   std::map<std::string, std::unique_ptr<CompressedAllreduce>> compressors;

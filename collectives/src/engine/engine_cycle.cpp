@@ -241,6 +241,7 @@ void EngineCore::execute(const std::vector<std::size_t>& ready,
     const bool fits = !batch.empty() && batch.front().first.dtype == item.first.dtype &&
                       batch.front().first.op == item.first.op &&
                       batch.front().first.compression == item.first.compression &&
+                      batch.front().first.device == item.first.device &&
                       // (PowerSGD approximates each tensor as the matrix it is.)
                       item.first.compression.rfind("powersgd", 0) != 0 &&
                       batch_bytes + item_bytes <= fusion_threshold.load(std::memory_order_relaxed);

@@ -7,6 +7,7 @@
 #include "engine_core.hpp"
 #include "unimsg/bus/bus.hpp"
 #include "unimsg/core/error.hpp"
+#include "unimsg/kernels/device_memory.hpp"
 
 namespace unimsg::detail {
 
@@ -32,36 +33,64 @@ std::string EngineCore::trace_wait_for_data(
   return names;
 }
 
+Communicator& EngineCore::reducer(Device device) const {
+  return device == Device::kCuda && device_comm ? *device_comm : *comm;
+}
+
 void EngineCore::reduce_through_fusion_buffer(
     const std::vector<std::pair<Signature, LocalTensor*>>& batch, std::size_t total,
     const std::string& span_args) {
   const DType dtype = batch.front().first.dtype;
   const ReduceOp op = batch.front().first.op;
+  const Device device = batch.front().first.device;
   const std::size_t element = dtype_size(dtype);
-  // Pack (a joined rank's missing tensors as zeros), reduce once, unpack.
+  // Pack (a joined rank's missing tensors as zeros), reduce once, unpack. Device tensors are
+  // fused in device memory: the copies queue on the device in order with the collective.
   std::optional<TraceSpan> fuse(std::in_place, options.trace, "engine", "fuse");
-  if (fusion_buffer.size() < total * element) fusion_buffer.resize(total * element);
+  std::byte* buffer = nullptr;
+  std::optional<ScopedDevice> on_gpu;  // (the copies and the buffer on the tensors' GPU)
+  if (device == Device::kCuda) {
+    on_gpu.emplace(device_index);
+    if (!device_fusion_buffer || device_fusion_buffer->bytes() < total * element)
+      device_fusion_buffer = std::make_unique<DeviceBuffer>(total * element);
+    buffer = static_cast<std::byte*>(device_fusion_buffer->data());
+  } else {
+    if (fusion_buffer.size() < total * element) fusion_buffer.resize(total * element);
+    buffer = fusion_buffer.data();
+  }
+  const auto copy = [device](void* to, const void* from, std::size_t n) {
+    if (n == 0) return;
+    if (device == Device::kCuda) {
+      copy_device_to_device(to, from, n);
+    } else {
+      std::memcpy(to, from, n);
+    }
+  };
+  std::vector<std::byte> zeros;  // (a joined rank's stand-in, for device memory)
   std::size_t offset = 0;
   for (const auto& [signature, local] : batch) {
     const std::size_t n = signature.count * element;
     if (local != nullptr) {
-      if (n != 0) std::memcpy(fusion_buffer.data() + offset, local->input.data, n);
+      copy(buffer + offset, local->input.data, n);
+    } else if (device == Device::kCuda) {
+      zeros.assign(n, std::byte{0});
+      copy_host_to_device(buffer + offset, zeros.data(), n);
     } else {
-      std::memset(fusion_buffer.data() + offset, 0, n);
+      std::memset(buffer + offset, 0, n);
     }
     offset += n;
   }
   fuse.reset();
-  const TensorView fused{fusion_buffer.data(), total, dtype, Device::kHost};
+  const TensorView fused{buffer, total, dtype, device};
   {
     TraceSpan span(options.trace, "engine", "allreduce", span_args);
-    comm->allreduce_now(fused, fused, {op, "engine.fused"});
+    reducer(device).allreduce_now(fused, fused, {op, "engine.fused"});
   }
   TraceSpan unfuse(options.trace, "engine", "unfuse");
   offset = 0;
   for (const auto& [signature, local] : batch) {
     const std::size_t n = signature.count * element;
-    if (local != nullptr && n != 0) std::memcpy(local->view.data, fusion_buffer.data() + offset, n);
+    if (local != nullptr) copy(local->view.data, buffer + offset, n);
     offset += n;
   }
 }
@@ -94,14 +123,14 @@ void EngineCore::reduce_batch(std::vector<std::pair<Signature, LocalTensor*>>& b
     wire.fetch_add(dense, std::memory_order_relaxed);
     LocalTensor* local = batch.front().second;
     TraceSpan span(options.trace, "engine", "allreduce", args());
-    comm->allreduce_now(local->input, local->view, {op, local->name});
+    reducer(local->view.device).allreduce_now(local->input, local->view, {op, local->name});
   } else if (const auto span = contiguous_span(batch, total)) {
     // The tensors lie back to back in memory, in batch order (as a model's flattened gradients
     // do): reduced where they are, with no copy into or out of a fusion buffer.
     wire.fetch_add(dense, std::memory_order_relaxed);
     fused_in_place.fetch_add(1, std::memory_order_relaxed);
     TraceSpan span_trace(options.trace, "engine", "allreduce", args());
-    comm->allreduce_now(span->first, span->second, {op, "engine.fused"});
+    reducer(span->first.device).allreduce_now(span->first, span->second, {op, "engine.fused"});
   } else {
     wire.fetch_add(dense, std::memory_order_relaxed);
     reduce_through_fusion_buffer(batch, total, args());
@@ -129,8 +158,8 @@ std::optional<std::pair<TensorView, TensorView>> EngineCore::contiguous_span(
     }
     offset += n;
   }
-  return std::pair{TensorView{input, total, first->input.dtype, Device::kHost},
-                   TensorView{output, total, first->view.dtype, Device::kHost}};
+  return std::pair{TensorView{input, total, first->input.dtype, first->input.device},
+                   TensorView{output, total, first->view.dtype, first->view.device}};
 }
 
 void EngineCore::reduce_compressed(std::vector<std::pair<Signature, LocalTensor*>>& batch,

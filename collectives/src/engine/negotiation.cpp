@@ -25,18 +25,25 @@ ReduceOp parse_op(int value) {
   return static_cast<ReduceOp>(value);
 }
 
+Device parse_device(int value) {
+  if (value != static_cast<int>(Device::kHost) && value != static_cast<int>(Device::kCuda))
+    throw std::out_of_range("device");
+  return static_cast<Device>(value);
+}
+
 json signature_json(const std::string& name, const Signature& signature) {
   return {{"name", name},
           {"dtype", static_cast<int>(signature.dtype)},
           {"count", signature.count},
           {"op", static_cast<int>(signature.op)},
-          {"compression", signature.compression}};
+          {"compression", signature.compression},
+          {"device", static_cast<int>(signature.device)}};
 }
 
 Signature parse_signature(const json& item) {
   Signature signature{parse_dtype(item.at("dtype").get<int>()), item.at("count").get<std::size_t>(),
-                      parse_op(item.at("op").get<int>()),
-                      item.at("compression").get<std::string>()};
+                      parse_op(item.at("op").get<int>()), item.at("compression").get<std::string>(),
+                      parse_device(item.at("device").get<int>())};
   // Canonical on the wire: a text that does not survive a round trip was not written by a rank.
   if (CompressionSpec::parse(signature.compression).to_string() != signature.compression) {
     throw std::invalid_argument("compression '" + signature.compression + "' is not canonical");
@@ -50,6 +57,7 @@ std::string Signature::describe() const {
   std::string text =
       std::string(to_string(dtype)) + " x" + std::to_string(count) + " " + to_string(op);
   if (compression != "none") text += " compressed " + compression;
+  if (device == Device::kCuda) text += " in device memory";
   return text;
 }
 

@@ -37,6 +37,7 @@ struct Signature {
   std::size_t count = 0;
   ReduceOp op = ReduceOp::kSum;
   std::string compression = "none";  // CompressionSpec::to_string()
+  Device device = Device::kHost;     // every rank's tensor in host or in device memory
 
   bool operator==(const Signature&) const = default;
   std::string describe() const;

@@ -84,4 +84,18 @@ void set_device(int device) {
   check(cudaSetDevice(device), "cudaSetDevice");
 }
 
+int current_device() {
+  int device = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  return device;
+}
+
+ScopedDevice::ScopedDevice(int device) : previous_(current_device()) {
+  if (device != previous_) set_device(device);
+}
+
+ScopedDevice::~ScopedDevice() {
+  cudaSetDevice(previous_);
+}
+
 }  // namespace unimsg

@@ -37,5 +37,12 @@ void copy_device_to_device(void*, const void*, std::size_t) {
 void set_device(int) {
   no_cuda();
 }
+int current_device() {
+  no_cuda();
+}
+ScopedDevice::ScopedDevice(int) {
+  no_cuda();
+}
+ScopedDevice::~ScopedDevice() = default;
 
 }  // namespace unimsg

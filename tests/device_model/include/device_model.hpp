@@ -27,6 +27,10 @@ void fail_call(const std::string& function, int nth, ncclResult_t error);
 // ncclGroupStart calls not yet matched by ncclGroupEnd on the calling thread.
 int group_depth();
 
+// Launches (a collective, or a group's collectives on one communicator) this process handed to
+// a stream.
+std::uint64_t launches();
+
 // ncclCommAbort calls this process has made.
 std::uint64_t aborts();
 

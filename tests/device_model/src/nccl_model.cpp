@@ -65,6 +65,7 @@ struct Registry {
   std::mutex mutex;
   std::map<ncclComm*, std::unique_ptr<ncclComm>> live;
   std::uint64_t aborts = 0;
+  std::uint64_t launches = 0;
   std::uint64_t next_id = 0;
   std::map<std::string, std::pair<int, ncclResult_t>> failures;  // function -> (nth, result)
   Injection injection;
@@ -160,6 +161,7 @@ ncclResult_t launch(Pending pending) {
     Registry& r = registry();
     std::lock_guard lock(r.mutex);
     injection = std::exchange(r.injection, std::nullopt);
+    ++r.launches;
   }
   ++core->outstanding;
   auto work = [core, ops = std::move(pending.ops), injection] { run_launch(core, ops, injection); };
@@ -314,6 +316,12 @@ void fail_call(const std::string& function, int nth, ncclResult_t error) {
 
 int group_depth() {
   return detail::tls_group.depth;
+}
+
+std::uint64_t launches() {
+  auto& r = detail::registry();
+  std::lock_guard lock(r.mutex);
+  return r.launches;
 }
 
 std::uint64_t aborts() {

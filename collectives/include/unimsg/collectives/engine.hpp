@@ -9,9 +9,9 @@
 // tensors, stopping, not joined).
 // In steady state (every tensor already negotiated once) that allreduce is all the negotiation
 // there is. New tensors go to rank 0 over the bus; rank 0 matches them across ranks, checks
-// dtype, count and op (a mismatch fails the tensor on every rank with a MismatchError naming
-// the ranks), watches for stalls, and publishes the responses; every rank then executes the
-// same responses in the same order and caches them.
+// dtype, count, op, compression and memory (host or device; a mismatch fails the tensor on every
+// rank with a MismatchError naming the ranks), watches for stalls, and publishes the responses;
+// every rank then executes the same responses in the same order and caches them.
 
 #include <chrono>
 #include <cstdint>
@@ -46,6 +46,11 @@ struct EngineOptions {
   // Where the engine records its activity for a timeline (negotiate, wait_for_data, fuse,
   // allreduce, compress...); null: nothing is recorded. Must outlive the engine.
   TraceRecorder* trace = nullptr;
+  // Reduces the tensors in device memory: a communicator over the same ranks in the same order
+  // (an NcclCommunicator), which the engine splits for its own traffic; it must outlive the
+  // engine. Null: device tensors go through the engine's communicator (MPI stages them through
+  // host memory). The negotiation and the cycle's agreement stay on the host communicator.
+  Communicator* device_communicator = nullptr;
 
   static EngineOptions from_env();
 };
@@ -108,6 +113,8 @@ class Engine {
   // error feedback kept per tensor name (it restarts from zero with a new engine), tensors fused
   // only with tensors of the same compression. A result of NaN means some rank's gradients held
   // NaN/Inf: skip the step (error feedback is left as it was).
+  // A tensor in device memory (uncompressed) goes to EngineOptions::device_communicator, and
+  // lies on the GPU current on the submitting thread (one GPU per engine).
   Work submit(std::string name, TensorView tensor, ReduceOp op,
               const CompressionSpec& compression = {});
   // The same, out of place: `output` gets the result and `input` is left as it was. They must

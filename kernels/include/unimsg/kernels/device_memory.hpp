@@ -52,5 +52,20 @@ void copy_device_to_device(void* to, const void* from, std::size_t bytes);
 
 // Makes `device` current for the calling thread.
 void set_device(int device);
+// The device current on the calling thread.
+int current_device();
+
+// Makes `device` current for its lifetime, then restores the thread's previous one (for code
+// that works on a GPU of its own from a caller's thread).
+class ScopedDevice {
+ public:
+  explicit ScopedDevice(int device);
+  ~ScopedDevice();
+  ScopedDevice(const ScopedDevice&) = delete;
+  ScopedDevice& operator=(const ScopedDevice&) = delete;
+
+ private:
+  int previous_ = 0;
+};
 
 }  // namespace unimsg
