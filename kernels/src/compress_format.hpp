@@ -31,6 +31,22 @@ inline std::size_t k_of(double ratio, std::size_t n) noexcept {
       static_cast<std::size_t>(std::ceil(ratio * static_cast<double>(n))), 1, n);
 }
 
+// Every format's wire size, the CPU's and the kernels' one source. fp16/bf16: a scale, then a
+// half per element; none: the floats.
+constexpr std::size_t half_wire_bytes(std::size_t n) noexcept {
+  return 4 + 2 * n;
+}
+constexpr std::size_t none_wire_bytes(std::size_t n) noexcept {
+  return 4 * n;
+}
+// topk: k, then k (index, value) pairs; randomk: k values (the positions are drawn).
+inline std::size_t topk_wire_bytes(double ratio, std::size_t n) noexcept {
+  return 4 + 8 * k_of(ratio, n);
+}
+inline std::size_t randomk_wire_bytes(double ratio, std::size_t n) noexcept {
+  return 4 * k_of(ratio, n);
+}
+
 // Uniform in [0, 1) from a counter: the same on every platform and for any thread split.
 // uniform01 = uniform01_from(uniform01_base(seed, step), index).
 UNIMSG_HOST_DEVICE inline std::uint64_t uniform01_base(std::uint64_t seed,

@@ -6,6 +6,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -123,6 +124,18 @@ TEST(ElementMathTest, SignedZerosSurviveAndNaNIsCanonical) {
       c->decompress_add(wire, 1, sum);  // -0 + -0 is -0
       EXPECT_EQ(bits(sum[n - 1]), 0x80000000u) << spec << " n " << n;
     }
+  }
+  // randomk adds at its k positions only (the kernel scatters): -0 elsewhere stays -0.
+  auto randomk = make_cpu_compressor(CompressionSpec::parse("randomk:0.25"));
+  std::vector<float> g(16, 2.0f);
+  std::vector<std::byte> wire(randomk->wire_bytes(g.size()));
+  randomk->compress(g, {}, 3, wire);
+  std::vector<float> sum(g.size(), -0.0f);
+  randomk->decompress_add(wire, 3, sum);
+  const auto picked = randomk_positions(g.size(), wire.size() / 4, 0, 3);
+  for (std::size_t i = 0; i < sum.size(); ++i) {
+    const bool at_k = std::find(picked.begin(), picked.end(), i) != picked.end();
+    EXPECT_EQ(bits(sum[i]), at_k ? bits(2.0f) : 0x80000000u) << "randomk at " << i;
   }
   auto fp16 = make_cpu_compressor(CompressionSpec::parse("fp16"));
   for (std::size_t n : {3u, 17u}) {

@@ -223,6 +223,14 @@ TEST_F(GpuCompressTest, GpuCompressRefusesHostPointersAndShortWires) {
                    std::span<const std::byte>(static_cast<const std::byte*>(device_bad.data()), 12),
                    0, std::span<float>(static_cast<float*>(out.data()), 16)),
                Error);
+  // ...also into an empty output, as the CPU refuses it.
+  EXPECT_THROW(topk->decompress(
+                   std::span<const std::byte>(static_cast<const std::byte*>(device_bad.data()), 12),
+                   0, std::span<float>()),
+               Error);
+  EXPECT_THROW(make_cpu_compressor(CompressionSpec::parse("topk:0.5"))
+                   ->decompress(std::as_bytes(std::span(bad)), 0, std::span<float>()),
+               Error);
   EXPECT_THROW(make_cuda_compressor(CompressionSpec::parse("powersgd")), ConfigError);
 }
 

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <string_view>
 
+#include "compress_format.hpp"
 #include "cpu_support.hpp"
 #include "element_math.hpp"
 #include "unimsg/kernels/cast.hpp"
@@ -141,7 +142,9 @@ class HalfCompressor final : public DenseCompressor {
  public:
   HalfCompressor(CompressionSpec spec, bool bf16) : DenseCompressor(std::move(spec)), bf16_(bf16) {}
   std::string_view name() const noexcept override { return bf16_ ? "bf16" : "fp16"; }
-  std::size_t wire_bytes(std::size_t n) const noexcept override { return 4 + 2 * n; }
+  std::size_t wire_bytes(std::size_t n) const noexcept override {
+    return format::half_wire_bytes(n);
+  }
 
   CompressResult compress(std::span<const float> g, std::span<float> r, std::uint64_t,
                           std::span<std::byte> wire) const override {

@@ -3,6 +3,7 @@
 #include <cstring>
 #include <string_view>
 
+#include "compress_format.hpp"
 #include "cpu_support.hpp"
 
 namespace unimsg::detail {
@@ -12,7 +13,9 @@ class NoCompressor final : public Compressor {
  public:
   explicit NoCompressor(CompressionSpec spec) : Compressor(std::move(spec)) {}
   std::string_view name() const noexcept override { return "none"; }
-  std::size_t wire_bytes(std::size_t n) const noexcept override { return 4 * n; }
+  std::size_t wire_bytes(std::size_t n) const noexcept override {
+    return format::none_wire_bytes(n);
+  }
   CompressResult compress(std::span<const float> g, std::span<float>, std::uint64_t,
                           std::span<std::byte> wire) const override {
     check_sizes(g.size(), {}, wire.size(), wire_bytes(g.size()), "none");

@@ -18,7 +18,9 @@ class RandomKCompressor final : public Compressor {
  public:
   explicit RandomKCompressor(CompressionSpec spec) : Compressor(std::move(spec)) {}
   std::string_view name() const noexcept override { return "randomk"; }
-  std::size_t wire_bytes(std::size_t n) const noexcept override { return 4 * k_of(spec_.ratio, n); }
+  std::size_t wire_bytes(std::size_t n) const noexcept override {
+    return format::randomk_wire_bytes(spec_.ratio, n);
+  }
 
   CompressResult compress(std::span<const float> g, std::span<float> r, std::uint64_t step,
                           std::span<std::byte> wire) const override {
@@ -44,6 +46,20 @@ class RandomKCompressor final : public Compressor {
     const auto positions =
         randomk_positions(out.size(), k_of(spec_.ratio, out.size()), spec_.seed, step);
     for (std::size_t j = 0; j < positions.size(); ++j) out[positions[j]] = get<float>(wire, 4 * j);
+  }
+
+  // Adds at the k positions only, as the kernel scatters: elsewhere `out` is left as it was
+  // (adding the zeros the default does would turn -0 into +0 there).
+  void decompress_add(std::span<const std::byte> wire, std::uint64_t step,
+                      std::span<float> out) const override {
+    const auto positions =
+        randomk_positions(out.size(), k_of(spec_.ratio, out.size()), spec_.seed, step);
+    if (wire.size() < 4 * positions.size()) {
+      throw Error(kNoRank, "decompress randomk", "the wire is shorter than its k values");
+    }
+    for (std::size_t j = 0; j < positions.size(); ++j) {
+      out[positions[j]] = math::add_rn(out[positions[j]], get<float>(wire, 4 * j));
+    }
   }
 };
 

@@ -24,7 +24,7 @@ class TopKCompressor final : public Compressor {
   explicit TopKCompressor(CompressionSpec spec) : Compressor(std::move(spec)) {}
   std::string_view name() const noexcept override { return "topk"; }
   std::size_t wire_bytes(std::size_t n) const noexcept override {
-    return 4 + 8 * k_of(spec_.ratio, n);
+    return format::topk_wire_bytes(spec_.ratio, n);
   }
 
   CompressResult compress(std::span<const float> g, std::span<float> r, std::uint64_t step,

@@ -123,9 +123,25 @@ std::size_t CudaCompressor::scan(std::span<const float> g, std::span<const float
 void CudaCompressor::expand_checked(std::span<const std::byte> wire, std::uint64_t step,
                                     std::span<float> out, bool add) const {
   const std::string operation = "cuda decompress " + name_;
-  if (out.empty()) return;
-  check_device(out.data(), "output", operation);
   if (!wire.empty()) check_device(wire.data(), "wire", operation);
+  if (out.empty()) {
+    // Nothing to write, but a wire the CPU refuses (topk's pairs past an empty output, a short
+    // one) is refused here too: the CPU reads it.
+    std::vector<std::byte> host(wire.size());
+    if (!host.empty()) {
+      const DeviceGuard guard(device_, kNoRank, operation);
+      check(cudaMemcpy(host.data(), wire.data(), host.size(), cudaMemcpyDeviceToHost), operation,
+            "cudaMemcpy");
+    }
+    const auto cpu = make_cpu_compressor(spec_);
+    if (add) {
+      cpu->decompress_add(host, step, {});
+    } else {
+      cpu->decompress(host, step, {});
+    }
+    return;
+  }
+  check_device(out.data(), "output", operation);
   if (reinterpret_cast<std::uintptr_t>(wire.data()) % 4 != 0) {
     throw Error(kNoRank, operation, "the wire buffer must be 4-byte aligned on the device");
   }

@@ -64,7 +64,9 @@ class CudaHalf final : public CudaCompressor {
  public:
   CudaHalf(CompressionSpec spec, bool bf16)
       : CudaCompressor(std::move(spec), bf16 ? "bf16" : "fp16"), bf16_(bf16) {}
-  std::size_t wire_bytes(std::size_t n) const noexcept override { return 4 + 2 * n; }
+  std::size_t wire_bytes(std::size_t n) const noexcept override {
+    return format::half_wire_bytes(n);
+  }
 
  protected:
   CompressResult run_compress(std::span<const float> g, std::span<float> r, std::uint64_t,

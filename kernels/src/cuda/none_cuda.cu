@@ -16,7 +16,9 @@ namespace {
 class CudaNone final : public CudaCompressor {
  public:
   explicit CudaNone(CompressionSpec spec) : CudaCompressor(std::move(spec), "none") {}
-  std::size_t wire_bytes(std::size_t n) const noexcept override { return 4 * n; }
+  std::size_t wire_bytes(std::size_t n) const noexcept override {
+    return format::none_wire_bytes(n);
+  }
 
  protected:
   CompressResult run_compress(std::span<const float> g, std::span<float>, std::uint64_t,

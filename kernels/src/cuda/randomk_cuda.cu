@@ -50,7 +50,9 @@ __global__ void randomk_scatter_kernel(const float* wire, const unsigned* positi
 class CudaRandomK final : public CudaCompressor {
  public:
   explicit CudaRandomK(CompressionSpec spec) : CudaCompressor(std::move(spec), "randomk") {}
-  std::size_t wire_bytes(std::size_t n) const noexcept override { return 4 * k_of(spec_.ratio, n); }
+  std::size_t wire_bytes(std::size_t n) const noexcept override {
+    return format::randomk_wire_bytes(spec_.ratio, n);
+  }
 
  protected:
   CompressResult run_compress(std::span<const float> g, std::span<float> r, std::uint64_t step,

@@ -108,7 +108,7 @@ class CudaTopK final : public CudaCompressor {
  public:
   explicit CudaTopK(CompressionSpec spec) : CudaCompressor(std::move(spec), "topk") {}
   std::size_t wire_bytes(std::size_t n) const noexcept override {
-    return 4 + 8 * k_of(spec_.ratio, n);
+    return format::topk_wire_bytes(spec_.ratio, n);
   }
 
  protected:
