@@ -161,8 +161,8 @@ void declare_options(cxxopts::Options& cli) {
       cxxopts::value<std::string>()->default_value("float"))(
       "o,op", "sum, avg, min, max", cxxopts::value<std::string>()->default_value("sum"))(
       "backend",
-      "mpi, engine, nccl (device memory, one GPU per rank), or a comma list measured "
-      "interleaved",
+      "mpi, engine, shm (unimsg's MPI backend with its shared-memory allreduce on: ranks on one "
+      "host), nccl (device memory, one GPU per rank), or a comma list measured interleaved",
       cxxopts::value<std::string>()->default_value("mpi,engine"))(
       "compress",
       "the engine's compression: none, fp16, bf16, int8, onebit, topk[:ratio], randomk[:ratio] "
@@ -234,6 +234,8 @@ std::vector<Variant> parse_variants(const Settings& s) {
       if (s.tensors > 1) variants.push_back({"mpi", 1, {}});
     } else if (name == "engine" || name == "engine+trace") {
       add_engine_variants(s, name, variants);
+    } else if (name == "shm") {
+      variants.push_back({"shm", s.tensors, {}});
     } else if (name == "nccl") {
 #ifdef UNIMSG_WITH_NCCL
       variants.push_back({"nccl", s.tensors, {}});
@@ -242,8 +244,9 @@ std::vector<Variant> parse_variants(const Settings& s) {
                                 "this build has no NCCL backend (UNIMSG_WITH_NCCL=OFF)");
 #endif
     } else {
-      throw unimsg::ConfigError(unimsg::kNoRank, "--backend",
-                                "unknown backend '" + name + "' (mpi, engine, engine+trace, nccl)");
+      throw unimsg::ConfigError(
+          unimsg::kNoRank, "--backend",
+          "unknown backend '" + name + "' (mpi, engine, engine+trace, shm, nccl)");
     }
   }
   return variants;
@@ -256,6 +259,8 @@ struct Backends {
   // engine+trace: a second engine recording timeline spans (UNIMSG_TIMELINE's cost).
   unimsg::TraceRecorder recorder;
   std::unique_ptr<unimsg::Engine> traced_engine;
+  // shm: the MPI backend with its shared-memory allreduce at every size.
+  std::unique_ptr<unimsg::MpiCommunicator> shm;
 #ifdef UNIMSG_WITH_NCCL
   std::unique_ptr<unimsg::NcclCommunicator> nccl;
 #endif
@@ -271,6 +276,11 @@ struct Backends {
         auto options = unimsg::EngineOptions::from_env();
         options.trace = &recorder;
         traced_engine = std::make_unique<unimsg::Engine>(communicator, runtime.bus(), options);
+      }
+      if (v.backend == "shm" && !shm) {
+        auto options = unimsg::CommunicatorOptions::from_env();
+        options.hierarchical = unimsg::CommunicatorOptions::Hierarchical::kOn;
+        shm = std::make_unique<unimsg::MpiCommunicator>(MPI_COMM_WORLD, runtime.bus(), options);
       }
     }
 #ifdef UNIMSG_WITH_NCCL
@@ -407,6 +417,7 @@ class SizeRun {
 
   void run_once(std::size_t v, bool inplace, bool timed, int iteration);
   void call_mpi(const Variant& variant, bool inplace, std::byte* result);
+  void call_shm(const Variant& variant, bool inplace, std::byte* result);
 #ifdef UNIMSG_WITH_NCCL
   void call_nccl(const Variant& variant, bool inplace);
 #endif
@@ -449,6 +460,8 @@ void SizeRun::run_once(std::size_t v, bool inplace, bool timed, int iteration) {
   const auto start = Clock::now();
   if (variant.backend == "mpi") {
     call_mpi(variant, inplace, result);
+  } else if (variant.backend == "shm") {
+    call_shm(variant, inplace, result);
 #ifdef UNIMSG_WITH_NCCL
   } else if (variant.backend == "nccl") {
     call_nccl(variant, inplace);
@@ -490,6 +503,16 @@ void SizeRun::call_mpi(const Variant& variant, bool inplace, std::byte* result) 
       unimsg::store_element(result, dtype_, i,
                             unimsg::load_element(result, dtype_, i) / ctx_.ranks);
     }
+  }
+}
+
+void SizeRun::call_shm(const Variant& variant, bool inplace, std::byte* result) {
+  const std::size_t element = ctx_.element;
+  for (int k = 0; k < variant.tensors; ++k) {
+    const auto [offset, n] = slice(k, variant.tensors);
+    const unimsg::TensorView in{send_.data() + offset * element, n, dtype_};
+    const unimsg::TensorView out{result + offset * element, n, dtype_};
+    ctx_.backends.shm->allreduce_now(inplace ? out : in, out, {op_});
   }
 }
 
@@ -672,6 +695,14 @@ int summarize(const Settings& settings, const Totals& totals) {
     const double ratio = (sum.first / sum.second) / (plain->second.first / plain->second.second);
     if (!settings.json)
       std::printf("# engine+trace / engine busbw: %.3f (%s)\n", ratio, name.c_str());
+  }
+  // The shared-memory allreduce against raw MPI_Allreduce, same run, same tensors.
+  for (const auto& [name, sum] : totals.bw_sum) {
+    if (name.rfind("shm/", 0) != 0) continue;
+    const auto raw = totals.bw_sum.find("mpi/" + name.substr(4));
+    if (raw == totals.bw_sum.end() || raw->second.first <= 0) continue;
+    const double ratio = (sum.first / sum.second) / (raw->second.first / raw->second.second);
+    if (!settings.json) std::printf("# shm / mpi busbw: %.3f (%s)\n", ratio, name.c_str());
   }
   if (totals.wrong) exit_code = 1;
   return exit_code;

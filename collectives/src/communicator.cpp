@@ -148,6 +148,25 @@ CommunicatorOptions CommunicatorOptions::from_env() {
   if (const auto polls = env_uint("UNIMSG_WAIT_SPIN_POLLS", 0, 1u << 30)) {
     options.wait_spin_polls = static_cast<std::uint32_t>(*polls);
   }
+  if (const auto mode = env_value("UNIMSG_HIERARCHICAL")) {
+    if (*mode == "auto") {
+      options.hierarchical = CommunicatorOptions::Hierarchical::kAuto;
+    } else if (*mode == "on") {
+      options.hierarchical = CommunicatorOptions::Hierarchical::kOn;
+    } else if (*mode == "off") {
+      options.hierarchical = CommunicatorOptions::Hierarchical::kOff;
+    } else {
+      throw ConfigError(kNoRank, "UNIMSG_HIERARCHICAL",
+                        "'" + *mode + "' is not one of auto, on, off");
+    }
+  }
+  if (const auto bytes = env_size("UNIMSG_SHM_MIN_BYTES", 0, std::uint64_t{1} << 40)) {
+    options.shm_min_bytes = *bytes;
+  }
+  // (A multiple of 64, so that every element size divides it: at least one 64-byte line.)
+  if (const auto bytes = env_size("UNIMSG_SHM_CHUNK_BYTES", 64, std::uint64_t{1} << 30)) {
+    options.shm_chunk_bytes = *bytes / 64 * 64;
+  }
   return options;
 }
 

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "progress_tracker.hpp"
+#include "shm_allreduce.hpp"
 #include "unimsg/bus/mpi.hpp"
 #include "unimsg/core/config.hpp"
 #include "unimsg/core/error.hpp"
@@ -23,6 +24,8 @@ struct MpiCommState {
   std::unique_ptr<ProgressTracker> progress;
   std::uint32_t spin_polls = Work::kSpinPolls;  // CommunicatorOptions::wait_spin_polls
   bool oversubscribed = false;                  // more ranks on this node than cores
+  CommunicatorOptions options;                  // as made (split passes them on)
+  std::unique_ptr<ShmAllreduce> shm;            // when every rank is on this host (and > 1)
 };
 
 }  // namespace detail
@@ -212,6 +215,17 @@ void narrow(const float* wide, void* data, std::size_t count, DType dtype) {
   }
 }
 
+// Whether a blocking allreduce on one host goes through shared memory. auto: where it was
+// measured faster than Open MPI's (docs/benchmarks.md, "Shared memory on one host") — everywhere
+// but in place on two ranks from 512 KiB to 16 MiB, where Open MPI's single-copy transfers move
+// less memory than the copies into and out of the segments.
+bool prefer_shm(const CommunicatorOptions& options, int ranks, std::size_t bytes, bool in_place) {
+  using Mode = CommunicatorOptions::Hierarchical;
+  if (options.hierarchical == Mode::kOn) return true;
+  if (options.hierarchical == Mode::kOff || bytes < options.shm_min_bytes) return false;
+  return !(in_place && ranks == 2 && bytes >= (512u << 10) && bytes < (16u << 20));
+}
+
 // One collective in flight: the MPI request and whatever must outlive it (widened buffers).
 struct Pending {
   MPI_Request request = MPI_REQUEST_NULL;
@@ -291,6 +305,12 @@ MpiCommunicator::MpiCommunicator(MPI_Comm parent, Bus& bus, CommunicatorOptions 
   check_mpi(size_error, rank(), "MPI_Comm_size");
   const unsigned cores = std::thread::hardware_concurrency();
   state_->oversubscribed = cores != 0 && static_cast<unsigned>(on_this_node) > cores;
+  state_->options = options;
+  if (options.hierarchical != CommunicatorOptions::Hierarchical::kOff && size() > 1) {
+    state_->shm =
+        std::make_unique<detail::ShmAllreduce>(state_->comm.get(), options.shm_chunk_bytes);
+    if (!state_->shm->usable()) state_->shm.reset();
+  }
 }
 
 MpiCommunicator::~MpiCommunicator() = default;
@@ -366,6 +386,10 @@ void MpiCommunicator::do_allreduce_now(TensorView send, TensorView recv,
   check_allreduce(send, recv, rank(), what);
   const int count = as_count(send.count, rank(), what);
   state_->progress->start();
+  if (state_->shm && prefer_shm(state_->options, size(), send.bytes(), send.data == recv.data)) {
+    state_->shm->allreduce(send.data, recv.data, send.count, send.dtype, op, default_timeout());
+    return;
+  }
   if (is_half(send.dtype)) {
     std::vector<float> wide = widen(send.data, send.count, send.dtype);
     check_mpi(
@@ -565,7 +589,7 @@ std::unique_ptr<Communicator> MpiCommunicator::split(std::span<const int> ranks)
             "MPI_Comm_split");
   if (child == MPI_COMM_NULL) return nullptr;
   // The new communicator duplicates `child`; free the split result itself.
-  CommunicatorOptions options;  // the parent's, as they are now
+  CommunicatorOptions options = state_->options;  // the parent's, as they are now
   options.timeout = default_timeout();
   options.wait_spin_polls = state_->spin_polls;
   auto communicator = std::make_unique<MpiCommunicator>(child, *state_->bus, options);

@@ -104,6 +104,13 @@ struct CommunicatorOptions {
   // How many tight polls a wait makes before it yields the core between polls
   // (UNIMSG_WAIT_SPIN_POLLS; the MPI backend's, whose requests progress only when tested).
   std::uint32_t wait_spin_polls = Work::kSpinPolls;
+  // Blocking allreduces among ranks that share one host go through shared memory instead of
+  // MPI (UNIMSG_HIERARCHICAL: auto, the default, where measured faster and from shm_min_bytes
+  // up; on: every size; off: never). The MPI backend's.
+  enum class Hierarchical { kAuto, kOn, kOff };
+  Hierarchical hierarchical = Hierarchical::kAuto;
+  std::uint64_t shm_min_bytes = 0;          // UNIMSG_SHM_MIN_BYTES ("256K")
+  std::uint64_t shm_chunk_bytes = 4 << 20;  // per segment half (UNIMSG_SHM_CHUNK_BYTES, "4M")
   static CommunicatorOptions from_env();
 };
 

@@ -1,0 +1,60 @@
+#pragma once
+
+// Allreduce through shared memory among the ranks of one host (MPI-3 shared windows from
+// MPI_Comm_split_type(MPI_COMM_TYPE_SHARED)): no copy goes through MPI's point-to-point. Per
+// chunk, each rank copies its input into its own segment; after a barrier it reduces its slice
+// of the chunk reading every peer's segment directly, in rank order, into its own segment; after
+// a second barrier every rank copies the reduced slices out of their owners' segments. Segments
+// are double-buffered, so the next chunk's copy-in needs no third barrier. The barriers spin on
+// per-rank epoch counters in the window (yielding the core while they wait: hosts here run more
+// ranks than cores). Private to the MPI backend.
+
+#include <mpi.h>
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "unimsg/collectives/tensor.hpp"
+
+namespace unimsg::detail {
+
+class ShmAllreduce {
+ public:
+  // Collective over `comm`. Usable only when every rank of `comm` is on this host (and there is
+  // more than one): otherwise no window is made. `chunk_bytes`: each segment's half.
+  ShmAllreduce(MPI_Comm comm, std::size_t chunk_bytes);
+  ~ShmAllreduce();
+  ShmAllreduce(const ShmAllreduce&) = delete;
+  ShmAllreduce& operator=(const ShmAllreduce&) = delete;
+
+  bool usable() const noexcept { return window_ != MPI_WIN_NULL; }
+
+  // Collective, blocking: recv = op over the ranks of send (in place when send == recv); avg
+  // divides the sum (integers truncate); f16 and bf16 add in f32 and round once. A peer that
+  // does not reach a barrier within `timeout` is a TimeoutError.
+  void allreduce(const void* send, void* recv, std::size_t count, DType dtype, ReduceOp op,
+                 std::chrono::nanoseconds timeout);
+
+ private:
+  void barrier(std::chrono::steady_clock::time_point deadline);
+  std::byte* half(int rank, std::uint64_t slot) const noexcept;
+  void reduce_slice(std::size_t offset, std::size_t count, DType dtype, ReduceOp op,
+                    std::uint64_t slot);
+  void reduce_block(std::size_t offset, std::size_t count, DType dtype, ReduceOp op,
+                    std::uint64_t slot);
+
+  MPI_Comm node_ = MPI_COMM_NULL;
+  MPI_Win window_ = MPI_WIN_NULL;
+  int rank_ = 0;
+  int ranks_ = 1;
+  std::size_t chunk_bytes_ = 0;
+  std::vector<std::byte*> bases_;  // each rank's segment, mapped here
+  std::vector<float> wide_;        // f16/bf16 sums
+  std::vector<float> widened_;
+  std::uint64_t epoch_ = 0;
+  std::uint64_t chunks_ = 0;  // chunks run so far (their parity picks the half)
+};
+
+}  // namespace unimsg::detail
