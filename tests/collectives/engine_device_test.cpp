@@ -173,6 +173,20 @@ TEST_F(EngineDevice, DeviceTensorsOverNcclHostTensorsOverMpi) {
 #endif
 }
 
+// The last rank joins before it ever submitted a device tensor: it still stands in with zeros
+// in device memory (on its thread's current GPU) while the others reduce theirs.
+TEST_F(EngineDevice, ARankThatJoinsFirstContributesZeros) {
+  Engine engine(*mpi_, *bus_, EngineOptions{});
+  std::vector<int> others;
+  for (int r = 0; r + 1 < ranks_; ++r) others.push_back(r);
+  if (rank_ + 1 < ranks_) {
+    DeviceTensors tensors({5, 1000}, rank_, 2);
+    step(engine, tensors, "early.");
+    tensors.expect_sums(ranks_, 2, others);
+  }
+  engine.join();
+}
+
 // The engine compresses host tensors only; a name must be in device memory on every rank or on
 // none (a MismatchError names the ranks otherwise).
 TEST_F(EngineDevice, CompressionRefusedAndDeviceMismatchNamed) {

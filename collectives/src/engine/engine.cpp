@@ -340,12 +340,13 @@ Work submit_tensors(const std::shared_ptr<EngineCore>& engine, std::span<Submitt
     std::lock_guard lock(engine->mutex);
     if (engine->fatal) std::rethrow_exception(engine->fatal);
     if (engine->stopping) throw ShutdownError(rank, "engine.submit", "the engine is shutting down");
-    if (gpu >= 0 && engine->device_index >= 0 && gpu != engine->device_index) {
+    const int known = engine->device_index.load();
+    if (gpu >= 0 && known >= 0 && gpu != known) {
       throw Error(rank, "engine.submit",
                   "device tensors submitted with GPU " + std::to_string(gpu) +
-                      " current; this engine's are on GPU " + std::to_string(engine->device_index));
+                      " current; this engine's are on GPU " + std::to_string(known));
     }
-    if (gpu >= 0) engine->device_index = gpu;
+    if (gpu >= 0 && known < 0) engine->device_index.store(gpu);
     if (engine->names.size() + locals.size() > kMaxNames) {
       std::erase_if(engine->names, [](const auto& entry) { return !entry.second.pending; });
     }

@@ -258,7 +258,7 @@ struct EngineCore {
   std::unique_ptr<DeviceBuffer> device_fusion_buffer;  // made when device tensors are fused
   // The GPU of this rank's device tensors: the one current where the first was submitted
   // (mutex held to set it); -1 before any.
-  int device_index = -1;
+  std::atomic<int> device_index{-1};
   // Compression: one CompressedAllreduce per spec, error feedback per tensor, and a step count
   // that advances alike on every rank (the same batches run in the same order everywhere).
   std::map<std::string, std::unique_ptr<CompressedAllreduce>> compressors;

@@ -50,7 +50,9 @@ void EngineCore::reduce_through_fusion_buffer(
   std::byte* buffer = nullptr;
   std::optional<ScopedDevice> on_gpu;  // (the copies and the buffer on the tensors' GPU)
   if (device == Device::kCuda) {
-    on_gpu.emplace(device_index);
+    // (A rank that joined before it submitted any device tensor: the thread's own device.)
+    const int gpu = device_index.load();
+    on_gpu.emplace(gpu >= 0 ? gpu : current_device());
     if (!device_fusion_buffer || device_fusion_buffer->bytes() < total * element)
       device_fusion_buffer = std::make_unique<DeviceBuffer>(total * element);
     buffer = static_cast<std::byte*>(device_fusion_buffer->data());
