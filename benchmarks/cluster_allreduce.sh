@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
 # The allreduce sweep across namespace hosts (docs/cluster.md) at each link rate given: raw MPI
-# and the engine, uncompressed and compressed, measured interleaved by unimsg-bench-allreduce.
-#   benchmarks/cluster_allreduce.sh [--hosts 3] [--slots 2] [--max 4M] [--compress LIST] RATE...
+# and the engine (or --backend's list: shm is the shared-memory/across-hosts allreduce forced on),
+# uncompressed and compressed, measured interleaved by unimsg-bench-allreduce.
+#   benchmarks/cluster_allreduce.sh [--hosts 3] [--slots 2] [--max 4M] [--compress LIST]
+#                                   [--backend LIST] RATE...
 #   e.g. benchmarks/cluster_allreduce.sh 1gbit 100mbit        (root; run from the build's parent)
 # Prints the benchmark's JSON rows, each with "rate" added.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-hosts=3 slots=2 max=4M compress=none,fp16,onebit,topk:0.01,powersgd:4 build=${BUILD:-build}
+hosts=3 slots=2 max=4M compress=none,fp16,onebit,topk:0.01,powersgd:4 backend=mpi,engine
+build=${BUILD:-build}
 while [[ ${1:-} == --* ]]; do
   case $1 in
     --hosts) hosts=$2 ;;
     --slots) slots=$2 ;;
     --max) max=$2 ;;
     --compress) compress=$2 ;;
+    --backend) backend=$2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
   shift 2
@@ -26,7 +30,7 @@ for rate in "$@"; do
   eval "$(scripts/cluster env --name "$name")"
   mpirun -np $((hosts * slots)) --hostfile "/run/unimsg-cluster/$name/hostfile" \
     "$build/benchmarks/unimsg-bench-allreduce" -b 64K -e "$max" -f 4 -n 5 -w 2 -c 0 \
-    --backend mpi,engine --compress "$compress" --json |
+    --backend "$backend" --compress "$compress" --json |
     sed "s/^{/{\"rate\":\"$rate\",/"
   scripts/cluster down --name "$name"
   trap - EXIT

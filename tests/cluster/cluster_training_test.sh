@@ -15,9 +15,12 @@ source "$(dirname "$0")/cluster_lib.sh"
 cluster_up "$cluster" 3
 
 mpirun -np 6 --hostfile "$hostfile" "$bench_allreduce" -b 4K -e 1M -f 16 -n 3 -w 1 -c 1 \
-  --backend mpi,engine --compress none,onebit --json >"$work/allreduce" 2>"$work/err" ||
+  --backend mpi,shm,engine --compress none,onebit --json >"$work/allreduce" 2>"$work/err" ||
   { tail "$work/err"; fail "unimsg-bench-allreduce across hosts"; }
 grep -q '"busbw' "$work/allreduce" || fail "no allreduce figures"
+# (shm: shared memory within each host, each local rank's slice across hosts; -c 1 fails on a
+# wrong element.)
+grep -q '"backend":"shm"' "$work/allreduce" || fail "no shared-memory/across-hosts rows"
 mpirun -np 2 --host "$name-h0,$name-h2" "$bench_bus" --quick --json >"$work/bus" 2>"$work/err" ||
   { tail "$work/err"; fail "unimsg-bench-bus across hosts"; }
 [[ -s $work/bus ]] || fail "no bus figures"

@@ -25,7 +25,7 @@ struct MpiCommState {
   std::uint32_t spin_polls = Work::kSpinPolls;  // CommunicatorOptions::wait_spin_polls
   bool oversubscribed = false;                  // more ranks on this node than cores
   CommunicatorOptions options;                  // as made (split passes them on)
-  std::unique_ptr<ShmAllreduce> shm;            // when every rank is on this host (and > 1)
+  std::unique_ptr<ShmAllreduce> shm;            // where ranks share hosts (ShmAllreduce)
 };
 
 }  // namespace detail
@@ -307,8 +307,8 @@ MpiCommunicator::MpiCommunicator(MPI_Comm parent, Bus& bus, CommunicatorOptions 
   state_->oversubscribed = cores != 0 && static_cast<unsigned>(on_this_node) > cores;
   state_->options = options;
   if (options.hierarchical != CommunicatorOptions::Hierarchical::kOff && size() > 1) {
-    state_->shm =
-        std::make_unique<detail::ShmAllreduce>(state_->comm.get(), options.shm_chunk_bytes);
+    state_->shm = std::make_unique<detail::ShmAllreduce>(
+        state_->comm.get(), options.shm_chunk_bytes, options.shm_host_ranks);
     if (!state_->shm->usable()) state_->shm.reset();
   }
 }

@@ -10,6 +10,7 @@
 
 #include "unimsg/bus/mpi.hpp"
 #include "unimsg/collectives/communicator.hpp"
+#include "unimsg/collectives/mpi_communicator.hpp"
 #include "unimsg/core/error.hpp"
 #include "unimsg/kernels/cast.hpp"
 
@@ -56,21 +57,71 @@ void divide(T* data, std::size_t count, int ranks) {
   for (std::size_t i = 0; i < count; ++i) data[i] = static_cast<T>(data[i] / static_cast<T>(ranks));
 }
 
+// Calls f with `data` as the element type of a full-width dtype (not f16/bf16).
+template <typename F>
+void typed(DType dtype, std::byte* data, F&& f) {
+  switch (dtype) {
+    case DType::kF32:
+      return f(reinterpret_cast<float*>(data));
+    case DType::kF64:
+      return f(reinterpret_cast<double*>(data));
+    case DType::kI32:
+      return f(reinterpret_cast<std::int32_t*>(data));
+    case DType::kI64:
+      return f(reinterpret_cast<std::int64_t*>(data));
+    case DType::kU8:
+      return f(reinterpret_cast<std::uint8_t*>(data));
+    case DType::kF16:
+    case DType::kBF16:
+      return;
+  }
+}
+
+MPI_Op mpi_reduction(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kMin:
+      return MPI_MIN;
+    case ReduceOp::kMax:
+      return MPI_MAX;
+    case ReduceOp::kSum:
+    case ReduceOp::kAvg:
+      break;
+  }
+  return MPI_SUM;
+}
+
 }  // namespace
 
-ShmAllreduce::ShmAllreduce(MPI_Comm comm, std::size_t chunk_bytes) : chunk_bytes_(chunk_bytes) {
+ShmAllreduce::ShmAllreduce(MPI_Comm comm, std::size_t chunk_bytes, int host_group)
+    : chunk_bytes_(chunk_bytes) {
   int rank = 0;
-  int ranks = 1;
   MPI_Comm_rank(comm, &rank);
-  MPI_Comm_size(comm, &ranks);
+  MPI_Comm_size(comm, &total_ranks_);
   check_mpi(MPI_Comm_split_type(comm, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &node_), rank,
             "MPI_Comm_split_type");
+  if (host_group > 0) {  // (tests: every host_group ranks of a host stand for one host)
+    int node_rank = 0;
+    MPI_Comm_rank(node_, &node_rank);
+    MPI_Comm group = MPI_COMM_NULL;
+    const int split = MPI_Comm_split(node_, node_rank / host_group, node_rank, &group);
+    MPI_Comm_free(&node_);
+    check_mpi(split, rank, "MPI_Comm_split");
+    node_ = group;
+  }
   int on_host = 1;
   MPI_Comm_size(node_, &on_host);
-  // (Every rank learns whether all are on one host from its own count: the same everywhere.)
-  if (on_host != ranks || ranks < 2) return;
+  // Shared memory where ranks share a host; across hosts only when every host holds as many
+  // ranks (then local rank l's slice is the same range everywhere).
+  int fewest = on_host;
+  int most = on_host;
+  check_mpi(MPI_Allreduce(&on_host, &fewest, 1, MPI_INT, MPI_MIN, comm), rank, "MPI_Allreduce");
+  check_mpi(MPI_Allreduce(&on_host, &most, 1, MPI_INT, MPI_MAX, comm), rank, "MPI_Allreduce");
+  if (fewest != most || on_host < 2) return;
   MPI_Comm_rank(node_, &rank_);
   ranks_ = on_host;
+  if (on_host < total_ranks_) {
+    check_mpi(MPI_Comm_split(comm, rank_, rank, &cross_), rank, "MPI_Comm_split");
+  }
   MPI_Info info = MPI_INFO_NULL;
   MPI_Info_create(&info);
   MPI_Info_set(info, "alloc_shared_noncontig", "true");  // (each segment on its owner's pages)
@@ -99,6 +150,7 @@ ShmAllreduce::~ShmAllreduce() {
     MPI_Win_unlock_all(window_);
     MPI_Win_free(&window_);
   }
+  if (cross_ != MPI_COMM_NULL) MPI_Comm_free(&cross_);
   if (node_ != MPI_COMM_NULL) MPI_Comm_free(&node_);
 }
 
@@ -126,55 +178,60 @@ void ShmAllreduce::barrier(Clock::time_point deadline) {
 
 void ShmAllreduce::reduce_slice(std::size_t offset, std::size_t count, DType dtype, ReduceOp op,
                                 std::uint64_t slot) {
+  const bool halves = dtype == DType::kF16 || dtype == DType::kBF16;
+  // avg: a sum here and across hosts, divided once at the end; halves stay f32 until then.
+  const ReduceOp sum_or_op = op == ReduceOp::kAvg ? ReduceOp::kSum : op;
+  const std::size_t element = dtype_size(dtype);
+  if (halves) wide_.resize(count);
   // Block by block, so that the block being accumulated stays in cache while every peer's is
   // folded in: the slice is read once per rank and written once.
-  const std::size_t element = dtype_size(dtype);
   for (std::size_t done = 0; done < count; done += kBlockElements) {
-    reduce_block(offset + done * element, std::min(kBlockElements, count - done), dtype, op, slot);
+    reduce_block(offset + done * element, std::min(kBlockElements, count - done), dtype, sum_or_op,
+                 slot, halves ? wide_.data() + done : nullptr);
+  }
+  std::byte* mine = half(rank_, slot) + offset;
+  if (cross_ != MPI_COMM_NULL) {
+    // This host's slice with the same slice of every other host (local rank l's peers).
+    check_mpi(MPI_Allreduce(MPI_IN_PLACE, halves ? static_cast<void*>(wide_.data()) : mine,
+                            static_cast<int>(count), halves ? MPI_FLOAT : mpi_datatype(dtype),
+                            mpi_reduction(sum_or_op), cross_),
+              rank_, "MPI_Allreduce across hosts");
+  }
+  if (op == ReduceOp::kAvg) {
+    if (halves) {
+      divide(wide_.data(), count, total_ranks_);
+    } else {
+      typed(dtype, mine, [&](auto* data) { divide(data, count, total_ranks_); });
+    }
+  }
+  if (halves) {
+    const std::span<std::uint16_t> out(reinterpret_cast<std::uint16_t*>(mine), count);
+    dtype == DType::kF16 ? f32_to_f16(wide_, out) : f32_to_bf16(wide_, out);
   }
 }
 
 void ShmAllreduce::reduce_block(std::size_t offset, std::size_t count, DType dtype, ReduceOp op,
-                                std::uint64_t slot) {
-  std::byte* mine = half(rank_, slot) + offset;
-  const auto peers = [&](auto* dst) {
-    using T = std::remove_pointer_t<decltype(dst)>;
-    for (int r = 0; r < ranks_; ++r) {
-      if (r != rank_) fold(dst, reinterpret_cast<const T*>(half(r, slot) + offset), count, op);
-    }
-    if (op == ReduceOp::kAvg) divide(dst, count, ranks_);
-  };
-  switch (dtype) {
-    case DType::kF32:
-      return peers(reinterpret_cast<float*>(mine));
-    case DType::kF64:
-      return peers(reinterpret_cast<double*>(mine));
-    case DType::kI32:
-      return peers(reinterpret_cast<std::int32_t*>(mine));
-    case DType::kI64:
-      return peers(reinterpret_cast<std::int64_t*>(mine));
-    case DType::kU8:
-      return peers(reinterpret_cast<std::uint8_t*>(mine));
-    case DType::kF16:
-    case DType::kBF16:
-      break;
+                                std::uint64_t slot, float* wide) {
+  if (wide == nullptr) {
+    typed(dtype, half(rank_, slot) + offset, [&](auto* dst) {
+      using T = std::remove_pointer_t<decltype(dst)>;
+      for (int r = 0; r < ranks_; ++r) {
+        if (r != rank_) fold(dst, reinterpret_cast<const T*>(half(r, slot) + offset), count, op);
+      }
+    });
+    return;
   }
-  // Halves: summed in f32 in rank order, rounded once.
-  const bool f16 = dtype == DType::kF16;
+  // Halves: summed in f32 in rank order into `wide`.
   const auto widen = [&](const std::byte* from, std::span<float> to) {
     const std::span<const std::uint16_t> bits(reinterpret_cast<const std::uint16_t*>(from), count);
-    f16 ? f16_to_f32(bits, to) : bf16_to_f32(bits, to);
+    dtype == DType::kF16 ? f16_to_f32(bits, to) : bf16_to_f32(bits, to);
   };
-  wide_.resize(count);
   widened_.resize(count);
-  widen(half(0, slot) + offset, wide_);
+  widen(half(0, slot) + offset, std::span<float>(wide, count));
   for (int r = 1; r < ranks_; ++r) {
     widen(half(r, slot) + offset, widened_);
-    fold(wide_.data(), widened_.data(), count, op);
+    fold(wide, widened_.data(), count, op);
   }
-  if (op == ReduceOp::kAvg) divide(wide_.data(), count, ranks_);
-  const std::span<std::uint16_t> out(reinterpret_cast<std::uint16_t*>(mine), count);
-  f16 ? f32_to_f16(wide_, out) : f32_to_bf16(wide_, out);
 }
 
 void ShmAllreduce::allreduce(const void* send, void* recv, std::size_t count, DType dtype,
