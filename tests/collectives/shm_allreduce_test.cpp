@@ -143,9 +143,9 @@ TEST_F(ShmAllreduceTest, EveryDtypeAndOpMatchesMpiAndTheReference) {
   }
 }
 
-// Across hosts: every two ranks of this machine stand for a host (at 4 ranks, 2 hosts x 2;
-// at 2 ranks one host; at 3 and 5 the hosts are uneven and MPI reduces): each host's slices
-// then cross between hosts over MPI, and the bytes are still MPI's.
+// Across hosts: every two ranks of this machine stand for a host (at 4 ranks, 2 hosts x 2; at
+// 6, 3 x 2; at 2 ranks one host; at 3 and 5 the hosts are uneven and MPI reduces): each host's
+// slices then cross between hosts over MPI, and the bytes are still MPI's.
 TEST_F(ShmAllreduceTest, VirtualHostsReduceAcrossHostsAsMpiDoes) {
   CommunicatorOptions options;
   options.hierarchical = Hierarchical::kOn;
@@ -157,10 +157,33 @@ TEST_F(ShmAllreduceTest, VirtualHostsReduceAcrossHostsAsMpiDoes) {
   expect_same_as_mpi(hosts, *mpi, rank_);
 }
 
-// The default chunk (4 MiB) and a buffer of three chunks and a bit.
+// Host 0 (world ranks 0 and 1) calls, the other hosts never do: the slices cannot cross, and
+// after the timeout both ranks throw, saying so.
+TEST_F(ShmAllreduceTest, AHostThatNeverArrivesIsATimeout) {
+  if (ranks_ != 4 && ranks_ != 6) GTEST_SKIP() << "needs hosts of two ranks (4 or 6 ranks)";
+  CommunicatorOptions options;
+  options.hierarchical = Hierarchical::kOn;
+  options.shm_chunk_bytes = 256;
+  options.shm_host_ranks = 2;
+  options.timeout = 2s;
+  MpiCommunicator hosts(MPI_COMM_WORLD, *bus_, options);
+  if (rank_ < 2) {
+    std::vector<float> x(100, 1.0f);
+    try {
+      hosts.allreduce_now(TensorView{x.data(), x.size(), DType::kF32},
+                          TensorView{x.data(), x.size(), DType::kF32});
+      ADD_FAILURE() << "an allreduce without the other hosts returned";
+    } catch (const TimeoutError& error) {
+      EXPECT_NE(std::string(error.what()).find("across hosts did not complete"), std::string::npos)
+          << error.what();
+    }
+  }
+}
+
+// The default chunk (1 MiB) and a buffer of three chunks and a bit.
 TEST_F(ShmAllreduceTest, LargeBuffersAcrossDefaultChunks) {
-  auto shm = communicator(Hierarchical::kOn, 4 << 20);
-  const std::size_t n = 3 * (1 << 20) + 12345;
+  auto shm = communicator(Hierarchical::kOn, CommunicatorOptions{}.shm_chunk_bytes);
+  const std::size_t n = 3 * (1 << 18) + 12345;
   auto data = make(DType::kF32, n, rank_);
   shm->allreduce_now(TensorView{data.data(), n, DType::kF32},
                      TensorView{data.data(), n, DType::kF32}, {ReduceOp::kMax});

@@ -19,7 +19,7 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// A segment: this rank's barrier epoch on a cache line of its own, then two halves.
+// A segment: this rank's barrier epoch on a cache line of its own, then kSlots slots.
 constexpr std::size_t kControlBytes = 64;
 // Elements reduced at a time (16 KiB of f32: in L1 with a peer's block beside it).
 constexpr std::size_t kBlockElements = 4096;
@@ -77,19 +77,6 @@ void typed(DType dtype, std::byte* data, F&& f) {
   }
 }
 
-MPI_Op mpi_reduction(ReduceOp op) {
-  switch (op) {
-    case ReduceOp::kMin:
-      return MPI_MIN;
-    case ReduceOp::kMax:
-      return MPI_MAX;
-    case ReduceOp::kSum:
-    case ReduceOp::kAvg:
-      break;
-  }
-  return MPI_SUM;
-}
-
 }  // namespace
 
 ShmAllreduce::ShmAllreduce(MPI_Comm comm, std::size_t chunk_bytes, int host_group)
@@ -126,7 +113,7 @@ ShmAllreduce::ShmAllreduce(MPI_Comm comm, std::size_t chunk_bytes, int host_grou
   MPI_Info_create(&info);
   MPI_Info_set(info, "alloc_shared_noncontig", "true");  // (each segment on its owner's pages)
   void* base = nullptr;
-  const auto bytes = static_cast<MPI_Aint>(kControlBytes + 2 * chunk_bytes_);
+  const auto bytes = static_cast<MPI_Aint>(kControlBytes + kSlots * chunk_bytes_);
   const int made = MPI_Win_allocate_shared(bytes, 1, info, node_, &base, &window_);
   MPI_Info_free(&info);
   check_mpi(made, rank, "MPI_Win_allocate_shared");
@@ -155,7 +142,7 @@ ShmAllreduce::~ShmAllreduce() {
 }
 
 std::byte* ShmAllreduce::half(int rank, std::uint64_t slot) const noexcept {
-  return bases_[static_cast<std::size_t>(rank)] + kControlBytes + (slot % 2) * chunk_bytes_;
+  return bases_[static_cast<std::size_t>(rank)] + kControlBytes + (slot % kSlots) * chunk_bytes_;
 }
 
 void ShmAllreduce::barrier(Clock::time_point deadline) {
@@ -167,6 +154,7 @@ void ShmAllreduce::barrier(Clock::time_point deadline) {
     for (std::uint32_t spins = 0; peer.load(std::memory_order_acquire) < epoch_; ++spins) {
       if (spins < 64) continue;
       // (More ranks than cores: the peer needs this core to arrive.)
+      progress_across();
       std::this_thread::yield();
       if (spins % 1024 == 0 && Clock::now() > deadline) {
         throw TimeoutError(rank_, "shared-memory allreduce",
@@ -182,31 +170,44 @@ void ShmAllreduce::reduce_slice(std::size_t offset, std::size_t count, DType dty
   // avg: a sum here and across hosts, divided once at the end; halves stay f32 until then.
   const ReduceOp sum_or_op = op == ReduceOp::kAvg ? ReduceOp::kSum : op;
   const std::size_t element = dtype_size(dtype);
-  if (halves) wide_.resize(count);
+  auto& wide = wide_[slot % kSlots];
+  if (halves) wide.resize(count);
   // Block by block, so that the block being accumulated stays in cache while every peer's is
   // folded in: the slice is read once per rank and written once.
   for (std::size_t done = 0; done < count; done += kBlockElements) {
     reduce_block(offset + done * element, std::min(kBlockElements, count - done), dtype, sum_or_op,
-                 slot, halves ? wide_.data() + done : nullptr);
+                 slot, halves ? wide.data() + done : nullptr);
   }
+  if (cross_ == MPI_COMM_NULL) return;
+  // This host's slice with the same slice of every other host (local rank l's peers).
+  const DType carried = halves ? DType::kF32 : dtype;
+  std::byte* data = halves ? reinterpret_cast<std::byte*>(wide.data()) : half(rank_, slot) + offset;
+  across_[slot % kSlots].start(
+      cross_, static_cast<int>(slot % kSlots), data, count, mpi_datatype(carried),
+      dtype_size(carried),
+      [carried, sum_or_op](std::byte* dst, const std::byte* src, std::size_t n) {
+        typed(carried, dst, [&](auto* into) {
+          using T = std::remove_pointer_t<decltype(into)>;
+          fold(into, reinterpret_cast<const T*>(src), n, sum_or_op);
+        });
+      });
+}
+
+void ShmAllreduce::finish_slice(std::size_t offset, std::size_t count, DType dtype, ReduceOp op,
+                                std::uint64_t slot) {
+  const bool halves = dtype == DType::kF16 || dtype == DType::kBF16;
+  auto& wide = wide_[slot % kSlots];
   std::byte* mine = half(rank_, slot) + offset;
-  if (cross_ != MPI_COMM_NULL) {
-    // This host's slice with the same slice of every other host (local rank l's peers).
-    check_mpi(MPI_Allreduce(MPI_IN_PLACE, halves ? static_cast<void*>(wide_.data()) : mine,
-                            static_cast<int>(count), halves ? MPI_FLOAT : mpi_datatype(dtype),
-                            mpi_reduction(sum_or_op), cross_),
-              rank_, "MPI_Allreduce across hosts");
-  }
   if (op == ReduceOp::kAvg) {
     if (halves) {
-      divide(wide_.data(), count, total_ranks_);
+      divide(wide.data(), count, total_ranks_);
     } else {
       typed(dtype, mine, [&](auto* data) { divide(data, count, total_ranks_); });
     }
   }
   if (halves) {
     const std::span<std::uint16_t> out(reinterpret_cast<std::uint16_t*>(mine), count);
-    dtype == DType::kF16 ? f32_to_f16(wide_, out) : f32_to_bf16(wide_, out);
+    dtype == DType::kF16 ? f32_to_f16(wide, out) : f32_to_bf16(wide, out);
   }
 }
 
@@ -234,27 +235,61 @@ void ShmAllreduce::reduce_block(std::size_t offset, std::size_t count, DType dty
   }
 }
 
-void ShmAllreduce::allreduce(const void* send, void* recv, std::size_t count, DType dtype,
-                             ReduceOp op, std::chrono::nanoseconds timeout) {
-  const std::size_t element = dtype_size(dtype);
-  const std::size_t per_chunk = chunk_bytes_ / element;
-  const auto* in = static_cast<const std::byte*>(send);
-  auto* out = static_cast<std::byte*>(recv);
-  const auto deadline = Clock::now() + timeout;
-  for (std::size_t start = 0; start < count; start += per_chunk) {
-    const std::size_t n = std::min(per_chunk, count - start);
-    const std::uint64_t slot = chunks_++;
-    std::memcpy(half(rank_, slot), in + start * element, n * element);
-    barrier(deadline);
-    reduce_slice(Communicator::reduce_scatter_offset(n, ranks_, rank_) * element,
-                 Communicator::reduce_scatter_share(n, ranks_, rank_), dtype, op, slot);
-    barrier(deadline);
-    for (int r = 0; r < ranks_; ++r) {
-      const std::size_t at = Communicator::reduce_scatter_offset(n, ranks_, r) * element;
-      std::memcpy(out + start * element + at, half(r, slot) + at,
-                  Communicator::reduce_scatter_share(n, ranks_, r) * element);
+void ShmAllreduce::progress_across() {
+  for (auto& ring : across_) ring.progress();
+}
+
+void ShmAllreduce::wait_across(std::uint64_t slot, Clock::time_point deadline) {
+  for (std::uint32_t polls = 0; !across_[slot % kSlots].progress(); ++polls) {
+    progress_across();  // (the next chunk's slice too: it is already under way)
+    std::this_thread::yield();
+    if (polls % 1024 == 1023 && Clock::now() > deadline) {
+      for (auto& ring : across_) ring.abandon();
+      throw TimeoutError(rank_, "shared-memory allreduce",
+                         "the slice's allreduce across hosts did not complete (a host missing)");
     }
   }
+}
+
+void ShmAllreduce::chunk_in(const Call& call, const Chunk& chunk) {
+  const std::size_t element = dtype_size(call.dtype);
+  std::memcpy(half(rank_, chunk.slot), call.in + chunk.start * element, chunk.count * element);
+  barrier(call.deadline);
+  reduce_slice(Communicator::reduce_scatter_offset(chunk.count, ranks_, rank_) * element,
+               Communicator::reduce_scatter_share(chunk.count, ranks_, rank_), call.dtype, call.op,
+               chunk.slot);
+}
+
+void ShmAllreduce::chunk_out(const Call& call, const Chunk& chunk) {
+  const std::size_t element = dtype_size(call.dtype);
+  wait_across(chunk.slot, call.deadline);
+  finish_slice(Communicator::reduce_scatter_offset(chunk.count, ranks_, rank_) * element,
+               Communicator::reduce_scatter_share(chunk.count, ranks_, rank_), call.dtype, call.op,
+               chunk.slot);
+  barrier(call.deadline);
+  for (int r = 0; r < ranks_; ++r) {
+    const std::size_t at = Communicator::reduce_scatter_offset(chunk.count, ranks_, r) * element;
+    std::memcpy(call.out + chunk.start * element + at, half(r, chunk.slot) + at,
+                Communicator::reduce_scatter_share(chunk.count, ranks_, r) * element);
+  }
+}
+
+void ShmAllreduce::allreduce(const void* send, void* recv, std::size_t count, DType dtype,
+                             ReduceOp op, std::chrono::nanoseconds timeout) {
+  const Call call{static_cast<const std::byte*>(send), static_cast<std::byte*>(recv), dtype, op,
+                  Clock::now() + timeout};
+  const std::size_t per_chunk = chunk_bytes_ / dtype_size(dtype);
+  // Chunk k+1 goes in (and starts across hosts) before chunk k comes out.
+  Chunk previous;
+  bool pending = false;
+  for (std::size_t start = 0; start < count; start += per_chunk) {
+    Chunk chunk{start, std::min(per_chunk, count - start), chunks_++};
+    chunk_in(call, chunk);
+    if (pending) chunk_out(call, previous);
+    previous = chunk;
+    pending = true;
+  }
+  if (pending) chunk_out(call, previous);
 }
 
 }  // namespace unimsg::detail

@@ -110,7 +110,7 @@ struct CommunicatorOptions {
   enum class Hierarchical { kAuto, kOn, kOff };
   Hierarchical hierarchical = Hierarchical::kAuto;
   std::uint64_t shm_min_bytes = 0;          // UNIMSG_SHM_MIN_BYTES ("256K")
-  std::uint64_t shm_chunk_bytes = 4 << 20;  // per segment half (UNIMSG_SHM_CHUNK_BYTES, "4M")
+  std::uint64_t shm_chunk_bytes = 1 << 20;  // per segment slot (UNIMSG_SHM_CHUNK_BYTES, "1M")
   // Tests: every so many ranks of a host count as a host of their own (0: the real hosts), so
   // that one machine runs the allreduce across hosts.
   int shm_host_ranks = 0;
