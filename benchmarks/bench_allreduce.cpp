@@ -161,8 +161,9 @@ void declare_options(cxxopts::Options& cli) {
       cxxopts::value<std::string>()->default_value("float"))(
       "o,op", "sum, avg, min, max", cxxopts::value<std::string>()->default_value("sum"))(
       "backend",
-      "mpi, engine, shm (unimsg's MPI backend with its shared-memory allreduce on: ranks on one "
-      "host), nccl (device memory, one GPU per rank), or a comma list measured interleaved",
+      "mpi, engine, shm (unimsg's MPI backend with its shared-memory allreduce on: within each "
+      "host, hierarchical across hosts that hold as many ranks each), nccl (device memory, one GPU "
+      "per rank), or a comma list measured interleaved",
       cxxopts::value<std::string>()->default_value("mpi,engine"))(
       "compress",
       "the engine's compression: none, fp16, bf16, int8, onebit, topk[:ratio], randomk[:ratio] "
