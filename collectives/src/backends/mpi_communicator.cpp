@@ -329,6 +329,10 @@ bool MpiCommunicator::oversubscribed() const noexcept {
   return state_->oversubscribed;
 }
 
+std::vector<int> MpiCommunicator::hosts() const {
+  return state_->shm ? state_->shm->hosts() : std::vector<int>{};
+}
+
 const std::vector<int>& MpiCommunicator::world_ranks() const noexcept {
   return state_->progress->world_ranks();
 }

@@ -108,6 +108,11 @@ ShmAllreduce::ShmAllreduce(MPI_Comm comm, std::size_t chunk_bytes, int host_grou
   ranks_ = on_host;
   if (on_host < total_ranks_) {
     check_mpi(MPI_Comm_split(comm, rank_, rank, &cross_), rank, "MPI_Comm_split");
+    int host = rank;  // (its first rank names a host)
+    check_mpi(MPI_Bcast(&host, 1, MPI_INT, 0, node_), rank, "MPI_Bcast");
+    hosts_.resize(static_cast<std::size_t>(total_ranks_));
+    check_mpi(MPI_Allgather(&host, 1, MPI_INT, hosts_.data(), 1, MPI_INT, comm), rank,
+              "MPI_Allgather");
   }
   MPI_Info info = MPI_INFO_NULL;
   MPI_Info_create(&info);

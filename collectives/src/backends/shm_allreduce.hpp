@@ -42,6 +42,8 @@ class ShmAllreduce {
   ShmAllreduce& operator=(const ShmAllreduce&) = delete;
 
   bool usable() const noexcept { return window_ != MPI_WIN_NULL; }
+  // Across hosts: each rank's host (its host's first rank), by rank of `comm`; else empty.
+  const std::vector<int>& hosts() const noexcept { return hosts_; }
 
   // Collective, blocking: recv = op over the ranks of send (in place when send == recv); avg
   // divides the sum (integers truncate); f16 and bf16 add in f32 and round once. A peer that
@@ -83,6 +85,7 @@ class ShmAllreduce {
   MPI_Comm node_ = MPI_COMM_NULL;   // the ranks sharing this host
   MPI_Comm cross_ = MPI_COMM_NULL;  // this local rank's peers on the other hosts (if any)
   int total_ranks_ = 1;
+  std::vector<int> hosts_;
   MPI_Win window_ = MPI_WIN_NULL;
   int rank_ = 0;
   int ranks_ = 1;

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <map>
 #include <optional>
 
 #include "unimsg/core/error.hpp"
@@ -22,8 +23,21 @@ TensorView bytes_view(std::byte* data, std::size_t count) {
 
 }  // namespace
 
-CompressedAllreduce::CompressedAllreduce(Communicator& communicator, CompressionSpec spec)
+// Across hosts: this host's ranks, the ranks of this local rank on every host, and the one-level
+// compressed allreduce over the latter.
+struct CompressedAllreduce::Hierarchy {
+  std::unique_ptr<Communicator> host;
+  std::unique_ptr<Communicator> across;
+  std::unique_ptr<CompressedAllreduce> slice;
+  std::vector<float> values;  // this rank's slice of the host's sum
+};
+
+CompressedAllreduce::~CompressedAllreduce() = default;
+
+CompressedAllreduce::CompressedAllreduce(Communicator& communicator, CompressionSpec spec,
+                                         bool across_hosts)
     : comm_(communicator), spec_(std::move(spec)) {
+  if (across_hosts && (is_two_phase(spec_.name) || spec_.name == "topk")) split_by_host();
   // int8 rounds stochastically: ranks drawing the same noise would not average it away.
   CompressionSpec worker = spec_;
   CompressionSpec server = spec_;
@@ -39,6 +53,37 @@ CompressedAllreduce::CompressedAllreduce(Communicator& communicator, Compression
     server_ = make_cpu_compressor(server);
     chunk_ = worker_->block_elements();
   }
+}
+
+void CompressedAllreduce::split_by_host() {
+  const std::vector<int> hosts = comm_.hosts();
+  if (hosts.size() != static_cast<std::size_t>(comm_.size())) return;
+  std::map<int, std::vector<int>> members;  // host -> its ranks, in rank order
+  for (int r = 0; r < comm_.size(); ++r) members[hosts[static_cast<std::size_t>(r)]].push_back(r);
+  const std::size_t local = members.begin()->second.size();
+  if (members.size() < 2 || local < 2) return;
+  for (const auto& [host, ranks] : members) {
+    if (ranks.size() != local) return;  // (hosts() promises even hosts; every rank sees the same)
+  }
+  // Collective splits, the same lists on every rank.
+  auto hierarchy = std::make_unique<Hierarchy>();
+  for (const auto& [host, ranks] : members) {
+    if (auto made = comm_.split(ranks)) hierarchy->host = std::move(made);
+  }
+  for (std::size_t l = 0; l < local; ++l) {
+    std::vector<int> peers;
+    for (const auto& [host, ranks] : members) peers.push_back(ranks[l]);
+    if (auto made = comm_.split(peers)) hierarchy->across = std::move(made);
+  }
+  hierarchy->slice = std::make_unique<CompressedAllreduce>(*hierarchy->across, spec_, false);
+  hierarchy_ = std::move(hierarchy);
+}
+
+std::pair<std::size_t, std::size_t> CompressedAllreduce::host_slice(std::size_t count) const {
+  if (!hierarchy_) return {0, count};
+  const Communicator& host = *hierarchy_->host;
+  const std::size_t begin = Communicator::reduce_scatter_offset(count, host.size(), host.rank());
+  return {begin, begin + Communicator::reduce_scatter_share(count, host.size(), host.rank())};
 }
 
 std::uint64_t CompressedAllreduce::ring_allreduce_bytes(std::uint64_t bytes, int ranks) noexcept {
@@ -60,6 +105,7 @@ std::pair<std::size_t, std::size_t> CompressedAllreduce::partition(std::size_t c
 }
 
 std::span<const float> CompressedAllreduce::server_residual(const std::string& key) const {
+  if (hierarchy_) return hierarchy_->slice->server_residual(key);
   const auto it = server_residuals_.find(key);
   if (it == server_residuals_.end()) return {};
   return it->second;
@@ -98,18 +144,58 @@ CompressedAllreduceResult CompressedAllreduce::allreduce(std::span<float> data,
       return result;
     }
   }
-  if (!spec_.compresses()) {
-    result.wire_bytes = reduce_plain(data, op);
-  } else if (server_) {
-    result.wire_bytes = reduce_two_phase(data, residual, op, step, key);
-  } else if (spec_.name == "powersgd") {
-    result.wire_bytes = reduce_powersgd(data, residual, op, key);
-  } else if (spec_.name == "topk") {
-    result.wire_bytes = reduce_topk(data, residual, op, step);
-  } else {
-    result.wire_bytes = reduce_randomk(data, residual, op, step);
-  }
+  result.wire_bytes = hierarchy_ ? reduce_across_hosts(data, residual, op, step, key)
+                                 : reduce(data, residual, op, step, key);
   return result;
+}
+
+// (After the agreement on non-finite values.)
+std::uint64_t CompressedAllreduce::reduce(std::span<float> data, std::span<float> residual,
+                                          ReduceOp op, std::uint64_t step, const std::string& key) {
+  if (!spec_.compresses()) return reduce_plain(data, op);
+  if (server_) return reduce_two_phase(data, residual, op, step, key);
+  if (spec_.name == "powersgd") return reduce_powersgd(data, residual, op, key);
+  if (spec_.name == "topk") return reduce_topk(data, residual, op, step);
+  return reduce_randomk(data, residual, op, step);
+}
+
+// f32 within the host, compressed across hosts (this rank's slice only), f32 within the host.
+std::uint64_t CompressedAllreduce::reduce_across_hosts(std::span<float> data,
+                                                       std::span<float> residual, ReduceOp op,
+                                                       std::uint64_t step, const std::string& key) {
+  Hierarchy& h = *hierarchy_;
+  const auto [begin, end] = host_slice(data.size());
+  const std::size_t count = end - begin;
+  h.values.resize(count);
+  std::optional<TraceSpan> span(std::in_place, trace_, "engine", "host_reduce_scatter");
+  h.host
+      ->reduce_scatter(TensorView{data.data(), data.size(), DType::kF32},
+                       TensorView{h.values.data(), count, DType::kF32},
+                       {ReduceOp::kSum, "compress.host.reduce_scatter"})
+      .wait();
+  span.reset();
+  std::uint64_t wire = 0;
+  if (count > 0) {  // (the same count on every host: the slice's ranks all skip or all call)
+    h.slice->set_trace(trace_);
+    wire = h.slice->reduce(h.values, residual.empty() ? residual : residual.subspan(begin, count),
+                           ReduceOp::kSum, step, key);
+  }
+  if (op == ReduceOp::kAvg) {
+    const float inverse = 1.0f / static_cast<float>(comm_.size());
+    for (float& v : h.values) v *= inverse;
+  }
+  std::vector<std::size_t> counts(static_cast<std::size_t>(h.host->size()));
+  for (int r = 0; r < h.host->size(); ++r) {
+    counts[static_cast<std::size_t>(r)] =
+        Communicator::reduce_scatter_share(data.size(), h.host->size(), r);
+  }
+  span.emplace(trace_, "engine", "host_allgather");
+  h.host
+      ->allgatherv(TensorView{h.values.data(), count, DType::kF32},
+                   TensorView{data.data(), data.size(), DType::kF32}, counts,
+                   {"compress.host.allgather"})
+      .wait();
+  return wire;
 }
 
 std::uint64_t CompressedAllreduce::reduce_plain(std::span<float> data, ReduceOp op) {

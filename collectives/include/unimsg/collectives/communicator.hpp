@@ -181,6 +181,11 @@ class Communicator {
   // take the core from the rank it waits for (the engine's waiting threads yield at once).
   virtual bool oversubscribed() const noexcept { return false; }
 
+  // Where this communicator spans several hosts that hold as many ranks each (two or more) and
+  // hierarchical collectives are on: each rank's host, by rank (ranks with the same number share
+  // a host). Otherwise empty. Compression uses it to compress only what crosses hosts.
+  virtual std::vector<int> hosts() const { return {}; }
+
   // How long Work::wait() without an argument waits for this communicator's collectives.
   void set_default_timeout(std::chrono::nanoseconds timeout) noexcept { timeout_ = timeout; }
   std::chrono::nanoseconds default_timeout() const noexcept { return timeout_; }

@@ -12,6 +12,13 @@
 //   powersgd      two allreduces, of the factors P and Q (kernels/powersgd.hpp), Q warm-started
 //                 per key; buffers too small for the factors to be smaller go uncompressed
 //
+// Across hosts (Communicator::hosts(): hosts holding as many ranks each), fp16, bf16, int8, onebit
+// and topk compress only what crosses hosts: a reduce-scatter in f32 within the host leaves each
+// rank the host's sum of its slice, the slice is reduced compressed with the same slice of every
+// other host (the scheme above over those ranks, error feedback kept for the slice alone: the
+// rest of `residual` stays zero), then an allgather within the host. none, randomk and PowerSGD
+// reduce with allreduce_now, which is already hierarchical there.
+//
 // Every call first agrees, in one tiny allreduce, whether any rank's gradient holds NaN or Inf:
 // then nothing is compressed, no error-feedback state changes on any rank, and the result is
 // NaN everywhere, so that every rank skips the step (as AMP does) and none drifts.
@@ -39,8 +46,11 @@ struct CompressedAllreduceResult {
 
 class CompressedAllreduce {
  public:
-  // Collective calls over `communicator`, which must outlive this object.
-  CompressedAllreduce(Communicator& communicator, CompressionSpec spec);
+  // Collective calls over `communicator`, which must outlive this object. `across_hosts`: split
+  // the work by host where hosts() says the ranks share them (false: one level, as within a
+  // slice's ranks).
+  CompressedAllreduce(Communicator& communicator, CompressionSpec spec, bool across_hosts = true);
+  ~CompressedAllreduce();
 
   // Reduces `data` (this rank's gradient in, the reduced one out) with sum or avg. `residual` is
   // this rank's error feedback for `data` (empty: none, else data.size() elements). `step` must
@@ -58,8 +68,12 @@ class CompressedAllreduce {
     server_residuals_.clear();
     powersgd_.clear();
   }
-  // The server residual kept for `key` (this rank's partition), for tests.
+  // The server residual kept for `key` (this rank's partition; across hosts, of its slice), for
+  // tests.
   std::span<const float> server_residual(const std::string& key) const;
+  // Across hosts: this rank's slice [begin, end) of a buffer of `count`; else {0, count}.
+  std::pair<std::size_t, std::size_t> host_slice(std::size_t count) const;
+  bool across_hosts() const noexcept { return hierarchy_ != nullptr; }
   // The elements [begin, end) of a two-phase buffer of `count` that rank `rank` serves.
   std::pair<std::size_t, std::size_t> partition(std::size_t count, int rank) const;
 
@@ -67,6 +81,12 @@ class CompressedAllreduce {
   static std::uint64_t ring_allreduce_bytes(std::uint64_t bytes, int ranks) noexcept;
 
  private:
+  struct Hierarchy;
+  void split_by_host();
+  std::uint64_t reduce(std::span<float> data, std::span<float> residual, ReduceOp op,
+                       std::uint64_t step, const std::string& key);
+  std::uint64_t reduce_across_hosts(std::span<float> data, std::span<float> residual, ReduceOp op,
+                                    std::uint64_t step, const std::string& key);
   std::uint64_t reduce_plain(std::span<float> data, ReduceOp op);
   std::uint64_t reduce_two_phase(std::span<float> data, std::span<float> residual, ReduceOp op,
                                  std::uint64_t step, const std::string& key);
@@ -87,6 +107,7 @@ class CompressedAllreduce {
   std::map<std::string, PowerSgd> powersgd_;  // warm-started Q per key
   std::vector<std::byte> wire_, send_, recv_;
   std::vector<float> scratch_;
+  std::unique_ptr<Hierarchy> hierarchy_;  // across hosts (null: one level)
 };
 
 }  // namespace unimsg

@@ -40,6 +40,7 @@ class MpiCommunicator final : public Communicator {
   std::uint32_t wait_spin_polls() const noexcept;
   // Counted at construction (MPI_Comm_split_type); a split communicator keeps its parent's.
   bool oversubscribed() const noexcept override;
+  std::vector<int> hosts() const override;
 
  protected:
   Work do_allreduce(TensorView send, TensorView recv, const AllreduceOptions& options) override;
