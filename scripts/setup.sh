@@ -14,7 +14,7 @@ packages=(
   libcurl4-openssl-dev libssl-dev libcpp-httplib-dev curl
   libtorch-dev dataset-fashion-mnist
   clang libclang-rt-14-dev clang-format
-  iproute2 util-linux
+  iproute2 util-linux python3 gnuplot-nox
 )
 if [[ ${1:-} == test ]]; then
   # The monitor's page in a headless browser; Slurm for the cluster tests under srun.
