@@ -7,8 +7,9 @@
 #   benchmarks/cluster_training.sh [--hosts 3] [--slots 2] [--compress LIST] RATE... [-- TRAINER ARGS]
 #   e.g. benchmarks/cluster_training.sh --compress none,fp16,topk:0.01,powersgd:4,onebit+recipe \
 #          local 1gbit 100mbit                          (root; run from the build's parent)
-# LIST items are --compress specs; `+recipe` adds onebit's recipe (--compress-warmup 235
-# --momentum-correction: one epoch uncompressed, then the velocity compressed). Prints the
+# LIST items are --compress specs; `+recipe` adds onebit's recipe (--compress-warmup with one
+# epoch's steps at the run's --batch-size, --momentum-correction: one epoch uncompressed, then
+# the velocity compressed). The global batch must split evenly: 240 for 6 ranks. Prints the
 # trainer's JSON lines with "rate", "hosts", "slots", "run", "wall_s" and "host_bytes" added;
 # benchmarks/plot_time_to_accuracy.py draws them.
 set -euo pipefail
@@ -44,8 +45,12 @@ host_bytes() {
 train() {
   local rate=$1 run=$2 name=$3
   shift 3
-  local spec=${run%+recipe} flags=(--compress "${run%+recipe}")
-  [[ $run == *+recipe ]] && flags+=(--compress-warmup 235 --momentum-correction)
+  local spec=${run%+recipe} flags=(--compress "${run%+recipe}") batch=256 previous=""
+  for arg in "$@"; do
+    [[ $previous == --batch-size ]] && batch=$arg
+    previous=$arg
+  done
+  [[ $run == *+recipe ]] && flags+=(--compress-warmup $(((60000 + batch - 1) / batch)) --momentum-correction)
   [[ $spec == none ]] && flags=()
   local launch=(mpirun -np "$ranks" --oversubscribe --bind-to none --mca mpi_yield_when_idle 1)
   [[ -n $name ]] && launch=(mpirun -np "$ranks" --hostfile "/run/unimsg-cluster/$name/hostfile")
