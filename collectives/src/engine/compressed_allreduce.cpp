@@ -79,6 +79,12 @@ void CompressedAllreduce::split_by_host() {
   hierarchy_ = std::move(hierarchy);
 }
 
+void CompressedAllreduce::reset_state() {
+  server_residuals_.clear();
+  powersgd_.clear();
+  if (hierarchy_) hierarchy_->slice->reset_state();  // (the slices' server residuals)
+}
+
 std::pair<std::size_t, std::size_t> CompressedAllreduce::host_slice(std::size_t count) const {
   if (!hierarchy_) return {0, count};
   const Communicator& host = *hierarchy_->host;

@@ -64,10 +64,7 @@ class CompressedAllreduce {
   // Records compress / alltoall / decompress / allgather spans on the "engine" lane (null: off).
   void set_trace(TraceRecorder* trace) noexcept { trace_ = trace; }
   // Forgets the server-side state (after a change of world or a restore).
-  void reset_state() {
-    server_residuals_.clear();
-    powersgd_.clear();
-  }
+  void reset_state();
   // The server residual kept for `key` (this rank's partition; across hosts, of its slice), for
   // tests.
   std::span<const float> server_residual(const std::string& key) const;
