@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "test_gradient.hpp"
 #include "unimsg/collectives/compressed_allreduce.hpp"
 #include "world_fixture.hpp"
 
@@ -25,11 +26,7 @@ namespace {
 using namespace std::chrono_literals;
 using Hierarchical = CommunicatorOptions::Hierarchical;
 
-float gradient(int rank, std::uint64_t step, std::size_t i) {
-  const double phase =
-      0.37 * static_cast<double>(i) + 1.3 * rank + 0.71 * static_cast<double>(step);
-  return static_cast<float>(std::sin(phase) * std::pow(10.0, static_cast<double>(i % 5) - 2.0));
-}
+using testing_support::gradient;
 
 class CompressAcrossHostsTest : public testing_support::WorldTest {
  protected:

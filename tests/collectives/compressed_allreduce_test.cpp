@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "test_gradient.hpp"
 #include "unimsg/collectives/compressed_allreduce.hpp"
 #include "unimsg/collectives/engine.hpp"
 #include "unimsg/core/error.hpp"
@@ -26,12 +27,7 @@ namespace {
 using namespace std::chrono_literals;
 constexpr auto kWait = 120s;
 
-// A gradient that differs per rank, step and element, with magnitudes spread over 1e-3..10.
-float gradient(int rank, std::uint64_t step, std::size_t i) {
-  const double phase =
-      0.37 * static_cast<double>(i) + 1.3 * rank + 0.71 * static_cast<double>(step);
-  return static_cast<float>(std::sin(phase) * std::pow(10.0, static_cast<double>(i % 5) - 2.0));
-}
+using testing_support::gradient;
 
 class CompressedAllreduceTest : public testing_support::WorldTest {
  protected:

@@ -143,16 +143,21 @@ TEST_F(ShmAllreduceTest, EveryDtypeAndOpMatchesMpiAndTheReference) {
   }
 }
 
-// Across hosts: every two ranks of this machine stand for a host (at 4 ranks, 2 hosts x 2; at
-// 6, 3 x 2; at 2 ranks one host; at 3 and 5 the hosts are uneven and MPI reduces): each host's
-// slices then cross between hosts over MPI, and the bytes are still MPI's.
-TEST_F(ShmAllreduceTest, VirtualHostsReduceAcrossHostsAsMpiDoes) {
+// Every two ranks of this machine standing for a host, the shared-memory path on, small chunks.
+CommunicatorOptions hosts_of_two(std::chrono::seconds timeout) {
   CommunicatorOptions options;
   options.hierarchical = Hierarchical::kOn;
   options.shm_chunk_bytes = 256;
   options.shm_host_ranks = 2;
-  options.timeout = 60s;
-  MpiCommunicator hosts(MPI_COMM_WORLD, *bus_, options);
+  options.timeout = timeout;
+  return options;
+}
+
+// Across hosts: every two ranks of this machine stand for a host (at 4 ranks, 2 hosts x 2; at
+// 6, 3 x 2; at 2 ranks one host; at 3 and 5 the hosts are uneven and MPI reduces): each host's
+// slices then cross between hosts over MPI, and the bytes are still MPI's.
+TEST_F(ShmAllreduceTest, VirtualHostsReduceAcrossHostsAsMpiDoes) {
+  MpiCommunicator hosts(MPI_COMM_WORLD, *bus_, hosts_of_two(60s));
   auto mpi = communicator(Hierarchical::kOff, 256);
   expect_same_as_mpi(hosts, *mpi, rank_);
 }
@@ -161,12 +166,7 @@ TEST_F(ShmAllreduceTest, VirtualHostsReduceAcrossHostsAsMpiDoes) {
 // after the timeout both ranks throw, saying so.
 TEST_F(ShmAllreduceTest, AHostThatNeverArrivesIsATimeout) {
   if (ranks_ != 4 && ranks_ != 6) GTEST_SKIP() << "needs hosts of two ranks (4 or 6 ranks)";
-  CommunicatorOptions options;
-  options.hierarchical = Hierarchical::kOn;
-  options.shm_chunk_bytes = 256;
-  options.shm_host_ranks = 2;
-  options.timeout = 2s;
-  MpiCommunicator hosts(MPI_COMM_WORLD, *bus_, options);
+  MpiCommunicator hosts(MPI_COMM_WORLD, *bus_, hosts_of_two(2s));
   if (rank_ < 2) {
     std::vector<float> x(100, 1.0f);
     try {
