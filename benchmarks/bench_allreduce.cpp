@@ -111,7 +111,7 @@ struct DeviceBytes : unimsg::DeviceBuffer {
 #endif
 
 struct Variant {
-  std::string backend;  // "mpi", "nccl", "engine" or "engine+trace"
+  std::string backend;  // "mpi", "shm", "nccl", "engine", "engine+trace" or "engine-agreed"
   int tensors = 1;
   unimsg::CompressionSpec compress;  // the engine's; the raw backends never compress
 };
@@ -161,9 +161,10 @@ void declare_options(cxxopts::Options& cli) {
       cxxopts::value<std::string>()->default_value("float"))(
       "o,op", "sum, avg, min, max", cxxopts::value<std::string>()->default_value("sum"))(
       "backend",
-      "mpi, engine, shm (unimsg's MPI backend with its shared-memory allreduce on: within each "
-      "host, hierarchical across hosts that hold as many ranks each), nccl (device memory, one GPU "
-      "per rank), or a comma list measured interleaved",
+      "mpi, engine, engine+trace (recording a timeline), engine-agreed (without speculation: an "
+      "agreement allreduce every cycle), shm (unimsg's MPI backend with its shared-memory "
+      "allreduce on: within each host, hierarchical across hosts that hold as many ranks each), "
+      "nccl (device memory, one GPU per rank), or a comma list measured interleaved",
       cxxopts::value<std::string>()->default_value("mpi,engine"))(
       "compress",
       "the engine's compression: none, fp16, bf16, int8, onebit, topk[:ratio], randomk[:ratio] "
@@ -233,7 +234,7 @@ std::vector<Variant> parse_variants(const Settings& s) {
       }
       variants.push_back({"mpi", s.tensors, {}});
       if (s.tensors > 1) variants.push_back({"mpi", 1, {}});
-    } else if (name == "engine" || name == "engine+trace") {
+    } else if (name == "engine" || name == "engine+trace" || name == "engine-agreed") {
       add_engine_variants(s, name, variants);
     } else if (name == "shm") {
       variants.push_back({"shm", s.tensors, {}});
@@ -247,7 +248,7 @@ std::vector<Variant> parse_variants(const Settings& s) {
     } else {
       throw unimsg::ConfigError(
           unimsg::kNoRank, "--backend",
-          "unknown backend '" + name + "' (mpi, engine, engine+trace, shm, nccl)");
+          "unknown backend '" + name + "' (mpi, engine, engine+trace, engine-agreed, shm, nccl)");
     }
   }
   return variants;
@@ -260,6 +261,9 @@ struct Backends {
   // engine+trace: a second engine recording timeline spans (UNIMSG_TIMELINE's cost).
   unimsg::TraceRecorder recorder;
   std::unique_ptr<unimsg::Engine> traced_engine;
+  // engine-agreed: an engine whose every cycle has an agreement allreduce of its own (what
+  // speculation saves).
+  std::unique_ptr<unimsg::Engine> agreed_engine;
   // shm: the MPI backend with its shared-memory allreduce at every size.
   std::unique_ptr<unimsg::MpiCommunicator> shm;
 #ifdef UNIMSG_WITH_NCCL
@@ -277,6 +281,11 @@ struct Backends {
         auto options = unimsg::EngineOptions::from_env();
         options.trace = &recorder;
         traced_engine = std::make_unique<unimsg::Engine>(communicator, runtime.bus(), options);
+      }
+      if (v.backend == "engine-agreed" && !agreed_engine) {
+        auto options = unimsg::EngineOptions::from_env();
+        options.speculate = false;
+        agreed_engine = std::make_unique<unimsg::Engine>(communicator, runtime.bus(), options);
       }
       if (v.backend == "shm" && !shm) {
         auto options = unimsg::CommunicatorOptions::from_env();
@@ -453,9 +462,10 @@ void SizeRun::run_once(std::size_t v, bool inplace, bool timed, int iteration) {
   if (variant.backend == "nccl") device_send_->copy_from_host(reference_.data(), size_bytes_);
 #endif
   const auto bus_before = ctx_.runtime.bus().stats().sent_bytes;
-  unimsg::Engine* const chosen = variant.backend == "engine+trace"
-                                     ? ctx_.backends.traced_engine.get()
-                                     : ctx_.backends.engine.get();
+  unimsg::Engine* const chosen =
+      variant.backend == "engine+trace"    ? ctx_.backends.traced_engine.get()
+      : variant.backend == "engine-agreed" ? ctx_.backends.agreed_engine.get()
+                                           : ctx_.backends.engine.get();
   const auto engine_before = chosen ? chosen->stats().wire_bytes : 0;
   MPI_Barrier(ctx_.raw);
   const auto start = Clock::now();
@@ -660,14 +670,32 @@ void print_engine_stats(const unimsg::Engine& engine, bool json) {
   if (json) return;
   std::printf(
       "# engine: %llu cycles, %llu negotiation rounds, %llu cache hits, %llu tensors in "
-      "%llu collectives (%llu fused where the tensors lay), engine thread woken %llu times\n",
+      "%llu collectives (%llu fused where the tensors lay), engine thread woken %llu times, "
+      "%llu of %llu speculated batches reduced with their agreement\n",
       static_cast<unsigned long long>(s.cycles),
       static_cast<unsigned long long>(s.negotiation_rounds),
       static_cast<unsigned long long>(s.cache_hits),
       static_cast<unsigned long long>(s.tensors_reduced),
       static_cast<unsigned long long>(s.collectives),
       static_cast<unsigned long long>(s.fused_in_place),
-      static_cast<unsigned long long>(s.engine_thread_wakeups));
+      static_cast<unsigned long long>(s.engine_thread_wakeups),
+      static_cast<unsigned long long>(s.speculations_reduced),
+      static_cast<unsigned long long>(s.speculations));
+}
+
+// "# A / B busbw" for every row of backend A (`a`: its prefix in Totals) that B has too.
+void print_ratio(const Settings& settings, const Totals& totals, const std::string& a,
+                 const std::string& b) {
+  for (const auto& [name, sum] : totals.bw_sum) {
+    if (name.rfind(a, 0) != 0) continue;
+    const auto other = totals.bw_sum.find(b + name.substr(a.size()));
+    if (other == totals.bw_sum.end() || other->second.first <= 0) continue;
+    const double ratio = (sum.first / sum.second) / (other->second.first / other->second.second);
+    if (!settings.json) {
+      std::printf("# %s / %s busbw: %.3f (%s)\n", a.substr(0, a.size() - 1).c_str(),
+                  b.substr(0, b.size() - 1).c_str(), ratio, name.c_str());
+    }
+  }
 }
 
 // Rank 0's summary lines; the exit status.
@@ -687,24 +715,11 @@ int summarize(const Settings& settings, const Totals& totals) {
       exit_code = 1;
     }
   }
-  // The timeline's cost: the traced engine against the same engine untraced, same run.
-  for (const auto& [name, sum] : totals.bw_sum) {
-    if (name.rfind("engine+trace/", 0) != 0) continue;
-    const auto plain =
-        totals.bw_sum.find("engine/" + name.substr(std::string("engine+trace/").size()));
-    if (plain == totals.bw_sum.end() || plain->second.first <= 0) continue;
-    const double ratio = (sum.first / sum.second) / (plain->second.first / plain->second.second);
-    if (!settings.json)
-      std::printf("# engine+trace / engine busbw: %.3f (%s)\n", ratio, name.c_str());
-  }
-  // The shared-memory allreduce against raw MPI_Allreduce, same run, same tensors.
-  for (const auto& [name, sum] : totals.bw_sum) {
-    if (name.rfind("shm/", 0) != 0) continue;
-    const auto raw = totals.bw_sum.find("mpi/" + name.substr(4));
-    if (raw == totals.bw_sum.end() || raw->second.first <= 0) continue;
-    const double ratio = (sum.first / sum.second) / (raw->second.first / raw->second.second);
-    if (!settings.json) std::printf("# shm / mpi busbw: %.3f (%s)\n", ratio, name.c_str());
-  }
+  // Same run, same tensors: the traced engine against the engine (the timeline's cost), the
+  // engine against the engine without speculation, the shared-memory allreduce against raw MPI.
+  print_ratio(settings, totals, "engine+trace/", "engine/");
+  print_ratio(settings, totals, "engine/", "engine-agreed/");
+  print_ratio(settings, totals, "shm/", "mpi/");
   if (totals.wrong) exit_code = 1;
   return exit_code;
 }

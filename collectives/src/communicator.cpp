@@ -226,6 +226,29 @@ void Work::wait(std::chrono::nanoseconds timeout, std::uint32_t spin_polls) {
           " ms; ranks that have not started it: " + missing);
 }
 
+bool Communicator::allreduce_if_agreed(TensorView send, TensorView recv,
+                                       std::span<std::uint8_t> votes,
+                                       const AllreduceOptions& options) {
+  if (votes.empty()) throw Error(rank(), "allreduce_if_agreed", "no votes (votes[0] is the veto)");
+  if (send.count != recv.count || send.dtype != recv.dtype) {
+    throw Error(rank(), "allreduce_if_agreed", "send and recv differ in count or dtype");
+  }
+  if (votes[0] == 0 && send.count != 0 && (send.data == nullptr || recv.data == nullptr)) {
+    throw Error(rank(), "allreduce_if_agreed", "a rank that does not veto passes its data");
+  }
+  return do_allreduce_if_agreed(send, recv, votes, options);
+}
+
+bool Communicator::do_allreduce_if_agreed(TensorView send, TensorView recv,
+                                          std::span<std::uint8_t> votes,
+                                          const AllreduceOptions& options) {
+  const TensorView ballot{votes.data(), votes.size(), DType::kU8};
+  allreduce(ballot, ballot, {ReduceOp::kMax, "votes"}).wait();
+  if (votes[0] != 0) return false;
+  allreduce_now(send, recv, options);
+  return true;
+}
+
 int Communicator::split_position(std::span<const int> ranks) const {
   std::vector<char> seen(static_cast<std::size_t>(size()), 0);
   int position = -1;

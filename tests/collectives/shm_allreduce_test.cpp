@@ -1,6 +1,7 @@
 // The MPI backend's shared-memory allreduce (ranks on one host): every dtype and op, sizes that
 // end chunks and slices part-way, in and out of place, against a reference each rank computes
-// and against the MPI path itself; a rank that never arrives is a TimeoutError, not a hang.
+// and against the MPI path itself; a rank that never arrives is a TimeoutError, not a hang; the
+// agreed allreduce (votes riding on the data) writes nothing where a rank vetoes.
 
 #include <gtest/gtest.h>
 #include <mpi.h>
@@ -217,6 +218,74 @@ TEST_F(ShmAllreduceTest, ARankThatNeverArrivesIsATimeout) {
           << error.what();
     }
   }
+}
+
+// allreduce_if_agreed through `comm`: reduced (as `mpi` reduces) with the votes max-reduced
+// where no rank vetoes; nothing written anywhere, the votes still agreed, where the last rank
+// vetoes; and reduced again right after (chunks and epochs still in step).
+void expect_agreed_allreduce(Communicator& comm, MpiCommunicator& mpi, int rank, int ranks) {
+  for (const DType dtype : {DType::kF32, DType::kF16, DType::kI64, DType::kU8}) {
+    for (const ReduceOp op : {ReduceOp::kSum, ReduceOp::kMax}) {
+      for (const std::size_t count : {0, 5, 1000}) {
+        for (const bool in_place : {true, false}) {
+          const std::string what = std::string(to_string(dtype)) + " " + to_string(op) + " x" +
+                                   std::to_string(count) + (in_place ? " in place" : "");
+          const auto input = make(dtype, count, rank);
+          auto expected = input;
+          const TensorView reference{expected.data(), count, dtype};
+          mpi.allreduce_now(reference, reference, {op});
+          for (const bool someone_vetoes : {false, true, false}) {
+            const bool veto = someone_vetoes && rank == ranks - 1;
+            auto data = input;
+            std::vector<std::byte> out(input.size(), std::byte{0xAB});
+            const TensorView in{veto ? nullptr : data.data(), count, dtype};
+            const TensorView to{veto ? nullptr : out.data(), count, dtype};
+            std::vector<std::uint8_t> votes = {static_cast<std::uint8_t>(veto ? 1 : 0),
+                                               static_cast<std::uint8_t>(rank % 3),
+                                               static_cast<std::uint8_t>(rank == 0 ? 9 : 2)};
+            const bool reduced = comm.allreduce_if_agreed(in, in_place ? in : to, votes, {op});
+            const auto want_votes =
+                std::vector<std::uint8_t>{static_cast<std::uint8_t>(someone_vetoes ? 1 : 0),
+                                          static_cast<std::uint8_t>(std::min(ranks - 1, 2)), 9};
+            ASSERT_EQ(votes, want_votes) << what;
+            ASSERT_EQ(reduced, !someone_vetoes) << what;
+            if (veto) continue;
+            const auto& got = in_place ? data : out;
+            if (someone_vetoes) {
+              ASSERT_EQ(got,
+                        in_place ? input : std::vector<std::byte>(input.size(), std::byte{0xAB}))
+                  << what << ": written although a rank vetoed";
+            } else {
+              ASSERT_EQ(got, expected) << what;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_F(ShmAllreduceTest, AgreedAllreduceReducesOnlyWhereNoRankVetoes) {
+  auto shm = communicator(Hierarchical::kOn, 256);
+  auto mpi = communicator(Hierarchical::kOff, 256);
+  MpiCommunicator hosts(MPI_COMM_WORLD, *bus_, hosts_of_two(60s));
+  // The votes ride on the data through shared memory on one host only, and only so many.
+  EXPECT_EQ(shm->agreement_rides_on_data(1000, DType::kF32, 3), ranks_ > 1);
+  EXPECT_FALSE(shm->agreement_rides_on_data(1000, DType::kF32, 100000));
+  EXPECT_FALSE(mpi->agreement_rides_on_data(1000, DType::kF32, 3));
+  // (Virtual hosts of two: at 2 ranks, one host; at 3 and 5 uneven, MPI's.)
+  EXPECT_EQ(hosts.agreement_rides_on_data(1000, DType::kF32, 3), ranks_ == 2);
+  expect_agreed_allreduce(*shm, *mpi, rank_, ranks_);   // votes in the shared segments
+  expect_agreed_allreduce(*mpi, *mpi, rank_, ranks_);   // votes' allreduce, then the data's
+  expect_agreed_allreduce(hosts, *mpi, rank_, ranks_);  // (across virtual hosts: the same)
+  // More votes than a segment holds: the votes' allreduce first, on the same communicator.
+  std::vector<std::uint8_t> many(100000, 0);
+  many[99999] = static_cast<std::uint8_t>(rank_);
+  float x = 1;
+  EXPECT_TRUE(shm->allreduce_if_agreed(TensorView{&x, 1, DType::kF32},
+                                       TensorView{&x, 1, DType::kF32}, many));
+  EXPECT_EQ(x, static_cast<float>(ranks_));
+  EXPECT_EQ(many[99999], ranks_ - 1);
 }
 
 // The settings, validated: a bad value is a ConfigError naming the setting.

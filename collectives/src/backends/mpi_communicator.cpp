@@ -409,6 +409,31 @@ void MpiCommunicator::do_allreduce_now(TensorView send, TensorView recv,
   if (op == ReduceOp::kAvg) divide(recv.data, recv.count, recv.dtype, size());
 }
 
+bool MpiCommunicator::agreement_rides_on_data(std::size_t count, DType dtype,
+                                              std::size_t vote_bytes) const {
+  // (In place or not is a rank's own choice: where that decides prefer_shm, decline alike.)
+  const std::size_t bytes = count * dtype_size(dtype);
+  return state_->shm && state_->shm->hosts().empty() && vote_bytes >= 1 &&
+         vote_bytes <= detail::ShmAllreduce::kVoteBytes &&
+         prefer_shm(state_->options, size(), bytes, false) &&
+         prefer_shm(state_->options, size(), bytes, true);
+}
+
+bool MpiCommunicator::do_allreduce_if_agreed(TensorView send, TensorView recv,
+                                             std::span<std::uint8_t> votes,
+                                             const AllreduceOptions& options) {
+  if (on_device(send) || on_device(recv) ||
+      !agreement_rides_on_data(send.count, send.dtype, votes.size())) {
+    return Communicator::do_allreduce_if_agreed(send, recv, votes, options);
+  }
+  if (votes[0] == 0) {
+    check_allreduce(send, recv, rank(), "allreduce_if_agreed");
+  }
+  state_->progress->start();
+  return state_->shm->allreduce_if_agreed(send.data, recv.data, send.count, send.dtype, options.op,
+                                          default_timeout(), votes);
+}
+
 Work MpiCommunicator::do_broadcast(TensorView buffer, const BroadcastOptions& options) {
   const int root = options.root;
   const std::string_view name = options.name;

@@ -19,8 +19,10 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// A segment: this rank's barrier epoch on a cache line of its own, then kSlots slots.
+// A segment: this rank's barrier epoch on a cache line of its own, two vote areas, then kSlots
+// slots.
 constexpr std::size_t kControlBytes = 64;
+constexpr std::size_t kHeaderBytes = kControlBytes + 2 * ShmAllreduce::kVoteBytes;
 // Elements reduced at a time (16 KiB of f32: in L1 with a peer's block beside it).
 constexpr std::size_t kBlockElements = 4096;
 
@@ -118,7 +120,7 @@ ShmAllreduce::ShmAllreduce(MPI_Comm comm, std::size_t chunk_bytes, int host_grou
   MPI_Info_create(&info);
   MPI_Info_set(info, "alloc_shared_noncontig", "true");  // (each segment on its owner's pages)
   void* base = nullptr;
-  const auto bytes = static_cast<MPI_Aint>(kControlBytes + kSlots * chunk_bytes_);
+  const auto bytes = static_cast<MPI_Aint>(kHeaderBytes + kSlots * chunk_bytes_);
   const int made = MPI_Win_allocate_shared(bytes, 1, info, node_, &base, &window_);
   MPI_Info_free(&info);
   check_mpi(made, rank, "MPI_Win_allocate_shared");
@@ -147,7 +149,11 @@ ShmAllreduce::~ShmAllreduce() {
 }
 
 std::byte* ShmAllreduce::half(int rank, std::uint64_t slot) const noexcept {
-  return bases_[static_cast<std::size_t>(rank)] + kControlBytes + (slot % kSlots) * chunk_bytes_;
+  return bases_[static_cast<std::size_t>(rank)] + kHeaderBytes + (slot % kSlots) * chunk_bytes_;
+}
+
+std::byte* ShmAllreduce::votes_of(int rank, std::uint64_t ballot) const noexcept {
+  return bases_[static_cast<std::size_t>(rank)] + kControlBytes + (ballot % 2) * kVoteBytes;
 }
 
 void ShmAllreduce::barrier(Clock::time_point deadline) {
@@ -257,9 +263,18 @@ void ShmAllreduce::wait_across(std::uint64_t slot, Clock::time_point deadline) {
 }
 
 void ShmAllreduce::chunk_in(const Call& call, const Chunk& chunk) {
+  copy_in(call, chunk);
+  barrier(call.deadline);
+  reduce_in(call, chunk);
+}
+
+void ShmAllreduce::copy_in(const Call& call, const Chunk& chunk) {
   const std::size_t element = dtype_size(call.dtype);
   std::memcpy(half(rank_, chunk.slot), call.in + chunk.start * element, chunk.count * element);
-  barrier(call.deadline);
+}
+
+void ShmAllreduce::reduce_in(const Call& call, const Chunk& chunk) {
+  const std::size_t element = dtype_size(call.dtype);
   reduce_slice(Communicator::reduce_scatter_offset(chunk.count, ranks_, rank_) * element,
                Communicator::reduce_scatter_share(chunk.count, ranks_, rank_), call.dtype, call.op,
                chunk.slot);
@@ -283,11 +298,47 @@ void ShmAllreduce::allreduce(const void* send, void* recv, std::size_t count, DT
                              ReduceOp op, std::chrono::nanoseconds timeout) {
   const Call call{static_cast<const std::byte*>(send), static_cast<std::byte*>(recv), dtype, op,
                   Clock::now() + timeout};
-  const std::size_t per_chunk = chunk_bytes_ / dtype_size(dtype);
+  pipeline(call, 0, count, nullptr);
+}
+
+bool ShmAllreduce::allreduce_if_agreed(const void* send, void* recv, std::size_t count, DType dtype,
+                                       ReduceOp op, std::chrono::nanoseconds timeout,
+                                       std::span<std::uint8_t> votes) {
+  if (!hosts_.empty() || votes.empty() || votes.size() > kVoteBytes) {
+    throw Error(
+        rank_, "shared-memory allreduce",
+        "votes ride on the data only on one host, 1 to " + std::to_string(kVoteBytes) + " of them");
+  }
+  const Call call{static_cast<const std::byte*>(send), static_cast<std::byte*>(recv), dtype, op,
+                  Clock::now() + timeout};
+  const std::uint64_t ballot = ballots_++;
+  std::memcpy(votes_of(rank_, ballot), votes.data(), votes.size());
+  const Chunk first{0, std::min(chunk_bytes_ / dtype_size(dtype), count), chunks_++};
+  if (votes[0] == 0) copy_in(call, first);  // (speculatively: wasted if a peer vetoes)
+  barrier(call.deadline);
+  for (int r = 0; r < ranks_; ++r) {
+    if (r == rank_) continue;
+    const auto* theirs = reinterpret_cast<const std::uint8_t*>(votes_of(r, ballot));
+    for (std::size_t i = 0; i < votes.size(); ++i) votes[i] = std::max(votes[i], theirs[i]);
+  }
+  if (votes[0] != 0) return false;
+  pipeline(call, 0, count, &first);
+  return true;
+}
+
+void ShmAllreduce::pipeline(const Call& call, std::size_t start, std::size_t count,
+                            const Chunk* first_in) {
+  const std::size_t per_chunk = chunk_bytes_ / dtype_size(call.dtype);
   // Chunk k+1 goes in (and starts across hosts) before chunk k comes out.
   Chunk previous;
   bool pending = false;
-  for (std::size_t start = 0; start < count; start += per_chunk) {
+  if (first_in != nullptr && first_in->count > 0) {
+    reduce_in(call, *first_in);
+    previous = *first_in;
+    pending = true;
+    start += first_in->count;
+  }
+  for (; start < count; start += per_chunk) {
     Chunk chunk{start, std::min(per_chunk, count - start), chunks_++};
     chunk_in(call, chunk);
     if (pending) chunk_out(call, previous);

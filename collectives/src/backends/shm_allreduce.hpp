@@ -21,6 +21,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <span>
 #include <vector>
 
 #include "ring_across.hpp"
@@ -50,6 +51,15 @@ class ShmAllreduce {
   // does not reach a barrier within `timeout` is a TimeoutError.
   void allreduce(const void* send, void* recv, std::size_t count, DType dtype, ReduceOp op,
                  std::chrono::nanoseconds timeout);
+  // On one host (hosts() empty), with at most kVoteBytes votes: the votes (max) and the data as
+  // Communicator::allreduce_if_agreed, in the barriers the allreduce has anyway. Each rank's
+  // votes go into its segment with its first chunk (none from a rank that vetoes); the first
+  // barrier makes them visible; every rank folds them alike and either goes on or leaves with
+  // nothing written. A veto costs the others one chunk's copy in.
+  bool allreduce_if_agreed(const void* send, void* recv, std::size_t count, DType dtype,
+                           ReduceOp op, std::chrono::nanoseconds timeout,
+                           std::span<std::uint8_t> votes);
+  static constexpr std::size_t kVoteBytes = 2048;
 
  private:
   // Moves the slices in flight across hosts on while it waits (they move only in MPI calls).
@@ -70,6 +80,14 @@ class ShmAllreduce {
     std::chrono::steady_clock::time_point deadline;
   };
   void chunk_in(const Call& call, const Chunk& chunk);
+  void copy_in(const Call& call, const Chunk& chunk);
+  void reduce_in(const Call& call, const Chunk& chunk);  // (after the barrier)
+  // Chunks from `start` on, the first of them already in (copied and past its barrier) if
+  // `first_in` is set.
+  void pipeline(const Call& call, std::size_t start, std::size_t count, const Chunk* first_in);
+  // A rank's vote area: two, used alternately (a rank writes one while a slower peer may still
+  // read the other, which it can no longer do once past the next barrier).
+  std::byte* votes_of(int rank, std::uint64_t ballot) const noexcept;
   void chunk_out(const Call& call, const Chunk& chunk);
   void wait_across(std::uint64_t slot, std::chrono::steady_clock::time_point deadline);
   void progress_across();
@@ -95,7 +113,8 @@ class ShmAllreduce {
   std::array<std::vector<float>, kSlots> wide_;  // f16/bf16 sums, per slot
   std::vector<float> widened_;
   std::uint64_t epoch_ = 0;
-  std::uint64_t chunks_ = 0;  // chunks run so far (modulo kSlots: the slot)
+  std::uint64_t chunks_ = 0;   // chunks run so far (modulo kSlots: the slot)
+  std::uint64_t ballots_ = 0;  // allreduce_if_agreed calls so far
 };
 
 }  // namespace unimsg::detail

@@ -216,6 +216,7 @@ EngineOptions EngineOptions::from_env() {
   if (auto v = env_uint("UNIMSG_STALL_SHUTDOWN_TIME_S", 0, 1u << 30)) {
     options.stall_abort = std::chrono::seconds(*v);
   }
+  if (auto v = env_bool("UNIMSG_ENGINE_SPECULATE")) options.speculate = *v;
   return options;
 }
 
@@ -422,6 +423,8 @@ EngineStats Engine::stats() const {
   out.wait_seconds = static_cast<double>(core_->wait_ns.load()) * 1e-9;
   out.nonfinite_steps = core_->nonfinite.load();
   out.engine_thread_wakeups = core_->wakeups.load();
+  out.speculations = core_->speculations.load();
+  out.speculations_reduced = core_->speculations_reduced.load();
   return out;
 }
 

@@ -43,6 +43,11 @@ constexpr std::size_t kMaxNames = 1 << 16;
 // wait() computes its deadline (now + the collective timeout) a moment before the engine sees it.
 constexpr auto kDriveSlack = std::chrono::milliseconds(100);
 
+// The cycle's byte per cache slot: ready here, not submitted here, or no longer matching here.
+// Invalid outranks not ready, which outranks ready, so the allreduce's max is what the ranks
+// agree on.
+constexpr std::uint8_t kReady = 0, kNotReady = 1, kInvalid = 2;
+
 // Tensor names are hashed for every tensor of every step: XXH3 takes a third of the time of
 
 struct NameHash {
@@ -187,7 +192,19 @@ struct EngineCore {
                         Clock::time_point now);
   void drop_invalid_slots(std::span<const std::uint8_t> slot_state);
   void negotiate(bool joined_here, std::vector<Response>& responses);
-  void execute(const std::vector<std::size_t>& hits, const std::vector<Response>& responses);
+  // Reduces the ready slots and the responses in batches; returns the batches' count, and in
+  // `single` the one batch's slots where it was the only one and a candidate for speculation.
+  std::size_t execute(const std::vector<std::size_t>& hits, const std::vector<Response>& responses,
+                      std::vector<std::size_t>* single);
+  // Speculation (engine_speculation.cpp): the cycle's agreement riding on the data.
+  bool can_speculate(std::size_t vote_bytes) const;
+  bool ready_for_speculation(std::span<const std::uint8_t> slot_state, bool joined_here,
+                             bool stop_here) const;
+  // The cycle's agreement (`votes`: [veto, slot states..., flags]) and the speculated batch's
+  // allreduce as one collective; true: the batch was reduced and completed.
+  bool reduce_speculated(std::span<std::uint8_t> votes, bool ready_here);
+  // After a cycle that reduced `batches` batches (`single`: the only one's slots, or empty).
+  void learn_speculation(std::size_t batches, std::vector<std::size_t> single);
   void reduce_batch(std::vector<std::pair<Signature, LocalTensor*>>& batch);
   std::string trace_wait_for_data(const std::vector<std::pair<Signature, LocalTensor*>>& batch,
                                   Clock::time_point started);
@@ -253,6 +270,10 @@ struct EngineCore {
   std::vector<CacheEntry> cache;
   std::unordered_map<std::string, std::size_t, NameHash, std::equal_to<>> cache_index;
   std::vector<LocalTensor*> slot_owner;  // this cycle: the pending tensor ready in each slot
+  // The batch (cache slots, in order) the engine expects next: the one the last two cycles that
+  // reduced anything each reduced alone (cache hits, uncompressed, host memory). Every rank
+  // derives it from what all agreed, so every rank speculates on the same batch.
+  std::vector<std::size_t> speculated, last_single_batch;
   std::uint64_t use_clock = 0;
   std::vector<std::byte> fusion_buffer;
   std::unique_ptr<DeviceBuffer> device_fusion_buffer;  // made when device tensors are fused
@@ -267,7 +288,8 @@ struct EngineCore {
   std::uint64_t compressed_steps = 0;
 
   std::atomic<std::uint64_t> cycles{0}, rounds{0}, hits{0}, reduced{0}, collectives{0},
-      fused_in_place{0}, bytes{0}, wire{0}, dense_wire{0}, nonfinite{0}, busy_ns{0}, wakeups{0};
+      fused_in_place{0}, bytes{0}, wire{0}, dense_wire{0}, nonfinite{0}, busy_ns{0}, wakeups{0},
+      speculations{0}, speculations_reduced{0};
   std::atomic<std::uint64_t> wait_ns{0};  // callers blocked in wait()
   Clock::time_point wait_lane_end;        // the timeline's wait_for_data lane is busy until then
   Clock::time_point last_cycle_start;     // under `mutex`

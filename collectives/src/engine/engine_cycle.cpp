@@ -6,26 +6,20 @@
 #include "unimsg/core/error.hpp"
 
 namespace unimsg::detail {
-namespace {
-
-// Local state, a byte per cache slot: ready here, not submitted here, or no longer matching
-// here. Invalid outranks not ready, which outranks ready, so the allreduce's max is what the
-// ranks agree on (one byte where a flag each took two: a shorter allreduce every cycle).
-constexpr std::uint8_t kReady = 0, kNotReady = 1, kInvalid = 2;
-
-}  // namespace
 
 bool EngineCore::cycle(bool on_waiting_thread) {
   cycles.fetch_add(1, std::memory_order_relaxed);
   bool joined_here = false;
   const bool stop_here = take_incoming(on_waiting_thread, &joined_here);
 
+  // The votes: a veto of the speculated batch, a byte per cache slot, three flags.
   const std::size_t slots = cache.size();
-  std::vector<std::uint8_t> state(slots + 3, 0);
-  const std::span<std::uint8_t> slot_state(state.data(), slots);
-  std::uint8_t& has_new = state[slots];
-  std::uint8_t& stop = state[slots + 1];
-  std::uint8_t& not_joined = state[slots + 2];
+  std::vector<std::uint8_t> state(slots + 4, 0);
+  std::uint8_t& veto = state[0];
+  const std::span<std::uint8_t> slot_state(state.data() + 1, slots);
+  std::uint8_t& has_new = state[slots + 1];
+  std::uint8_t& stop = state[slots + 2];
+  std::uint8_t& not_joined = state[slots + 3];
   const auto now = Clock::now();
   mark_ready_slots(slot_state, &has_new, joined_here, now);
   // Stalled tensors due for a warning or an abort need a round of rank 0's stall inspector.
@@ -33,17 +27,24 @@ bool EngineCore::cycle(bool on_waiting_thread) {
   stop = stop_here ? 1 : 0;
   not_joined = joined_here ? 0 : 1;
 
-  Work agreement = comm->allreduce(TensorView{state.data(), state.size(), DType::kU8},
-                                   TensorView{state.data(), state.size(), DType::kU8},
-                                   {ReduceOp::kMax, "engine.state"});
-  if (on_waiting_thread && comm->oversubscribed()) {
-    // Here the ranks this allreduce waits for are still submitting a step, some on this core:
-    // spinning would take it from them, so yield from the first poll. (The engine thread's
-    // cycles run beside the ranks' computation, which a yield hands the core to for a whole
-    // time slice: they spin first, as every wait does; docs/benchmarks.md has the figures.)
-    agreement.wait(comm->default_timeout(), 0);
+  bool speculated_reduced = false;
+  if (can_speculate(state.size())) {
+    speculated_reduced =
+        reduce_speculated(state, ready_for_speculation(slot_state, joined_here, stop_here));
   } else {
-    agreement.wait();
+    veto = 0;
+    Work agreement = comm->allreduce(TensorView{state.data(), state.size(), DType::kU8},
+                                     TensorView{state.data(), state.size(), DType::kU8},
+                                     {ReduceOp::kMax, "engine.state"});
+    if (on_waiting_thread && comm->oversubscribed()) {
+      // Here the ranks this allreduce waits for are still submitting a step, some on this core:
+      // spinning would take it from them, so yield from the first poll. (The engine thread's
+      // cycles run beside the ranks' computation, which a yield hands the core to for a whole
+      // time slice: they spin first, as every wait does; docs/benchmarks.md has the figures.)
+      agreement.wait(comm->default_timeout(), 0);
+    } else {
+      agreement.wait();
+    }
   }
 
   if (stop) {
@@ -59,13 +60,24 @@ bool EngineCore::cycle(bool on_waiting_thread) {
       if (cache[i].valid && slot_state[i] == kReady) ready.push_back(i);
     }
   }
+  if (speculated_reduced) {  // (done: out of the cycle's list)
+    std::erase_if(ready, [&](std::size_t slot) {
+      return std::find(speculated.begin(), speculated.end(), slot) != speculated.end();
+    });
+  }
   std::vector<Response> responses;
   if (has_new) {
     rounds.fetch_add(1, std::memory_order_relaxed);
     TraceSpan span(options.trace, "engine", "negotiate");
     negotiate(joined_here, responses);
   }
-  execute(ready, responses);
+  std::vector<std::size_t> single;
+  const std::size_t batches = execute(ready, responses, &single);
+  if (speculated_reduced) {
+    learn_speculation(batches + 1, batches == 0 ? speculated : std::vector<std::size_t>{});
+  } else {
+    learn_speculation(batches, std::move(single));
+  }
   any_pending.store(!pending.empty(), std::memory_order_release);
   if (all_joined && joined_here) {
     std::lock_guard lock(mutex);
@@ -198,8 +210,9 @@ void EngineCore::cache_insert(const std::string& name, const Signature& signatur
   cache_index[name] = slot;
 }
 
-void EngineCore::execute(const std::vector<std::size_t>& ready,
-                         const std::vector<Response>& responses) {
+std::size_t EngineCore::execute(const std::vector<std::size_t>& ready,
+                                const std::vector<Response>& responses,
+                                std::vector<std::size_t>* single) {
   // The same list, in the same order, on every rank: cache hits by slot, then rank 0's responses.
   std::vector<std::pair<Signature, LocalTensor*>> items;
   items.reserve(ready.size() + responses.size());
@@ -210,6 +223,7 @@ void EngineCore::execute(const std::vector<std::size_t>& ready,
     if (local != nullptr) ++local_hits;
     items.emplace_back(cache[slot].signature, local);
   }
+  const std::size_t hit_items = items.size();
   hits.fetch_add(local_hits, std::memory_order_relaxed);
   std::unordered_map<std::string_view, LocalTensor*> by_name;  // (only rounds have responses)
   if (!responses.empty()) {
@@ -236,6 +250,12 @@ void EngineCore::execute(const std::vector<std::size_t>& ready,
 
   std::vector<std::pair<Signature, LocalTensor*>> batch;
   std::uint64_t batch_bytes = 0;
+  std::size_t batches = 0;
+  single->clear();
+  if (!items.empty() && items.size() == hit_items && items.front().first.compression == "none" &&
+      items.front().first.device == Device::kHost) {
+    *single = ready;  // (if they make one batch)
+  }
   for (auto& item : items) {
     const std::uint64_t item_bytes = item.first.count * dtype_size(item.first.dtype);
     const bool fits = !batch.empty() && batch.front().first.dtype == item.first.dtype &&
@@ -247,12 +267,18 @@ void EngineCore::execute(const std::vector<std::size_t>& ready,
                       batch_bytes + item_bytes <= fusion_threshold.load(std::memory_order_relaxed);
     if (!batch.empty() && !fits) {
       reduce_batch(batch);
+      ++batches;
       batch.clear();
       batch_bytes = 0;
     }
     batch.push_back(item);
     batch_bytes += item_bytes;
   }
-  if (!batch.empty()) reduce_batch(batch);
+  if (!batch.empty()) {
+    reduce_batch(batch);
+    ++batches;
+  }
+  if (batches != 1) single->clear();
+  return batches;
 }
 }  // namespace unimsg::detail

@@ -141,6 +141,22 @@ class Communicator {
   void allreduce_now(TensorView send, TensorView recv, const AllreduceOptions& options = {}) {
     do_allreduce_now(send, recv, options);
   }
+  // An agreement and a reduction as one collective, blocking (for the engine: the readiness of
+  // a batch it predicts rides on that batch's allreduce). `votes` (a byte each) is max-reduced
+  // over the ranks in place; then, only if the reduced votes[0] is 0 (no rank vetoed), recv = op
+  // over the ranks of send, else recv is left untouched on every rank. A rank that vetoes (its
+  // own votes[0] is not 0) passes views of the same count and dtype with no data (null).
+  // Returns whether the data was reduced. The votes wait up to default_timeout().
+  bool allreduce_if_agreed(TensorView send, TensorView recv, std::span<std::uint8_t> votes,
+                           const AllreduceOptions& options = {});
+  // Whether allreduce_if_agreed() of `count` elements of `dtype` with `vote_bytes` votes costs
+  // one synchronization (the votes travel with the data) rather than the votes' allreduce and
+  // then the data's. The same on every rank for the same arguments.
+  virtual bool agreement_rides_on_data(std::size_t count, DType dtype,
+                                       std::size_t vote_bytes) const {
+    (void)count, (void)dtype, (void)vote_bytes;
+    return false;
+  }
   Work broadcast(TensorView buffer, const BroadcastOptions& options = {}) {
     return do_broadcast(buffer, options);
   }
@@ -195,6 +211,10 @@ class Communicator {
   virtual void do_allreduce_now(TensorView send, TensorView recv, const AllreduceOptions& options) {
     do_allreduce(send, recv, options).wait();
   }
+  // Where the votes cannot ride on the data: the votes' allreduce, then the data's if agreed.
+  virtual bool do_allreduce_if_agreed(TensorView send, TensorView recv,
+                                      std::span<std::uint8_t> votes,
+                                      const AllreduceOptions& options);
   virtual Work do_broadcast(TensorView buffer, const BroadcastOptions& options) = 0;
   virtual Work do_allgather(TensorView send, TensorView recv, const CollectiveOptions& options) = 0;
   virtual Work do_allgatherv(TensorView send, TensorView recv, std::span<const std::size_t> counts,

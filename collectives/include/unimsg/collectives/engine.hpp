@@ -6,7 +6,11 @@
 //
 // Each cycle every rank contributes one small byte-vector allreduce (max): a byte per cached
 // tensor (ready here, not submitted here, entry no longer matching here), and flags (has new
-// tensors, stopping, not joined).
+// tensors, stopping, not joined). Where the same batch was reduced alone in the last two cycles
+// that reduced anything, the next cycle speculates on it: the byte vector rides on that
+// batch's allreduce (Communicator::allreduce_if_agreed), which reduces it only if every rank
+// was ready for it and leaves every tensor untouched otherwise; then the cycle goes on with the
+// agreed bytes as if they had had an allreduce of their own.
 // In steady state (every tensor already negotiated once) that allreduce is all the negotiation
 // there is. New tensors go to rank 0 over the bus; rank 0 matches them across ranks, checks
 // dtype, count, op, compression and memory (host or device; a mismatch fails the tensor on every
@@ -51,6 +55,9 @@ struct EngineOptions {
   // engine. Null: device tensors go through the engine's communicator (MPI stages them through
   // host memory). The negotiation and the cycle's agreement stay on the host communicator.
   Communicator* device_communicator = nullptr;
+  // Let a steady state's cycle agreement ride on the batch it expects (UNIMSG_ENGINE_SPECULATE,
+  // default on; off: one agreement allreduce of its own every cycle, as before).
+  bool speculate = true;
 
   static EngineOptions from_env();
 };
@@ -79,6 +86,12 @@ struct EngineStats {
   // Times the engine thread woke from its sleep: for a due cycle, the idle tick, a hand-off or
   // shutdown. A thread blocked in wait() runs its own cycles without waking it.
   std::uint64_t engine_thread_wakeups = 0;
+  // Cycles that expected the batch the cycles before reduced, and sent their agreement with its
+  // data in one collective (where the communicator can: one host, shared memory)...
+  std::uint64_t speculations = 0;
+  // ...and those where every rank was ready for it: the batch was reduced, with no agreement
+  // allreduce of its own.
+  std::uint64_t speculations_reduced = 0;
 };
 
 // What the engine thread did, for timelines and tests: one event when a (possibly fused)

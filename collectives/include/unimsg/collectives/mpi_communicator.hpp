@@ -41,6 +41,9 @@ class MpiCommunicator final : public Communicator {
   // Counted at construction (MPI_Comm_split_type); a split communicator keeps its parent's.
   bool oversubscribed() const noexcept override;
   std::vector<int> hosts() const override;
+  // On one host, through the shared-memory allreduce (its first barrier carries the votes).
+  bool agreement_rides_on_data(std::size_t count, DType dtype,
+                               std::size_t vote_bytes) const override;
 
  protected:
   Work do_allreduce(TensorView send, TensorView recv, const AllreduceOptions& options) override;
@@ -55,6 +58,8 @@ class MpiCommunicator final : public Communicator {
   // Blocking MPI_Allreduce: Open MPI's tuned blocking algorithms beat its non-blocking ones on
   // large buffers (docs/architecture.md, Engine).
   void do_allreduce_now(TensorView send, TensorView recv, const AllreduceOptions& options) override;
+  bool do_allreduce_if_agreed(TensorView send, TensorView recv, std::span<std::uint8_t> votes,
+                              const AllreduceOptions& options) override;
 
  private:
   std::shared_ptr<detail::MpiCommState> state_;
