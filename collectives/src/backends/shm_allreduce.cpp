@@ -314,7 +314,7 @@ bool ShmAllreduce::allreduce_if_agreed(const void* send, void* recv, std::size_t
   const std::uint64_t ballot = ballots_++;
   std::memcpy(votes_of(rank_, ballot), votes.data(), votes.size());
   const Chunk first{0, std::min(chunk_bytes_ / dtype_size(dtype), count), chunks_++};
-  if (votes[0] == 0) copy_in(call, first);  // (speculatively: wasted if a peer vetoes)
+  if (votes[0] == 0 && first.count > 0) copy_in(call, first);  // (wasted if a peer vetoes)
   barrier(call.deadline);
   for (int r = 0; r < ranks_; ++r) {
     if (r == rank_) continue;
