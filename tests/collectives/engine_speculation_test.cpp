@@ -31,6 +31,12 @@ class EngineSpeculationTest : public testing_support::WorldTest {
  protected:
   void SetUp() override {
     WorldTest::SetUp();
+    // The shared-memory path at every size, whatever the environment says.
+    CommunicatorOptions options;
+    options.hierarchical = CommunicatorOptions::Hierarchical::kAuto;
+    options.shm_min_bytes = 0;
+    comm_.reset();
+    comm_ = std::make_unique<MpiCommunicator>(MPI_COMM_WORLD, *bus_, options);
     // (One rank has no shared memory: its agreement never rides on data.)
     if (comm_->size() < 2) GTEST_SKIP() << "speculation needs two ranks sharing memory";
     ASSERT_TRUE(comm_->agreement_rides_on_data(1000, DType::kF32, 8))

@@ -197,6 +197,32 @@ TEST_F(ShmAllreduceTest, LargeBuffersAcrossDefaultChunks) {
   }
 }
 
+// Ranks that differ in placing a call (even ranks in place, odd ones out of place, as a joined
+// rank's packed zeros against the others' own tensors) still take one path: on two ranks from
+// 512 KiB to 16 MiB in place went to MPI and out of place through the segments, and the two
+// ranks hung.
+TEST_F(ShmAllreduceTest, RanksThatPlaceACallDifferentlyTakeOnePath) {
+  auto automatic = communicator(Hierarchical::kAuto, CommunicatorOptions{}.shm_chunk_bytes, 60s);
+  for (const std::size_t count :
+       {std::size_t{1} << 14, std::size_t{1} << 18, std::size_t{1} << 20}) {
+    const auto input = make(DType::kF32, count, rank_);
+    auto data = input;
+    std::vector<std::byte> out(input.size());
+    const TensorView in{data.data(), count, DType::kF32};
+    const TensorView to{out.data(), count, DType::kF32};
+    const bool in_place = rank_ % 2 == 0;
+    automatic->allreduce_now(in, in_place ? in : to, {ReduceOp::kSum});
+    const auto& got = in_place ? data : out;
+    for (std::size_t i = 0; i < count; i += 101) {
+      double expected = 0;
+      for (int r = 0; r < ranks_; ++r) expected += value_at(r, i);
+      float value = 0;
+      std::memcpy(&value, got.data() + 4 * i, 4);
+      ASSERT_EQ(value, static_cast<float>(expected)) << count << " element " << i;
+    }
+  }
+}
+
 // Rank 0 alone calls: after the communicator's timeout it throws, naming the late host rank.
 TEST_F(ShmAllreduceTest, ARankThatNeverArrivesIsATimeout) {
   auto shm = communicator(Hierarchical::kOn, 256, 2s);

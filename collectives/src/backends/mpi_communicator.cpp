@@ -215,15 +215,18 @@ void narrow(const float* wide, void* data, std::size_t count, DType dtype) {
   }
 }
 
-// Whether a blocking allreduce on one host goes through shared memory. auto: where it was
-// measured faster than Open MPI's (docs/benchmarks.md, "Shared memory on one host") — everywhere
-// but in place on two ranks from 512 KiB to 16 MiB, where Open MPI's single-copy transfers move
-// less memory than the copies into and out of the segments.
-bool prefer_shm(const CommunicatorOptions& options, int ranks, std::size_t bytes, bool in_place) {
+// Whether a blocking allreduce goes through shared memory. auto: where it was measured faster
+// than Open MPI's (docs/benchmarks.md, "Shared memory on one host") — everywhere but on two
+// ranks from 512 KiB to 16 MiB, where Open MPI's single-copy transfers move less memory than the
+// copies into and out of the segments in place (out of place ours was 1.1-1.2x faster there).
+// Only what every rank shares decides: ranks may differ in placing a call in place (a joined
+// rank's zeros are packed in place while the others reduce their tensor out of place), and one
+// rank in the segments' barriers while another is in MPI_Allreduce would hang both.
+bool prefer_shm(const CommunicatorOptions& options, int ranks, std::size_t bytes) {
   using Mode = CommunicatorOptions::Hierarchical;
   if (options.hierarchical == Mode::kOn) return true;
   if (options.hierarchical == Mode::kOff || bytes < options.shm_min_bytes) return false;
-  return !(in_place && ranks == 2 && bytes >= (512u << 10) && bytes < (16u << 20));
+  return !(ranks == 2 && bytes >= (512u << 10) && bytes < (16u << 20));
 }
 
 // One collective in flight: the MPI request and whatever must outlive it (widened buffers).
@@ -390,7 +393,7 @@ void MpiCommunicator::do_allreduce_now(TensorView send, TensorView recv,
   check_allreduce(send, recv, rank(), what);
   const int count = as_count(send.count, rank(), what);
   state_->progress->start();
-  if (state_->shm && prefer_shm(state_->options, size(), send.bytes(), send.data == recv.data)) {
+  if (state_->shm && prefer_shm(state_->options, size(), send.bytes())) {
     state_->shm->allreduce(send.data, recv.data, send.count, send.dtype, op, default_timeout());
     return;
   }
@@ -411,12 +414,9 @@ void MpiCommunicator::do_allreduce_now(TensorView send, TensorView recv,
 
 bool MpiCommunicator::agreement_rides_on_data(std::size_t count, DType dtype,
                                               std::size_t vote_bytes) const {
-  // (In place or not is a rank's own choice: where that decides prefer_shm, decline alike.)
-  const std::size_t bytes = count * dtype_size(dtype);
   return state_->shm && state_->shm->hosts().empty() && vote_bytes >= 1 &&
          vote_bytes <= detail::ShmAllreduce::kVoteBytes &&
-         prefer_shm(state_->options, size(), bytes, false) &&
-         prefer_shm(state_->options, size(), bytes, true);
+         prefer_shm(state_->options, size(), count * dtype_size(dtype));
 }
 
 bool MpiCommunicator::do_allreduce_if_agreed(TensorView send, TensorView recv,

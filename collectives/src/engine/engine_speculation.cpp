@@ -33,6 +33,11 @@ bool EngineCore::can_speculate(std::size_t vote_bytes) const {
     }
     total += signature.count;
   }
+  // (A fusion threshold lowered since the batch was learnt splits it: no longer the batch.)
+  if (speculated.size() > 1 &&
+      total * dtype_size(kind.dtype) > fusion_threshold.load(std::memory_order_relaxed)) {
+    return false;
+  }
   return comm->agreement_rides_on_data(total, kind.dtype, vote_bytes);
 }
 
