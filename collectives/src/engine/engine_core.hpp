@@ -197,12 +197,17 @@ struct EngineCore {
   std::size_t execute(const std::vector<std::size_t>& hits, const std::vector<Response>& responses,
                       std::vector<std::size_t>* single);
   // Speculation (engine_speculation.cpp): the cycle's agreement riding on the data.
-  bool can_speculate(std::size_t vote_bytes) const;
+  // The expected batch's element count where this cycle speculates on it, else nothing.
+  std::optional<std::size_t> can_speculate(std::size_t vote_bytes) const;
   bool ready_for_speculation(std::span<const std::uint8_t> slot_state, bool joined_here,
                              bool stop_here) const;
   // The cycle's agreement (`votes`: [veto, slot states..., flags]) and the speculated batch's
   // allreduce as one collective; true: the batch was reduced and completed.
-  bool reduce_speculated(std::span<std::uint8_t> votes, bool ready_here);
+  bool reduce_speculated(std::span<std::uint8_t> votes, bool ready_here, std::size_t total);
+  // Counts one collective over `batch_bytes` (collectives, bytes, the ring's dense wire bytes,
+  // which it returns).
+  std::uint64_t count_collective(std::uint64_t batch_bytes);
+  void count_busy(Clock::time_point started);
   // After a cycle that reduced `batches` batches (`single`: the only one's slots, or empty).
   void learn_speculation(std::size_t batches, std::vector<std::size_t> single);
   void reduce_batch(std::vector<std::pair<Signature, LocalTensor*>>& batch);

@@ -12,10 +12,10 @@ bool EngineCore::cycle(bool on_waiting_thread) {
   bool joined_here = false;
   const bool stop_here = take_incoming(on_waiting_thread, &joined_here);
 
-  // The votes: a veto of the speculated batch, a byte per cache slot, three flags.
+  // The votes: a veto of the speculated batch (state[0], set by reduce_speculated), a byte per
+  // cache slot, three flags.
   const std::size_t slots = cache.size();
   std::vector<std::uint8_t> state(slots + 4, 0);
-  std::uint8_t& veto = state[0];
   const std::span<std::uint8_t> slot_state(state.data() + 1, slots);
   std::uint8_t& has_new = state[slots + 1];
   std::uint8_t& stop = state[slots + 2];
@@ -28,11 +28,10 @@ bool EngineCore::cycle(bool on_waiting_thread) {
   not_joined = joined_here ? 0 : 1;
 
   bool speculated_reduced = false;
-  if (can_speculate(state.size())) {
+  if (const auto total = can_speculate(state.size())) {
     speculated_reduced =
-        reduce_speculated(state, ready_for_speculation(slot_state, joined_here, stop_here));
+        reduce_speculated(state, ready_for_speculation(slot_state, joined_here, stop_here), *total);
   } else {
-    veto = 0;
     Work agreement = comm->allreduce(TensorView{state.data(), state.size(), DType::kU8},
                                      TensorView{state.data(), state.size(), DType::kU8},
                                      {ReduceOp::kMax, "engine.state"});

@@ -103,10 +103,7 @@ void EngineCore::reduce_batch(std::vector<std::pair<Signature, LocalTensor*>>& b
   const std::size_t element = dtype_size(dtype);
   std::size_t total = 0;
   for (const auto& [signature, local] : batch) total += signature.count;
-  collectives.fetch_add(1, std::memory_order_relaxed);
-  bytes.fetch_add(total * element, std::memory_order_relaxed);
-  const std::uint64_t dense = CompressedAllreduce::ring_allreduce_bytes(total * element, size);
-  dense_wire.fetch_add(dense, std::memory_order_relaxed);
+  const std::uint64_t dense = count_collective(total * element);
   notify(EngineEvent::Type::kReduceStart, batch, total * element);
   const auto started = Clock::now();
   const std::string names = trace_wait_for_data(batch, started);  // for the timeline
@@ -137,11 +134,23 @@ void EngineCore::reduce_batch(std::vector<std::pair<Signature, LocalTensor*>>& b
     wire.fetch_add(dense, std::memory_order_relaxed);
     reduce_through_fusion_buffer(batch, total, args());
   }
+  count_busy(started);
+  notify(EngineEvent::Type::kReduceEnd, batch, total * element);
+  complete(batch);
+}
+
+std::uint64_t EngineCore::count_collective(std::uint64_t batch_bytes) {
+  collectives.fetch_add(1, std::memory_order_relaxed);
+  bytes.fetch_add(batch_bytes, std::memory_order_relaxed);
+  const std::uint64_t dense = CompressedAllreduce::ring_allreduce_bytes(batch_bytes, size);
+  dense_wire.fetch_add(dense, std::memory_order_relaxed);
+  return dense;
+}
+
+void EngineCore::count_busy(Clock::time_point started) {
   busy_ns.fetch_add(
       static_cast<std::uint64_t>(std::chrono::nanoseconds(Clock::now() - started).count()),
       std::memory_order_relaxed);
-  notify(EngineEvent::Type::kReduceEnd, batch, total * element);
-  complete(batch);
 }
 
 std::optional<std::pair<TensorView, TensorView>> EngineCore::contiguous_span(

@@ -12,33 +12,35 @@
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
 
 #include "engine_core.hpp"
 
 namespace unimsg::detail {
 
-bool EngineCore::can_speculate(std::size_t vote_bytes) const {
-  if (!options.speculate || speculated.empty()) return false;
-  const std::size_t first = speculated.front();
-  if (first >= cache.size() || !cache[first].valid) return false;
-  const Signature& kind = cache[first].signature;
-  if (kind.compression != "none" || kind.device != Device::kHost) return false;
+std::optional<std::size_t> EngineCore::can_speculate(std::size_t vote_bytes) const {
+  if (!options.speculate || speculated.empty()) return {};
+  for (const std::size_t slot : speculated) {
+    if (slot >= cache.size() || !cache[slot].valid) return {};
+  }
+  const Signature& kind = cache[speculated.front()].signature;
+  if (kind.compression != "none" || kind.device != Device::kHost) return {};
   std::size_t total = 0;
   for (const std::size_t slot : speculated) {
-    if (slot >= cache.size() || !cache[slot].valid) return false;
     const Signature& signature = cache[slot].signature;
     if (signature.dtype != kind.dtype || signature.op != kind.op ||
         signature.compression != kind.compression || signature.device != kind.device) {
-      return false;
+      return {};
     }
     total += signature.count;
   }
   // (A fusion threshold lowered since the batch was learnt splits it: no longer the batch.)
   if (speculated.size() > 1 &&
       total * dtype_size(kind.dtype) > fusion_threshold.load(std::memory_order_relaxed)) {
-    return false;
+    return {};
   }
-  return comm->agreement_rides_on_data(total, kind.dtype, vote_bytes);
+  if (!comm->agreement_rides_on_data(total, kind.dtype, vote_bytes)) return {};
+  return total;
 }
 
 bool EngineCore::ready_for_speculation(std::span<const std::uint8_t> slot_state, bool joined_here,
@@ -49,11 +51,10 @@ bool EngineCore::ready_for_speculation(std::span<const std::uint8_t> slot_state,
   });
 }
 
-bool EngineCore::reduce_speculated(std::span<std::uint8_t> votes, bool ready_here) {
+bool EngineCore::reduce_speculated(std::span<std::uint8_t> votes, bool ready_here,
+                                   std::size_t total) {
   const Signature& kind = cache[speculated.front()].signature;
   const std::size_t element = dtype_size(kind.dtype);
-  std::size_t total = 0;
-  for (const std::size_t slot : speculated) total += cache[slot].signature.count;
   std::vector<std::pair<Signature, LocalTensor*>> batch;
   TensorView input{nullptr, total, kind.dtype};
   TensorView output = input;
@@ -105,15 +106,9 @@ bool EngineCore::reduce_speculated(std::span<std::uint8_t> votes, bool ready_her
   // on every rank.
   for (const std::size_t slot : speculated) cache[slot].last_used = ++use_clock;
   hits.fetch_add(batch.size(), std::memory_order_relaxed);
-  collectives.fetch_add(1, std::memory_order_relaxed);
   if (where_they_lie) fused_in_place.fetch_add(1, std::memory_order_relaxed);
-  bytes.fetch_add(total * element, std::memory_order_relaxed);
-  const std::uint64_t dense = CompressedAllreduce::ring_allreduce_bytes(total * element, size);
-  dense_wire.fetch_add(dense, std::memory_order_relaxed);
-  wire.fetch_add(dense, std::memory_order_relaxed);
-  busy_ns.fetch_add(
-      static_cast<std::uint64_t>(std::chrono::nanoseconds(Clock::now() - started).count()),
-      std::memory_order_relaxed);
+  wire.fetch_add(count_collective(total * element), std::memory_order_relaxed);
+  count_busy(started);
   notify(EngineEvent::Type::kReduceStart, batch, total * element);
   notify(EngineEvent::Type::kReduceEnd, batch, total * element);
   complete(batch);
