@@ -15,6 +15,7 @@ packages=(
   libtorch-dev dataset-fashion-mnist
   clang libclang-rt-14-dev clang-format
   iproute2 util-linux python3 gnuplot-nox
+  python3-dev python3-torch pybind11-dev python3-pytest
 )
 if [[ ${1:-} == test ]]; then
   # The monitor's page in a headless browser; Slurm for the cluster tests under srun.

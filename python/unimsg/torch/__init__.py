@@ -170,6 +170,7 @@ class CompressionHook:
         self.name = name
         self.skipped_steps = 0
         self._nonfinite = False
+        self.__name__ = self.__qualname__ = f"unimsg_compression_hook[{self.spec}]"  # DDP logs it
 
     def __call__(self, state, bucket):
         group = self.group if self.group is not None else dist.distributed_c10d._get_default_group()
