@@ -294,6 +294,8 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupUnimsg::allreduce(
   const ReduceOp op = to_reduce_op(options.reduceOp, rank, "c10d.allreduce");
   std::vector<at::Tensor> staged;
   std::vector<std::pair<std::string, TensorView>> group;
+  // (c10d allows calls from several threads; the names must follow one order.)
+  std::lock_guard lock(allreduce_mutex_);
   const std::size_t slot = allreduce_calls_++ % kNameWindow;
   for (std::size_t i = 0; i < tensors.size(); ++i) {
     staged.push_back(dense(tensors[i]));

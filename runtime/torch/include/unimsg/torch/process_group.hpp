@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -109,6 +110,7 @@ class ProcessGroupUnimsg final : public C10dBackendBase {
   Engine& engine_;
   ProcessGroupOptions options_;
   std::shared_ptr<void> owner_;
+  std::mutex allreduce_mutex_;
   std::uint64_t allreduce_calls_ = 0;
   std::vector<c10::intrusive_ptr<c10d::Work>> name_users_;
   std::unique_ptr<Completer> completer_;
