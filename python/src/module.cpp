@@ -1,7 +1,10 @@
 // unimsg._C: what the Python package (python/unimsg/) calls. The backend, the compressed
 // allreduce and the services of the process's one runtime context (python_context.hpp).
 
+#include <arpa/inet.h>
+#include <ifaddrs.h>
 #include <mpi.h>
+#include <netinet/in.h>
 #include <pybind11/chrono.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -27,8 +30,20 @@ namespace {
 using GilRelease = py::call_guard<py::gil_scoped_release>;
 
 c10::intrusive_ptr<C10dBackendBase> create_backend(const c10::intrusive_ptr<c10d::Store>&, int rank,
-                                                   int size, const std::chrono::duration<float>&) {
-  return Context::get().create_group(rank, size);
+                                                   int size,
+                                                   const std::chrono::duration<float>& timeout) {
+  return Context::get().create_group(
+      rank, size, std::chrono::duration_cast<std::chrono::milliseconds>(timeout));
+}
+
+// A collective of the rendezvous that never completes means a rank is missing: a fault, as in
+// the process groups (its buffers must not be freed under MPI either).
+void wait_or_abort(Work& work) {
+  try {
+    work.wait();
+  } catch (const TimeoutError& timeout) {
+    Context::get().abort_restartable(timeout);
+  }
 }
 
 ProcessGroupUnimsg& unimsg_group(const c10::intrusive_ptr<c10d::ProcessGroup>& group) {
@@ -54,12 +69,46 @@ c10::intrusive_ptr<c10d::Work> allreduce_compressed(
 std::string broadcast_string(const std::string& text, int root) {
   auto& communicator = Context::get().session().communicator();
   std::int64_t length = static_cast<std::int64_t>(text.size());
-  communicator.broadcast(TensorView{&length, 1, DType::kI64, Device::kHost}, {root}).wait();
+  Work length_sent =
+      communicator.broadcast(TensorView{&length, 1, DType::kI64, Device::kHost}, {root});
+  wait_or_abort(length_sent);
   std::string received = communicator.rank() == root ? text : std::string(length, '\0');
-  communicator
-      .broadcast(TensorView{received.data(), received.size(), DType::kU8, Device::kHost}, {root})
-      .wait();
+  Work text_sent = communicator.broadcast(
+      TensorView{received.data(), received.size(), DType::kU8, Device::kHost}, {root});
+  wait_or_abort(text_sent);
   return received;
+}
+
+// The minimum over the ranks of each value (rank 0's rendezvous address: the first one every rank
+// shares a subnet with).
+std::vector<std::int32_t> min_over_ranks(std::vector<std::int32_t> values) {
+  auto& communicator = Context::get().session().communicator();
+  const TensorView view{values.data(), values.size(), DType::kI32, Device::kHost};
+  Work reduced = communicator.allreduce(view, view, {ReduceOp::kMin, "python.min_over_ranks"});
+  wait_or_abort(reduced);
+  return values;
+}
+
+// This host's IPv4 interfaces: (name, address, netmask), loopback included.
+std::vector<std::tuple<std::string, std::string, std::string>> ipv4_interfaces() {
+  std::vector<std::tuple<std::string, std::string, std::string>> found;
+  ifaddrs* list = nullptr;
+  if (getifaddrs(&list) != 0) return found;
+  const std::unique_ptr<ifaddrs, decltype(&freeifaddrs)> owner(list, &freeifaddrs);
+  for (const ifaddrs* entry = list; entry != nullptr; entry = entry->ifa_next) {
+    if (entry->ifa_addr == nullptr || entry->ifa_netmask == nullptr ||
+        entry->ifa_addr->sa_family != AF_INET) {
+      continue;
+    }
+    const auto text = [](const sockaddr* address) {
+      char buffer[INET_ADDRSTRLEN] = {};
+      inet_ntop(AF_INET, &reinterpret_cast<const sockaddr_in*>(address)->sin_addr, buffer,
+                sizeof buffer);
+      return std::string(buffer);
+    };
+    found.emplace_back(entry->ifa_name, text(entry->ifa_addr), text(entry->ifa_netmask));
+  }
+  return found;
 }
 
 py::dict engine_stats() {
@@ -137,7 +186,7 @@ class PyCheckpointer {
     CheckpointOptions options;
     options.keep = keep;
     options.rank = Context::get().runtime().rank();
-    options.trace = Context::get().session().trace();
+    // (no timeline spans: a Python checkpointer may outlive the monitor that owns the timeline)
     return options;
   }
   Checkpointer checkpointer_;
@@ -175,6 +224,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("size", [] { return Context::get().runtime().size(); });
   m.def("hosts", [] { return Context::get().session().host_of_rank(); });
   m.def("broadcast_string", &broadcast_string, py::arg("text"), py::arg("root") = 0, GilRelease());
+  m.def("min_over_ranks", &min_over_ranks, GilRelease());
+  m.def("ipv4_interfaces", &ipv4_interfaces);
   m.def("create_backend", &create_backend, GilRelease());
   m.def("allreduce_compressed", &allreduce_compressed, py::arg("group"), py::arg("tensor"),
         py::arg("name"), py::arg("compression"), GilRelease());

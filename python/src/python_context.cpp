@@ -50,9 +50,7 @@ void Context::finish() {
     context = std::move(h.context);
   }
   if (!context) return;
-  for (auto& weak : context->groups_) {
-    if (auto group = weak.lock()) group->shutdown();
-  }
+  for (const auto& join : context->group_joiners_) join();
   context->session_->finish();
   // (then the session, the bus and MPI, in reverse order of construction)
 }
@@ -64,7 +62,8 @@ Context::Context()
 
 Context::~Context() = default;
 
-c10::intrusive_ptr<ProcessGroupUnimsg> Context::create_group(int rank, int size) {
+c10::intrusive_ptr<ProcessGroupUnimsg> Context::create_group(int rank, int size,
+                                                             std::chrono::milliseconds timeout) {
   if (size != runtime_.size() || rank != runtime_.rank()) {
     throw ConfigError(
         runtime_.rank(), "torch.distributed backend unimsg",
@@ -77,10 +76,12 @@ c10::intrusive_ptr<ProcessGroupUnimsg> Context::create_group(int rank, int size)
   }
   ProcessGroupOptions options;
   options.on_timeout = [this](const TimeoutError& error) { abort_restartable(error); };
-  options.name_prefix = "c10d" + std::to_string(groups_.size());
+  // (groups are created in the same order on every rank: the same prefixes everywhere)
+  options.name_prefix = "c10d" + std::to_string(groups_created_++);
+  options.timeout = timeout;
   auto group = c10::make_intrusive<ProcessGroupUnimsg>(session_->communicator(), session_->engine(),
                                                        std::move(options));
-  groups_.push_back(c10::weak_intrusive_ptr<ProcessGroupUnimsg>(group));
+  group_joiners_.push_back(group->joiner());
   return group;
 }
 

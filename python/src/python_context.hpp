@@ -7,7 +7,9 @@
 // exit) or abort().
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -40,7 +42,9 @@ class Context {
   // A process group over every rank (torch.distributed's world group, or a new_group() over all
   // ranks: each gets engine names of its own). `rank` and `size` are what torch.distributed was
   // told: they must be MPI's.
-  c10::intrusive_ptr<ProcessGroupUnimsg> create_group(int rank, int size);
+  // `timeout`: init_process_group's, for collectives without one of their own.
+  c10::intrusive_ptr<ProcessGroupUnimsg> create_group(int rank, int size,
+                                                      std::chrono::milliseconds timeout);
 
   // After an optimizer step: the monitor's report, the heartbeat's step, and the fault injection
   // of UNIMSG_FAULT_INJECT (a rank killed at a step, for tests of the re-ranking).
@@ -53,7 +57,10 @@ class Context {
  private:
   Runtime runtime_;
   std::unique_ptr<TrainingSession> session_;
-  std::vector<c10::weak_intrusive_ptr<ProcessGroupUnimsg>> groups_;
+  // Each group's shutdown, for finish(): a group torch released may still complete its last
+  // collectives.
+  std::vector<std::function<void()>> group_joiners_;
+  std::size_t groups_created_ = 0;
   std::atomic<std::uint64_t> last_step_{0};
   std::optional<FaultInjection> fault_;
 };

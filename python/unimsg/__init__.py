@@ -14,9 +14,13 @@ import torch  # noqa: F401  (libtorch's Python bindings first: _C links against 
 def _load_mpi_globally():
     # Open MPI's components are plug-ins that resolve libmpi's symbols from the global namespace;
     # a Python extension is loaded with local symbols, so libmpi is opened globally first (as
-    # mpi4py does).
-    name = ctypes.util.find_library("mpi") or "libmpi.so.40"
-    ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+    # mpi4py does): the one _C was linked against, as the build recorded it.
+    try:
+        from ._build import MPI_LIBRARY
+    except ImportError:
+        MPI_LIBRARY = None
+    ctypes.CDLL(MPI_LIBRARY or ctypes.util.find_library("mpi") or "libmpi.so.40",
+                mode=ctypes.RTLD_GLOBAL)
 
 
 _load_mpi_globally()

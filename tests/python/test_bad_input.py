@@ -69,3 +69,40 @@ def test_a_bad_compression_spec_is_a_config_error(world):
         unimsg.torch.compression_hook("topk:7")
     with pytest.raises(unimsg.ConfigError):
         unimsg.torch.compression_hook("gzip")
+
+
+def test_splits_that_only_some_ranks_get_wrong_fail_on_every_rank(world):
+    rank, size = world
+    if size == 1:
+        pytest.skip("needs two ranks to differ")
+    send = torch.zeros(size * 2)
+    splits = [2] * size if rank == 0 else [3] + [2] * (size - 2) + [1]
+    with pytest.raises(RuntimeError, match="unequal splits|rank.s. 0 passed|passed arguments"):
+        dist.all_to_all_single(torch.zeros(size * 2), send, output_split_sizes=[2] * size,
+                               input_split_sizes=splits)
+    tensor = torch.full((4,), float(rank))
+    dist.broadcast(tensor, src=size - 1)  # in step again
+    assert torch.all(tensor == size - 1)
+
+
+def test_a_dtype_only_one_rank_gets_wrong_fails_on_every_rank(world):
+    rank, size = world
+    if size == 1:
+        pytest.skip("needs two ranks to differ")
+    dtype = torch.int16 if rank == size - 1 else torch.float32
+    expected = "dtype Short is not one" if rank == size - 1 else rf"on ranks \[{size - 1}\]"
+    with pytest.raises(RuntimeError, match=expected):
+        dist.all_reduce(torch.ones(6, dtype=dtype))
+    tensor = torch.ones(6)
+    dist.all_reduce(tensor)  # in step again
+    assert torch.all(tensor == size)
+
+
+def test_a_list_of_tensors_is_refused_on_every_rank(world):
+    rank, size = world
+    if size == 1:
+        pytest.skip("needs two ranks to differ")
+    tensors = [torch.ones(3), torch.ones(3)] if rank == 0 else [torch.ones(3)]
+    expected = "one tensor per call" if rank == 0 else r"on ranks \[0\]"
+    with pytest.raises(RuntimeError, match=expected):
+        dist.distributed_c10d._get_default_group().allreduce(tensors).wait()

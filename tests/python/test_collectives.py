@@ -1,5 +1,7 @@
 """Every collective of the backend against a reference computed from what each rank passed."""
 
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -75,6 +77,29 @@ def test_the_future_of_an_allreduce_carries_its_tensor(world):
     assert torch.all(result == 2 * size)
 
 
+def test_a_waited_work_has_its_future_complete(world):
+    _, size = world
+    for _ in range(200):  # (the future used to complete just after the work: a race)
+        tensor = torch.ones(3)
+        work = dist.all_reduce(tensor, async_op=True)
+        work.wait()
+        future = work.get_future()
+        assert future.done()
+        assert torch.all(future.value()[0] == size)
+
+
+def test_a_callback_may_wait_for_another_collective(world):
+    # As torch's PowerSGD hook does: the callback of one allreduce issues another and waits.
+    _, size = world
+    first, second = torch.ones(5), torch.full((7,), 2.0)
+
+    def then_second(future):
+        return dist.all_reduce(second, async_op=True).get_future().wait()[0] + future.value()[0][0]
+
+    result = dist.all_reduce(first, async_op=True).get_future().then(then_second).wait()
+    assert torch.all(result == 2 * size + size)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_broadcast_from_every_root(world, dtype):
     rank, size = world
@@ -127,11 +152,18 @@ def test_all_to_all(world):
         assert torch.equal(torch.cat(outputs), received)
 
 
-def test_barrier_and_its_async_work(world):
+def test_no_rank_leaves_the_barrier_before_the_last_one_enters_it(world):
+    rank, size = world
+    if rank == 0:
+        time.sleep(0.3)  # the last to enter
+    entered = torch.tensor([time.time()], dtype=torch.float64)
     dist.barrier()
+    left = time.time()
+    dist.broadcast(entered, src=0)  # (one host: one clock)
+    assert left >= entered.item()
     work = dist.barrier(async_op=True)
     work.wait()
-    assert work.is_completed()
+    assert work.is_completed() and work.get_future().done()
 
 
 def test_rendezvous_came_from_mpi(world):

@@ -64,6 +64,19 @@ def test_ddp_with_the_fp16_hook_stays_close_to_gloo(world, gloo):
     assert hook.skipped_steps == 0
 
 
+def test_torchs_own_powersgd_hook_runs_on_the_backend(world):
+    # Its callbacks issue allreduces and wait for them inside other allreduces' callbacks.
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
+
+    rank, size = world
+    ddp = DistributedDataParallel(make_model(seed=5))
+    state = powersgd.PowerSGDState(process_group=None, matrix_approximation_rank=1,
+                                   start_powerSGD_iter=2)
+    ddp.register_comm_hook(state, powersgd.powerSGD_hook)
+    train(ddp, 4, rank)
+    assert_same_on_every_rank(parameters_of(ddp), size)
+
+
 class Bucket:
     """What the hook uses of DDP's GradBucket."""
 

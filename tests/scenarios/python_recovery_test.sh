@@ -14,7 +14,7 @@ fail() { echo "FAIL: $*"; exit 1; }
 "$launcher" -np 4 --max-restarts 1 --checkpoint-dir "$work/ck" --run-dir "$work/run" \
   -x UNIMSG_FAULT_INJECT=rank:1,step:25,mode:kill -- "$python" "$example" \
   --epochs 1 --limit 12000 --test-limit 1000 --batch-size 240 --checkpoint-every 10 --json \
-  >"$work/out" 2>"$work/err" || { tail -40 "$work/err"; fail "unimsg-run exited with $?"; }
+  >"$work/out" 2>"$work/err" || { status=$?; tail -40 "$work/err"; fail "unimsg-run exited with $status"; }
 events=$(grep -o '"event":"[a-z_]*"' "$work/run/events.jsonl" | cut -d'"' -f4 | paste -sd' ')
 [[ $events == "launch failure rerank restart launch done" ]] || fail "events: $events"
 grep -q '"event":"launch","restart":1,.*"world_size":3' "$work/run/events.jsonl" ||

@@ -18,6 +18,7 @@ runtime's monitor and checkpointer.
 import atexit
 import datetime
 import io
+import ipaddress
 import json
 import math
 import os
@@ -58,6 +59,7 @@ def size():
 
 def engine_stats():
     """The engine's counters (cycles, cache hits, bytes reduced, wire bytes...) as a dict."""
+    init()
     return _C.engine_stats()
 
 
@@ -92,17 +94,21 @@ def _install_exit_handlers():
 
 # -- the backend ------------------------------------------------------------------------------
 
-def _first_non_loopback_address():
-    hostname = socket.gethostname()
-    try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(hostname, None, socket.AF_INET)}
-    except socket.gaierror:
-        addresses = set()
-    for address in sorted(addresses):
-        if not address.startswith("127."):
-            return address
-    raise ConfigError(f"unimsg.torch: the ranks span several hosts and rank 0's host name "
-                      f"{hostname!r} resolves to no address the others can reach: set MASTER_ADDR")
+def _rank0_address():
+    """Collective: an address of rank 0's host that every rank shares a subnet with (the first
+    of rank 0's non-loopback IPv4 addresses that is; namespace hosts have no name service), or
+    None."""
+    candidates = ""
+    if _C.rank() == 0:
+        candidates = " ".join(address for _, address, _ in _C.ipv4_interfaces()
+                              if not address.startswith("127."))
+    candidates = _C.broadcast_string(candidates, 0).split()
+    networks = [ipaddress.IPv4Network(f"{address}/{netmask}", strict=False)
+                for _, address, netmask in _C.ipv4_interfaces()]
+    reachable = [int(any(ipaddress.IPv4Address(candidate) in network for network in networks))
+                 for candidate in candidates]
+    everywhere = _C.min_over_ranks(reachable) if candidates else []
+    return next((c for c, shared in zip(candidates, everywhere) if shared), None)
 
 
 def _free_port(address):
@@ -112,20 +118,27 @@ def _free_port(address):
 
 
 def _set_rendezvous_from_mpi():
-    """RANK and WORLD_SIZE from MPI; MASTER_ADDR and MASTER_PORT decided by rank 0 (its address
-    when the ranks span hosts, loopback otherwise; a free port) and broadcast."""
+    """RANK and WORLD_SIZE from MPI; MASTER_ADDR and MASTER_PORT decided by rank 0 (loopback on
+    one host, across hosts an address of its host every rank shares a subnet with; a free port)
+    and broadcast. Every rank takes part whatever its own environment says: rank 0 decides."""
     init()
     os.environ.setdefault("RANK", str(_C.rank()))
     os.environ.setdefault("WORLD_SIZE", str(_C.size()))
+    found = _rank0_address() if len(set(_C.hosts())) > 1 else "127.0.0.1"
     decision = ""
     if _C.rank() == 0:
-        one_host = len(set(_C.hosts())) == 1
-        address = os.environ.get("MASTER_ADDR") or (
-            "127.0.0.1" if one_host else _first_non_loopback_address())
-        port = os.environ.get("MASTER_PORT") or str(_free_port(address))
-        decision = f"{address} {port}"
-    address, port = _C.broadcast_string(decision, 0).split()
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = address, port
+        try:
+            address = os.environ.get("MASTER_ADDR") or found
+            if not address:
+                raise ConfigError("the ranks span several hosts and no address of rank 0's host "
+                                  "is on a subnet every rank has: set MASTER_ADDR")
+            decision = f"{address} {os.environ.get('MASTER_PORT') or _free_port(address)}"
+        except (OSError, ConfigError) as error:  # told to every rank, which would wait otherwise
+            decision = f"! {error}"
+    decision = _C.broadcast_string(decision, 0)
+    if decision.startswith("!"):
+        raise ConfigError(f"unimsg.torch: rank 0 could not set up the rendezvous: {decision[2:]}")
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = decision.split()
 
 
 def _create_backend(store, group_rank, group_size, timeout):
@@ -164,10 +177,14 @@ class CompressionHook:
             optimizer.step()
     """
 
-    def __init__(self, spec, group=None, name="ddp"):
+    _created = 0  # hooks made in this process: in the same order on every rank
+
+    def __init__(self, spec, group=None, name=None):
         self.spec = _C.canonical_compression(spec)  # a ConfigError names what is wrong
         self.group = group
-        self.name = name
+        # Error feedback is kept per name: every hook (every DDP model) needs its own.
+        self.name = name if name is not None else f"ddp{CompressionHook._created}"
+        CompressionHook._created += 1
         self.skipped_steps = 0
         self._nonfinite = False
         self.__name__ = self.__qualname__ = f"unimsg_compression_hook[{self.spec}]"  # DDP logs it
@@ -196,10 +213,12 @@ class CompressionHook:
         return skipped
 
 
-def compression_hook(spec, group=None, name="ddp"):
+def compression_hook(spec, group=None, name=None):
     """The comm hook for ``DistributedDataParallel.register_comm_hook(state, hook)``: every spec
     the engine takes ("fp16", "bf16", "int8", "onebit", "topk:0.01", "randomk:0.01",
-    "powersgd:4", with options such as ":noef" or ":seed=7")."""
+    "powersgd:4", with options such as ":noef" or ":seed=7"). ``name`` (default: one per hook,
+    numbered in the order hooks are made, which must be the same on every rank) prefixes the
+    buckets' names in the engine, which keeps error feedback per name."""
     return CompressionHook(spec, group=group, name=name)
 
 

@@ -1,19 +1,18 @@
 #include "unimsg/torch/process_group.hpp"
 
-#include <ATen/core/ivalue.h>
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <array>
-#include <condition_variable>
-#include <deque>
-#include <mutex>
 #include <optional>
-#include <thread>
 #include <utility>
 
 #include "unimsg/torch/ddp.hpp"
+#include "work_completion.hpp"
 
 namespace unimsg {
+
+using detail::UnimsgWork;
 
 namespace {
 
@@ -24,42 +23,34 @@ namespace {
 // response cache instead of negotiating every call. 60 divides by 1-6, 10, 12, 15, 20 and 30.
 constexpr std::size_t kNameWindow = 60;
 
-class UnimsgWork final : public c10d::Work {
- public:
-  UnimsgWork(int rank, c10d::OpType type, std::vector<at::Tensor> outputs)
-      : c10d::Work(rank, type),
-        outputs_(std::move(outputs)),
-        future_(c10::make_intrusive<c10::ivalue::Future>(
-            c10::ListType::create(c10::TensorType::get()))) {}
-
-  std::vector<at::Tensor> result() override { return outputs_; }
-  c10::intrusive_ptr<c10::ivalue::Future> getFuture() override { return future_; }
-
-  // wait() returns first; then the future's callbacks run (on the completion thread).
-  void complete(const std::exception_ptr& error) {
-    finish(error);
-    if (error) {
-      future_->setError(error);
-    } else {
-      future_->markCompleted(c10::IValue(outputs_));
-    }
-  }
-
- private:
-  std::vector<at::Tensor> outputs_;
-  c10::intrusive_ptr<c10::ivalue::Future> future_;
-};
+// "No limit" as a duration the waits can add to the clock.
+constexpr std::chrono::nanoseconds kNoLimit = std::chrono::hours(24 * 365 * 10);
 
 void wait_within(Work& work, std::chrono::milliseconds timeout) {
-  if (timeout == c10d::kUnsetTimeout) {
-    work.wait();
-  } else {
-    work.wait(timeout);
+  work.wait(timeout.count() > 0 ? std::chrono::nanoseconds(timeout) : kNoLimit);
+}
+
+const char* reduce_op_name(c10d::ReduceOp::RedOpType op) {
+  switch (op) {
+    case c10d::ReduceOp::PRODUCT:
+      return "PRODUCT";
+    case c10d::ReduceOp::BAND:
+      return "BAND";
+    case c10d::ReduceOp::BOR:
+      return "BOR";
+    case c10d::ReduceOp::BXOR:
+      return "BXOR";
+    case c10d::ReduceOp::PREMUL_SUM:
+      return "PREMUL_SUM";
+    default:
+      return "an unknown op";
   }
 }
 
-ReduceOp to_reduce_op(const c10d::ReduceOp& op, int rank, const char* operation) {
-  switch (static_cast<c10d::ReduceOp::RedOpType>(op)) {
+// The engine's reduction, or what is wrong with `op`.
+std::optional<ReduceOp> to_reduce_op(const c10d::ReduceOp& op, std::string& problem) {
+  const auto type = static_cast<c10d::ReduceOp::RedOpType>(op);
+  switch (type) {
     case c10d::ReduceOp::SUM:
       return ReduceOp::kSum;
     case c10d::ReduceOp::AVG:
@@ -69,130 +60,15 @@ ReduceOp to_reduce_op(const c10d::ReduceOp& op, int rank, const char* operation)
     case c10d::ReduceOp::MAX:
       return ReduceOp::kMax;
     default:
-      throw ConfigError(rank, operation,
-                        "reduce op " + std::to_string(static_cast<int>(op)) +
-                            " is not one unimsg reduces (SUM, AVG, MIN, MAX)");
+      problem = std::string("reduce op ") + reduce_op_name(type) +
+                " is not one unimsg reduces (SUM, AVG, MIN, MAX)";
+      return std::nullopt;
   }
 }
-
-// A contiguous tensor with the data of `tensor` (itself when it already is contiguous).
-at::Tensor dense(const at::Tensor& tensor) {
-  return tensor.is_contiguous() ? tensor : tensor.contiguous();
-}
-
-void copy_back(at::Tensor& tensor, const at::Tensor& dense_copy) {
-  if (!tensor.is_same(dense_copy)) tensor.copy_(dense_copy.view(tensor.sizes()));
-}
-
-}  // namespace
-
-// Waits for the group's collectives one after another, in the order they were issued (the order
-// every rank issues them in), and completes their c10d Work.
-class ProcessGroupUnimsg::Completer {
- public:
-  Completer(int rank, std::function<void(const TimeoutError&)> on_timeout)
-      : rank_(rank), on_timeout_(std::move(on_timeout)), thread_([this] { run(); }) {}
-  ~Completer() { stop(); }
-  Completer(const Completer&) = delete;
-  Completer& operator=(const Completer&) = delete;
-
-  void push(c10::intrusive_ptr<UnimsgWork> work, std::function<void()> finish) {
-    {
-      std::lock_guard lock(mutex_);
-      if (stopping_) throw ShutdownError(rank_, "c10d", "the unimsg process group was shut down");
-      queue_.push_back({std::move(work), std::move(finish)});
-    }
-    ready_.notify_one();
-  }
-
-  void stop() {
-    {
-      std::lock_guard lock(mutex_);
-      if (stopping_) return;
-      stopping_ = true;
-    }
-    ready_.notify_one();
-    if (thread_.joinable()) thread_.join();
-  }
-
- private:
-  struct Entry {
-    c10::intrusive_ptr<UnimsgWork> work;
-    std::function<void()> finish;
-  };
-
-  void run() {
-    while (auto entry = next()) {
-      std::exception_ptr error;
-      try {
-        entry->finish();
-      } catch (const TimeoutError& timeout) {
-        if (on_timeout_) on_timeout_(timeout);
-        error = std::current_exception();
-      } catch (...) {
-        error = std::current_exception();
-      }
-      entry->work->complete(error);
-    }
-  }
-
-  // The next collective; none once stopped (those still queued fail).
-  std::optional<Entry> next() {
-    std::unique_lock lock(mutex_);
-    ready_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
-    if (!stopping_) {
-      Entry entry = std::move(queue_.front());
-      queue_.pop_front();
-      return entry;
-    }
-    auto abandoned = std::move(queue_);
-    lock.unlock();
-    for (auto& entry : abandoned) {
-      entry.work->complete(std::make_exception_ptr(
-          ShutdownError(rank_, "c10d", "the unimsg process group was shut down")));
-    }
-    return std::nullopt;
-  }
-
-  int rank_;
-  std::function<void(const TimeoutError&)> on_timeout_;
-  std::mutex mutex_;
-  std::condition_variable ready_;
-  std::deque<Entry> queue_;
-  bool stopping_ = false;
-  std::thread thread_;  // last: starts once the members it uses exist
-};
-
-ProcessGroupUnimsg::ProcessGroupUnimsg(Communicator& communicator, Engine& engine,
-                                       ProcessGroupOptions options, std::shared_ptr<void> owner)
-    : C10dBackendBase(communicator.rank(), communicator.size()),
-      communicator_(communicator),
-      engine_(engine),
-      options_(std::move(options)),
-      owner_(std::move(owner)),
-      name_users_(kNameWindow),
-      completer_(std::make_unique<Completer>(communicator.rank(), options_.on_timeout)) {}
-
-ProcessGroupUnimsg::~ProcessGroupUnimsg() {
-  shutdown();
-}
-
-void ProcessGroupUnimsg::shutdown() {
-  completer_->stop();
-}
-
-c10::intrusive_ptr<c10d::Work> ProcessGroupUnimsg::enqueue(c10d::OpType type,
-                                                           std::vector<at::Tensor> outputs,
-                                                           std::function<void()> finish) {
-  auto work = c10::make_intrusive<UnimsgWork>(getRank(), type, std::move(outputs));
-  completer_->push(work, std::move(finish));
-  return work;
-}
-
-namespace {
 
 // The engine's dtype code of a tensor, -1 when the collectives do not reduce it.
 std::int64_t dtype_code(const at::Tensor& tensor) {
+  if (!tensor.defined()) return -1;
   switch (tensor.scalar_type()) {
     case at::kFloat:
     case at::kDouble:
@@ -207,25 +83,25 @@ std::int64_t dtype_code(const at::Tensor& tensor) {
   }
 }
 
-std::string unsupported_dtype(const at::Tensor& tensor) {
-  return std::string("dtype ") + c10::toString(tensor.scalar_type()) +
-         " is not one unimsg reduces (float32/64, float16, bfloat16, int32/64, uint8)";
+// What keeps `tensor` from going to the collectives, or "".
+std::string tensor_problem(const at::Tensor& tensor) {
+  if (!tensor.defined()) return "no tensor";
+  if (!tensor.device().is_cpu()) return "only CPU tensors (got " + tensor.device().str() + ")";
+  if (dtype_code(tensor) < 0) {
+    return std::string("dtype ") + c10::toString(tensor.scalar_type()) +
+           " is not one unimsg reduces (float32/64, float16, bfloat16, int32/64, uint8)";
+  }
+  return {};
 }
 
-void require(bool condition, int rank, const char* operation, const std::string& cause) {
-  if (!condition) throw ConfigError(rank, std::string("c10d.") + operation, cause);
+// A contiguous tensor with the data of `tensor` (itself when it already is contiguous).
+at::Tensor dense(const at::Tensor& tensor) {
+  return tensor.is_contiguous() ? tensor : tensor.contiguous();
 }
 
-TensorView view_of(const at::Tensor& tensor, int rank, const char* operation) {
-  require(tensor.device().is_cpu(), rank, operation,
-          "only CPU tensors (got " + tensor.device().str() + ")");
-  require(dtype_code(tensor) >= 0, rank, operation, unsupported_dtype(tensor));
-  return to_view(tensor);
+void copy_back(at::Tensor& tensor, const at::Tensor& dense_copy) {
+  if (!tensor.is_same(dense_copy)) tensor.copy_(dense_copy.view(tensor.sizes()));
 }
-
-}  // namespace
-
-namespace {
 
 // What a rank passed to a collective, as every rank compares it.
 struct CallShape {
@@ -242,25 +118,77 @@ struct CallShape {
 
 }  // namespace
 
+ProcessGroupUnimsg::ProcessGroupUnimsg(Communicator& communicator, Engine& engine,
+                                       ProcessGroupOptions options, std::shared_ptr<void> owner)
+    : C10dBackendBase(communicator.rank(), communicator.size()),
+      communicator_(communicator),
+      engine_(engine),
+      options_(std::move(options)),
+      owner_(std::move(owner)),
+      name_users_(kNameWindow),
+      completion_(detail::WorkCompletion::start(communicator.rank(), options_.on_timeout)) {}
+
+ProcessGroupUnimsg::~ProcessGroupUnimsg() {
+  completion_->stop();
+}
+
+void ProcessGroupUnimsg::shutdown() {
+  completion_->join();
+}
+
+std::function<void()> ProcessGroupUnimsg::joiner() const {
+  return [completion = completion_] { completion->join(); };
+}
+
+void ProcessGroupUnimsg::release_resources() {
+  completion_->stop();
+}
+
+void ProcessGroupUnimsg::ensure_running() const {
+  if (completion_->stopped()) {
+    throw ShutdownError(getRank(), "c10d", "the unimsg process group was shut down");
+  }
+}
+
+std::chrono::milliseconds ProcessGroupUnimsg::timeout_of(
+    std::chrono::milliseconds requested) const {
+  return requested == c10d::kUnsetTimeout ? options_.timeout : requested;
+}
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupUnimsg::enqueue(c10d::OpType type,
+                                                           std::vector<at::Tensor> outputs,
+                                                           std::function<void()> wait) {
+  auto work = c10::make_intrusive<UnimsgWork>(getRank(), type, std::move(outputs));
+  completion_->push(work, std::move(wait));
+  return work;
+}
+
 void ProcessGroupUnimsg::check_same_on_every_rank(const char* operation, const at::Tensor& tensor,
                                                   std::int64_t count, std::int64_t root,
                                                   std::string problem) {
-  const auto dtype = dtype_code(tensor);
-  if (problem.empty() && dtype < 0) problem = unsupported_dtype(tensor);
-  // A rank whose arguments are wrong still takes part, so that the others fail with it instead
-  // of waiting for it.
-  const CallShape mine{problem.empty() ? 1 : 0, dtype, count, root};
-  std::array<std::int64_t, 4> packed{mine.valid, mine.dtype, mine.count, mine.root};
-  std::vector<std::int64_t> all(packed.size() * static_cast<std::size_t>(getSize()));
-  communicator_
-      .allgather(TensorView{packed.data(), packed.size(), DType::kI64, Device::kHost},
-                 TensorView{all.data(), all.size(), DType::kI64, Device::kHost},
-                 {"c10d.check_shapes"})
-      .wait();
+  ensure_running();
+  if (problem.empty()) problem = tensor_problem(tensor);
+  const CallShape mine{problem.empty() ? 1 : 0, dtype_code(tensor), count, root};
+  // (shared: if the allgather times out, MPI may still write into them after this returns)
+  auto packed = std::make_shared<std::vector<std::int64_t>>(
+      std::vector<std::int64_t>{mine.valid, mine.dtype, mine.count, mine.root});
+  auto all = std::make_shared<std::vector<std::int64_t>>(packed->size() *
+                                                         static_cast<std::size_t>(getSize()));
   const std::string where = std::string("c10d.") + operation;
+  Work gather = communicator_.allgather(
+      TensorView{packed->data(), packed->size(), DType::kI64, Device::kHost},
+      TensorView{all->data(), all->size(), DType::kI64, Device::kHost}, {where});
+  try {
+    wait_within(gather, options_.timeout);
+  } catch (const TimeoutError& timeout) {
+    abandoned_.push_back(packed);
+    abandoned_.push_back(all);
+    if (options_.on_timeout) options_.on_timeout(timeout);
+    throw;
+  }
   if (!problem.empty()) throw ConfigError(getRank(), where, problem);
   const auto shape_of = [&](int rank) {
-    const auto* p = all.data() + static_cast<std::size_t>(rank) * packed.size();
+    const auto* p = all->data() + static_cast<std::size_t>(rank) * packed->size();
     return CallShape{p[0], p[1], p[2], p[3]};
   };
   std::vector<int> differing;
@@ -287,63 +215,94 @@ void ProcessGroupUnimsg::wait_for_name(std::size_t slot) {
   }
 }
 
-c10::intrusive_ptr<c10d::Work> ProcessGroupUnimsg::allreduce(
-    std::vector<at::Tensor>& tensors, const c10d::AllreduceOptions& options) {
+c10::intrusive_ptr<c10d::Work> ProcessGroupUnimsg::reduce_through_engine(
+    std::vector<at::Tensor>& tensors, const c10d::AllreduceOptions& options, std::string problem) {
+  ensure_running();
   const int rank = getRank();
-  require(!tensors.empty(), rank, "allreduce", "no tensor");
-  const ReduceOp op = to_reduce_op(options.reduceOp, rank, "c10d.allreduce");
-  std::vector<at::Tensor> staged;
-  std::vector<std::pair<std::string, TensorView>> group;
+  if (problem.empty() && tensors.empty()) problem = "no tensor";
+  const auto op = to_reduce_op(options.reduceOp, problem);
+  for (const auto& tensor : tensors) {
+    if (problem.empty()) problem = tensor_problem(tensor);
+  }
   // (c10d allows calls from several threads; the names must follow one order.)
   std::lock_guard lock(allreduce_mutex_);
   const std::size_t slot = allreduce_calls_++ % kNameWindow;
-  for (std::size_t i = 0; i < tensors.size(); ++i) {
+  std::vector<std::pair<std::string, TensorView>> group;
+  std::vector<at::Tensor> staged;
+  const std::size_t names = problem.empty() ? tensors.size() : 1;
+  for (std::size_t i = 0; i < names; ++i) {
+    const auto name = fmt::format("{}.allreduce.{}.{}", options_.name_prefix, slot, i);
+    if (!problem.empty()) {
+      // This rank takes part with nothing under the same names, so that the engine fails the
+      // others' tensors naming this rank, instead of leaving them waiting for it.
+      group.emplace_back(name, TensorView{&placeholder_, 0, DType::kU8, Device::kHost});
+      continue;
+    }
     staged.push_back(dense(tensors[i]));
-    group.emplace_back(fmt::format("{}.allreduce.{}.{}", options_.name_prefix, slot, i),
-                       view_of(staged.back(), rank, "allreduce"));
+    group.emplace_back(name, to_view(staged.back()));
   }
   wait_for_name(slot);
-  Work work = group.size() == 1 ? engine_.submit(group[0].first, group[0].second, op)
-                                : engine_.submit_group(std::move(group), op);
-  auto result = enqueue(c10d::OpType::ALLREDUCE, tensors,
-                        [work, tensors, staged, timeout = options.timeout]() mutable {
-                          wait_within(work, timeout);
-                          for (std::size_t i = 0; i < tensors.size(); ++i) {
-                            copy_back(tensors[i], staged[i]);
-                          }
-                        });
+  const auto timeout = timeout_of(options.timeout);
+  Work work = engine_.submit_group(std::move(group), op.value_or(ReduceOp::kSum));
+  if (!problem.empty()) {
+    try {
+      wait_within(work, timeout);
+    } catch (...) {
+    }
+    throw ConfigError(rank, "c10d.allreduce", problem);
+  }
+  auto result =
+      enqueue(c10d::OpType::ALLREDUCE, tensors, [work, tensors, staged, timeout]() mutable {
+        wait_within(work, timeout);
+        for (std::size_t i = 0; i < tensors.size(); ++i) {
+          copy_back(tensors[i], staged[i]);
+        }
+      });
   name_users_[slot] = result;
   return result;
 }
 
+c10::intrusive_ptr<c10d::Work> ProcessGroupUnimsg::allreduce(
+    std::vector<at::Tensor>& tensors, const c10d::AllreduceOptions& options) {
+  // (c10d's list is one tensor per device, reduced across the list too: one CPU tensor here)
+  return reduce_through_engine(
+      tensors, options,
+      tensors.size() > 1 ? "one tensor per call (all_reduce_coalesced takes several)" : "");
+}
+
 c10::intrusive_ptr<c10d::Work> ProcessGroupUnimsg::allreduce_coalesced(
     std::vector<at::Tensor>& tensors, const c10d::AllreduceCoalescedOptions& options) {
-  return allreduce(tensors, options);
+  return reduce_through_engine(tensors, options);
 }
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupUnimsg::allreduce_compressed(
     at::Tensor& tensor, const std::string& name, const CompressionSpec& compression) {
+  ensure_running();
   const int rank = getRank();
-  require(tensor.scalar_type() == at::kFloat && tensor.is_contiguous(), rank,
-          "allreduce_compressed", "compression takes contiguous float32 tensors");
-  Work work = engine_.submit(name, view_of(tensor, rank, "allreduce_compressed"), ReduceOp::kAvg,
-                             compression);
-  return enqueue(c10d::OpType::ALLREDUCE, {tensor}, [work]() mutable { work.wait(); });
+  if (!tensor.device().is_cpu() || tensor.scalar_type() != at::kFloat || !tensor.is_contiguous()) {
+    throw ConfigError(rank, "c10d.allreduce_compressed",
+                      "compression takes contiguous float32 CPU tensors");
+  }
+  Work work = engine_.submit(name, to_view(tensor), ReduceOp::kAvg, compression);
+  return enqueue(c10d::OpType::ALLREDUCE, {tensor},
+                 [work, timeout = options_.timeout]() mutable { wait_within(work, timeout); });
 }
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupUnimsg::broadcast(
     std::vector<at::Tensor>& tensors, const c10d::BroadcastOptions& options) {
-  const int rank = getRank();
-  require(tensors.size() == 1, rank, "broadcast", "one tensor per call");
-  require(options.rootRank >= 0 && options.rootRank < getSize(), rank, "broadcast",
-          "root " + std::to_string(options.rootRank) + " is not a rank of this group");
-  auto& tensor = tensors[0];
-  check_same_on_every_rank("broadcast", tensor, tensor.numel(), options.rootRank);
+  std::string problem;
+  if (tensors.size() != 1) problem = "one tensor per call";
+  if (options.rootRank < 0 || options.rootRank >= getSize()) {
+    problem = "root " + std::to_string(options.rootRank) + " is not a rank of this group";
+  }
+  at::Tensor tensor = tensors.empty() ? at::Tensor() : tensors[0];
+  check_same_on_every_rank("broadcast", tensor, tensor.defined() ? tensor.numel() : 0,
+                           options.rootRank, problem);
   auto staged = dense(tensor);
-  Work work = communicator_.broadcast(view_of(staged, rank, "broadcast"),
+  Work work = communicator_.broadcast(to_view(staged),
                                       {static_cast<int>(options.rootRank), "c10d.broadcast"});
   return enqueue(c10d::OpType::BROADCAST, tensors,
-                 [work, tensor, staged, timeout = options.timeout]() mutable {
+                 [work, tensor, staged, timeout = timeout_of(options.timeout)]() mutable {
                    wait_within(work, timeout);
                    copy_back(tensor, staged);
                  });
@@ -351,44 +310,46 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupUnimsg::broadcast(
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupUnimsg::_allgather_base(
     at::Tensor& output, at::Tensor& input, const c10d::AllgatherOptions& options) {
-  const int rank = getRank();
-  const bool fits =
-      output.numel() == input.numel() * getSize() && output.scalar_type() == input.scalar_type();
-  check_same_on_every_rank("allgather", input, input.numel(), 0,
-                           fits ? "" : "the output holds world size x the input's elements");
+  std::string problem = tensor_problem(output);
+  if (problem.empty() && (output.numel() != input.numel() * getSize() ||
+                          output.scalar_type() != input.scalar_type())) {
+    problem = "the output holds world size x the input's elements";
+  }
+  check_same_on_every_rank("allgather", input, input.defined() ? input.numel() : 0, 0, problem);
   auto staged_input = dense(input);
   auto staged_output = dense(output);
   Work work =
-      communicator_.allgather(view_of(staged_input, rank, "allgather"),
-                              view_of(staged_output, rank, "allgather"), {"c10d.allgather"});
-  return enqueue(c10d::OpType::_ALLGATHER_BASE, {output},
-                 [work, output, staged_input, staged_output, timeout = options.timeout]() mutable {
-                   wait_within(work, timeout);
-                   copy_back(output, staged_output);
-                 });
+      communicator_.allgather(to_view(staged_input), to_view(staged_output), {"c10d.allgather"});
+  return enqueue(
+      c10d::OpType::_ALLGATHER_BASE, {output},
+      [work, output, staged_input, staged_output, timeout = timeout_of(options.timeout)]() mutable {
+        wait_within(work, timeout);
+        copy_back(output, staged_output);
+      });
 }
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupUnimsg::allgather(
     std::vector<std::vector<at::Tensor>>& outputs, std::vector<at::Tensor>& inputs,
     const c10d::AllgatherOptions& options) {
-  const int rank = getRank();
-  require(inputs.size() == 1 && outputs.size() == 1, rank, "allgather", "one tensor per call");
-  auto& input = inputs[0];
-  auto targets = outputs[0];
+  std::string problem;
+  const at::Tensor input = inputs.size() == 1 ? inputs[0] : at::Tensor();
+  std::vector<at::Tensor> targets = outputs.size() == 1 ? outputs[0] : std::vector<at::Tensor>();
+  if (inputs.size() != 1 || outputs.size() != 1) problem = "one tensor per call";
   bool fits = targets.size() == static_cast<std::size_t>(getSize());
   for (const auto& target : targets) {
-    fits = fits && target.numel() == input.numel() && target.scalar_type() == input.scalar_type();
+    fits = fits && tensor_problem(target).empty() && target.numel() == input.numel() &&
+           target.scalar_type() == input.scalar_type();
   }
-  check_same_on_every_rank("allgather", input, input.numel(), 0,
-                           fits ? "" : "the output list holds world size tensors like the input");
+  if (problem.empty() && !fits) problem = "the output list holds world size tensors like the input";
+  check_same_on_every_rank("allgather", input, input.defined() ? input.numel() : 0, 0, problem);
   auto staged_input = dense(input);
   auto gathered = at::empty({input.numel() * getSize()}, input.options());
-  Work work = communicator_.allgather(view_of(staged_input, rank, "allgather"),
-                                      view_of(gathered, rank, "allgather"), {"c10d.allgather"});
+  Work work = communicator_.allgather(to_view(staged_input), to_view(gathered), {"c10d.allgather"});
   const auto count = input.numel();
   return enqueue(
       c10d::OpType::ALLGATHER, targets,
-      [work, targets, staged_input, gathered, count, timeout = options.timeout]() mutable {
+      [work, targets, staged_input, gathered, count,
+       timeout = timeout_of(options.timeout)]() mutable {
         wait_within(work, timeout);
         for (std::size_t r = 0; r < targets.size(); ++r) {
           targets[r].copy_(gathered.narrow(0, static_cast<std::int64_t>(r) * count, count)
@@ -399,37 +360,39 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupUnimsg::allgather(
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupUnimsg::_reduce_scatter_base(
     at::Tensor& output, at::Tensor& input, const c10d::ReduceScatterOptions& options) {
-  const int rank = getRank();
-  const ReduceOp op = to_reduce_op(options.reduceOp, rank, "c10d.reduce_scatter");
-  const bool fits =
-      input.numel() == output.numel() * getSize() && output.scalar_type() == input.scalar_type();
-  check_same_on_every_rank("reduce_scatter", input, output.numel(), 0,
-                           fits ? "" : "the input holds world size x the output's elements");
+  std::string problem = tensor_problem(output);
+  const auto op = to_reduce_op(options.reduceOp, problem);
+  if (problem.empty() && (input.numel() != output.numel() * getSize() ||
+                          output.scalar_type() != input.scalar_type())) {
+    problem = "the input holds world size x the output's elements";
+  }
+  check_same_on_every_rank("reduce_scatter", input, output.defined() ? output.numel() : 0, 0,
+                           problem);
   auto staged_input = dense(input);
   auto staged_output = dense(output);
-  Work work = communicator_.reduce_scatter(view_of(staged_input, rank, "reduce_scatter"),
-                                           view_of(staged_output, rank, "reduce_scatter"),
-                                           {op, "c10d.reduce_scatter"});
-  return enqueue(c10d::OpType::_REDUCE_SCATTER_BASE, {output},
-                 [work, output, staged_input, staged_output, timeout = options.timeout]() mutable {
-                   wait_within(work, timeout);
-                   copy_back(output, staged_output);
-                 });
+  Work work = communicator_.reduce_scatter(to_view(staged_input), to_view(staged_output),
+                                           {*op, "c10d.reduce_scatter"});
+  return enqueue(
+      c10d::OpType::_REDUCE_SCATTER_BASE, {output},
+      [work, output, staged_input, staged_output, timeout = timeout_of(options.timeout)]() mutable {
+        wait_within(work, timeout);
+        copy_back(output, staged_output);
+      });
 }
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupUnimsg::reduce_scatter(
     std::vector<at::Tensor>& outputs, std::vector<std::vector<at::Tensor>>& inputs,
     const c10d::ReduceScatterOptions& options) {
-  const int rank = getRank();
-  require(inputs.size() == 1 && outputs.size() == 1, rank, "reduce_scatter", "one tensor per call");
-  bool fits = inputs[0].size() == static_cast<std::size_t>(getSize());
-  for (const auto& part : inputs[0]) {
-    fits = fits && part.numel() == outputs[0].numel() &&
+  bool fits = inputs.size() == 1 && outputs.size() == 1 &&
+              inputs[0].size() == static_cast<std::size_t>(getSize());
+  for (std::size_t r = 0; fits && r < inputs[0].size(); ++r) {
+    const auto& part = inputs[0][r];
+    fits = tensor_problem(part).empty() && part.numel() == outputs[0].numel() &&
            part.scalar_type() == outputs[0].scalar_type();
   }
   if (!fits) {  // (throws on every rank)
-    check_same_on_every_rank("reduce_scatter", outputs[0], outputs[0].numel(), 0,
-                             "the input list holds world size tensors like the output");
+    check_same_on_every_rank("reduce_scatter", at::Tensor(), 0, 0,
+                             "one output and world size inputs like it");
   }
   std::vector<at::Tensor> flat_parts;
   for (const auto& part : inputs[0]) flat_parts.push_back(part.reshape({-1}));
@@ -440,7 +403,6 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupUnimsg::reduce_scatter(
 c10::intrusive_ptr<c10d::Work> ProcessGroupUnimsg::alltoall_base(
     at::Tensor& output, at::Tensor& input, std::vector<std::int64_t>& output_splits,
     std::vector<std::int64_t>& input_splits, const c10d::AllToAllOptions& options) {
-  const int rank = getRank();
   const auto equal = [&](const std::vector<std::int64_t>& splits, const at::Tensor& tensor) {
     if (splits.empty()) return true;
     if (splits.size() != static_cast<std::size_t>(getSize()) || tensor.dim() == 0) return false;
@@ -449,21 +411,25 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupUnimsg::alltoall_base(
     }
     return true;
   };
-  require(equal(input_splits, input) && equal(output_splits, output), rank, "alltoall",
-          "unequal splits are not supported (every rank sends and receives equal blocks)");
-  const bool fits = input.numel() % getSize() == 0 && output.numel() == input.numel() &&
-                    output.scalar_type() == input.scalar_type();
-  check_same_on_every_rank("alltoall", input, input.numel(), 0,
-                           fits ? "" : "input and output hold world size equal blocks");
+  std::string problem = tensor_problem(output);
+  if (problem.empty() && !(equal(input_splits, input) && equal(output_splits, output))) {
+    problem = "unequal splits are not supported (every rank sends and receives equal blocks)";
+  }
+  if (problem.empty() && (input.numel() % getSize() != 0 || output.numel() != input.numel() ||
+                          output.scalar_type() != input.scalar_type())) {
+    problem = "input and output hold world size equal blocks";
+  }
+  check_same_on_every_rank("alltoall", input, input.defined() ? input.numel() : 0, 0, problem);
   auto staged_input = dense(input);
   auto staged_output = dense(output);
-  Work work = communicator_.alltoall(view_of(staged_input, rank, "alltoall"),
-                                     view_of(staged_output, rank, "alltoall"), {"c10d.alltoall"});
-  return enqueue(c10d::OpType::ALLTOALL_BASE, {output},
-                 [work, output, staged_input, staged_output, timeout = options.timeout]() mutable {
-                   wait_within(work, timeout);
-                   copy_back(output, staged_output);
-                 });
+  Work work =
+      communicator_.alltoall(to_view(staged_input), to_view(staged_output), {"c10d.alltoall"});
+  return enqueue(
+      c10d::OpType::ALLTOALL_BASE, {output},
+      [work, output, staged_input, staged_output, timeout = timeout_of(options.timeout)]() mutable {
+        wait_within(work, timeout);
+        copy_back(output, staged_output);
+      });
 }
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupUnimsg::alltoall(std::vector<at::Tensor>& outputs,
@@ -472,13 +438,14 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupUnimsg::alltoall(std::vector<at::Tens
   const auto size = static_cast<std::size_t>(getSize());
   bool fits = inputs.size() == size && outputs.size() == size;
   for (std::size_t r = 0; fits && r < size; ++r) {
-    fits = inputs[r].numel() == inputs[0].numel() && outputs[r].numel() == inputs[0].numel() &&
+    fits = tensor_problem(inputs[r]).empty() && tensor_problem(outputs[r]).empty() &&
+           inputs[r].numel() == inputs[0].numel() && outputs[r].numel() == inputs[0].numel() &&
            inputs[r].scalar_type() == inputs[0].scalar_type() &&
            outputs[r].scalar_type() == inputs[0].scalar_type();
   }
   if (!fits) {  // (throws on every rank)
-    check_same_on_every_rank("alltoall", inputs.empty() ? at::Tensor() : inputs[0], 0, 0,
-                             "world size input and output tensors of equal length");
+    check_same_on_every_rank("alltoall", at::Tensor(), 0, 0,
+                             "world size input and output tensors of one length and dtype");
   }
   std::vector<at::Tensor> flat_parts;
   for (const auto& part : inputs) flat_parts.push_back(part.reshape({-1}));
@@ -487,8 +454,8 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupUnimsg::alltoall(std::vector<at::Tens
   std::vector<std::int64_t> no_splits;
   auto inner = alltoall_base(output, input, no_splits, no_splits, options);
   const auto count = inputs[0].numel();
-  // The blocks go to the caller's tensors once the exchange is done (on the completion thread,
-  // which reaches this entry after the exchange's).
+  // The blocks go to the caller's tensors once the exchange is done (the waiter reaches this
+  // entry after the exchange's).
   return enqueue(c10d::OpType::ALLTOALL, outputs, [inner, outputs, output, count]() mutable {
     inner->wait();
     for (std::size_t r = 0; r < outputs.size(); ++r) {
@@ -499,9 +466,11 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupUnimsg::alltoall(std::vector<at::Tens
 }
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupUnimsg::barrier(const c10d::BarrierOptions& options) {
+  ensure_running();
   Work work = communicator_.barrier({"c10d.barrier"});
-  return enqueue(c10d::OpType::BARRIER, {},
-                 [work, timeout = options.timeout]() mutable { wait_within(work, timeout); });
+  return enqueue(
+      c10d::OpType::BARRIER, {},
+      [work, timeout = timeout_of(options.timeout)]() mutable { wait_within(work, timeout); });
 }
 
 }  // namespace unimsg
