@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The Python example under unimsg-run: one of 4 ranks killed at step 25; unimsg-run re-ranks the
 # survivors, the relaunched job resumes from the checkpoint of step 20 (unimsg.torch.Checkpoints,
-# the launcher's restart count) and finishes on 3 ranks.
+# the launcher's restart count) and finishes on 3 ranks; the monitor's metrics.jsonl has it all.
 #   python_recovery_test.sh UNIMSG_RUN PYTHON EXAMPLE
 set -euo pipefail
 launcher=$1
@@ -24,4 +24,10 @@ grep -q "resumed from the checkpoint of step 20 (launch 1, 3 ranks)" "$work/out"
   { cat "$work/out"; fail "did not resume from step 20 on 3 ranks"; }
 grep -q '"ranks": 3, "compress": "none", "steps": 50' "$work/out" ||
   { cat "$work/out"; fail "the relaunched job did not finish the 50 steps"; }
-echo "PASS: killed rank 1 at step 25; resumed from step 20 on 3 ranks; finished"
+# The monitor heard the Python job (unimsg.torch.Monitor.step): reports of both launches, up to
+# the last step, and each launch's final report per rank.
+grep '"type":"report"' "$work/run/metrics.jsonl" | grep -q '"step":50,' ||
+  fail "metrics.jsonl has no report of step 50"
+[[ $(grep -c '"type":"start"' "$work/run/metrics.jsonl") -eq 2 ]] ||
+  fail "metrics.jsonl does not show both launches"
+echo "PASS: killed rank 1 at step 25; resumed from step 20 on 3 ranks; finished; monitored"
