@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <array>
+#include <future>
 #include <optional>
 #include <utility>
 
@@ -207,12 +208,11 @@ void ProcessGroupUnimsg::check_same_on_every_rank(const char* operation, const a
 }
 
 void ProcessGroupUnimsg::wait_for_name(std::size_t slot) {
+  // Until the engine is done with the previous tensor of that name: the waiter thread says so
+  // before any callback runs (a callback may itself be issuing an allreduce, waiting for this
+  // call's lock).
   auto& previous = name_users_[slot];
-  if (!previous || previous->isCompleted()) return;
-  try {
-    previous->wait();  // its error belongs to its own caller
-  } catch (...) {
-  }
+  if (previous.valid()) previous.wait();
 }
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupUnimsg::reduce_through_engine(
@@ -251,15 +251,19 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupUnimsg::reduce_through_engine(
     }
     throw ConfigError(rank, "c10d.allreduce", problem);
   }
-  auto result =
-      enqueue(c10d::OpType::ALLREDUCE, tensors, [work, tensors, staged, timeout]() mutable {
-        wait_within(work, timeout);
-        for (std::size_t i = 0; i < tensors.size(); ++i) {
-          copy_back(tensors[i], staged[i]);
-        }
-      });
-  name_users_[slot] = result;
-  return result;
+  auto name_free = std::make_shared<std::promise<void>>();
+  name_users_[slot] = name_free->get_future().share();
+  return enqueue(c10d::OpType::ALLREDUCE, tensors,
+                 [work, tensors, staged, timeout, name_free]() mutable {
+                   struct FreeName {  // (also when the wait throws)
+                     std::promise<void>& promise;
+                     ~FreeName() { promise.set_value(); }
+                   } free_name{*name_free};
+                   wait_within(work, timeout);
+                   for (std::size_t i = 0; i < tensors.size(); ++i) {
+                     copy_back(tensors[i], staged[i]);
+                   }
+                 });
 }
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupUnimsg::allreduce(

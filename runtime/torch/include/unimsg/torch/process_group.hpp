@@ -23,6 +23,7 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <future>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -134,7 +135,7 @@ class ProcessGroupUnimsg final : public C10dBackendBase {
   std::shared_ptr<void> owner_;
   std::mutex allreduce_mutex_;
   std::uint64_t allreduce_calls_ = 0;
-  std::vector<c10::intrusive_ptr<c10d::Work>> name_users_;
+  std::vector<std::shared_future<void>> name_users_;  // per name: done with by the engine
   std::uint8_t placeholder_ = 0;  // what a rank with bad allreduce arguments submits (0 bytes)
   // Buffers of shape checks that timed out: MPI may still write into them.
   std::vector<std::shared_ptr<std::vector<std::int64_t>>> abandoned_;
