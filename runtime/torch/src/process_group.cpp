@@ -312,6 +312,21 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupUnimsg::broadcast(
                  });
 }
 
+c10::intrusive_ptr<c10d::Work> ProcessGroupUnimsg::input_to_output(
+    c10d::OpType type, const at::Tensor& input, at::Tensor& output,
+    std::chrono::milliseconds requested_timeout,
+    const std::function<Work(TensorView, TensorView)>& issue) {
+  auto staged_input = dense(input);
+  auto staged_output = dense(output);
+  Work work = issue(to_view(staged_input), to_view(staged_output));
+  return enqueue(type, {output},
+                 [work, output, staged_input, staged_output,
+                  timeout = timeout_of(requested_timeout)]() mutable {
+                   wait_within(work, timeout);
+                   copy_back(output, staged_output);
+                 });
+}
+
 c10::intrusive_ptr<c10d::Work> ProcessGroupUnimsg::_allgather_base(
     at::Tensor& output, at::Tensor& input, const c10d::AllgatherOptions& options) {
   std::string problem = tensor_problem(output);
@@ -320,16 +335,10 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupUnimsg::_allgather_base(
     problem = "the output holds world size x the input's elements";
   }
   check_same_on_every_rank("allgather", input, input.defined() ? input.numel() : 0, 0, problem);
-  auto staged_input = dense(input);
-  auto staged_output = dense(output);
-  Work work =
-      communicator_.allgather(to_view(staged_input), to_view(staged_output), {"c10d.allgather"});
-  return enqueue(
-      c10d::OpType::_ALLGATHER_BASE, {output},
-      [work, output, staged_input, staged_output, timeout = timeout_of(options.timeout)]() mutable {
-        wait_within(work, timeout);
-        copy_back(output, staged_output);
-      });
+  return input_to_output(c10d::OpType::_ALLGATHER_BASE, input, output, options.timeout,
+                         [this](TensorView send, TensorView recv) {
+                           return communicator_.allgather(send, recv, {"c10d.allgather"});
+                         });
 }
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupUnimsg::allgather(
@@ -372,15 +381,10 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupUnimsg::_reduce_scatter_base(
   }
   check_same_on_every_rank("reduce_scatter", input, output.defined() ? output.numel() : 0, 0,
                            problem);
-  auto staged_input = dense(input);
-  auto staged_output = dense(output);
-  Work work = communicator_.reduce_scatter(to_view(staged_input), to_view(staged_output),
-                                           {*op, "c10d.reduce_scatter"});
-  return enqueue(
-      c10d::OpType::_REDUCE_SCATTER_BASE, {output},
-      [work, output, staged_input, staged_output, timeout = timeout_of(options.timeout)]() mutable {
-        wait_within(work, timeout);
-        copy_back(output, staged_output);
+  return input_to_output(
+      c10d::OpType::_REDUCE_SCATTER_BASE, input, output, options.timeout,
+      [this, op = *op](TensorView send, TensorView recv) {
+        return communicator_.reduce_scatter(send, recv, {op, "c10d.reduce_scatter"});
       });
 }
 
@@ -424,16 +428,10 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupUnimsg::alltoall_base(
     problem = "input and output hold world size equal blocks";
   }
   check_same_on_every_rank("alltoall", input, input.defined() ? input.numel() : 0, 0, problem);
-  auto staged_input = dense(input);
-  auto staged_output = dense(output);
-  Work work =
-      communicator_.alltoall(to_view(staged_input), to_view(staged_output), {"c10d.alltoall"});
-  return enqueue(
-      c10d::OpType::ALLTOALL_BASE, {output},
-      [work, output, staged_input, staged_output, timeout = timeout_of(options.timeout)]() mutable {
-        wait_within(work, timeout);
-        copy_back(output, staged_output);
-      });
+  return input_to_output(c10d::OpType::ALLTOALL_BASE, input, output, options.timeout,
+                         [this](TensorView send, TensorView recv) {
+                           return communicator_.alltoall(send, recv, {"c10d.alltoall"});
+                         });
 }
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupUnimsg::alltoall(std::vector<at::Tensor>& outputs,

@@ -128,6 +128,12 @@ class ProcessGroupUnimsg final : public C10dBackendBase {
                                                        const c10d::AllreduceOptions& options,
                                                        std::string problem = {});
   void wait_for_name(std::size_t slot);
+  // A collective from `input` into `output` through the communicator (`issue`), on dense copies
+  // where they are not contiguous, the output written back when it completes.
+  c10::intrusive_ptr<c10d::Work> input_to_output(
+      c10d::OpType type, const at::Tensor& input, at::Tensor& output,
+      std::chrono::milliseconds requested_timeout,
+      const std::function<Work(TensorView, TensorView)>& issue);
 
   Communicator& communicator_;
   Engine& engine_;
